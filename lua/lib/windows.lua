@@ -1,0 +1,62 @@
+-- Shared prelude, prepended to every script by tokenfuse.store (Lua has no include).
+-- Budget windows are UTC calendar windows computed from the Redis clock, so every
+-- processor replica agrees on them. A window is {name, key suffix, end (epoch s)}.
+
+local function days_from_civil(y, m, d)
+  -- Howard Hinnant's algorithm, integer arithmetic only.
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return y, m, d
+end
+
+-- Window names, in the order the limits hash and the scripts' ARGV use them.
+local WINDOW_NAMES = {'minute', 'hour', 'day', 'week', 'month', 'total'}
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Returns a list of {name=, id=, ends=} (ends in epoch seconds; 0 = never).
+local function windows_at(sec)
+  local day = math.floor(sec / 86400)
+  local minute = math.floor(sec / 60)
+  local hour = math.floor(sec / 3600)
+  -- 1970-01-01 is a Thursday; ISO weeks start on Monday (day -3).
+  local week = math.floor((day + 3) / 7)
+  local y, m = civil_from_days(day)
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  return {
+    {name = 'minute', id = 'mi' .. minute, ends = (minute + 1) * 60},
+    {name = 'hour', id = 'h' .. hour, ends = (hour + 1) * 3600},
+    {name = 'day', id = 'd' .. day, ends = (day + 1) * 86400},
+    {name = 'week', id = 'w' .. week, ends = (week * 7 + 4) * 86400},
+    {name = 'month', id = 'mo' .. (y * 100 + m), ends = days_from_civil(ny, nm, 1) * 86400},
+    {name = 'total', id = 't', ends = 0},
+  }
+end
+
+-- Counter hash of one window: fields s (spent) and r (reserved), integer nano-USD.
+local function window_key(prefix, id)
+  return prefix .. ':u:' .. id
+end

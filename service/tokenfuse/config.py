@@ -1,0 +1,129 @@
+"""Every tunable of tokenfuse, read from the environment (listed in the README)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenfuse.money import usd_to_nano
+
+WINDOWS = ("minute", "hour", "day", "week", "month", "total")
+# Environment names of the default per-window budgets (for keys without their own).
+DEFAULT_BUDGET_ENV = {
+    "minute": "TOKENFUSE_DEFAULT_MINUTE_USD",
+    "hour": "TOKENFUSE_DEFAULT_HOURLY_USD",
+    "day": "TOKENFUSE_DEFAULT_DAILY_USD",
+    "week": "TOKENFUSE_DEFAULT_WEEKLY_USD",
+    "month": "TOKENFUSE_DEFAULT_MONTHLY_USD",
+    "total": "TOKENFUSE_DEFAULT_TOTAL_USD",
+}
+STATE_DIR_DEFAULT = ".tokenfuse"
+
+
+class ConfigError(ValueError):
+    """A setting has a value tokenfuse cannot use."""
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def _env_int(name: str, default: int) -> int:
+    text = _env(name, str(default))
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {text!r}") from exc
+
+
+def _env_usd(name: str, default: str | None) -> int | None:
+    text = os.environ.get(name, "").strip() or default
+    if text is None:
+        return None
+    try:
+        return usd_to_nano(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path
+    redis_url: str
+    redis_timeout_ms: int
+    processor_socket: Path
+    metrics_address: str
+    metrics_port: int
+    default_limits: dict[str, int | None] = field(default_factory=dict)
+    default_output_tokens: int = 4096
+    input_margin_percent: int = 10
+    prices_file: Path | None = None
+    unknown_model_policy: str = "refuse"
+    unknown_input_nano_per_mtok: int = 0
+    unknown_output_nano_per_mtok: int = 0
+    reservation_ttl_seconds: int = 600
+    log_level: str = "INFO"
+
+    def default_limit_args(self) -> list[int]:
+        """Default limits in window order for the Lua scripts (-1 = no limit)."""
+        return [
+            -1 if self.default_limits.get(w) is None else int(self.default_limits[w] or 0)
+            for w in WINDOWS
+        ]
+
+
+def load_settings() -> Settings:
+    state_dir = Path(_env("TOKENFUSE_STATE_DIR", STATE_DIR_DEFAULT)).resolve()
+    policy = _env("TOKENFUSE_UNKNOWN_MODEL", "refuse")
+    if policy not in ("refuse", "price"):
+        raise ConfigError(f"TOKENFUSE_UNKNOWN_MODEL must be 'refuse' or 'price', got {policy!r}")
+    prices_file = os.environ.get("TOKENFUSE_PRICES_FILE", "").strip()
+    return Settings(
+        state_dir=state_dir,
+        redis_url=_env("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        redis_timeout_ms=_env_int("TOKENFUSE_REDIS_TIMEOUT_MS", 250),
+        processor_socket=Path(
+            _env("TOKENFUSE_PROCESSOR_SOCKET", str(state_dir / "processor.sock"))
+        ).resolve(),
+        metrics_address=_env("TOKENFUSE_METRICS_ADDRESS", "127.0.0.1"),
+        metrics_port=_env_int("TOKENFUSE_METRICS_PORT", 9464),
+        default_limits={w: _env_usd(DEFAULT_BUDGET_ENV[w], None) for w in WINDOWS},
+        default_output_tokens=_env_int("TOKENFUSE_DEFAULT_OUTPUT_TOKENS", 4096),
+        input_margin_percent=_env_int("TOKENFUSE_INPUT_MARGIN_PERCENT", 10),
+        prices_file=Path(prices_file) if prices_file else None,
+        unknown_model_policy=policy,
+        unknown_input_nano_per_mtok=_env_usd("TOKENFUSE_UNKNOWN_MODEL_INPUT_USD_PER_MTOK", "15")
+        or 0,
+        unknown_output_nano_per_mtok=_env_usd("TOKENFUSE_UNKNOWN_MODEL_OUTPUT_USD_PER_MTOK", "75")
+        or 0,
+        reservation_ttl_seconds=_env_int("TOKENFUSE_RESERVATION_TTL_SECONDS", 600),
+        log_level=_env("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
+    )
+
+
+def load_secret(state_dir: Path, create: bool = False) -> bytes:
+    """The HMAC secret for key ids: TOKENFUSE_SECRET, else TOKENFUSE_SECRET_FILE.
+
+    With create=True (used by `make run`) a missing file gets a fresh random secret,
+    written once with mode 0600 so every later start hashes keys the same way.
+    """
+    value = os.environ.get("TOKENFUSE_SECRET", "")
+    if value:
+        return value.encode()
+    path = Path(_env("TOKENFUSE_SECRET_FILE", str(state_dir / "secret")))
+    if not path.exists():
+        if not create:
+            raise ConfigError(
+                f"no secret: set TOKENFUSE_SECRET or TOKENFUSE_SECRET_FILE (looked at {path})"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    secret = path.read_text().strip()
+    if not secret:
+        raise ConfigError(f"secret file {path} is empty")
+    return secret.encode()

@@ -1,0 +1,230 @@
+"""Render the Envoy bootstrap for tokenfuse from the environment.
+
+`python -m tokenfuse.envoy_config out.json` writes it; `make run` and the tests use it.
+Envoy consults the processor (ext_proc, over a Unix socket) on every provider route and
+fails closed: if the processor is unreachable or slow, the client gets a JSON 503 and
+nothing is forwarded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tokenfuse.config import STATE_DIR_DEFAULT
+
+PROVIDER_DEFAULTS = {
+    "openai": "https://api.openai.com",
+    "anthropic": "https://api.anthropic.com",
+}
+EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+EXT_PROC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+HCM = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+    "HttpConnectionManager"
+)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+def _unavailable_body(code: str, message: str) -> dict[str, Any]:
+    # One body both SDKs surface: OpenAI reads error.message, Anthropic error.type/message.
+    return {
+        "json_format": {
+            "type": "error",
+            "error": {"type": "api_error", "code": code, "message": message},
+        },
+        "content_type": "application/json",
+    }
+
+
+def _local_replies() -> dict[str, Any]:
+    """JSON bodies for replies Envoy makes itself (the processor's own are already JSON)."""
+    return {
+        "mappers": [
+            {
+                # ext_proc failures: unreachable/erroring processor (500), timeout (504).
+                "filter": {"or_filter": {"filters": [
+                    {"status_code_filter": {"comparison": {
+                        "op": "EQ", "value": {"default_value": 500, "runtime_key": "tf_500"}}}},
+                    {"status_code_filter": {"comparison": {
+                        "op": "EQ", "value": {"default_value": 504, "runtime_key": "tf_504"}}}},
+                ]}},
+                "status_code": 503,
+                "headers_to_add": [{"header": {"key": "retry-after", "value": "1"},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "body_format_override": _unavailable_body(
+                    "processor_unavailable",
+                    "tokenfuse processor unavailable; nothing was forwarded "
+                    "(%RESPONSE_CODE_DETAILS%)"),
+            },
+            {
+                "filter": {"status_code_filter": {"comparison": {
+                    "op": "EQ", "value": {"default_value": 413, "runtime_key": "tf_413"}}}},
+                "body_format_override": _unavailable_body(
+                    "request_too_large",
+                    "request body larger than TOKENFUSE_MAX_REQUEST_BYTES; nothing was "
+                    "forwarded"),
+            },
+            {
+                "filter": {"response_flag_filter": {
+                    "flags": ["UF", "UH", "UO", "URX", "UT", "UC", "NR"]}},
+                "body_format_override": _unavailable_body(
+                    "upstream_unavailable",
+                    "the provider could not be reached (%RESPONSE_FLAGS%: "
+                    "%RESPONSE_CODE_DETAILS%)"),
+            },
+        ]
+    }
+
+
+def _cluster(name: str, url: str, ca_bundle: str) -> tuple[dict[str, Any], str, str]:
+    """Cluster for one upstream URL; returns (cluster, host header, path prefix)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"upstream URL for {name} must be http(s)://host[:port][/path]: {url}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    host = parts.hostname
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "LOGICAL_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "5s",
+        "per_connection_buffer_limit_bytes": 33554432,
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+        ]}]},
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3."
+                                             "HttpProtocolOptions": {
+            "@type": HTTP_OPTIONS,
+            **({"upstream_http_protocol_options": {"auto_sni": True,
+                                                   "auto_san_validation": True}}
+               if tls else {}),
+            "explicit_http_config": {"http_protocol_options": {}},
+        }},
+    }
+    if tls:
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": TLS,
+            "sni": host,
+            "common_tls_context": {"validation_context": {
+                "trusted_ca": {"filename": ca_bundle}}},
+        }}
+    host_header = host if parts.port is None else f"{host}:{parts.port}"
+    return cluster, host_header, parts.path.rstrip("/")
+
+
+def render(env_state_dir: str | None = None) -> dict[str, Any]:
+    state_dir = Path(env_state_dir or _env("TOKENFUSE_STATE_DIR", STATE_DIR_DEFAULT)).resolve()
+    socket_path = Path(_env("TOKENFUSE_PROCESSOR_SOCKET", str(state_dir / "processor.sock")))
+    max_request = int(_env("TOKENFUSE_MAX_REQUEST_BYTES", str(32 * 1024 * 1024)))
+    timeout_ms = int(_env("TOKENFUSE_PROCESSOR_TIMEOUT_MS", "1000"))
+    ca_bundle = _env("TOKENFUSE_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+
+    clusters: list[dict[str, Any]] = [{
+        "name": "tokenfuse_processor",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "tokenfuse_processor", "endpoints": [{
+            "lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket_path.resolve())}}}}]
+        }]},
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3."
+                                             "HttpProtocolOptions": {
+            "@type": HTTP_OPTIONS,
+            "explicit_http_config": {"http2_protocol_options": {
+                "connection_keepalive": {"interval": "30s", "timeout": "5s"}}},
+        }},
+    }]
+    routes: list[dict[str, Any]] = [{
+        "match": {"path": "/healthz"},
+        "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
+        "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+            "@type": EXT_PROC_ROUTE, "disabled": True}},
+    }]
+    for provider, default in PROVIDER_DEFAULTS.items():
+        url = _env(f"TOKENFUSE_UPSTREAM_{provider.upper()}", default)
+        cluster, host_header, base_path = _cluster(f"upstream_{provider}", url, ca_bundle)
+        clusters.append(cluster)
+        routes.append({
+            "match": {"prefix": f"/{provider}/"},
+            "route": {
+                "cluster": cluster["name"],
+                "prefix_rewrite": f"{base_path}/",
+                "host_rewrite_literal": host_header,
+                "timeout": "0s",
+                "idle_timeout": "300s",
+            },
+        })
+
+    ext_proc = {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": EXT_PROC,
+            "grpc_service": {"envoy_grpc": {"cluster_name": "tokenfuse_processor"},
+                             "timeout": f"{max(timeout_ms, 1000) // 1000 + 4}s"},
+            "failure_mode_allow": False,
+            "message_timeout": f"{timeout_ms / 1000:.3f}s",
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "response_header_mode": "SEND",
+                "response_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+    hcm = {
+        "@type": HCM,
+        "stat_prefix": "tokenfuse",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": "300s",
+        "request_timeout": "0s",
+        "local_reply_config": _local_replies(),
+        "route_config": {"name": "providers", "virtual_hosts": [
+            {"name": "all", "domains": ["*"], "routes": routes}]},
+        "http_filters": [ext_proc, {"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "admin": {"address": {"socket_address": {
+            "address": "127.0.0.1",
+            "port_value": int(_env("TOKENFUSE_ENVOY_ADMIN_PORT", "9901"))}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "llm",
+                "address": {"socket_address": {
+                    "address": _env("TOKENFUSE_LISTEN_ADDRESS", "127.0.0.1"),
+                    "port_value": int(_env("TOKENFUSE_LISTEN_PORT", "10000"))}},
+                "per_connection_buffer_limit_bytes": max_request,
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm}]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+
+
+def main() -> None:
+    out = sys.argv[1] if len(sys.argv) > 1 else "-"
+    text = json.dumps(render(), indent=2)
+    if out == "-":
+        print(text)
+    else:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

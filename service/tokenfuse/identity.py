@@ -1,0 +1,25 @@
+"""Caller identity: a keyed hash of the API key. The key itself is never stored."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+ID_HEX_CHARS = 32  # 128 bits of HMAC-SHA256: collision-free for any realistic key count
+PREFIX_CHARS = 8  # what logs, metrics labels and webhooks may show
+
+
+def key_id(secret: bytes, api_key: str) -> str:
+    """Stable identifier of an API key: HMAC-SHA256(secret, key), hex, truncated."""
+    return hmac.new(secret, api_key.encode(), hashlib.sha256).hexdigest()[:ID_HEX_CHARS]
+
+
+def api_key_from_headers(headers: dict[str, str]) -> str | None:
+    """The caller's key from `Authorization: Bearer …` or `x-api-key`, or None."""
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        token = auth[7:].strip()
+        if token:
+            return token
+    key = headers.get("x-api-key", "").strip()
+    return key or None

@@ -1,0 +1,45 @@
+"""Prometheus metrics of the processor. Labels never carry key material."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+DECISIONS = Counter(
+    "tokenfuse_decisions_total",
+    "Pre-call decisions by outcome (allowed/refused/error) and reason.",
+    ["outcome", "reason", "provider"],
+    registry=REGISTRY,
+)
+DECISION_SECONDS = Histogram(
+    "tokenfuse_decision_seconds",
+    "Time to decide on a request body (parse, estimate, Redis round trip).",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    registry=REGISTRY,
+)
+SPEND_NANO = Counter(
+    "tokenfuse_spend_nano_usd_total",
+    "Settled spend in nano-USD by provider and model.",
+    ["provider", "model"],
+    registry=REGISTRY,
+)
+TOKENS = Counter(
+    "tokenfuse_tokens_total",
+    "Settled tokens by provider, model and kind (input/output/cache_read/cache_write).",
+    ["provider", "model", "kind"],
+    registry=REGISTRY,
+)
+SETTLEMENTS = Counter(
+    "tokenfuse_settlements_total",
+    "Settlements by basis: usage (provider-reported), reservation (no usage seen), "
+    "failed (upstream error, nothing billed).",
+    ["basis"],
+    registry=REGISTRY,
+)
+REDIS_ERRORS = Counter(
+    "tokenfuse_redis_errors_total",
+    "Redis calls that failed or exceeded TOKENFUSE_REDIS_TIMEOUT_MS, by operation.",
+    ["operation"],
+    registry=REGISTRY,
+)

@@ -1,0 +1,52 @@
+"""Building ext_proc answers: continue (with mutations) or an immediate JSON reply."""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+JSON_HEADERS = (("content-type", "application/json"),)
+
+
+def header_option(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def immediate(status: int, body: bytes, details: str,
+              headers: tuple[tuple[str, str], ...] = ()) -> pb.ProcessingResponse:
+    """Answer the client now; nothing is forwarded upstream."""
+    mutation = pb.HeaderMutation(
+        set_headers=[header_option(k, v) for k, v in (*JSON_HEADERS, *headers)]
+    )
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=mutation,
+            body=body,
+            details=details,
+        )
+    )
+
+
+CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+
+def replace_request_body(body: bytes) -> pb.ProcessingResponse:
+    """Continue with a rewritten request body (and the content-length that matches it)."""
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                header_mutation=pb.HeaderMutation(
+                    set_headers=[header_option("content-length", str(len(body)))]
+                ),
+                body_mutation=pb.BodyMutation(body=body),
+            )
+        )
+    )

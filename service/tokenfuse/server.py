@@ -1,0 +1,76 @@
+"""Process entry point: `python -m tokenfuse.server` serves ext_proc on a Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client import start_http_server
+
+from tokenfuse.config import ConfigError, load_secret, load_settings
+from tokenfuse.metrics import REGISTRY
+from tokenfuse.pricing import PriceTable
+from tokenfuse.processor import Processor
+from tokenfuse.store import BudgetStore
+from tokenfuse.tokens import count_text
+
+log = logging.getLogger("tokenfuse")
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.so_reuseport", 0),
+]
+
+
+async def serve() -> None:
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    secret = load_secret(settings.state_dir)
+    prices = PriceTable.load(settings.prices_file)
+    count_text("warm up the tokenizer before the first request")
+    store = BudgetStore.from_url(
+        settings.redis_url, settings.redis_timeout_ms, settings.default_limit_args()
+    )
+    start_http_server(settings.metrics_port, settings.metrics_address, registry=REGISTRY)
+
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_ExternalProcessorServicer_to_server(
+        Processor(settings, secret, store, prices), server
+    )
+    socket_path = settings.processor_socket
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    socket_path.unlink(missing_ok=True)
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    log.info("tokenfuse processor listening on unix:%s, metrics on %s:%d, %d model prices",
+             socket_path, settings.metrics_address, settings.metrics_port, len(prices))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop(grace=2)
+    await store.close()
+
+
+def main() -> None:
+    try:
+        asyncio.run(serve())
+    except ConfigError as exc:
+        print(f"tokenfuse: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Redis state: one Lua script per atomic decision, keys grouped by the caller's hash tag.
+
+Key layout (everything of one caller shares the hash tag `{<id>}`, so every script also
+runs on Redis Cluster):
+    tf:{<id>}:b          limits hash: minute..total (nano-USD), killed
+    tf:{<id>}:u:<window> counters of one calendar window: s (spent), r (reserved)
+    tf:{<id>}:rs         open reservations: rid -> "amount|reserved_at_ms|window ids"
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from tokenfuse.config import WINDOWS
+
+LUA_DIR = Path(os.environ.get("TOKENFUSE_LUA_DIR", Path(__file__).resolve().parents[2] / "lua"))
+
+
+def _script_source(name: str) -> str:
+    prelude = (LUA_DIR / "lib" / "windows.lua").read_text()
+    return prelude + "\n" + (LUA_DIR / f"{name}.lua").read_text()
+
+
+def limits_key(caller: str) -> str:
+    return f"tf:{{{caller}}}:b"
+
+
+def reservations_key(caller: str) -> str:
+    return f"tf:{{{caller}}}:rs"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str  # budget_exceeded | killed
+    window: str
+    limit_nano: int
+    used_nano: int
+    resets_at: int  # epoch seconds, 0 = never
+
+
+@dataclass(frozen=True)
+class WindowStatus:
+    window: str
+    limit_nano: int | None
+    spent_nano: int
+    reserved_nano: int
+    resets_at: int  # epoch seconds, 0 = never
+
+    @property
+    def remaining_nano(self) -> int | None:
+        if self.limit_nano is None:
+            return None
+        return max(0, self.limit_nano - self.spent_nano - self.reserved_nano)
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    now_ms: int
+    killed: bool
+    own_limits: bool
+    windows: list[WindowStatus]
+
+
+class BudgetStore:
+    """Async access for the processor: reserve and settle, one round trip each."""
+
+    def __init__(self, client: aioredis.Redis, default_limits: list[int]) -> None:
+        self._redis = client
+        self._defaults = default_limits
+        self._reserve = client.register_script(_script_source("reserve"))
+        self._settle = client.register_script(_script_source("settle"))
+
+    @classmethod
+    def from_url(cls, url: str, timeout_ms: int, default_limits: list[int]) -> BudgetStore:
+        timeout = timeout_ms / 1000
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+            health_check_interval=0,
+            max_connections=256,
+        )
+        return cls(client, default_limits)
+
+    async def reserve(self, caller: str, rid: str, estimate_nano: int) -> Refusal | None:
+        """Reserve the estimate in every window, or return why not (nothing reserved)."""
+        result: list[Any] = await self._reserve(
+            keys=[limits_key(caller), reservations_key(caller)],
+            args=[rid, estimate_nano, *self._defaults],
+        )
+        if int(result[0]) == 1:
+            return None
+        return Refusal(
+            reason=_text(result[1]),
+            window=_text(result[2]),
+            limit_nano=int(result[3]),
+            used_nano=int(result[4]),
+            resets_at=int(result[5]),
+        )
+
+    async def settle(self, caller: str, rid: str, actual_nano: int) -> bool:
+        """Replace a reservation by the actual cost. False when it was already settled."""
+        result = await self._settle(keys=[reservations_key(caller)], args=[rid, actual_nano])
+        return int(result[0]) == 1
+
+    async def ping(self) -> bool:
+        return bool(await self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class BudgetAdmin:
+    """Synchronous operator access (CLI, tests): set, clear and read budgets."""
+
+    def __init__(self, client: redis.Redis, default_limits: list[int]) -> None:
+        self._redis = client
+        self._defaults = default_limits
+        self._status = client.register_script(_script_source("status"))
+
+    @classmethod
+    def from_url(cls, url: str, default_limits: list[int]) -> BudgetAdmin:
+        return cls(redis.Redis.from_url(url, socket_timeout=5), default_limits)
+
+    def set_limits(self, caller: str, limits_nano: dict[str, int]) -> None:
+        unknown = set(limits_nano) - set(WINDOWS)
+        if unknown:
+            raise ValueError(f"unknown windows: {sorted(unknown)}")
+        if limits_nano:
+            self._redis.hset(limits_key(caller), mapping=limits_nano)
+
+    def clear_limits(self, caller: str) -> None:
+        """Remove the caller's own limits (defaults apply again); spend is kept."""
+        self._redis.hdel(limits_key(caller), *WINDOWS)
+
+    def status(self, caller: str) -> BudgetStatus:
+        raw = self._status(keys=[limits_key(caller)], args=self._defaults)
+        windows = [
+            WindowStatus(
+                window=_text(row[0]),
+                limit_nano=None if int(row[1]) < 0 else int(row[1]),
+                spent_nano=int(row[2]),
+                reserved_nano=int(row[3]),
+                resets_at=int(row[4]),
+            )
+            for row in raw[3:]
+        ]
+        return BudgetStatus(
+            now_ms=int(raw[0]), killed=bool(int(raw[1])), own_limits=bool(int(raw[2])),
+            windows=windows,
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

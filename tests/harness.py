@@ -1,0 +1,203 @@
+"""Real processes for the tests: redis-server, the tokenfuse processor and envoy.
+
+Each is started on free ports in a private temp directory and waited for by probing the
+socket it serves (a deadline, not a fixed sleep). Logs go to files the tests can scan.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll `check` until it returns truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _tcp_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Service:
+    """A subprocess with a log file."""
+
+    def __init__(self, name: str, workdir: Path) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child)
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=self.workdir, start_new_session=True)
+        log.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class RedisServer(Service):
+    def __init__(self, workdir: Path) -> None:
+        super().__init__("redis", workdir)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self._spawn([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", str(self.workdir)])
+        wait_until(self._ready, what="redis-server")
+
+    def _ready(self) -> bool:
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+class Processor(Service):
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        super().__init__("processor", workdir)
+        self.env = env
+        self.socket = Path(env["TOKENFUSE_PROCESSOR_SOCKET"])
+        self.metrics_port = int(env["TOKENFUSE_METRICS_PORT"])
+
+    def start(self) -> None:
+        self._spawn([sys.executable, "-m", "tokenfuse.server"], self.env)
+        wait_until(lambda: _tcp_open(self.metrics_port) and self.socket.exists(),
+                   what="tokenfuse processor")
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
+
+
+class Envoy(Service):
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        super().__init__("envoy", workdir)
+        self.env = env
+        self.port = int(env["TOKENFUSE_LISTEN_PORT"])
+        self.admin_port = int(env["TOKENFUSE_ENVOY_ADMIN_PORT"])
+        self.config = workdir / "envoy.json"
+
+    def start(self) -> None:
+        subprocess.run([sys.executable, "-m", "tokenfuse.envoy_config", str(self.config)],
+                       env=self.env, check=True)
+        envoy = shutil.which("envoy", path=str(VENV_BIN)) or "envoy"
+        self._spawn([envoy, "-c", str(self.config), "--concurrency", "2", "--log-level",
+                     "warn", "--base-id", str(self.admin_port)], self.env)
+        wait_until(self._ready, what="envoy")
+
+    def _ready(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.admin_port}/ready"
+            with urllib.request.urlopen(url, timeout=0.5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Stack:
+    """redis + processor + envoy in front of a fake provider, torn down together."""
+
+    def __init__(self, upstream_url: str, extra_env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="tf-"))
+        self.redis = RedisServer(self.workdir)
+        self.secret = "test-secret-" + os.urandom(8).hex()
+        env = dict(os.environ)
+        env.update({
+            "REDIS_URL": self.redis.url,
+            "TOKENFUSE_SECRET": self.secret,
+            "TOKENFUSE_STATE_DIR": str(self.workdir),
+            "TOKENFUSE_PROCESSOR_SOCKET": str(self.workdir / "p.sock"),
+            "TOKENFUSE_METRICS_PORT": str(free_port()),
+            "TOKENFUSE_LISTEN_PORT": str(free_port()),
+            "TOKENFUSE_ENVOY_ADMIN_PORT": str(free_port()),
+            "TOKENFUSE_UPSTREAM_OPENAI": upstream_url,
+            "TOKENFUSE_UPSTREAM_ANTHROPIC": upstream_url,
+            "TOKENFUSE_LOG_LEVEL": "DEBUG",
+        })
+        env.update(extra_env or {})
+        self.env = env
+        self.processor = Processor(self.workdir, env)
+        self.envoy = Envoy(self.workdir, env)
+
+    def start(self) -> Stack:
+        self.redis.start()
+        self.processor.start()
+        self.envoy.start()
+        return self
+
+    def stop(self) -> None:
+        for service in (self.envoy, self.processor, self.redis):
+            service.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the operator CLI against this stack's Redis and secret."""
+        return subprocess.run([sys.executable, "-m", "tokenfuse.cli", *args], env=self.env,
+                              capture_output=True, text=True, timeout=30)
+
+    def logs(self) -> str:
+        return "\n".join(s.log_text() for s in (self.redis, self.processor, self.envoy))
