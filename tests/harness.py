@@ -95,7 +95,8 @@ class RedisServer(Service):
     def start(self) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self._spawn([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no", "--dir", str(self.workdir)])
+                     "--appendonly", "no", "--dir", str(self.workdir),
+                     "--enable-debug-command", "local"])
         wait_until(self._ready, what="redis-server")
 
     def _ready(self) -> bool:
@@ -174,6 +175,7 @@ class Stack:
             "TOKENFUSE_UPSTREAM_OPENAI": upstream_url,
             "TOKENFUSE_UPSTREAM_ANTHROPIC": upstream_url,
             "TOKENFUSE_LOG_LEVEL": "DEBUG",
+            "TOKENFUSE_MAX_REQUEST_BYTES": str(4 * 1024 * 1024),
         })
         env.update(extra_env or {})
         self.env = env

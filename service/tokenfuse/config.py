@@ -64,7 +64,6 @@ class Settings:
     unknown_model_policy: str = "refuse"
     unknown_input_nano_per_mtok: int = 0
     unknown_output_nano_per_mtok: int = 0
-    reservation_ttl_seconds: int = 600
     log_level: str = "INFO"
 
     def default_limit_args(self) -> list[int]:
@@ -99,7 +98,6 @@ def load_settings() -> Settings:
         or 0,
         unknown_output_nano_per_mtok=_env_usd("TOKENFUSE_UNKNOWN_MODEL_OUTPUT_USD_PER_MTOK", "75")
         or 0,
-        reservation_ttl_seconds=_env_int("TOKENFUSE_RESERVATION_TTL_SECONDS", 600),
         log_level=_env("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
     )
 

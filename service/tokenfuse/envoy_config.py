@@ -86,6 +86,14 @@ def _local_replies() -> dict[str, Any]:
     }
 
 
+# Every in-flight HTTP request holds one ext_proc stream: the default circuit breaker
+# (1,024 requests per cluster) would turn a flood into 503s long before anything is busy.
+CIRCUIT_BREAKERS = {"thresholds": [{
+    "max_connections": 100000, "max_pending_requests": 100000,
+    "max_requests": 100000, "max_retries": 16,
+}]}
+
+
 def _cluster(name: str, url: str, ca_bundle: str) -> tuple[dict[str, Any], str, str]:
     """Cluster for one upstream URL; returns (cluster, host header, path prefix)."""
     parts = urlsplit(url)
@@ -100,6 +108,7 @@ def _cluster(name: str, url: str, ca_bundle: str) -> tuple[dict[str, Any], str, 
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": "5s",
         "per_connection_buffer_limit_bytes": 33554432,
+        "circuit_breakers": CIRCUIT_BREAKERS,
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
         ]}]},
@@ -134,8 +143,10 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
         "name": "tokenfuse_processor",
         "type": "STATIC",
         "connect_timeout": "1s",
+        "circuit_breakers": CIRCUIT_BREAKERS,
         "load_assignment": {"cluster_name": "tokenfuse_processor", "endpoints": [{
-            "lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket_path.resolve())}}}}]
+            "lb_endpoints": [{"endpoint": {"address": {"pipe": {
+                "path": str(socket_path.resolve())}}}}]
         }]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3."
                                              "HttpProtocolOptions": {

@@ -25,6 +25,8 @@ class SseParser:
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Parse one more chunk; return the events it completed."""
+        if not chunk:
+            return []
         if self._pending_cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._pending_cr = False

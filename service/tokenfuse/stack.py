@@ -1,0 +1,91 @@
+"""`make run`: the whole stack in the foreground — redis-server (unless REDIS_URL is
+set), the processor and Envoy. Ctrl-C (or SIGTERM) stops all of it; if one part dies,
+the others are stopped too, so nothing is left half-running (and fail-closed anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tokenfuse.config import load_secret, load_settings
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise SystemExit(f"tokenfuse: {what} exited with {proc.returncode} while starting")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"tokenfuse: {what} did not start within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def main() -> int:
+    settings = load_settings()
+    state = settings.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    load_secret(state, create=True)  # generated once, kept in .tokenfuse/secret
+    env = dict(os.environ)
+    env.setdefault("TOKENFUSE_SECRET_FILE", str(state / "secret"))
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def stop_all(*_: object) -> None:
+        for _name, proc in reversed(children):
+            if proc.poll() is None:
+                proc.terminate()
+        for _name, proc in reversed(children):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop_all(), sys.exit(0)))
+    try:
+        if not os.environ.get("REDIS_URL"):
+            port = os.environ.get("TOKENFUSE_LOCAL_REDIS_PORT", "6379")
+            redis_bin = shutil.which("redis-server")
+            if redis_bin is None:
+                raise SystemExit("tokenfuse: redis-server not found (make setup installs it)")
+            sock = state / "redis.sock"
+            sock.unlink(missing_ok=True)
+            proc = subprocess.Popen([redis_bin, "--port", port, "--bind", "127.0.0.1",
+                                     "--dir", str(state), "--unixsocket", str(sock),
+                                     "--appendonly", "yes"])
+            children.append(("redis-server", proc))
+            _wait_for(sock, proc, "redis-server", 10)
+            env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        settings.processor_socket.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-m", "tokenfuse.server"], env=env)
+        children.append(("processor", proc))
+        _wait_for(settings.processor_socket, proc, "processor", 30)
+        config = state / "envoy.json"
+        subprocess.run([sys.executable, "-m", "tokenfuse.envoy_config", str(config)],
+                       env=env, check=True)
+        envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or "envoy"
+        proc = subprocess.Popen([envoy, "-c", str(config), "--log-level", "warn"], env=env)
+        children.append(("envoy", proc))
+        listen = (f"{env.get('TOKENFUSE_LISTEN_ADDRESS', '127.0.0.1')}:"
+                  f"{env.get('TOKENFUSE_LISTEN_PORT', '10000')}")
+        print(f"tokenfuse: gateway on http://{listen}  (openai: /openai/v1, anthropic: "
+              f"/anthropic) — Ctrl-C stops everything", flush=True)
+        while True:
+            for name, child in children:
+                if child.poll() is not None:
+                    print(f"tokenfuse: {name} exited ({child.returncode}); stopping",
+                          file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

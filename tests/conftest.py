@@ -1,0 +1,53 @@
+"""Shared fixtures: one fake provider and one full stack (redis + processor + envoy) per
+session; tests isolate themselves by using a fresh API key each (budgets are per key)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import anthropic
+import openai
+import pytest
+
+from tests.fake_provider import FakeProvider
+from tests.harness import RedisServer, Stack
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeProvider]:
+    provider = FakeProvider()
+    provider.start()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(fake: FakeProvider) -> Iterator[Stack]:
+    s = Stack(fake.base_url).start()
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api_key() -> str:
+    """A fresh caller key per test: its budget counters start at zero."""
+    return "sk-test-" + uuid.uuid4().hex
+
+
+def openai_client(stack: Stack, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.envoy.base_url + "/openai/v1", api_key=key,
+                         max_retries=0, timeout=30)
+
+
+def anthropic_client(stack: Stack, key: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=stack.envoy.base_url + "/anthropic", api_key=key,
+                               max_retries=0, timeout=30)

@@ -1,0 +1,152 @@
+"""The Lua budget scripts against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.harness import RedisServer
+from tokenfuse.config import WINDOWS
+from tokenfuse.store import BudgetAdmin, BudgetStore, limits_key, reservations_key
+
+NO_DEFAULTS = [-1] * len(WINDOWS)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _store(server: RedisServer, defaults: list[int] = NO_DEFAULTS) -> BudgetStore:
+    return BudgetStore.from_url(server.url, 1000, defaults)
+
+
+def test_reserve_settle_and_refuse(redis_server: RedisServer) -> None:
+    admin = BudgetAdmin.from_url(redis_server.url, NO_DEFAULTS)
+    admin.set_limits("c1", {"day": 1000})
+
+    async def scenario() -> None:
+        store = await _store(redis_server)
+        assert await store.reserve("c1", "r1", 600) is None
+        refusal = await store.reserve("c1", "r2", 600)
+        assert refusal is not None
+        assert (refusal.reason, refusal.window, refusal.limit_nano, refusal.used_nano) == (
+            "budget_exceeded", "day", 1000, 600)
+        assert refusal.resets_at % 86400 == 0
+        assert await store.settle("c1", "r1", 450) is True
+        assert await store.settle("c1", "r1", 450) is False  # idempotent
+        assert await store.reserve("c1", "r3", 550) is None
+        await store.close()
+
+    run(scenario())
+    day = {w.window: w for w in admin.status("c1").windows}["day"]
+    assert (day.spent_nano, day.reserved_nano, day.remaining_nano) == (450, 550, 0)
+
+
+def test_refusal_reserves_nothing_in_any_window(redis_server: RedisServer) -> None:
+    admin = BudgetAdmin.from_url(redis_server.url, NO_DEFAULTS)
+    admin.set_limits("c2", {"minute": 100, "total": 10_000})
+
+    async def scenario() -> None:
+        store = await _store(redis_server)
+        refusal = await store.reserve("c2", "r1", 101)
+        assert refusal is not None and refusal.window == "minute"
+        await store.close()
+
+    run(scenario())
+    for w in admin.status("c2").windows:
+        assert (w.spent_nano, w.reserved_nano) == (0, 0), w.window
+    assert redis_server.client().hlen(reservations_key("c2")) == 0
+
+
+def test_window_counters_expire_at_window_end(redis_server: RedisServer) -> None:
+    run(_reserve_once(redis_server, "c3", 5))
+    client = redis_server.client()
+    now = client.time()[0]
+    ttls = {}
+    for key in client.scan_iter("tf:{c3}:u:*"):
+        name = key.decode().rsplit(":", 1)[1]
+        ttls[name[:2] if name[:2] in ("mi", "mo") else name[0]] = client.ttl(key)
+    assert 0 < ttls["mi"] <= 60 - now % 60 + 1
+    assert 0 < ttls["h"] <= 3600 - now % 3600 + 1
+    assert 0 < ttls["d"] <= 86400 - now % 86400 + 1
+    assert 0 < ttls["w"] <= 7 * 86400
+    assert 0 < ttls["mo"] <= 31 * 86400
+    assert ttls["t"] == -1  # lifetime never expires
+
+
+async def _reserve_once(server: RedisServer, caller: str, amount: int) -> None:
+    store = await _store(server)
+    assert await store.reserve(caller, "r", amount) is None
+    await store.close()
+
+
+def test_settle_skips_expired_windows(redis_server: RedisServer) -> None:
+    run(_reserve_once(redis_server, "c4", 70))
+    client = redis_server.client()
+    minute_key = next(client.scan_iter("tf:{c4}:u:mi*"))
+    client.delete(minute_key)  # as if the minute had ended before settlement
+
+    async def settle() -> None:
+        store = await _store(redis_server)
+        assert await store.settle("c4", "r", 50)
+        await store.close()
+
+    run(settle())
+    assert not client.exists(minute_key)  # not recreated without an expiry
+    total = client.hgetall("tf:{c4}:u:t")
+    assert (int(total[b"s"]), int(total[b"r"])) == (50, 0)
+
+
+def test_defaults_apply_only_without_own_limits(redis_server: RedisServer) -> None:
+    defaults = [-1, -1, 100, -1, -1, -1]  # daily default of 100 nano-USD
+
+    async def scenario() -> None:
+        store = await _store(redis_server, defaults)
+        assert await store.reserve("d1", "a", 100) is None
+        refused = await store.reserve("d1", "b", 1)
+        assert refused is not None and refused.window == "day" and refused.limit_nano == 100
+        await store.close()
+
+    run(scenario())
+    admin = BudgetAdmin.from_url(redis_server.url, defaults)
+    admin.set_limits("d1", {"hour": 1000})  # own limits replace the defaults entirely
+    run(_reserve_once(redis_server, "d1", 500))
+    assert admin.status("d1").own_limits
+    admin.clear_limits("d1")
+    status = admin.status("d1")
+    assert not status.own_limits
+    assert {w.window: w.limit_nano for w in status.windows}["day"] == 100
+
+
+@pytest.mark.parametrize("estimate", [1, 7, 333])
+def test_concurrent_reservations_never_exceed(redis_server: RedisServer, estimate: int) -> None:
+    limit = 10_000
+    BudgetAdmin.from_url(redis_server.url, NO_DEFAULTS).set_limits("flood", {"day": limit})
+    redis_server.client().delete(*redis_server.client().keys("tf:{flood}:u:*") or ["x"])
+
+    async def scenario() -> int:
+        store = await _store(redis_server)
+        results = await asyncio.gather(
+            *(store.reserve("flood", f"r{i}", estimate) for i in range(2000))
+        )
+        await store.close()
+        return sum(1 for r in results if r is None)
+
+    granted = run(scenario())
+    assert granted == min(2000, limit // estimate)
+    day = {w.window: w for w in BudgetAdmin.from_url(redis_server.url, NO_DEFAULTS)
+           .status("flood").windows}["day"]
+    assert day.reserved_nano == granted * estimate <= limit
+
+
+def test_kill_flag_refuses(redis_server: RedisServer) -> None:
+    redis_server.client().hset(limits_key("k1"), "killed", 1)
+
+    async def scenario() -> None:
+        store = await _store(redis_server)
+        refusal = await store.reserve("k1", "r", 0)
+        assert refusal is not None and refusal.reason == "killed"
+        await store.close()
+
+    run(scenario())

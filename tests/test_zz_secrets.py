@@ -1,0 +1,35 @@
+"""Runs last (file order): after everything the session sent, no API key is anywhere."""
+
+from __future__ import annotations
+
+from tests.billing import key_of
+from tests.fake_provider import FakeProvider
+from tests.harness import Stack
+
+
+def test_caller_keys_appear_nowhere(stack: Stack, fake: FakeProvider) -> None:
+    keys = {key_of(r.headers) for r in list(fake.records)} - {""}
+    keys |= {"sk-raw"}
+    assert len(keys) > 5, "the session should have used many keys"
+    client = stack.redis.client()
+    dump = bytearray()
+    for name in client.scan_iter("*"):
+        dump += name
+        kind = client.type(name)
+        if kind == b"hash":
+            for field, value in client.hgetall(name).items():
+                dump += field + value
+        elif kind == b"string":
+            dump += client.get(name) or b""
+        else:
+            dump += repr(client.dump(name)).encode()
+    haystacks = {
+        "redis": bytes(dump).decode("latin-1"),
+        "logs": stack.logs(),
+        "metrics": stack.processor.metrics(),
+    }
+    assert len(haystacks["redis"]) > 0 and len(haystacks["logs"]) > 0
+    for key in keys:
+        for where, text in haystacks.items():
+            assert key not in text, f"an API key leaked into {where}"
+            assert key.removeprefix("sk-") not in text, f"an API key leaked into {where}"
