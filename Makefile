@@ -21,6 +21,7 @@ lint: setup
 	$(VENV)/bin/ruff check service tests bench
 
 bench: setup
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(PY) bench/run.py
 
 envoy-config: setup

@@ -138,6 +138,7 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
     max_request = int(_env("TOKENFUSE_MAX_REQUEST_BYTES", str(32 * 1024 * 1024)))
     timeout_ms = int(_env("TOKENFUSE_PROCESSOR_TIMEOUT_MS", "1000"))
     ca_bundle = _env("TOKENFUSE_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    bench_routes = _env("TOKENFUSE_BENCH_ROUTES", "0") == "1"
 
     clusters: list[dict[str, Any]] = [{
         "name": "tokenfuse_processor",
@@ -165,16 +166,21 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
         url = _env(f"TOKENFUSE_UPSTREAM_{provider.upper()}", default)
         cluster, host_header, base_path = _cluster(f"upstream_{provider}", url, ca_bundle)
         clusters.append(cluster)
-        routes.append({
-            "match": {"prefix": f"/{provider}/"},
-            "route": {
-                "cluster": cluster["name"],
-                "prefix_rewrite": f"{base_path}/",
-                "host_rewrite_literal": host_header,
-                "timeout": "0s",
-                "idle_timeout": "300s",
-            },
-        })
+        route = {
+            "cluster": cluster["name"],
+            "prefix_rewrite": f"{base_path}/",
+            "host_rewrite_literal": host_header,
+            "timeout": "0s",
+            "idle_timeout": "300s",
+        }
+        routes.append({"match": {"prefix": f"/{provider}/"}, "route": route})
+        if bench_routes:
+            # Benchmarks only: the same route with the processor disabled ("Envoy alone").
+            routes.insert(0, {
+                "match": {"prefix": f"/direct/{provider}/"}, "route": route,
+                "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+                    "@type": EXT_PROC_ROUTE, "disabled": True}},
+            })
 
     ext_proc = {
         "name": "envoy.filters.http.ext_proc",

@@ -1,0 +1,169 @@
+"""`make bench`: request throughput and latency through Envoy + tokenfuse vs Envoy alone.
+
+Side by side in one run, on the same Envoy: `/openai/...` goes through the processor with
+the full policy (budget reserve + settle in Redis); `/direct/openai/...` is the same route
+with the processor disabled. The upstream is a second Envoy answering a canned chat
+completion with `direct_response`, so the provider is never the bottleneck. Load comes
+from `wrk`. Results: a table with ratios, and bench/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.harness import Envoy, Stack, free_port, wait_until  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+DURATION_S = int(os.environ.get("BENCH_DURATION_S", "8"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+
+COMPLETION = {
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
+}
+REQUEST = {"model": "gpt-4o-mini", "max_tokens": 16,
+           "messages": [{"role": "user", "content": "Say ok. This is a benchmark request."}]}
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench-key"
+done = function(summary, latency, requests)
+  io.write(string.format("JSON {\\"requests\\": %%d, \\"seconds\\": %%f, \\"errors\\": %%d, " ..
+    "\\"non2xx\\": %%d, \\"p50_ms\\": %%f, \\"p99_ms\\": %%f}\\n",
+    summary.requests, summary.duration / 1e6,
+    summary.errors.connect + summary.errors.read + summary.errors.write +
+    summary.errors.timeout, summary.errors.status,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def upstream_config(port: int, admin_port: int) -> dict[str, object]:
+    """An Envoy that answers every request with the canned completion."""
+    route = {"match": {"prefix": "/"}, "direct_response": {
+        "status": 200, "body": {"inline_string": json.dumps(COMPLETION)}},
+        "response_headers_to_add": [{"header": {"key": "content-type",
+                                                "value": "application/json"}}]}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                 "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "upstream",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                                            "routes": [route]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": admin_port}}},
+        "static_resources": {"listeners": [{
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": hcm}]}],
+        }]},
+    }
+
+
+class UpstreamEnvoy(Envoy):
+    def __init__(self, workdir: Path) -> None:
+        port, admin = free_port(), free_port()
+        super().__init__(workdir, {"TOKENFUSE_LISTEN_PORT": str(port),
+                                   "TOKENFUSE_ENVOY_ADMIN_PORT": str(admin)})
+        self.name = "upstream"
+        self.log_path = workdir / "upstream.log"
+        self.config = workdir / "upstream.json"
+        self.config.write_text(json.dumps(upstream_config(port, admin)))
+
+    def start(self) -> None:
+        envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or "envoy"
+        self._spawn([envoy, "-c", str(self.config), "--concurrency", "1", "--log-level",
+                     "error", "--base-id", str(self.admin_port)])
+        wait_until(self._ready, what="upstream envoy")
+
+
+def wrk(url: str, script: Path, duration: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t", "2", "-c", str(CONNECTIONS), "-d", f"{duration}s", "-s", str(script), url],
+        capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("JSON "))
+    result = json.loads(line[5:])
+    result["rps"] = result["requests"] / result["seconds"]
+    return result
+
+
+def main() -> int:
+    if shutil.which("wrk") is None:
+        print("bench: wrk not found (make bench installs it with apt)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="tf-bench-"))
+    upstream = UpstreamEnvoy(workdir)
+    upstream.start()
+    stack = Stack(f"http://127.0.0.1:{upstream.port}",
+                  {"TOKENFUSE_BENCH_ROUTES": "1", "TOKENFUSE_LOG_LEVEL": "WARNING"})
+    script = workdir / "post.lua"
+    script.write_text(WRK_SCRIPT % json.dumps(REQUEST))
+    runs: dict[str, list[dict[str, float]]] = {"envoy_alone": [], "tokenfuse": []}
+    try:
+        stack.start()
+        base = stack.envoy.base_url
+        paths = {"envoy_alone": "/direct/openai/v1/chat/completions",
+                 "tokenfuse": "/openai/v1/chat/completions"}
+        for name, path in paths.items():  # warm-up, and proof that both paths answer 200
+            warm = wrk(base + path, script, 1)
+            if warm["non2xx"] or warm["errors"]:
+                raise SystemExit(f"bench: {name} warm-up had failures: {warm}")
+        for _ in range(ROUNDS):  # alternate, so drift hits both sides alike
+            for name, path in paths.items():
+                runs[name].append(wrk(base + path, script, DURATION_S))
+        settled = stack.processor.metrics()
+    finally:
+        stack.cleanup()
+        upstream.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def med(name: str, field: str) -> float:
+        return statistics.median(r[field] for r in runs[name])
+
+    summary = {n: {f: med(n, f) for f in ("rps", "p50_ms", "p99_ms")} for n in runs}
+    failures = {n: sum(r["errors"] + r["non2xx"] for r in runs[n]) for n in runs}
+    ratio = summary["tokenfuse"]["rps"] / summary["envoy_alone"]["rps"]
+    print(f"\nnon-streaming, {CONNECTIONS} connections, {ROUNDS}x{DURATION_S}s per side, "
+          f"medians ({platform.node()}, {os.cpu_count()} cores)")
+    print(f"{'path':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'failures':>10}")
+    for name in runs:
+        s = summary[name]
+        print(f"{name:<14}{s['rps']:>10.0f}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}"
+              f"{failures[name]:>10}")
+    print(f"throughput ratio tokenfuse / envoy alone: {ratio:.2f}   added p50: "
+          f"{summary['tokenfuse']['p50_ms'] - summary['envoy_alone']['p50_ms']:.2f} ms")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "throughput.json").write_text(json.dumps({
+        "date": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(),
+        "connections": CONNECTIONS, "duration_s": DURATION_S, "rounds": ROUNDS,
+        "runs": runs, "medians": summary, "failures": failures, "ratio": ratio,
+        "settlements_metric": [x for x in settled.splitlines()
+                               if x.startswith("tokenfuse_settlements_total")],
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
