@@ -25,7 +25,9 @@ async def _flood(base_url: str, key: str) -> tuple[int, int, list[str]]:
                 messages=[{"role": "user", "content": f"flood request number {i}"}])
             return "allowed"
         except openai.APIStatusError as exc:
-            return f"status_{exc.status_code}"
+            if exc.status_code == 402:
+                return "status_402"
+            return f"status_{exc.status_code}:{exc.response.text[:160]}"
         except openai.APIConnectionError:
             return "connection_error"
 

@@ -136,7 +136,7 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
     state_dir = Path(env_state_dir or _env("TOKENFUSE_STATE_DIR", STATE_DIR_DEFAULT)).resolve()
     socket_path = Path(_env("TOKENFUSE_PROCESSOR_SOCKET", str(state_dir / "processor.sock")))
     max_request = int(_env("TOKENFUSE_MAX_REQUEST_BYTES", str(32 * 1024 * 1024)))
-    timeout_ms = int(_env("TOKENFUSE_PROCESSOR_TIMEOUT_MS", "1000"))
+    timeout_ms = int(_env("TOKENFUSE_PROCESSOR_TIMEOUT_MS", "3000"))
     ca_bundle = _env("TOKENFUSE_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
     bench_routes = _env("TOKENFUSE_BENCH_ROUTES", "0") == "1"
 

@@ -157,9 +157,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         ex.price = price
         estimate = self._estimate(call, price)
         try:
-            refusal = await asyncio.wait_for(
-                self._store.reserve(ex.caller, ex.request_id, estimate), self._redis_timeout
-            )
+            async with asyncio.timeout(self._redis_timeout):
+                refusal = await self._store.reserve(ex.caller, ex.request_id, estimate)
         except REDIS_FAILURES as exc:
             metrics.REDIS_ERRORS.labels("reserve").inc()
             log.warning("redis unavailable on reserve: %s", type(exc).__name__)
@@ -291,10 +290,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
     async def _settle_safely(self, ex: Exchange, actual_nano: int, basis: str) -> bool:
         ex.open_reservation = False
         try:
-            await asyncio.wait_for(
-                self._store.settle(ex.caller, ex.request_id, actual_nano),
-                self._redis_timeout * 4,
-            )
+            async with asyncio.timeout(self._redis_timeout * 4):
+                await self._store.settle(ex.caller, ex.request_id, actual_nano)
         except REDIS_FAILURES as exc:
             # The reservation stays counted against the budget: the wallet is protected.
             metrics.REDIS_ERRORS.labels("settle").inc()
