@@ -213,7 +213,14 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
         "http_filters": [ext_proc, {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
+    max_connections = int(_env("TOKENFUSE_MAX_CONNECTIONS", "50000"))
     return {
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                         "downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": max_connections}}]},
         "admin": {"address": {"socket_address": {
             "address": "127.0.0.1",
             "port_value": int(_env("TOKENFUSE_ENVOY_ADMIN_PORT", "9901"))}}},
