@@ -20,6 +20,7 @@ import itertools
 import json
 import random
 import signal
+import ssl
 import struct
 import sys
 import threading
@@ -228,9 +229,11 @@ def split_points(data: bytes, rng: random.Random) -> list[bytes]:
 class FakeProvider:
     """Fake OpenAI + Anthropic HTTP server running in a background thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context  # serve HTTPS when given
         self.records: list[RequestRecord] = []
         self.aborted_usage: list[Usage] = []
         self.revoked_keys: set[str] = set()
@@ -246,7 +249,8 @@ class FakeProvider:
     @property
     def base_url(self) -> str:
         """Root URL, e.g. ``http://127.0.0.1:8081`` (OpenAI clients append ``/v1``)."""
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def start(self) -> int:
         """Start serving in a background thread; returns the bound port once listening."""
@@ -291,7 +295,8 @@ class FakeProvider:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port,
+                          ssl_context=self.ssl_context).start()
         self.port = self._runner.addresses[0][1]
 
     # ----------------------------------------------------------------- inspection

@@ -1,0 +1,84 @@
+"""Pre-call estimates are upper bounds of what the provider bills."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.fake_provider import anthropic_input_tokens, openai_prompt_tokens
+from tokenfuse.config import load_settings
+from tokenfuse.pricing import PriceTable, TokenUsage, cost_nano
+from tokenfuse.processor import Processor
+from tokenfuse.providers import PROVIDERS
+from tokenfuse.tokens import PER_IMAGE_TOKENS, estimate_input_tokens
+
+text = st.text(st.characters(codec="utf-8"), max_size=200)
+messages = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                           "content": text}),
+    min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages)
+def test_openai_estimate_covers_prompt_tokens(msgs: list[dict[str, str]]) -> None:
+    assert estimate_input_tokens([], msgs, margin_percent=0) >= openai_prompt_tokens(msgs)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text, messages)
+def test_anthropic_estimate_covers_input_tokens(system: str,
+                                                msgs: list[dict[str, str]]) -> None:
+    msgs = [{**m, "role": "user" if m["role"] == "system" else m["role"]} for m in msgs]
+    estimate = estimate_input_tokens([system], msgs, margin_percent=0)
+    assert estimate >= anthropic_input_tokens(system, msgs)
+
+
+def test_images_are_not_tokenized_as_text() -> None:
+    huge = "data:image/png;base64," + "A" * 2_000_000
+    msgs = [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": huge}}]}]
+    estimate = estimate_input_tokens([], msgs, margin_percent=0)
+    assert PER_IMAGE_TOKENS < estimate < PER_IMAGE_TOKENS + 50
+
+
+def test_margin_is_applied() -> None:
+    msgs = [{"role": "user", "content": "word " * 1000}]
+    plain = estimate_input_tokens([], msgs, margin_percent=0)
+    assert estimate_input_tokens([], msgs, margin_percent=10) == plain + -(-plain // 10)
+
+
+def _processor(monkeypatch: pytest.MonkeyPatch, **env: str) -> Processor:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Processor(load_settings(), b"s", store=None, prices=PriceTable.load())  # type: ignore[arg-type]
+
+
+def test_unknown_model_refused_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENFUSE_UNKNOWN_MODEL", raising=False)
+    assert _processor(monkeypatch)._price("my-private-model") is None
+
+
+def test_unknown_model_priced_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    processor = _processor(monkeypatch, TOKENFUSE_UNKNOWN_MODEL="price",
+                           TOKENFUSE_UNKNOWN_MODEL_INPUT_USD_PER_MTOK="2",
+                           TOKENFUSE_UNKNOWN_MODEL_OUTPUT_USD_PER_MTOK="8")
+    price = processor._price("my-private-model")
+    assert price is not None and (price.input, price.output) == (2_000_000_000, 8_000_000_000)
+
+
+def test_estimate_uses_max_tokens_times_n_and_default_allowance(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    processor = _processor(monkeypatch, TOKENFUSE_DEFAULT_OUTPUT_TOKENS="1000")
+    price = PriceTable.load().lookup("gpt-4o-mini")
+    assert price is not None
+    openai = PROVIDERS["openai"]
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    no_cap = processor._estimate(openai.parse_request("/v1/chat/completions", body), price)
+    capped = processor._estimate(openai.parse_request(
+        "/v1/chat/completions", {**body, "max_tokens": 10, "n": 3}), price)
+    output_only = cost_nano(price, TokenUsage(output=1000))
+    assert no_cap - output_only == capped - cost_nano(price, TokenUsage(output=30))
+    assert no_cap > output_only
