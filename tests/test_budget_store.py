@@ -8,7 +8,13 @@ import pytest
 
 from tests.harness import RedisServer
 from tokenfuse.config import WINDOWS
-from tokenfuse.store import BudgetAdmin, BudgetStore, limits_key, reservations_key
+from tokenfuse.store import (
+    BudgetAdmin,
+    BudgetStore,
+    Refusal,
+    limits_key,
+    reservations_key,
+)
 
 NO_DEFAULTS = [-1] * len(WINDOWS)
 
@@ -27,15 +33,15 @@ def test_reserve_settle_and_refuse(redis_server: RedisServer) -> None:
 
     async def scenario() -> None:
         store = await _store(redis_server)
-        assert await store.reserve("c1", "r1", 600) is None
+        assert await store.reserve("c1", "r1", 600) == 600
         refusal = await store.reserve("c1", "r2", 600)
-        assert refusal is not None
+        assert isinstance(refusal, Refusal)
         assert (refusal.reason, refusal.window, refusal.limit_nano, refusal.used_nano) == (
             "budget_exceeded", "day", 1000, 600)
         assert refusal.resets_at % 86400 == 0
         assert await store.settle("c1", "r1", 450) is True
         assert await store.settle("c1", "r1", 450) is False  # idempotent
-        assert await store.reserve("c1", "r3", 550) is None
+        assert await store.reserve("c1", "r3", 550) == 550
         await store.close()
 
     run(scenario())
@@ -50,7 +56,7 @@ def test_refusal_reserves_nothing_in_any_window(redis_server: RedisServer) -> No
     async def scenario() -> None:
         store = await _store(redis_server)
         refusal = await store.reserve("c2", "r1", 101)
-        assert refusal is not None and refusal.window == "minute"
+        assert isinstance(refusal, Refusal) and refusal.window == "minute"
         await store.close()
 
     run(scenario())
@@ -77,7 +83,7 @@ def test_window_counters_expire_at_window_end(redis_server: RedisServer) -> None
 
 async def _reserve_once(server: RedisServer, caller: str, amount: int) -> None:
     store = await _store(server)
-    assert await store.reserve(caller, "r", amount) is None
+    assert await store.reserve(caller, "r", amount) == amount
     await store.close()
 
 
@@ -103,9 +109,10 @@ def test_defaults_apply_only_without_own_limits(redis_server: RedisServer) -> No
 
     async def scenario() -> None:
         store = await _store(redis_server, defaults)
-        assert await store.reserve("d1", "a", 100) is None
+        assert await store.reserve("d1", "a", 100) == 100
         refused = await store.reserve("d1", "b", 1)
-        assert refused is not None and refused.window == "day" and refused.limit_nano == 100
+        assert isinstance(refused, Refusal)
+        assert refused.window == "day" and refused.limit_nano == 100
         await store.close()
 
     run(scenario())
@@ -131,7 +138,7 @@ def test_concurrent_reservations_never_exceed(redis_server: RedisServer, estimat
             *(store.reserve("flood", f"r{i}", estimate) for i in range(2000))
         )
         await store.close()
-        return sum(1 for r in results if r is None)
+        return sum(1 for r in results if r == estimate)
 
     granted = run(scenario())
     assert granted == min(2000, limit // estimate)
@@ -146,7 +153,32 @@ def test_kill_flag_refuses(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         store = await _store(redis_server)
         refusal = await store.reserve("k1", "r", 0)
-        assert refusal is not None and refusal.reason == "killed"
+        assert isinstance(refusal, Refusal) and refusal.reason == "killed"
         await store.close()
 
     run(scenario())
+
+
+def test_partial_grant_and_extension(redis_server: RedisServer) -> None:
+    admin = BudgetAdmin.from_url(redis_server.url, NO_DEFAULTS)
+    admin.set_limits("s1", {"day": 1000})
+
+    async def scenario() -> None:
+        store = await _store(redis_server)
+        assert await store.reserve("s1", "a", 700, 100) == 700
+        assert await store.reserve("s1", "b", 700, 100) == 300  # what is left
+        refused = await store.reserve("s1", "c", 700, 1)
+        assert isinstance(refused, Refusal) and refused.window == "day"
+        await store.settle("s1", "a", 500)  # frees 200
+        assert await store.extend("s1", "b", 150, 50) == 150
+        assert await store.extend("s1", "b", 150, 10) == 50  # partial
+        gone = await store.extend("s1", "b", 1, 1)
+        assert isinstance(gone, Refusal) and gone.reason == "budget_exceeded"
+        await store.settle("s1", "b", 400)
+        after = await store.extend("s1", "b", 1, 1)
+        assert isinstance(after, Refusal) and after.reason == "reservation_gone"
+        await store.close()
+
+    run(scenario())
+    day = {w.window: w for w in admin.status("s1").windows}["day"]
+    assert (day.spent_nano, day.reserved_nano) == (900, 0)

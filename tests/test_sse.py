@@ -61,4 +61,14 @@ def test_arbitrary_chunking(data: st.DataObject) -> None:
 
 def test_multiline_data_and_unterminated_tail() -> None:
     events = parse([b"data: a\ndata: b\n\n", b"data: tail"])
-    assert events == [SseEvent("message", "a\nb")]  # an unterminated event is dropped
+    assert events == [SseEvent("message", "a\nb", 17)]  # an unterminated event is dropped
+
+
+def test_event_offsets_delimit_the_exact_bytes() -> None:
+    for stream in (OPENAI_STREAM, ANTHROPIC_STREAM):
+        events = parse([stream])
+        starts = [0] + [e.end for e in events[:-1]]
+        for start, event in zip(starts, events, strict=True):
+            assert parse([stream[start : event.end]]) == [
+                SseEvent(event.event, event.data, event.end - start)]
+        assert events[-1].end == len(stream)

@@ -60,3 +60,35 @@ end
 local function window_key(prefix, id)
   return prefix .. ':u:' .. id
 end
+
+-- Window name of a window id ('mi123' -> 'minute', 'mo202611' -> 'month', 't' -> 'total').
+local function window_name(id)
+  local two = string.sub(id, 1, 2)
+  if two == 'mi' then return 'minute' end
+  if two == 'mo' then return 'month' end
+  local one = string.sub(id, 1, 1)
+  if one == 'h' then return 'hour' end
+  if one == 'd' then return 'day' end
+  if one == 'w' then return 'week' end
+  return 'total'
+end
+
+-- The caller's limits: its own, or (when it has none) the defaults passed in argv[first..].
+-- Returns limits-by-window-name and whether the kill flag is set.
+local function read_limits(limits_key, argv, first)
+  local own = redis.call('HGETALL', limits_key)
+  local limits = {}
+  for i = 1, #own, 2 do limits[own[i]] = tonumber(own[i + 1]) end
+  local killed = limits['killed'] ~= nil
+  local has_own = false
+  for _, name in ipairs(WINDOW_NAMES) do
+    if limits[name] then has_own = true end
+  end
+  if not has_own then
+    for i, name in ipairs(WINDOW_NAMES) do
+      local d = tonumber(argv[first + i - 1])
+      if d and d >= 0 then limits[name] = d end
+    end
+  end
+  return limits, killed, has_own
+end

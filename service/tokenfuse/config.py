@@ -59,6 +59,9 @@ class Settings:
     metrics_port: int
     default_limits: dict[str, int | None] = field(default_factory=dict)
     default_output_tokens: int = 4096
+    stream_initial_tokens: int = 256
+    stream_step_tokens: int = 256
+    stream_grace_tokens: int = 32
     input_margin_percent: int = 10
     prices_file: Path | None = None
     unknown_model_policy: str = "refuse"
@@ -91,6 +94,9 @@ def load_settings() -> Settings:
         metrics_port=_env_int("TOKENFUSE_METRICS_PORT", 9464),
         default_limits={w: _env_usd(DEFAULT_BUDGET_ENV[w], None) for w in WINDOWS},
         default_output_tokens=_env_int("TOKENFUSE_DEFAULT_OUTPUT_TOKENS", 4096),
+        stream_initial_tokens=_env_int("TOKENFUSE_STREAM_INITIAL_TOKENS", 256),
+        stream_step_tokens=_env_int("TOKENFUSE_STREAM_STEP_TOKENS", 256),
+        stream_grace_tokens=_env_int("TOKENFUSE_STREAM_GRACE_TOKENS", 32),
         input_margin_percent=_env_int("TOKENFUSE_INPUT_MARGIN_PERCENT", 10),
         prices_file=Path(prices_file) if prices_file else None,
         unknown_model_policy=policy,

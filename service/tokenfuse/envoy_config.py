@@ -190,14 +190,15 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
                              "timeout": f"{max(timeout_ms, 1000) // 1000 + 4}s"},
             "failure_mode_allow": False,
             "message_timeout": f"{timeout_ms / 1000:.3f}s",
-            "allow_mode_override": True,
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "request_body_mode": "BUFFERED",
                 "response_header_mode": "SEND",
-                "response_body_mode": "BUFFERED",
+                # The processor echoes every response byte the client gets: it can hold
+                # back, drop (the usage chunk it asked for) and end a stream cleanly.
+                "response_body_mode": "FULL_DUPLEX_STREAMED",
                 "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
+                "response_trailer_mode": "SEND",
             },
         },
     }

@@ -32,8 +32,8 @@ TOKENS = Counter(
 )
 SETTLEMENTS = Counter(
     "tokenfuse_settlements_total",
-    "Settlements by basis: usage (provider-reported), reservation (no usage seen), "
-    "failed (upstream error, nothing billed).",
+    "Settlements by basis: usage (provider-reported), counted (stream without final "
+    "usage: counted tokens + grace), reservation (no usage seen), failed (upstream error).",
     ["basis"],
     registry=REGISTRY,
 )
@@ -41,5 +41,16 @@ REDIS_ERRORS = Counter(
     "tokenfuse_redis_errors_total",
     "Redis calls that failed or exceeded TOKENFUSE_REDIS_TIMEOUT_MS, by operation.",
     ["operation"],
+    registry=REGISTRY,
+)
+EXTENSIONS = Counter(
+    "tokenfuse_stream_extensions_total",
+    "Reservations extended mid-stream before more tokens were forwarded.",
+    registry=REGISTRY,
+)
+STREAMS_CUT = Counter(
+    "tokenfuse_streams_cut_total",
+    "Streams ended by tokenfuse, by reason (budget_exceeded, killed, ...).",
+    ["reason"],
     registry=REGISTRY,
 )

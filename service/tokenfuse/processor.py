@@ -1,8 +1,12 @@
-"""The ext_proc service: one gRPC stream per HTTP request, one answer per message.
+"""The ext_proc service: one gRPC stream per HTTP request.
 
 Request headers identify the caller and the provider; the request body is priced and
-reserved in one Lua call; the response (JSON or SSE) is read for the provider's usage
-and the reservation is settled to it.
+reserved in one Lua call. Responses arrive in FULL_DUPLEX_STREAMED mode: the processor
+echoes what the client may see. JSON bodies are echoed chunk by chunk and settled from
+their usage at the end. SSE bodies are metered event by event: before an event whose
+tokens the reservation does not cover is forwarded, the reservation is extended; if that
+is refused the stream ends with a provider-native error event (Envoy then closes the
+upstream, so the provider stops generating).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.exceptions
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -25,28 +28,22 @@ from tokenfuse import metrics
 from tokenfuse.config import Settings
 from tokenfuse.identity import PREFIX_CHARS, api_key_from_headers, key_id
 from tokenfuse.money import nano_to_usd
-from tokenfuse.pricing import ModelPrice, PriceTable, TokenUsage, cost_nano
+from tokenfuse.pricing import TOKENS_PER_PRICE_UNIT, ModelPrice, PriceTable, TokenUsage, cost_nano
 from tokenfuse.providers import PROVIDERS, Call, RequestRejected, provider_for_path
 from tokenfuse.responses import (
     CONTINUE_REQUEST_BODY,
     CONTINUE_REQUEST_HEADERS,
-    CONTINUE_RESPONSE_BODY,
     CONTINUE_RESPONSE_HEADERS,
     immediate,
     replace_request_body,
+    stream_chunk,
 )
-from tokenfuse.sse import SseParser
 from tokenfuse.store import BudgetStore, Refusal
+from tokenfuse.streaming import StreamMeter
 from tokenfuse.tokens import estimate_input_tokens
 
 log = logging.getLogger("tokenfuse.processor")
 
-STREAM_BODY = pb.ProcessingResponse(
-    response_headers=pb.HeadersResponse(),
-    mode_override=processing_mode_pb2.ProcessingMode(
-        response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED
-    ),
-)
 REDIS_FAILURES = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 
 
@@ -60,13 +57,17 @@ class Exchange:
     request_id: str = ""
     call: Call | None = None
     price: ModelPrice | None = None
+    input_nano: int = 0  # estimated input cost inside the reservation
     reserved_nano: int = 0
     open_reservation: bool = False
     status: int = 0
-    sse: SseParser | None = None
     usage: TokenUsage | None = None
-    saw_body: bool = False
     body_chunks: list[bytes] = field(default_factory=list)
+    meter: StreamMeter | None = None
+    output_allowance: int = 0  # output tokens the reservation covers
+    output_cap: int | None = None  # the request's own output limit
+    counted_output: int = 0  # output tokens seen so far (delivered or cut)
+    ended: bool = False  # the processor ended the response itself
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
@@ -78,7 +79,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         self._prices = prices
         self._redis_timeout = settings.redis_timeout_ms / 1000
 
-    async def Process(
+    async def Process(  # gRPC method name
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
         ex = Exchange()
@@ -90,18 +91,19 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 elif kind == "request_body":
                     yield await self._on_request_body(ex, message.request_body)
                 elif kind == "response_headers":
-                    yield await self._on_response_headers(ex, message.response_headers)
+                    yield self._on_response_headers(ex, message.response_headers)
                 elif kind == "response_body":
-                    yield await self._on_response_body(ex, message.response_body)
+                    for answer in await self._on_response_body(ex, message.response_body):
+                        yield answer
                 elif kind == "request_trailers":
                     yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
                 elif kind == "response_trailers":
+                    await self._settle_from(ex)
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
         finally:
             if ex.open_reservation:
-                # The exchange ended without a settlement (client gone, Envoy reset, upstream
-                # cut): the provider may have billed, so the reservation is charged in full.
-                await self._settle_safely(ex, ex.reserved_nano, "reservation")
+                # Ended without a settlement (client gone, Envoy reset, upstream cut).
+                await self._settle_unfinished(ex)
 
     # -- request -----------------------------------------------------------------------
 
@@ -155,23 +157,20 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                                 "(set TOKENFUSE_UNKNOWN_MODEL=price or add it to "
                                 "TOKENFUSE_PRICES_FILE)")
         ex.price = price
-        estimate = self._estimate(call, price)
+        desired, minimum = self._reservation_bounds(ex, call, price)
         try:
             async with asyncio.timeout(self._redis_timeout):
-                refusal = await self._store.reserve(ex.caller, ex.request_id, estimate)
+                granted = await self._store.reserve(ex.caller, ex.request_id, desired, minimum)
         except REDIS_FAILURES as exc:
-            metrics.REDIS_ERRORS.labels("reserve").inc()
-            log.warning("redis unavailable on reserve: %s", type(exc).__name__)
-            return self._refuse(ex, 503, "api_error", "state_store_unavailable",
-                                "tokenfuse cannot reach its state store; nothing was "
-                                "forwarded", headers=(("retry-after", "1"),))
-        if refusal is not None:
-            return self._refuse_budget(ex, refusal, estimate)
-        ex.reserved_nano = estimate
+            return self._store_unavailable(ex, "reserve", exc)
+        if isinstance(granted, Refusal):
+            return self._refuse_budget(ex, granted, desired)
+        ex.reserved_nano = granted
         ex.open_reservation = True
+        ex.output_allowance = self._allowance(ex)
         metrics.DECISIONS.labels("allowed", "within_budget", ex.provider).inc()
-        log.debug("reserved caller=%s rid=%s nano=%d", ex.caller[:PREFIX_CHARS],
-                  ex.request_id, estimate)
+        log.debug("reserved caller=%s rid=%s nano=%d output_allowance=%d",
+                  ex.caller[:PREFIX_CHARS], ex.request_id, granted, ex.output_allowance)
         if call.new_body is not None:
             return replace_request_body(json.dumps(call.new_body).encode())
         return CONTINUE_REQUEST_BODY
@@ -190,56 +189,166 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         return price
 
     def _estimate(self, call: Call, price: ModelPrice) -> int:
-        """Upper bound of the call's cost: estimated input plus the output allowance."""
-        input_tokens = estimate_input_tokens(
+        """Upper bound of a non-streamed call's cost: input plus the whole output cap."""
+        return self._input_cost(call, price) + cost_nano(
+            price, TokenUsage(output=self._output_cap(call, price) * call.choices))
+
+    def _input_cost(self, call: Call, price: ModelPrice) -> int:
+        tokens = estimate_input_tokens(
             call.prompt_parts, call.messages, self._settings.input_margin_percent
         )
-        output = call.max_output_tokens
-        if output is None:
-            output = self._settings.default_output_tokens
-            if price.max_output_tokens:
-                output = min(output, price.max_output_tokens)
         # Input may be billed at the cache-write rate, which can exceed the input rate.
-        input_rate_usage = (
-            TokenUsage(cache_write=input_tokens)
-            if price.cache_write > price.input
-            else TokenUsage(input=input_tokens)
-        )
-        return cost_nano(price, input_rate_usage) + cost_nano(
-            price, TokenUsage(output=output * call.choices)
-        )
+        rate_usage = (TokenUsage(cache_write=tokens) if price.cache_write > price.input
+                      else TokenUsage(input=tokens))
+        return cost_nano(price, rate_usage)
+
+    def _output_cap(self, call: Call, price: ModelPrice) -> int:
+        if call.max_output_tokens is not None:
+            return call.max_output_tokens
+        cap = self._settings.default_output_tokens
+        return min(cap, price.max_output_tokens) if price.max_output_tokens else cap
+
+    def _reservation_bounds(self, ex: Exchange, call: Call, price: ModelPrice) -> tuple[int, int]:
+        """(desired, minimum) nano-USD. Non-streamed calls need their whole estimate;
+        streams start with an allowance (or what fits, down to the grace) and extend."""
+        ex.input_nano = self._input_cost(call, price)
+        if not call.stream:
+            estimate = self._estimate(call, price)
+            return estimate, estimate
+        ex.output_cap = (call.max_output_tokens * call.choices
+                         if call.max_output_tokens is not None else None)
+        initial = self._settings.stream_initial_tokens
+        minimum = self._settings.stream_grace_tokens + 1
+        if ex.output_cap is not None:
+            initial, minimum = min(initial, ex.output_cap), min(minimum, ex.output_cap)
+        return (ex.input_nano + cost_nano(price, TokenUsage(output=initial)),
+                ex.input_nano + cost_nano(price, TokenUsage(output=minimum)))
+
+    def _allowance(self, ex: Exchange) -> int:
+        """Output tokens the reservation covers beyond the input estimate."""
+        assert ex.price is not None
+        if ex.price.output == 0:
+            return 1 << 62
+        return (ex.reserved_nano - ex.input_nano) * TOKENS_PER_PRICE_UNIT // ex.price.output
 
     # -- response ----------------------------------------------------------------------
 
-    async def _on_response_headers(self, ex: Exchange,
-                                   msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+    def _on_response_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = _header_dict(msg)
         try:
             ex.status = int(headers.get(":status", "0"))
         except ValueError:
             ex.status = 0
-        if msg.end_of_stream:
-            await self._settle_from(ex)
-            return CONTINUE_RESPONSE_HEADERS
-        if ex.open_reservation and "text/event-stream" in headers.get("content-type", ""):
-            ex.sse = SseParser()
-            return STREAM_BODY
+        if (ex.open_reservation and 200 <= ex.status < 300
+                and "text/event-stream" in headers.get("content-type", "")
+                and ex.call is not None):
+            ex.meter = StreamMeter(ex.provider, ex.call.hide_usage_chunk)
         return CONTINUE_RESPONSE_HEADERS
 
-    async def _on_response_body(self, ex: Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
-        if not ex.open_reservation:
-            return CONTINUE_RESPONSE_BODY
-        if ex.sse is not None:
-            self._read_events(ex, ex.sse.feed(msg.body))
-            if msg.end_of_stream:
-                self._read_events(ex, ex.sse.finish())
-                await self._settle_from(ex)
-            return CONTINUE_RESPONSE_BODY
-        ex.body_chunks.append(msg.body)
+    async def _on_response_body(self, ex: Exchange,
+                                msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if ex.ended:
+            return []  # the processor already ended this response
+        if ex.meter is None:
+            if ex.open_reservation:
+                ex.body_chunks.append(msg.body)
+                if msg.end_of_stream:
+                    self._read_json(ex, b"".join(ex.body_chunks))
+                    await self._settle_from(ex)
+            return [stream_chunk(msg.body, msg.end_of_stream)]
+        return await self._meter_stream(ex, ex.meter, msg)
+
+    async def _meter_stream(self, ex: Exchange, meter: StreamMeter,
+                            msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        out = bytearray()
+        for event in meter.feed(msg.body, msg.end_of_stream):
+            if event.usage is not None:
+                ex.usage = _merge_usage(ex.usage, event.usage)
+            if event.output_tokens:
+                refusal = await self._cover(ex, event.output_tokens)
+                if refusal is not None:
+                    out += meter.take(event.start)
+                    ex.counted_output += event.output_tokens  # generated, not delivered
+                    out += self._cut_event(ex, refusal)
+                    ex.ended = True
+                    await self._settle_unfinished(ex)
+                    return [stream_chunk(bytes(out), True)]
+                ex.counted_output += event.output_tokens
+            if event.hidden:
+                out += meter.take(event.start)
+                meter.drop(event.end)
         if msg.end_of_stream:
-            self._read_json(ex, b"".join(ex.body_chunks))
+            out += meter.rest()
             await self._settle_from(ex)
-        return CONTINUE_RESPONSE_BODY
+        else:
+            # Forward every complete event; keep a partial one until it completes.
+            out += meter.take(meter.complete_end)
+        if not out and not msg.end_of_stream:
+            return []
+        return [stream_chunk(bytes(out), msg.end_of_stream)]
+
+    async def _cover(self, ex: Exchange, tokens: int) -> Refusal | None:
+        """Make sure the reservation covers `tokens` more output, plus the grace for what
+        the provider generates after a cut. Extends in steps; None when covered."""
+        grace = self._settings.stream_grace_tokens
+        needed = ex.counted_output + tokens
+        cap = ex.output_cap
+        if cap is not None and ex.output_allowance >= cap:
+            return None  # the provider cannot generate beyond the cap we already hold
+        if needed + grace <= ex.output_allowance:
+            return None
+        if not ex.open_reservation or ex.price is None:
+            return Refusal("reservation_gone", "total", 0, 0, 0)
+        target = needed + grace + self._settings.stream_step_tokens
+        minimum_target = needed + grace
+        if cap is not None:
+            target, minimum_target = min(target, cap), min(minimum_target, cap)
+        current_out = ex.reserved_nano - ex.input_nano
+        desired = ex.input_nano + cost_nano(ex.price, TokenUsage(output=target)) \
+            - ex.reserved_nano
+        minimum = ex.input_nano + cost_nano(ex.price, TokenUsage(output=minimum_target)) \
+            - ex.reserved_nano
+        if minimum <= 0:
+            return None
+        try:
+            async with asyncio.timeout(self._redis_timeout):
+                granted = await self._store.extend(ex.caller, ex.request_id,
+                                                   max(desired, minimum), minimum)
+        except REDIS_FAILURES as exc:
+            metrics.REDIS_ERRORS.labels("extend").inc()
+            log.warning("redis unavailable on extend (rid=%s): %s", ex.request_id,
+                        type(exc).__name__)
+            return Refusal("state_store_unavailable", "total", 0, 0, 0)
+        if isinstance(granted, Refusal):
+            return granted
+        metrics.EXTENSIONS.inc()
+        ex.reserved_nano += granted
+        ex.output_allowance = self._allowance(ex)
+        log.debug("extended rid=%s by %d nano (was %d for output) to %d output tokens",
+                  ex.request_id, granted, current_out, ex.output_allowance)
+        return None
+
+    def _cut_event(self, ex: Exchange, refusal: Refusal) -> bytes:
+        metrics.STREAMS_CUT.labels(refusal.reason).inc()
+        if refusal.reason == "killed":
+            message = "stream ended: this API key was blocked by the tokenfuse kill switch"
+        elif refusal.reason == "state_store_unavailable":
+            message = "stream ended: tokenfuse cannot reach its state store"
+        elif refusal.reason == "reservation_gone":
+            message = "stream ended: its budget reservation expired"
+        else:
+            message = (f"stream ended: tokenfuse {refusal.window} budget exhausted "
+                       f"(${nano_to_usd(refusal.used_nano)} of "
+                       f"${nano_to_usd(refusal.limit_nano)} used)")
+        details = {"reason": refusal.reason, "window": refusal.window,
+                   "limit_nano_usd": refusal.limit_nano, "used_nano_usd": refusal.used_nano,
+                   "resets_at": refusal.resets_at or None,
+                   "output_tokens_delivered": ex.counted_output}
+        log.info("stream cut rid=%s reason=%s after %d output tokens", ex.request_id,
+                 refusal.reason, ex.counted_output)
+        provider = PROVIDERS[ex.provider]
+        error_type = "insufficient_quota" if ex.provider == "openai" else "budget_exceeded"
+        return provider.stream_error_event(error_type, refusal.reason, message, details)
 
     def _read_json(self, ex: Exchange, raw: bytes) -> None:
         if not 200 <= ex.status < 300:
@@ -252,40 +361,49 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         if isinstance(payload, dict):
             ex.usage = PROVIDERS[ex.provider].usage(payload)
 
-    def _read_events(self, ex: Exchange, events: list[Any]) -> None:
-        provider = PROVIDERS[ex.provider]
-        for event in events:
-            if event.data == "[DONE]" or "usage" not in event.data:
-                continue
-            try:
-                payload = json.loads(event.data)
-            except ValueError:
-                log.warning("unparseable SSE data from %s (rid=%s)", ex.provider, ex.request_id)
-                continue
-            if isinstance(payload, dict):
-                usage = provider.usage(payload)
-                if usage is not None:
-                    ex.usage = _merge_usage(ex.usage, usage)
-
     async def _settle_from(self, ex: Exchange) -> None:
-        """Settle to provider usage; a failed call bills nothing; no usage → reservation."""
+        """End of a response: settle to the provider's usage; a failed call bills nothing."""
         if not ex.open_reservation:
             return
         if not 200 <= ex.status < 300:
             await self._settle_safely(ex, 0, "failed")
-        elif ex.usage is not None and ex.price is not None:
-            actual = cost_nano(ex.price, ex.usage)
-            if await self._settle_safely(ex, actual, "usage"):
-                model = ex.price.model
-                metrics.SPEND_NANO.labels(ex.provider, model).inc(actual)
-                for kind in ("input", "output", "cache_read", "cache_write"):
-                    count = getattr(ex.usage, kind)
-                    if count:
-                        metrics.TOKENS.labels(ex.provider, model, kind).inc(count)
+        elif ex.usage is not None and ex.price is not None and (
+                ex.meter is None or ex.usage.output >= ex.counted_output):
+            await self._settle_usage(ex, ex.usage, "usage")
         else:
-            log.warning("no usage in response (rid=%s); charged the reservation",
-                        ex.request_id)
+            log.warning("no usage in response (rid=%s)", ex.request_id)
+            await self._settle_unfinished(ex)
+
+    async def _settle_unfinished(self, ex: Exchange) -> None:
+        """No final usage: a stream is charged what was counted (plus the grace for tokens
+        generated after the last one seen), anything else its whole reservation."""
+        if not ex.open_reservation:
+            return
+        if ex.meter is None or ex.price is None:
             await self._settle_safely(ex, ex.reserved_nano, "reservation")
+            return
+        output = ex.counted_output + self._settings.stream_grace_tokens
+        if ex.output_cap is not None:
+            output = min(output, ex.output_cap)
+        known = ex.usage
+        if known is not None and (known.input or known.cache_read or known.cache_write):
+            usage = TokenUsage(known.input, max(known.output, output), known.cache_read,
+                               known.cache_write)
+            actual = cost_nano(ex.price, usage)
+        else:
+            actual = ex.input_nano + cost_nano(ex.price, TokenUsage(output=output))
+        await self._settle_safely(ex, min(actual, ex.reserved_nano), "counted")
+
+    async def _settle_usage(self, ex: Exchange, usage: TokenUsage, basis: str) -> None:
+        assert ex.price is not None
+        actual = cost_nano(ex.price, usage)
+        if await self._settle_safely(ex, actual, basis):
+            model = ex.price.model
+            metrics.SPEND_NANO.labels(ex.provider, model).inc(actual)
+            for kind in ("input", "output", "cache_read", "cache_write"):
+                count = getattr(usage, kind)
+                if count:
+                    metrics.TOKENS.labels(ex.provider, model, kind).inc(count)
 
     async def _settle_safely(self, ex: Exchange, actual_nano: int, basis: str) -> bool:
         ex.open_reservation = False
@@ -303,6 +421,14 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         return True
 
     # -- refusals ----------------------------------------------------------------------
+
+    def _store_unavailable(self, ex: Exchange, operation: str,
+                           exc: BaseException) -> pb.ProcessingResponse:
+        metrics.REDIS_ERRORS.labels(operation).inc()
+        log.warning("redis unavailable on %s: %s", operation, type(exc).__name__)
+        return self._refuse(ex, 503, "api_error", "state_store_unavailable",
+                            "tokenfuse cannot reach its state store; nothing was forwarded",
+                            headers=(("retry-after", "1"),))
 
     def _refuse(self, ex: Exchange, status: int, error_type: str, code: str, message: str,
                 details: dict[str, Any] | None = None,

@@ -37,6 +37,7 @@ class Call:
     messages: list[Any] = field(default_factory=list)
     priced: bool = True  # False for free endpoints (e.g. count_tokens)
     new_body: dict[str, Any] | None = None  # set when tokenfuse rewrites the body
+    hide_usage_chunk: bool = False  # the usage-only stream chunk was added by tokenfuse
 
 
 def _int_field(body: dict[str, Any], *names: str) -> int | None:
@@ -72,21 +73,21 @@ class OpenAI:
         stream = body.get("stream") is True
         choices = _int_field(body, "n") or 1
         if endpoint.endswith("/chat/completions"):
-            return Call(
+            return _with_stream_usage(body, Call(
                 endpoint="chat.completions", model=model, stream=stream, choices=choices,
                 max_output_tokens=_int_field(body, "max_completion_tokens", "max_tokens"),
                 prompt_parts=[body.get("tools"), body.get("functions"),
                               body.get("response_format")],
                 messages=_list(body.get("messages")),
-            )
+            ))
         if endpoint.endswith("/completions"):
             best_of = _int_field(body, "best_of") or 1
-            return Call(
+            return _with_stream_usage(body, Call(
                 endpoint="completions", model=model, stream=stream,
                 choices=max(choices, best_of),
                 max_output_tokens=_int_field(body, "max_tokens") or 16,
                 prompt_parts=_list(body.get("prompt")),
-            )
+            ))
         if endpoint.endswith("/embeddings"):
             return Call(endpoint="embeddings", model=model, stream=False, max_output_tokens=0,
                         prompt_parts=_list(body.get("input")))
@@ -114,6 +115,37 @@ class OpenAI:
         cached = min(prompt, details.get("cached_tokens") or 0)
         return TokenUsage(input=prompt - cached, output=output, cache_read=cached)
 
+    def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:
+        """Generated text of one stream event: content, refusals, reasoning, tool calls."""
+        out: list[str] = []
+        for choice in payload.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            text = choice.get("text")  # legacy completions
+            if isinstance(text, str):
+                out.append(text)
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                continue
+            for key in ("content", "refusal", "reasoning_content", "reasoning"):
+                value = delta.get(key)
+                if isinstance(value, str):
+                    out.append(value)
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    out.extend(v for v in (function.get("name"), function.get("arguments"))
+                               if isinstance(v, str))
+        kind = payload.get("type")
+        if isinstance(kind, str) and kind.endswith(".delta"):  # Responses API events
+            delta = payload.get("delta")
+            if isinstance(delta, str):
+                out.append(delta)
+        return out
+
+    def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool:
+        return payload.get("choices") == [] and isinstance(payload.get("usage"), dict)
+
     def error_body(self, error_type: str, code: str, message: str,
                    details: dict[str, Any] | None = None) -> bytes:
         doc: dict[str, Any] = {
@@ -122,6 +154,11 @@ class OpenAI:
         if details:
             doc["tokenfuse"] = details
         return json.dumps(doc).encode()
+
+    def stream_error_event(self, error_type: str, code: str, message: str,
+                           details: dict[str, Any]) -> bytes:
+        """The in-band error OpenAI sends mid-stream; the SDK raises APIError on it."""
+        return b"data: " + self.error_body(error_type, code, message, details) + b"\n\n"
 
 
 class Anthropic:
@@ -158,6 +195,19 @@ class Anthropic:
             cache_write=usage.get("cache_creation_input_tokens") or 0,
         )
 
+    def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:
+        """Generated text of a content_block_delta: text, tool input JSON, thinking."""
+        if payload.get("type") != "content_block_delta":
+            return []
+        delta = payload.get("delta")
+        if not isinstance(delta, dict):
+            return []
+        return [v for k in ("text", "partial_json", "thinking")
+                if isinstance(v := delta.get(k), str)]
+
+    def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool:
+        return False
+
     def error_body(self, error_type: str, code: str, message: str,
                    details: dict[str, Any] | None = None) -> bytes:
         doc: dict[str, Any] = {
@@ -166,6 +216,26 @@ class Anthropic:
         if details:
             doc["tokenfuse"] = details
         return json.dumps(doc).encode()
+
+    def stream_error_event(self, error_type: str, code: str, message: str,
+                           details: dict[str, Any]) -> bytes:
+        """Anthropic's mid-stream `event: error`; the SDK raises on it."""
+        body = self.error_body(error_type, code, message, details)
+        return b"event: error\ndata: " + body + b"\n\n"
+
+
+def _with_stream_usage(body: dict[str, Any], call: Call) -> Call:
+    """OpenAI reports stream usage only when asked: ask, and hide the answer from a client
+    that did not ask (settlement needs the provider's own count)."""
+    if not call.stream:
+        return call
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return call
+    call.new_body = {**body, "stream_options": {**(options if isinstance(options, dict)
+                                                   else {}), "include_usage": True}}
+    call.hide_usage_chunk = True
+    return call
 
 
 PROVIDERS: dict[str, OpenAI | Anthropic] = {"openai": OpenAI(), "anthropic": Anthropic()}

@@ -35,7 +35,20 @@ def immediate(status: int, body: bytes, details: str,
 CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
-CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+
+def stream_chunk(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    """FULL_DUPLEX_STREAMED: the bytes the client gets next (Envoy sends only these)."""
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(
+                        body=body, end_of_stream=end_of_stream)
+                )
+            )
+        )
+    )
 
 
 def replace_request_body(body: bytes) -> pb.ProcessingResponse:

@@ -4,7 +4,7 @@ Key layout (everything of one caller shares the hash tag `{<id>}`, so every scri
 runs on Redis Cluster):
     tf:{<id>}:b          limits hash: minute..total (nano-USD), killed
     tf:{<id>}:u:<window> counters of one calendar window: s (spent), r (reserved)
-    tf:{<id>}:rs         open reservations: rid -> "amount|reserved_at_ms|window ids"
+    tf:{<id>}:rs         open reservations: rid -> "amount|touched_ms|window ids"
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class BudgetStore:
         self._defaults = default_limits
         self._reserve = client.register_script(_script_source("reserve"))
         self._settle = client.register_script(_script_source("settle"))
+        self._extend = client.register_script(_script_source("extend"))
 
     @classmethod
     def from_url(cls, url: str, timeout_ms: int, default_limits: list[int]) -> BudgetStore:
@@ -95,21 +96,30 @@ class BudgetStore:
         client = aioredis.Redis(connection_pool=pool, retry=AsyncRetry(NoBackoff(), 1))
         return cls(client, default_limits)
 
-    async def reserve(self, caller: str, rid: str, estimate_nano: int) -> Refusal | None:
-        """Reserve the estimate in every window, or return why not (nothing reserved)."""
+    async def reserve(self, caller: str, rid: str, desired_nano: int,
+                      minimum_nano: int | None = None) -> int | Refusal:
+        """Reserve between `minimum` (default: all) and `desired` in every window.
+
+        Returns the granted amount, or why nothing was reserved."""
+        minimum = desired_nano if minimum_nano is None else minimum_nano
         result: list[Any] = await self._reserve(
             keys=[limits_key(caller), reservations_key(caller)],
-            args=[rid, estimate_nano, *self._defaults],
+            args=[rid, desired_nano, minimum, *self._defaults],
         )
         if int(result[0]) == 1:
-            return None
-        return Refusal(
-            reason=_text(result[1]),
-            window=_text(result[2]),
-            limit_nano=int(result[3]),
-            used_nano=int(result[4]),
-            resets_at=int(result[5]),
+            return int(result[1])
+        return _refusal(result)
+
+    async def extend(self, caller: str, rid: str, desired_nano: int,
+                     minimum_nano: int) -> int | Refusal:
+        """Grow an open reservation by up to `desired` (at least `minimum`)."""
+        result: list[Any] = await self._extend(
+            keys=[limits_key(caller), reservations_key(caller)],
+            args=[rid, desired_nano, minimum_nano, *self._defaults],
         )
+        if int(result[0]) == 1:
+            return int(result[1])
+        return _refusal(result)
 
     async def settle(self, caller: str, rid: str, actual_nano: int) -> bool:
         """Replace a reservation by the actual cost. False when it was already settled."""
@@ -162,6 +172,16 @@ class BudgetAdmin:
             now_ms=int(raw[0]), killed=bool(int(raw[1])), own_limits=bool(int(raw[2])),
             windows=windows,
         )
+
+
+def _refusal(result: list[Any]) -> Refusal:
+    return Refusal(
+        reason=_text(result[1]),
+        window=_text(result[2]),
+        limit_nano=int(result[3]),
+        used_nano=int(result[4]),
+        resets_at=int(result[5]),
+    )
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,89 @@
+"""Metering of a streamed (SSE) response: which bytes make up each event, how many
+output tokens it carries, and what usage it reports. No I/O: the processor decides.
+
+Bytes are held until the event they belong to is complete, so every forwarding decision
+is made per whole event (a partial event is useless to a client anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from tokenfuse.pricing import TokenUsage
+from tokenfuse.providers import PROVIDERS
+from tokenfuse.sse import SseEvent, SseParser
+from tokenfuse.tokens import count_text
+
+log = logging.getLogger("tokenfuse.streaming")
+
+
+@dataclass(frozen=True)
+class MeteredEvent:
+    start: int  # absolute offset of the event's first byte (after the previous event)
+    end: int  # absolute offset just past its terminating blank line
+    output_tokens: int
+    usage: TokenUsage | None
+    hidden: bool  # not for the client (the usage chunk tokenfuse asked for)
+
+
+class StreamMeter:
+    def __init__(self, provider: str, hide_usage_chunk: bool) -> None:
+        self._provider = PROVIDERS[provider]
+        self._hide_usage_chunk = hide_usage_chunk
+        self._parser = SseParser()
+        self._pending = bytearray()
+        self._pending_start = 0  # absolute offset of self._pending[0]
+        self._last_end = 0
+        self.malformed_events = 0
+
+    def feed(self, chunk: bytes, end_of_stream: bool = False) -> list[MeteredEvent]:
+        """Take one chunk; return the events it completed, in order."""
+        self._pending += chunk
+        events = self._parser.feed(chunk)
+        if end_of_stream:
+            events += self._parser.finish()
+        return [self._meter(e) for e in events]
+
+    def take(self, upto: int) -> bytes:
+        """Release the held bytes up to absolute offset `upto` (for forwarding)."""
+        count = max(0, upto - self._pending_start)
+        out = bytes(self._pending[:count])
+        del self._pending[:count]
+        self._pending_start += count
+        return out
+
+    def drop(self, upto: int) -> None:
+        """Discard the held bytes up to absolute offset `upto`."""
+        self.take(upto)
+
+    @property
+    def complete_end(self) -> int:
+        """Absolute offset just past the last complete event seen so far."""
+        return self._last_end
+
+    def rest(self) -> bytes:
+        """Everything still held (at the end of the stream: comments, a partial event)."""
+        return self.take(self._pending_start + len(self._pending))
+
+    def _meter(self, event: SseEvent) -> MeteredEvent:
+        start, self._last_end = self._last_end, event.end
+        data = event.data
+        if not data.startswith("{"):
+            return MeteredEvent(start, event.end, 0, None, False)
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            # Garbage from upstream: forwarded untouched (the client decides), counted as
+            # one token so accounting stays conservative, and logged.
+            self.malformed_events += 1
+            log.warning("unparseable SSE event from upstream (%d bytes)", len(data))
+            return MeteredEvent(start, event.end, 1, None, False)
+        if not isinstance(payload, dict):
+            return MeteredEvent(start, event.end, 0, None, False)
+        tokens = sum(max(1, count_text(t)) for t in
+                     self._provider.stream_output(event.event, payload) if t)
+        usage = self._provider.usage(payload) if "usage" in data else None
+        hidden = self._hide_usage_chunk and self._provider.is_usage_only_chunk(payload)
+        return MeteredEvent(start, event.end, tokens, usage, hidden)
