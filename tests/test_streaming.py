@@ -1,0 +1,168 @@
+"""Streams are metered as they flow and end the moment the budget is crossed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import anthropic
+import openai
+import pytest
+
+from tests.billing import billed_for, key_of, usage_cost
+from tests.conftest import anthropic_client, openai_client
+from tests.fake_provider import FakeProvider
+from tests.harness import Stack, wait_until
+
+HAIKU = "claude-haiku-4-5"
+GRACE = 32  # TOKENFUSE_STREAM_GRACE_TOKENS default
+# gpt-4o-mini output: 600 nano-USD per token; claude-haiku-4-5: 5,000.
+OUTPUT_NANO = {"gpt-4o-mini": 600, HAIKU: 5000}
+
+
+def status(stack: Stack, key: str) -> dict:
+    return json.loads(stack.cli("budget", "status", "--key", key, "--json").stdout)
+
+
+def provider_cost(fake: FakeProvider, key: str) -> int:
+    """What the provider billed for this key, aborted streams included."""
+    return sum(usage_cost(r.usage) for r in list(fake.records)
+               if r.usage is not None and key_of(r.headers) == key)
+
+
+def records_for(fake: FakeProvider, key: str) -> list:
+    return [r for r in list(fake.records) if key_of(r.headers) == key]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", HAIKU])
+def test_stream_is_cut_at_the_budget(stack: Stack, fake: FakeProvider, api_key: str,
+                                     model: str) -> None:
+    budget_nano = 150 * OUTPUT_NANO[model]  # worth 150 output tokens (input costs ~4 more)
+    budget_usd = f"0.{budget_nano:09d}"
+    assert stack.cli("budget", "set", "--key", api_key, "--daily", budget_usd).returncode == 0
+    delivered = 0
+    # A provider generating ~500 tokens/s, thousands of them unless stopped.
+    headers = {"x-fake-chunk-delay-ms": "2", "x-fake-output-tokens": "4000"}
+    if model == HAIKU:
+        with pytest.raises(anthropic.APIStatusError) as raised, \
+                anthropic_client(stack, api_key).messages.stream(
+                    model=model, max_tokens=4000, extra_headers=headers,
+                    messages=[{"role": "user", "content": "write a novel"}]) as stream:
+            for _text in stream.text_stream:
+                delivered += 1
+        body = raised.value.body
+        assert isinstance(body, dict) and body["error"]["code"] == "budget_exceeded"
+        assert "budget exhausted" in body["error"]["message"]
+    else:
+        with pytest.raises(openai.APIError) as raised_o:
+            for chunk in openai_client(stack, api_key).chat.completions.create(
+                    model=model, stream=True, extra_headers=headers,
+                    messages=[{"role": "user", "content": "write a novel"}]):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    delivered += 1
+        assert "budget exhausted" in raised_o.value.message
+    assert 80 < delivered <= 150, delivered
+    print(f"\n{model}: delivered {delivered} of a 150-token budget", end=" ")
+    assert fake.wait_for_requests(1)
+    wait_until(lambda: any(not r.completed for r in records_for(fake, api_key)),
+               what="the provider to see the disconnect")
+    record = records_for(fake, api_key)[-1]
+    assert not record.completed
+    # The provider stopped generating soon after the cut (bounded by the grace).
+    assert record.output_tokens_sent <= delivered + GRACE, record.output_tokens_sent
+    print(f"provider generated {record.output_tokens_sent}", end=" ")
+    doc = status(stack, api_key)
+    day = doc["windows"]["day"]
+    assert day["reserved_nano_usd"] == 0
+    assert day["spent_nano_usd"] <= budget_nano
+    assert provider_cost(fake, api_key) <= day["spent_nano_usd"]  # provider billed ≤ charged
+    print(f"billed {provider_cost(fake, api_key)} charged {day['spent_nano_usd']} "
+          f"budget {budget_nano}")
+
+
+def test_injected_include_usage_is_invisible(stack: Stack, fake: FakeProvider,
+                                            api_key: str) -> None:
+    client = openai_client(stack, api_key)
+    chunks = list(client.chat.completions.create(
+        model="gpt-4o-mini", max_tokens=12, stream=True,
+        messages=[{"role": "user", "content": "count"}]))
+    assert chunks and all(c.choices for c in chunks)  # no usage-only chunk
+    assert all(c.usage is None for c in chunks)
+    sent = json.loads(records_for(fake, api_key)[-1].body)
+    assert sent["stream_options"] == {"include_usage": True}  # tokenfuse asked for it
+    # ... and so settlement is exact, to the nano-dollar:
+    assert status(stack, api_key)["windows"]["day"]["spent_nano_usd"] == billed_for(
+        fake, api_key)
+
+
+def test_include_usage_visible_when_asked(stack: Stack, fake: FakeProvider,
+                                          api_key: str) -> None:
+    chunks = list(openai_client(stack, api_key).chat.completions.create(
+        model="gpt-4o-mini", max_tokens=12, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "count"}]))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_stream_text_is_unchanged(stack: Stack, api_key: str) -> None:
+    client = anthropic_client(stack, api_key)
+    plain = client.messages.create(model=HAIKU, max_tokens=40,
+                                   messages=[{"role": "user", "content": "same"}])
+    with client.messages.stream(model=HAIKU, max_tokens=40,
+                                messages=[{"role": "user", "content": "same"}],
+                                extra_headers={"x-fake-crlf": "1"}) as stream:
+        text = "".join(stream.text_stream)
+    assert text == plain.content[0].text  # type: ignore[union-attr]
+
+
+def test_long_stream_extends_and_settles_exactly(stack: Stack, fake: FakeProvider,
+                                                 api_key: str) -> None:
+    """No max_tokens: the reservation starts at 256 tokens and extends, many times."""
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in openai_client(stack, api_key).chat.completions.create(
+            model="gpt-4o-mini", stream=True, extra_headers={"x-fake-output-tokens": "1500"},
+            messages=[{"role": "user", "content": "long"}])
+        if c.choices)
+    assert len(text) > 1500
+    day = status(stack, api_key)["windows"]["day"]
+    assert day["reserved_nano_usd"] == 0
+    assert day["spent_nano_usd"] == billed_for(fake, api_key)
+    assert "tokenfuse_stream_extensions_total" in stack.processor.metrics()
+
+
+def test_concurrent_streams_share_one_budget(stack: Stack, fake: FakeProvider,
+                                             api_key: str) -> None:
+    budget_nano = 2_000_000  # $0.002: ~3,300 gpt-4o-mini output tokens in all
+    assert stack.cli("budget", "set", "--key", api_key, "--daily", "0.002").returncode == 0
+
+    async def one(client: openai.AsyncOpenAI) -> str:
+        try:
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini", stream=True, max_tokens=3000,
+                extra_headers={"x-fake-chunk-delay-ms": "1"},
+                messages=[{"role": "user", "content": "go"}])
+            async for _ in stream:
+                pass
+            return "completed"
+        except openai.APIStatusError as exc:
+            return f"refused_{exc.status_code}"
+        except openai.APIError:
+            return "cut"
+
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=stack.envoy.base_url + "/openai/v1",
+                                    api_key=api_key, max_retries=0, timeout=60)
+        try:
+            return await asyncio.gather(*(one(client) for _ in range(12)))
+        finally:
+            await client.close()
+
+    outcomes = asyncio.run(run())
+    assert "cut" in outcomes
+    wait_until(lambda: all(r.usage is not None for r in records_for(fake, api_key)),
+               what="every stream to be billed")
+    day = status(stack, api_key)["windows"]["day"]
+    assert day["reserved_nano_usd"] == 0
+    assert provider_cost(fake, api_key) <= day["spent_nano_usd"] <= budget_nano
