@@ -182,3 +182,22 @@ def test_partial_grant_and_extension(redis_server: RedisServer) -> None:
     run(scenario())
     day = {w.window: w for w in admin.status("s1").windows}["day"]
     assert (day.spent_nano, day.reserved_nano) == (900, 0)
+
+
+def test_reaper_charges_orphans_once(redis_server: RedisServer) -> None:
+    async def scenario() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        store = await _store(redis_server)
+        assert await store.reserve("o1", "dead", 700) == 700
+        assert await store.reserve("o2", "dead", 50) == 50
+        first = await store.reap(ttl_ms=60_000)  # too young: nothing reaped
+        second = await store.reap(ttl_ms=-1)  # every reservation is older than -1 ms
+        third = await store.reap(ttl_ms=-1)  # idempotent: nothing left
+        assert await store.settle("o1", "dead", 1) is False  # a late settle is a no-op
+        await store.close()
+        return first, second, third
+
+    first, second, third = run(scenario())
+    assert first == (0, 0) and second == (2, 750) and third == (0, 0)
+    total = {w.window: w for w in BudgetAdmin.from_url(redis_server.url, NO_DEFAULTS)
+             .status("o1").windows}["total"]
+    assert (total.spent_nano, total.reserved_nano) == (700, 0)

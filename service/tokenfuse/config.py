@@ -62,6 +62,8 @@ class Settings:
     stream_initial_tokens: int = 256
     stream_step_tokens: int = 256
     stream_grace_tokens: int = 32
+    reservation_ttl_seconds: int = 3600
+    reaper_interval_ms: int = 30000
     input_margin_percent: int = 10
     prices_file: Path | None = None
     unknown_model_policy: str = "refuse"
@@ -97,6 +99,8 @@ def load_settings() -> Settings:
         stream_initial_tokens=_env_int("TOKENFUSE_STREAM_INITIAL_TOKENS", 256),
         stream_step_tokens=_env_int("TOKENFUSE_STREAM_STEP_TOKENS", 256),
         stream_grace_tokens=_env_int("TOKENFUSE_STREAM_GRACE_TOKENS", 32),
+        reservation_ttl_seconds=_env_int("TOKENFUSE_RESERVATION_TTL_SECONDS", 3600),
+        reaper_interval_ms=_env_int("TOKENFUSE_REAPER_INTERVAL_MS", 30000),
         input_margin_percent=_env_int("TOKENFUSE_INPUT_MARGIN_PERCENT", 10),
         prices_file=Path(prices_file) if prices_file else None,
         unknown_model_policy=policy,

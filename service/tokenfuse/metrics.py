@@ -54,3 +54,18 @@ STREAMS_CUT = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+REAPED = Counter(
+    "tokenfuse_reservations_reaped_total",
+    "Orphaned reservations (processor died, stream lost) charged as spent by the reaper.",
+    registry=REGISTRY,
+)
+REAPED_NANO = Counter(
+    "tokenfuse_reaped_nano_usd_total",
+    "Nano-USD charged by the reaper.",
+    registry=REGISTRY,
+)
+REAPER_RUNS = Counter(
+    "tokenfuse_reaper_runs_total",
+    "Completed passes of the reservation reaper.",
+    registry=REGISTRY,
+)

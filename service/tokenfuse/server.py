@@ -8,11 +8,12 @@ import signal
 import sys
 
 import grpc
+import redis.exceptions
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import start_http_server
 
 from tokenfuse.config import ConfigError, load_secret, load_settings
-from tokenfuse.metrics import REGISTRY
+from tokenfuse.metrics import REAPED, REAPED_NANO, REAPER_RUNS, REDIS_ERRORS, REGISTRY
 from tokenfuse.pricing import PriceTable
 from tokenfuse.processor import Processor
 from tokenfuse.store import BudgetStore
@@ -54,14 +55,36 @@ async def serve() -> None:
     log.info("tokenfuse processor listening on unix:%s, metrics on %s:%d, %d model prices",
              socket_path, settings.metrics_address, settings.metrics_port, len(prices))
 
+    reaper = asyncio.create_task(
+        reap_forever(store, settings.reservation_ttl_seconds * 1000,
+                     settings.reaper_interval_ms / 1000)
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    reaper.cancel()
     await server.stop(grace=2)
     await store.close()
+
+
+async def reap_forever(store: BudgetStore, ttl_ms: int, interval_s: float) -> None:
+    """Charge orphaned reservations as spent, every interval, for as long as we run."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            count, nano = await store.reap(ttl_ms)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            REDIS_ERRORS.labels("reap").inc()
+            log.warning("reaper: redis unavailable: %s", type(exc).__name__)
+            continue
+        REAPER_RUNS.inc()
+        if count:
+            REAPED.inc(count)
+            REAPED_NANO.inc(nano)
+            log.info("reaper charged %d orphaned reservation(s): %d nano-USD", count, nano)
 
 
 def main() -> None:

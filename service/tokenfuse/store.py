@@ -78,6 +78,7 @@ class BudgetStore:
         self._reserve = client.register_script(_script_source("reserve"))
         self._settle = client.register_script(_script_source("settle"))
         self._extend = client.register_script(_script_source("extend"))
+        self._reap = client.register_script(_script_source("reap"))
 
     @classmethod
     def from_url(cls, url: str, timeout_ms: int, default_limits: list[int]) -> BudgetStore:
@@ -125,6 +126,18 @@ class BudgetStore:
         """Replace a reservation by the actual cost. False when it was already settled."""
         result = await self._settle(keys=[reservations_key(caller)], args=[rid, actual_nano])
         return int(result[0]) == 1
+
+    async def reap(self, ttl_ms: int) -> tuple[int, int]:
+        """Charge every reservation untouched for `ttl_ms` as spent, across all callers.
+
+        Returns (reservations reaped, nano-USD charged). SCAN finds the callers with open
+        reservations; each is reaped by one atomic script call."""
+        reaped = charged = 0
+        async for key in self._redis.scan_iter(match="tf:*:rs", count=500):
+            count, nano = await self._reap(keys=[key], args=[ttl_ms])
+            reaped += int(count)
+            charged += int(nano)
+        return reaped, charged
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())

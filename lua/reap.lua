@@ -1,0 +1,30 @@
+-- Charge orphaned reservations as spent: reservations not touched (reserved or extended)
+-- for longer than the TTL belong to a processor that died or lost its stream. Atomic and
+-- idempotent, so any number of processor replicas may run it on the same caller.
+--
+-- KEYS[1]  tf:{<id>}:rs   open reservations hash
+-- ARGV[1]  ttl (ms)
+-- Returns {reaped_count, charged_nano}.
+local res_key = KEYS[1]
+local prefix = string.sub(res_key, 1, -4)
+local ttl = tonumber(ARGV[1])
+local now = now_ms()
+local count, charged = 0, 0
+local all = redis.call('HGETALL', res_key)
+for i = 1, #all, 2 do
+  local amount, touched, ids = string.match(all[i + 1], '^(%d+)|(%d+)|(.*)$')
+  if tonumber(touched) + ttl < now then
+    amount = tonumber(amount)
+    for id in string.gmatch(ids, '[^,]+') do
+      local key = window_key(prefix, id)
+      if id == 't' or redis.call('EXISTS', key) == 1 then
+        redis.call('HINCRBY', key, 'r', -amount)
+        redis.call('HINCRBY', key, 's', amount)
+      end
+    end
+    redis.call('HDEL', res_key, all[i])
+    count = count + 1
+    charged = charged + amount
+  end
+end
+return {count, charged}
