@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import anthropic
 import openai
@@ -166,3 +167,62 @@ def test_concurrent_streams_share_one_budget(stack: Stack, fake: FakeProvider,
     day = status(stack, api_key)["windows"]["day"]
     assert day["reserved_nano_usd"] == 0
     assert provider_cost(fake, api_key) <= day["spent_nano_usd"] <= budget_nano
+
+
+class _Consumer:
+    """Streams in a thread; records when each content chunk arrived."""
+
+    def __init__(self, stack: Stack, key: str) -> None:
+        self.stack, self.key = stack, key
+        self.chunks = 0
+        self.error: openai.APIError | None = None
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for chunk in openai_client(self.stack, self.key).chat.completions.create(
+                    model="gpt-4o-mini", stream=True, max_tokens=3000,
+                    extra_headers={"x-fake-chunk-delay-ms": "20"},
+                    messages=[{"role": "user", "content": "slow and long"}]):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    self.chunks += 1
+                    if self.chunks == 5:
+                        self.started.set()
+        except openai.APIError as exc:
+            self.error = exc
+        self.started.set()
+
+
+def test_kill_switch_ends_streams_within_a_chunk(stack: Stack, fake: FakeProvider,
+                                                 api_key: str) -> None:
+    consumer = _Consumer(stack, api_key)
+    assert consumer.started.wait(20)
+    assert stack.cli("kill", "--key", api_key).returncode == 0
+    at_kill = consumer.chunks
+    consumer.thread.join(20)
+    assert consumer.error is not None and "kill switch" in consumer.error.message
+    assert consumer.chunks - at_kill <= 2  # the chunk in flight, at most one more
+    with pytest.raises(openai.APIStatusError) as refused:
+        openai_client(stack, api_key).chat.completions.create(
+            model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert refused.value.status_code == 402
+    assert refused.value.response.json()["error"]["code"] == "killed"
+    assert status(stack, api_key)["killed"] is True
+    assert stack.cli("kill", "--key", api_key, "--lift").returncode == 0
+    reply = openai_client(stack, api_key).chat.completions.create(
+        model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert reply.usage is not None
+    assert status(stack, api_key)["windows"]["total"]["reserved_nano_usd"] == 0
+
+
+def test_lowering_the_budget_below_spend_ends_the_stream(stack: Stack,
+                                                         api_key: str) -> None:
+    consumer = _Consumer(stack, api_key)
+    assert consumer.started.wait(20)
+    assert stack.cli("budget", "set", "--key", api_key, "--hourly", "0.000001").returncode == 0
+    at_change = consumer.chunks
+    consumer.thread.join(20)
+    assert consumer.error is not None and "budget exhausted" in consumer.error.message
+    assert consumer.chunks - at_change <= 2

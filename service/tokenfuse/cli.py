@@ -1,4 +1,4 @@
-"""Operator CLI: `tokenfuse budget set|status|clear --key …`.
+"""Operator CLI: `tokenfuse budget set|status|clear --key …`, `tokenfuse kill --key …`.
 
 `--key` takes the API key itself; only its keyed hash (HMAC with the server secret)
 reaches Redis, so the CLI needs the same TOKENFUSE_SECRET / secret file as the processor.
@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     clear = actions.add_parser("clear", help="remove the key's own limits (spend is kept)")
     clear.add_argument("--key", required=True)
+
+    kill = groups.add_parser("kill", help="kill switch: refuse the key's requests and end "
+                                          "its in-flight streams within one chunk")
+    kill.add_argument("--key", required=True)
+    kill.add_argument("--lift", action="store_true", help="lift the kill switch")
     return parser
 
 
@@ -99,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     admin = BudgetAdmin.from_url(settings.redis_url, settings.default_limit_args())
     caller = key_id(secret, args.key)
     prefix = caller[:PREFIX_CHARS]
+    if args.group == "kill":
+        admin.set_killed(caller, not args.lift)
+        print(f"kill switch {'lifted' if args.lift else 'set'} for key {prefix}…")
+        return 0
     if args.action == "set":
         limits = {WINDOW_FLAGS[f]: getattr(args, f) for f in WINDOW_FLAGS
                   if getattr(args, f) is not None}

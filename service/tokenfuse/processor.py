@@ -26,6 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from tokenfuse import metrics
 from tokenfuse.config import Settings
+from tokenfuse.control import ControlWatcher
 from tokenfuse.identity import PREFIX_CHARS, api_key_from_headers, key_id
 from tokenfuse.money import nano_to_usd
 from tokenfuse.pricing import TOKENS_PER_PRICE_UNIT, ModelPrice, PriceTable, TokenUsage, cost_nano
@@ -68,11 +69,13 @@ class Exchange:
     output_cap: int | None = None  # the request's own output limit
     counted_output: int = 0  # output tokens seen so far (delivered or cut)
     ended: bool = False  # the processor ended the response itself
+    control_version: int = 0  # operator changes to this caller already checked
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, settings: Settings, secret: bytes, store: BudgetStore,
-                 prices: PriceTable) -> None:
+                 prices: PriceTable, control: ControlWatcher | None = None) -> None:
+        self._control = control
         self._settings = settings
         self._secret = secret
         self._store = store
@@ -121,6 +124,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             return self._refuse(ex, 401, "authentication_error", "missing_api_key",
                                 "no API key: send 'Authorization: Bearer <key>' or 'x-api-key'")
         ex.caller = key_id(self._secret, api_key)
+        if self._control is not None:
+            ex.control_version = self._control.version(ex.caller)
         if msg.end_of_stream:
             metrics.DECISIONS.labels("allowed", "no_body", ex.provider).inc()
         return CONTINUE_REQUEST_HEADERS
@@ -261,6 +266,16 @@ class Processor(pb_grpc.ExternalProcessorServicer):
     async def _meter_stream(self, ex: Exchange, meter: StreamMeter,
                             msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
         out = bytearray()
+        if self._control is not None and (
+                self._control.version(ex.caller) != ex.control_version):
+            # An operator changed this caller (kill switch, lower budget): re-check now.
+            ex.control_version = self._control.version(ex.caller)
+            refusal = await self._recheck(ex)
+            if refusal is not None:
+                # Nothing of this chunk is delivered; its tokens were generated all the same.
+                events = meter.feed(msg.body, msg.end_of_stream)
+                ex.counted_output += sum(e.output_tokens for e in events)
+                return await self._end_stream(ex, out, refusal)
         for event in meter.feed(msg.body, msg.end_of_stream):
             if event.usage is not None:
                 ex.usage = _merge_usage(ex.usage, event.usage)
@@ -269,10 +284,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 if refusal is not None:
                     out += meter.take(event.start)
                     ex.counted_output += event.output_tokens  # generated, not delivered
-                    out += self._cut_event(ex, refusal)
-                    ex.ended = True
-                    await self._settle_unfinished(ex)
-                    return [stream_chunk(bytes(out), True)]
+                    return await self._end_stream(ex, out, refusal)
                 ex.counted_output += event.output_tokens
             if event.hidden:
                 out += meter.take(event.start)
@@ -286,6 +298,26 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         if not out and not msg.end_of_stream:
             return []
         return [stream_chunk(bytes(out), msg.end_of_stream)]
+
+    async def _end_stream(self, ex: Exchange, out: bytearray,
+                          refusal: Refusal) -> list[pb.ProcessingResponse]:
+        """Send what may be delivered, then the provider-native error event, and end."""
+        out += self._cut_event(ex, refusal)
+        ex.ended = True
+        await self._settle_unfinished(ex)
+        return [stream_chunk(bytes(out), True)]
+
+    async def _recheck(self, ex: Exchange) -> Refusal | None:
+        """Is this stream still allowed (not killed, not over a lowered limit)?"""
+        if not ex.open_reservation:
+            return None
+        try:
+            async with asyncio.timeout(self._redis_timeout):
+                result = await self._store.extend(ex.caller, ex.request_id, 0, 0)
+        except REDIS_FAILURES:
+            metrics.REDIS_ERRORS.labels("recheck").inc()
+            return None  # the next extension decides
+        return result if isinstance(result, Refusal) else None
 
     async def _cover(self, ex: Exchange, tokens: int) -> Refusal | None:
         """Make sure the reservation covers `tokens` more output, plus the grace for what

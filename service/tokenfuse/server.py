@@ -13,6 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import start_http_server
 
 from tokenfuse.config import ConfigError, load_secret, load_settings
+from tokenfuse.control import ControlWatcher
 from tokenfuse.metrics import REAPED, REAPED_NANO, REAPER_RUNS, REDIS_ERRORS, REGISTRY
 from tokenfuse.pricing import PriceTable
 from tokenfuse.processor import Processor
@@ -43,9 +44,11 @@ async def serve() -> None:
     )
     start_http_server(settings.metrics_port, settings.metrics_address, registry=REGISTRY)
 
+    control = ControlWatcher(settings.redis_url)
+    watcher = asyncio.create_task(control.run())
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        Processor(settings, secret, store, prices), server
+        Processor(settings, secret, store, prices, control), server
     )
     socket_path = settings.processor_socket
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +69,7 @@ async def serve() -> None:
     await stop.wait()
     log.info("shutting down")
     reaper.cancel()
+    watcher.cancel()
     await server.stop(grace=2)
     await store.close()
 

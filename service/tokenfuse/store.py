@@ -20,6 +20,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
 from tokenfuse.config import WINDOWS
+from tokenfuse.control import announce
 
 LUA_DIR = Path(os.environ.get("TOKENFUSE_LUA_DIR", Path(__file__).resolve().parents[2] / "lua"))
 
@@ -164,10 +165,20 @@ class BudgetAdmin:
             raise ValueError(f"unknown windows: {sorted(unknown)}")
         if limits_nano:
             self._redis.hset(limits_key(caller), mapping=limits_nano)
+            announce(self._redis, caller)  # a lower limit ends streams now over it
 
     def clear_limits(self, caller: str) -> None:
         """Remove the caller's own limits (defaults apply again); spend is kept."""
         self._redis.hdel(limits_key(caller), *WINDOWS)
+        announce(self._redis, caller)
+
+    def set_killed(self, caller: str, killed: bool) -> None:
+        """Kill switch: refuse new requests and end in-flight streams (or lift it)."""
+        if killed:
+            self._redis.hset(limits_key(caller), "killed", 1)
+        else:
+            self._redis.hdel(limits_key(caller), "killed")
+        announce(self._redis, caller)
 
     def status(self, caller: str) -> BudgetStatus:
         raw = self._status(keys=[limits_key(caller)], args=self._defaults)
