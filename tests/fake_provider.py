@@ -613,12 +613,24 @@ class FakeProvider:
         headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
         resp = web.StreamResponse(headers={**headers, **self._id_header(record.provider)})
         keep_alive = f": keep-alive{eol}{eol}".encode()
+        # Broken upstreams: `x-fake-garbage: 1` adds a non-JSON data line and a line of
+        # noise after the first event; `x-fake-truncate-after: N` drops the connection
+        # after N events, mid-event, without finishing the stream.
+        garbage = request.headers.get("x-fake-garbage") == "1"
+        truncate_after = _header_int(request, "x-fake-truncate-after")
         sent = 0
         try:
             await resp.prepare(request)
             for i, (data, tokens) in enumerate(events):
+                if truncate_after is not None and i == truncate_after:
+                    await resp.write(data[: len(data) // 2])
+                    assert request.transport is not None
+                    request.transport.abort()
+                    raise ConnectionResetError("x-fake-truncate-after")
                 if i and chunk_delay:
                     await asyncio.sleep(chunk_delay)
+                if i == 1 and garbage:
+                    data = f"data: {{not json at all{eol}{eol}%%garbage%%{eol}{eol}".encode() + data
                 if i and rng.random() < 0.3:
                     data = keep_alive + data
                 for piece in split_points(data, rng):

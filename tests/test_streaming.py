@@ -7,6 +7,8 @@ import json
 import threading
 
 import anthropic
+import httpx
+import httpx2
 import openai
 import pytest
 
@@ -226,3 +228,48 @@ def test_lowering_the_budget_below_spend_ends_the_stream(stack: Stack,
     consumer.thread.join(20)
     assert consumer.error is not None and "budget exhausted" in consumer.error.message
     assert consumer.chunks - at_change <= 2
+
+
+def test_garbage_from_upstream_is_passed_and_counted(stack: Stack, fake: FakeProvider,
+                                                     api_key: str) -> None:
+    client = anthropic_client(stack, api_key)
+    with client.messages.stream(model=HAIKU, max_tokens=20,
+                                messages=[{"role": "user", "content": "g"}],
+                                extra_headers={"x-fake-garbage": "1"}) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text and final.usage.output_tokens == 20  # valid traffic was not broken
+    day = status(stack, api_key)["windows"]["day"]
+    assert day["spent_nano_usd"] == billed_for(fake, api_key) and day["reserved_nano_usd"] == 0
+    assert "unparseable SSE event from upstream" in stack.processor.log_text()
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", HAIKU])
+def test_truncated_upstream_stream_settles_from_counted(stack: Stack, fake: FakeProvider,
+                                                        api_key: str, model: str) -> None:
+    # The provider dies after 40 tokens, generating ~500 tokens/s until then. (A provider
+    # that blasts tokens and resets within the processor's per-chunk latency can lose the
+    # last chunks: Envoy drops unanswered chunks on reset. The grace covers a few.)
+    headers = {"x-fake-truncate-after": "40", "x-fake-chunk-delay-ms": "2"}
+    # The anthropic SDK (on httpx2) lets the transport's protocol error through as is.
+    with pytest.raises((openai.APIError, anthropic.APIError, httpx.HTTPError,
+                        httpx2.HTTPError)):
+        if model == HAIKU:
+            with anthropic_client(stack, api_key).messages.stream(
+                    model=model, max_tokens=500, extra_headers=headers,
+                    messages=[{"role": "user", "content": "t"}]) as stream:
+                for _ in stream.text_stream:
+                    pass
+        else:
+            for _ in openai_client(stack, api_key).chat.completions.create(
+                    model=model, max_tokens=500, stream=True, extra_headers=headers,
+                    messages=[{"role": "user", "content": "t"}]):
+                pass
+    wait_until(lambda: status(stack, api_key)["windows"]["day"]["reserved_nano_usd"] == 0,
+               what="settlement")
+    charged = status(stack, api_key)["windows"]["day"]["spent_nano_usd"]
+    generated = provider_cost(fake, api_key)
+    assert generated > 0
+    # Charged from what was counted (+ the grace): at least what the provider billed,
+    # at most the grace above it.
+    assert generated <= charged <= generated + (GRACE + 2) * OUTPUT_NANO[model] + 10_000
