@@ -1,4 +1,5 @@
-"""`make bench`: request throughput and latency through Envoy + tokenfuse vs Envoy alone.
+"""`make bench`: throughput, latency and per-chunk streaming cost through Envoy + tokenfuse
+vs Envoy alone (non-streaming here, streaming in bench/streaming.py).
 
 Side by side in one run, on the same Envoy: `/openai/...` goes through the processor with
 the full policy (budget reserve + settle in Redis); `/direct/openai/...` is the same route
@@ -22,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import streaming  # noqa: E402
 
 from tests.harness import Envoy, Stack, free_port, wait_until  # noqa: E402
 
@@ -121,6 +125,11 @@ def main() -> int:
     script = workdir / "post.lua"
     script.write_text(WRK_SCRIPT % json.dumps(REQUEST))
     runs: dict[str, list[dict[str, float]]] = {"envoy_alone": [], "tokenfuse": []}
+    sse_port = free_port()
+    sse = subprocess.Popen([sys.executable, str(ROOT / "bench" / "sse_upstream.py"),
+                            str(sse_port)])
+    sse_stack = Stack(f"http://127.0.0.1:{sse_port}",
+                      {"TOKENFUSE_BENCH_ROUTES": "1", "TOKENFUSE_LOG_LEVEL": "WARNING"})
     try:
         stack.start()
         base = stack.envoy.base_url
@@ -134,7 +143,12 @@ def main() -> int:
             for name, path in paths.items():
                 runs[name].append(wrk(base + path, script, DURATION_S))
         settled = stack.processor.metrics()
+        stack.stop()  # the streaming runs get the machine to themselves
+        sse_stack.start()
+        stream = streaming.run(sse_stack.envoy.port, ROUNDS)
     finally:
+        sse_stack.cleanup()
+        sse.terminate()
         stack.cleanup()
         upstream.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -154,7 +168,19 @@ def main() -> int:
               f"{failures[name]:>10}")
     print(f"throughput ratio tokenfuse / envoy alone: {ratio:.2f}   added p50: "
           f"{summary['tokenfuse']['p50_ms'] - summary['envoy_alone']['p50_ms']:.2f} ms")
+    print("\nstreaming, per chunk (8 streams x 1 event/5 ms for latency; "
+          "32 streams x 2,000 events flat out for chunks/s)")
+    print(f"{'path':<14}{'p50 ms':>10}{'p99 ms':>10}{'chunks/s':>12}")
+    for name, s in stream.items():
+        print(f"{name:<14}{s['p50_ms']:>10.3f}{s['p99_ms']:>10.3f}{s['chunks_per_s']:>12.0f}")
+    added = {q: stream["tokenfuse"][q] - stream["envoy_alone"][q] for q in ("p50_ms", "p99_ms")}
+    chunk_ratio = stream["tokenfuse"]["chunks_per_s"] / stream["envoy_alone"]["chunks_per_s"]
+    print(f"added per chunk: p50 {added['p50_ms']:.3f} ms, p99 {added['p99_ms']:.3f} ms; "
+          f"chunks/s ratio {chunk_ratio:.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "streaming.json").write_text(json.dumps({
+        "date": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(), "rounds": ROUNDS,
+        "results": stream, "added_ms": added, "chunks_per_s_ratio": chunk_ratio}, indent=2))
     (RESULTS / "throughput.json").write_text(json.dumps({
         "date": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(),
         "connections": CONNECTIONS, "duration_s": DURATION_S, "rounds": ROUNDS,

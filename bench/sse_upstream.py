@@ -1,0 +1,62 @@
+"""A minimal, fast SSE upstream for the streaming benchmark (not a test fake).
+
+Answers every POST with an OpenAI chat-completion stream of `x-events` one-token events,
+each its own HTTP chunk, `x-interval-us` apart (0 = as fast as possible). Every event
+carries its send time (`"ts"`, CLOCK_MONOTONIC ns, system-wide) so the client can measure
+per-chunk latency. Runs in its own process: `python bench/sse_upstream.py PORT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+EVENT = (b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini",'
+         b'"choices":[{"index":0,"delta":{"content":" tok"}}],"ts":%d}\n\n')
+USAGE = (b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini",'
+         b'"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":%d,'
+         b'"total_tokens":%d}}\n\ndata: [DONE]\n\n')
+HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n\r\n")
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            headers = {}
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get(b"content-length", b"0"))
+            if length:
+                await reader.readexactly(length)
+            events = int(headers.get(b"x-events", b"100"))
+            interval = int(headers.get(b"x-interval-us", b"0")) / 1e6
+            writer.write(HEAD)
+            for _ in range(events):
+                writer.write(_chunk(EVENT % time.monotonic_ns()))
+                await writer.drain()
+                if interval:
+                    await asyncio.sleep(interval)
+            writer.write(_chunk(USAGE % (events, events + 10)) + b"0\r\n\r\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main(port: int) -> None:
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1])))
