@@ -201,3 +201,22 @@ def test_reaper_charges_orphans_once(redis_server: RedisServer) -> None:
     total = {w.window: w for w in BudgetAdmin.from_url(redis_server.url, NO_DEFAULTS)
              .status("o1").windows}["total"]
     assert (total.spent_nano, total.reserved_nano) == (700, 0)
+
+
+def test_concurrent_reapers_charge_each_orphan_once(redis_server: RedisServer) -> None:
+    async def scenario() -> list[tuple[int, int]]:
+        stores = [await _store(redis_server) for _ in range(5)]  # five "replicas"
+        for i in range(20):
+            assert await stores[0].reserve(f"z{i % 4}", f"r{i}", 10 + i) == 10 + i
+        results = await asyncio.gather(*(s.reap(ttl_ms=-1) for s in stores))
+        for s in stores:
+            await s.close()
+        return results
+
+    results = run(scenario())
+    assert sum(count for count, _ in results) == 20
+    assert sum(nano for _, nano in results) == sum(10 + i for i in range(20))
+    admin = BudgetAdmin.from_url(redis_server.url, NO_DEFAULTS)
+    spent = sum({w.window: w for w in admin.status(f"z{c}").windows}["total"].spent_nano
+                for c in range(4))
+    assert spent == sum(10 + i for i in range(20))

@@ -3,6 +3,8 @@ every possible split: same events, same token counts, same usage as the unsplit 
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -97,3 +99,33 @@ def test_garbage_is_counted_conservatively(fake: FakeProvider) -> None:
     events = m.feed(raw, end_of_stream=True)
     assert m.malformed_events == 1
     assert sum(e.output_tokens for e in events) == 31  # 30 real + 1 for the garbage
+
+
+def _events(provider: str, *payloads: dict) -> bytes:
+    lines = []
+    for p in payloads:
+        if provider == "anthropic":
+            lines.append(f"event: {p['type']}\n")
+        lines.append("data: " + json.dumps(p) + "\n\n")
+    return "".join(lines).encode()
+
+
+def test_tool_calls_reasoning_and_thinking_are_counted() -> None:
+    openai_raw = _events("openai", {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "let me think"}}]},
+        {"choices": [{"index": 0, "delta": {"refusal": "no"}}]})
+    counted = [e.output_tokens for e in StreamMeter("openai", False).feed(openai_raw, True)]
+    assert counted[0] >= 6 and counted[1] == 3 and counted[2] == 1
+    anthropic_raw = _events(
+        "anthropic",
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "input_json_delta", "partial_json": '{"location": "San Fra'}},
+        {"type": "content_block_delta", "index": 1,
+         "delta": {"type": "thinking_delta", "thinking": "step one, step two"}},
+        {"type": "content_block_delta", "index": 1,
+         "delta": {"type": "signature_delta", "signature": "c2lnbmF0dXJl"}},
+        {"type": "message_delta", "usage": {"output_tokens": 40}})
+    events = StreamMeter("anthropic", False).feed(anthropic_raw, True)
+    assert [e.output_tokens > 0 for e in events] == [True, True, False, False]
+    assert events[3].usage is not None and events[3].usage.output == 40
