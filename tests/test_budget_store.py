@@ -12,11 +12,16 @@ from tokenfuse.store import (
     BudgetAdmin,
     BudgetStore,
     Refusal,
+    Reservation,
     limits_key,
     reservations_key,
 )
 
 NO_DEFAULTS = [-1] * len(WINDOWS)
+
+
+def granted(amount: int) -> Reservation:
+    return Reservation(amount, ())
 
 
 def run(coro):
@@ -33,7 +38,7 @@ def test_reserve_settle_and_refuse(redis_server: RedisServer) -> None:
 
     async def scenario() -> None:
         store = await _store(redis_server)
-        assert await store.reserve("c1", "r1", 600) == 600
+        assert await store.reserve("c1", "r1", 600) == granted(600)
         refusal = await store.reserve("c1", "r2", 600)
         assert isinstance(refusal, Refusal)
         assert (refusal.reason, refusal.window, refusal.limit_nano, refusal.used_nano) == (
@@ -41,7 +46,7 @@ def test_reserve_settle_and_refuse(redis_server: RedisServer) -> None:
         assert refusal.resets_at % 86400 == 0
         assert await store.settle("c1", "r1", 450) is True
         assert await store.settle("c1", "r1", 450) is False  # idempotent
-        assert await store.reserve("c1", "r3", 550) == 550
+        assert await store.reserve("c1", "r3", 550) == granted(550)
         await store.close()
 
     run(scenario())
@@ -83,7 +88,7 @@ def test_window_counters_expire_at_window_end(redis_server: RedisServer) -> None
 
 async def _reserve_once(server: RedisServer, caller: str, amount: int) -> None:
     store = await _store(server)
-    assert await store.reserve(caller, "r", amount) == amount
+    assert await store.reserve(caller, "r", amount) == granted(amount)
     await store.close()
 
 
@@ -109,7 +114,7 @@ def test_defaults_apply_only_without_own_limits(redis_server: RedisServer) -> No
 
     async def scenario() -> None:
         store = await _store(redis_server, defaults)
-        assert await store.reserve("d1", "a", 100) == 100
+        assert await store.reserve("d1", "a", 100) == granted(100)
         refused = await store.reserve("d1", "b", 1)
         assert isinstance(refused, Refusal)
         assert refused.window == "day" and refused.limit_nano == 100
@@ -138,13 +143,13 @@ def test_concurrent_reservations_never_exceed(redis_server: RedisServer, estimat
             *(store.reserve("flood", f"r{i}", estimate) for i in range(2000))
         )
         await store.close()
-        return sum(1 for r in results if r == estimate)
+        return sum(1 for r in results if r == granted(estimate))
 
-    granted = run(scenario())
-    assert granted == min(2000, limit // estimate)
+    count = run(scenario())
+    assert count == min(2000, limit // estimate)
     day = {w.window: w for w in BudgetAdmin.from_url(redis_server.url, NO_DEFAULTS)
            .status("flood").windows}["day"]
-    assert day.reserved_nano == granted * estimate <= limit
+    assert day.reserved_nano == count * estimate <= limit
 
 
 def test_kill_flag_refuses(redis_server: RedisServer) -> None:
@@ -165,8 +170,8 @@ def test_partial_grant_and_extension(redis_server: RedisServer) -> None:
 
     async def scenario() -> None:
         store = await _store(redis_server)
-        assert await store.reserve("s1", "a", 700, 100) == 700
-        assert await store.reserve("s1", "b", 700, 100) == 300  # what is left
+        assert await store.reserve("s1", "a", 700, 100) == granted(700)
+        assert await store.reserve("s1", "b", 700, 100) == granted(300)  # what is left
         refused = await store.reserve("s1", "c", 700, 1)
         assert isinstance(refused, Refusal) and refused.window == "day"
         await store.settle("s1", "a", 500)  # frees 200
@@ -187,8 +192,8 @@ def test_partial_grant_and_extension(redis_server: RedisServer) -> None:
 def test_reaper_charges_orphans_once(redis_server: RedisServer) -> None:
     async def scenario() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         store = await _store(redis_server)
-        assert await store.reserve("o1", "dead", 700) == 700
-        assert await store.reserve("o2", "dead", 50) == 50
+        assert await store.reserve("o1", "dead", 700) == granted(700)
+        assert await store.reserve("o2", "dead", 50) == granted(50)
         first = await store.reap(ttl_ms=60_000)  # too young: nothing reaped
         second = await store.reap(ttl_ms=-1)  # every reservation is older than -1 ms
         third = await store.reap(ttl_ms=-1)  # idempotent: nothing left
@@ -207,7 +212,7 @@ def test_concurrent_reapers_charge_each_orphan_once(redis_server: RedisServer) -
     async def scenario() -> list[tuple[int, int]]:
         stores = [await _store(redis_server) for _ in range(5)]  # five "replicas"
         for i in range(20):
-            assert await stores[0].reserve(f"z{i % 4}", f"r{i}", 10 + i) == 10 + i
+            assert await stores[0].reserve(f"z{i % 4}", f"r{i}", 10 + i) == granted(10 + i)
         results = await asyncio.gather(*(s.reap(ttl_ms=-1) for s in stores))
         for s in stores:
             await s.close()

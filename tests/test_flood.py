@@ -15,6 +15,17 @@ BUDGET_NANO = 10_000_000  # $0.01
 REQUESTS = 1000
 
 
+def _words(i: int) -> str:
+    """Distinct prompts in letters: numbers alone would be one loop to the loop guard."""
+    letters = "ghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        i, r = divmod(i, len(letters))
+        out += letters[r]
+        if i == 0:
+            return out
+
+
 async def _flood(base_url: str, key: str) -> tuple[int, int, list[str]]:
     client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
 
@@ -22,7 +33,7 @@ async def _flood(base_url: str, key: str) -> tuple[int, int, list[str]]:
         try:
             await client.chat.completions.create(
                 model="gpt-4o-mini", max_tokens=40,
-                messages=[{"role": "user", "content": f"flood request number {i}"}])
+                messages=[{"role": "user", "content": f"flood request {_words(i)}"}])
             return "allowed"
         except openai.APIStatusError as exc:
             if exc.status_code == 402:

@@ -64,6 +64,13 @@ class Settings:
     stream_grace_tokens: int = 32
     reservation_ttl_seconds: int = 3600
     reaper_interval_ms: int = 30000
+    loop_max_hits: int = 5
+    loop_window_seconds: int = 60
+    loop_cooldown_seconds: int = 30
+    loop_normalize: bool = True
+    loop_max_tool_repeats: int = 5
+    velocity_max_per_minute: int = 0
+    threshold_percent: int = 80
     input_margin_percent: int = 10
     prices_file: Path | None = None
     unknown_model_policy: str = "refuse"
@@ -101,6 +108,13 @@ def load_settings() -> Settings:
         stream_grace_tokens=_env_int("TOKENFUSE_STREAM_GRACE_TOKENS", 32),
         reservation_ttl_seconds=_env_int("TOKENFUSE_RESERVATION_TTL_SECONDS", 3600),
         reaper_interval_ms=_env_int("TOKENFUSE_REAPER_INTERVAL_MS", 30000),
+        loop_max_hits=_env_int("LOOP_GUARD_MAX_HITS", 5),
+        loop_window_seconds=_env_int("LOOP_GUARD_WINDOW_SECONDS", 60),
+        loop_cooldown_seconds=_env_int("LOOP_GUARD_COOLDOWN_SECONDS", 30),
+        loop_normalize=_env("LOOP_GUARD_NORMALIZE", "1") not in ("0", "false", "off"),
+        loop_max_tool_repeats=_env_int("LOOP_GUARD_MAX_TOOL_REPEATS", 5),
+        velocity_max_per_minute=_env_int("TOKENFUSE_VELOCITY_MAX_PER_MINUTE", 0),
+        threshold_percent=_env_int("TOKENFUSE_BUDGET_THRESHOLD_PERCENT", 80),
         input_margin_percent=_env_int("TOKENFUSE_INPUT_MARGIN_PERCENT", 10),
         prices_file=Path(prices_file) if prices_file else None,
         unknown_model_policy=policy,

@@ -69,3 +69,9 @@ REAPER_RUNS = Counter(
     "Completed passes of the reservation reaper.",
     registry=REGISTRY,
 )
+LOOPS = Counter(
+    "tokenfuse_loops_detected_total",
+    "Requests refused by the loop guard, by kind (recursive_loop, tool_loop, velocity).",
+    ["kind"],
+    registry=REGISTRY,
+)

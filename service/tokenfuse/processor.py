@@ -28,6 +28,7 @@ from tokenfuse import metrics
 from tokenfuse.config import Settings
 from tokenfuse.control import ControlWatcher
 from tokenfuse.identity import PREFIX_CHARS, api_key_from_headers, key_id
+from tokenfuse.loopguard import fingerprint, repeated_tool_call
 from tokenfuse.money import nano_to_usd
 from tokenfuse.pricing import TOKENS_PER_PRICE_UNIT, ModelPrice, PriceTable, TokenUsage, cost_nano
 from tokenfuse.providers import PROVIDERS, Call, RequestRejected, provider_for_path
@@ -39,7 +40,7 @@ from tokenfuse.responses import (
     replace_request_body,
     stream_chunk,
 )
-from tokenfuse.store import BudgetStore, Refusal
+from tokenfuse.store import BudgetStore, LoopRefusal, Refusal
 from tokenfuse.streaming import StreamMeter
 from tokenfuse.tokens import estimate_input_tokens
 
@@ -162,14 +163,25 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                                 "(set TOKENFUSE_UNKNOWN_MODEL=price or add it to "
                                 "TOKENFUSE_PRICES_FILE)")
         ex.price = price
+        history = call.messages or call.prompt_parts
+        tool_loop = self._tool_loop(ex, history)
+        if tool_loop is not None:
+            return tool_loop
+        fp = None
+        if self._settings.loop_max_hits > 0:
+            fp = fingerprint(ex.caller, call.model, history, self._settings.loop_normalize)
         desired, minimum = self._reservation_bounds(ex, call, price)
         try:
             async with asyncio.timeout(self._redis_timeout):
-                granted = await self._store.reserve(ex.caller, ex.request_id, desired, minimum)
+                result = await self._store.reserve(ex.caller, ex.request_id, desired, minimum,
+                                                   fp)
         except REDIS_FAILURES as exc:
             return self._store_unavailable(ex, "reserve", exc)
-        if isinstance(granted, Refusal):
-            return self._refuse_budget(ex, granted, desired)
+        if isinstance(result, LoopRefusal):
+            return self._refuse_loop(ex, result, fp or "", call.model)
+        if isinstance(result, Refusal):
+            return self._refuse_budget(ex, result, desired)
+        granted = result.granted_nano
         ex.reserved_nano = granted
         ex.open_reservation = True
         ex.output_allowance = self._allowance(ex)
@@ -475,6 +487,56 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
                                      "code": code}}).encode()
         return immediate(status, body, f"tokenfuse_{code}")
+
+    def _tool_loop(self, ex: Exchange, history: list[Any]) -> pb.ProcessingResponse | None:
+        limit = self._settings.loop_max_tool_repeats
+        if limit <= 0:
+            return None
+        repeated = repeated_tool_call(history)
+        if repeated is None or repeated[1] <= limit:
+            return None
+        name, times = repeated
+        metrics.LOOPS.labels("tool_loop").inc()
+        message = (f"Blocked: tool '{name}' called {times} times with identical arguments in "
+                   "this conversation. This usually indicates an agent stuck in a tool loop.")
+        detail = {"error": "tool_loop_detected", "message": message, "tool": name,
+                  "repeat_count": times, "max_repeats": limit}
+        return self._refuse_429(ex, "tool_loop_detected", message, detail,
+                                self._settings.loop_cooldown_seconds)
+
+    def _refuse_loop(self, ex: Exchange, refusal: LoopRefusal, fp: str,
+                     model: str) -> pb.ProcessingResponse:
+        retry_after = max(1, -(-refusal.retry_after_ms // 1000))
+        if refusal.kind == "velocity":
+            metrics.LOOPS.labels("velocity").inc()
+            limit = self._settings.velocity_max_per_minute
+            message = (f"Blocked: {refusal.hit_count} requests in the last minute exceed this "
+                       f"key's limit of {limit} per minute. This usually indicates a runaway "
+                       "agent.")
+            detail = {"error": "velocity_limit_exceeded", "message": message,
+                      "request_count": refusal.hit_count, "limit_per_minute": limit,
+                      "retry_after_seconds": retry_after}
+            return self._refuse_429(ex, "velocity_limit_exceeded", message, detail, retry_after)
+        metrics.LOOPS.labels("recursive_loop").inc()
+        window = self._settings.loop_window_seconds
+        cooldown = self._settings.loop_cooldown_seconds
+        message = (f"Blocked: identical request sent {refusal.hit_count} times in {window} "
+                   "seconds. This usually indicates an agent retry loop, infinite recursion, "
+                   "or misconfigured automation.")
+        detail = {"error": "recursive_loop_detected", "message": message,
+                  "fingerprint": fp[:12] + "...", "hit_count": refusal.hit_count,
+                  "cooldown_seconds": cooldown}
+        log.info("loop detected caller=%s fingerprint=%s hits=%d", ex.caller[:PREFIX_CHARS],
+                 fp[:12], refusal.hit_count)
+        return self._refuse_429(ex, "recursive_loop_detected", message, detail, retry_after)
+
+    def _refuse_429(self, ex: Exchange, code: str, message: str, detail: dict[str, Any],
+                    retry_after: int) -> pb.ProcessingResponse:
+        metrics.DECISIONS.labels("refused", code, ex.provider).inc()
+        doc = json.loads(PROVIDERS[ex.provider].error_body("rate_limit_error", code, message))
+        doc["detail"] = detail
+        return immediate(429, json.dumps(doc).encode(), f"tokenfuse_{code}",
+                         (("retry-after", str(retry_after)),))
 
     def _refuse_budget(self, ex: Exchange, refusal: Refusal,
                        estimate: int) -> pb.ProcessingResponse:

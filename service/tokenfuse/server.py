@@ -17,7 +17,7 @@ from tokenfuse.control import ControlWatcher
 from tokenfuse.metrics import REAPED, REAPED_NANO, REAPER_RUNS, REDIS_ERRORS, REGISTRY
 from tokenfuse.pricing import PriceTable
 from tokenfuse.processor import Processor
-from tokenfuse.store import BudgetStore
+from tokenfuse.store import BudgetStore, GuardPolicy
 from tokenfuse.tokens import count_text
 
 log = logging.getLogger("tokenfuse")
@@ -40,7 +40,14 @@ async def serve() -> None:
     prices = PriceTable.load(settings.prices_file)
     count_text("warm up the tokenizer before the first request")
     store = BudgetStore.from_url(
-        settings.redis_url, settings.redis_timeout_ms, settings.default_limit_args()
+        settings.redis_url, settings.redis_timeout_ms, settings.default_limit_args(),
+        GuardPolicy(
+            loop_max_hits=settings.loop_max_hits,
+            loop_window_ms=settings.loop_window_seconds * 1000,
+            loop_cooldown_ms=settings.loop_cooldown_seconds * 1000,
+            velocity_max_per_minute=settings.velocity_max_per_minute,
+            threshold_percent=settings.threshold_percent,
+        ),
     )
     start_http_server(settings.metrics_port, settings.metrics_address, registry=REGISTRY)
 

@@ -5,6 +5,11 @@ runs on Redis Cluster):
     tf:{<id>}:b          limits hash: minute..total (nano-USD), killed
     tf:{<id>}:u:<window> counters of one calendar window: s (spent), r (reserved)
     tf:{<id>}:rs         open reservations: rid -> "amount|touched_ms|window ids"
+    tf:{<id>}:lp:<fp>    loop guard: ZSET of forwarded requests with this fingerprint
+    tf:{<id>}:lc:<fp>    loop guard: cooldown after a block (hit count, PX = cooldown)
+    tf:{<id>}:vel        velocity breaker: ZSET of forwarded requests, last minute
+    tf:{<id>}:wt:<w>     threshold alert sent for window w (expires with it)
+    tf:{<id>}:wx:<w>     budget.exceeded alert sent for window w (expires with it)
 """
 
 from __future__ import annotations
@@ -40,11 +45,40 @@ def reservations_key(caller: str) -> str:
 
 @dataclass(frozen=True)
 class Refusal:
-    reason: str  # budget_exceeded | killed
+    reason: str  # budget_exceeded | killed | reservation_gone | state_store_unavailable
     window: str
     limit_nano: int
     used_nano: int
     resets_at: int  # epoch seconds, 0 = never
+    first_in_window: bool = False  # the first refusal in this window (for webhooks)
+
+
+@dataclass(frozen=True)
+class LoopRefusal:
+    kind: str  # loop | velocity
+    hit_count: int
+    retry_after_ms: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    granted_nano: int
+    crossed_threshold: tuple[str, ...]  # windows that just crossed the alert threshold
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    """Loop guard, velocity breaker and alert threshold, passed to reserve.lua."""
+
+    loop_max_hits: int = 0  # 0 = loop guard off
+    loop_window_ms: int = 60_000
+    loop_cooldown_ms: int = 30_000
+    velocity_max_per_minute: int = 0  # 0 = off
+    threshold_percent: int = 0  # 0 = no threshold alerts
+
+    def args(self) -> list[int]:
+        return [self.loop_max_hits, self.loop_window_ms, self.loop_cooldown_ms,
+                self.velocity_max_per_minute, self.threshold_percent]
 
 
 @dataclass(frozen=True)
@@ -73,16 +107,19 @@ class BudgetStatus:
 class BudgetStore:
     """Async access for the processor: reserve and settle, one round trip each."""
 
-    def __init__(self, client: aioredis.Redis, default_limits: list[int]) -> None:
+    def __init__(self, client: aioredis.Redis, default_limits: list[int],
+                 policy: GuardPolicy | None = None) -> None:
         self._redis = client
         self._defaults = default_limits
+        self._policy = (policy or GuardPolicy()).args()
         self._reserve = client.register_script(_script_source("reserve"))
         self._settle = client.register_script(_script_source("settle"))
         self._extend = client.register_script(_script_source("extend"))
         self._reap = client.register_script(_script_source("reap"))
 
     @classmethod
-    def from_url(cls, url: str, timeout_ms: int, default_limits: list[int]) -> BudgetStore:
+    def from_url(cls, url: str, timeout_ms: int, default_limits: list[int],
+                 policy: GuardPolicy | None = None) -> BudgetStore:
         timeout = timeout_ms / 1000
         # A blocking pool: under a flood, callers queue for a connection (bounded by the
         # decision timeout) instead of failing with "Too many connections".
@@ -96,20 +133,27 @@ class BudgetStore:
         # One immediate retry replaces a pooled connection that died with a Redis restart;
         # no backoff: the decision is bounded by TOKENFUSE_REDIS_TIMEOUT_MS anyway.
         client = aioredis.Redis(connection_pool=pool, retry=AsyncRetry(NoBackoff(), 1))
-        return cls(client, default_limits)
+        return cls(client, default_limits, policy)
 
     async def reserve(self, caller: str, rid: str, desired_nano: int,
-                      minimum_nano: int | None = None) -> int | Refusal:
-        """Reserve between `minimum` (default: all) and `desired` in every window.
-
-        Returns the granted amount, or why nothing was reserved."""
+                      minimum_nano: int | None = None,
+                      fingerprint: str | None = None) -> Reservation | Refusal | LoopRefusal:
+        """Loop guard, velocity and budget in one call; reserve between `minimum`
+        (default: all) and `desired` in every window, or say why not."""
         minimum = desired_nano if minimum_nano is None else minimum_nano
+        policy = self._policy if fingerprint else [0, *self._policy[1:]]
+        fp = fingerprint or "-"
         result: list[Any] = await self._reserve(
-            keys=[limits_key(caller), reservations_key(caller)],
-            args=[rid, desired_nano, minimum, *self._defaults],
+            keys=[limits_key(caller), reservations_key(caller),
+                  f"tf:{{{caller}}}:lp:{fp}", f"tf:{{{caller}}}:lc:{fp}",
+                  f"tf:{{{caller}}}:vel"],
+            args=[rid, desired_nano, minimum, *self._defaults, *policy],
         )
         if int(result[0]) == 1:
-            return int(result[1])
+            crossed = _text(result[3])
+            return Reservation(int(result[1]), tuple(crossed.split(",")) if crossed else ())
+        if _text(result[1]) in ("loop", "velocity"):
+            return LoopRefusal(_text(result[1]), int(result[2]), int(result[3]))
         return _refusal(result)
 
     async def extend(self, caller: str, rid: str, desired_nano: int,
@@ -205,6 +249,7 @@ def _refusal(result: list[Any]) -> Refusal:
         limit_nano=int(result[3]),
         used_nano=int(result[4]),
         resets_at=int(result[5]),
+        first_in_window=len(result) > 6 and int(result[6]) == 1,
     )
 
 
