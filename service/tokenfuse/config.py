@@ -71,6 +71,12 @@ class Settings:
     loop_max_tool_repeats: int = 5
     velocity_max_per_minute: int = 0
     threshold_percent: int = 80
+    webhook_urls: tuple[str, ...] = ()
+    webhook_secret: bytes = b""
+    webhook_queue_size: int = 1000
+    webhook_allow_private: bool = False
+    webhook_timeout_ms: int = 5000
+    webhook_max_attempts: int = 5
     input_margin_percent: int = 10
     prices_file: Path | None = None
     unknown_model_policy: str = "refuse"
@@ -92,6 +98,12 @@ def load_settings() -> Settings:
     if policy not in ("refuse", "price"):
         raise ConfigError(f"TOKENFUSE_UNKNOWN_MODEL must be 'refuse' or 'price', got {policy!r}")
     prices_file = os.environ.get("TOKENFUSE_PRICES_FILE", "").strip()
+    urls = tuple(u.strip() for u in os.environ.get("TOKENFUSE_WEBHOOK_URLS", "").split(",")
+                 if u.strip())
+    webhook_secret = os.environ.get("TOKENFUSE_WEBHOOK_SECRET", "")
+    if urls and not webhook_secret:
+        raise ConfigError("TOKENFUSE_WEBHOOK_URLS is set but TOKENFUSE_WEBHOOK_SECRET is not "
+                          "(webhooks are always signed)")
     return Settings(
         state_dir=state_dir,
         redis_url=_env("REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -115,6 +127,12 @@ def load_settings() -> Settings:
         loop_max_tool_repeats=_env_int("LOOP_GUARD_MAX_TOOL_REPEATS", 5),
         velocity_max_per_minute=_env_int("TOKENFUSE_VELOCITY_MAX_PER_MINUTE", 0),
         threshold_percent=_env_int("TOKENFUSE_BUDGET_THRESHOLD_PERCENT", 80),
+        webhook_urls=urls,
+        webhook_secret=webhook_secret.encode(),
+        webhook_queue_size=_env_int("TOKENFUSE_WEBHOOK_QUEUE_SIZE", 1000),
+        webhook_allow_private=_env("TOKENFUSE_WEBHOOK_ALLOW_PRIVATE", "0") in ("1", "true"),
+        webhook_timeout_ms=_env_int("TOKENFUSE_WEBHOOK_TIMEOUT_MS", 5000),
+        webhook_max_attempts=_env_int("TOKENFUSE_WEBHOOK_MAX_ATTEMPTS", 5),
         input_margin_percent=_env_int("TOKENFUSE_INPUT_MARGIN_PERCENT", 10),
         prices_file=Path(prices_file) if prices_file else None,
         unknown_model_policy=policy,

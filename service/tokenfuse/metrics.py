@@ -75,3 +75,9 @@ LOOPS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+WEBHOOKS = Counter(
+    "tokenfuse_webhooks_total",
+    "Webhook events by outcome: delivered, failed (after retries), dropped_queue_full.",
+    ["event", "outcome"],
+    registry=REGISTRY,
+)

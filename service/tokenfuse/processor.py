@@ -43,6 +43,7 @@ from tokenfuse.responses import (
 from tokenfuse.store import BudgetStore, LoopRefusal, Refusal
 from tokenfuse.streaming import StreamMeter
 from tokenfuse.tokens import estimate_input_tokens
+from tokenfuse.webhooks import WebhookSink
 
 log = logging.getLogger("tokenfuse.processor")
 
@@ -75,8 +76,10 @@ class Exchange:
 
 class Processor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, settings: Settings, secret: bytes, store: BudgetStore,
-                 prices: PriceTable, control: ControlWatcher | None = None) -> None:
+                 prices: PriceTable, control: ControlWatcher | None = None,
+                 webhooks: WebhookSink | None = None) -> None:
         self._control = control
+        self._webhooks = webhooks
         self._settings = settings
         self._secret = secret
         self._store = store
@@ -182,6 +185,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         if isinstance(result, Refusal):
             return self._refuse_budget(ex, result, desired)
         granted = result.granted_nano
+        for window in result.crossed_threshold:
+            self._emit(ex, "budget.threshold", {
+                "window": window, "threshold_percent": self._settings.threshold_percent,
+                "model": call.model})
         ex.reserved_nano = granted
         ex.open_reservation = True
         ex.output_allowance = self._allowance(ex)
@@ -501,6 +508,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                    "this conversation. This usually indicates an agent stuck in a tool loop.")
         detail = {"error": "tool_loop_detected", "message": message, "tool": name,
                   "repeat_count": times, "max_repeats": limit}
+        self._emit(ex, "loop.detected", {"kind": "tool_loop", "tool": name,
+                                         "hit_count": times, "model": ex.call.model
+                                         if ex.call else None, "cooldown_seconds": 0})
         return self._refuse_429(ex, "tool_loop_detected", message, detail,
                                 self._settings.loop_cooldown_seconds)
 
@@ -528,6 +538,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                   "cooldown_seconds": cooldown}
         log.info("loop detected caller=%s fingerprint=%s hits=%d", ex.caller[:PREFIX_CHARS],
                  fp[:12], refusal.hit_count)
+        if refusal.hit_count == self._settings.loop_max_hits + 1:  # the block starts now
+            self._emit(ex, "loop.detected", {
+                "kind": "recursive_loop", "fingerprint": detail["fingerprint"],
+                "hit_count": refusal.hit_count, "model": model, "cooldown_seconds": cooldown})
         return self._refuse_429(ex, "recursive_loop_detected", message, detail, retry_after)
 
     def _refuse_429(self, ex: Exchange, code: str, message: str, detail: dict[str, Any],
@@ -558,7 +572,15 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             "key_id_prefix": ex.caller[:PREFIX_CHARS],
         }
         error_type = "insufficient_quota" if ex.provider == "openai" else "billing_error"
+        if refusal.first_in_window:
+            self._emit(ex, "budget.exceeded", {
+                k: details[k] for k in ("window", "limit_nano_usd", "used_nano_usd",
+                                        "request_estimate_nano_usd", "resets_at")})
         return self._refuse(ex, 402, error_type, refusal.reason, message, details)
+
+    def _emit(self, ex: Exchange, event: str, data: dict[str, Any]) -> None:
+        if self._webhooks is not None:
+            self._webhooks.emit(event, ex.request_id, ex.caller[:PREFIX_CHARS], data)
 
 
 def _merge_usage(old: TokenUsage | None, new: TokenUsage) -> TokenUsage:

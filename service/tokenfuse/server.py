@@ -19,6 +19,7 @@ from tokenfuse.pricing import PriceTable
 from tokenfuse.processor import Processor
 from tokenfuse.store import BudgetStore, GuardPolicy
 from tokenfuse.tokens import count_text
+from tokenfuse.webhooks import WebhookConfigError, WebhookSink
 
 log = logging.getLogger("tokenfuse")
 
@@ -53,9 +54,20 @@ async def serve() -> None:
 
     control = ControlWatcher(settings.redis_url)
     watcher = asyncio.create_task(control.run())
+    try:
+        webhooks = WebhookSink(
+            list(settings.webhook_urls), settings.webhook_secret,
+            queue_size=settings.webhook_queue_size,
+            allow_private=settings.webhook_allow_private,
+            timeout_s=settings.webhook_timeout_ms / 1000,
+            max_attempts=settings.webhook_max_attempts,
+        )
+    except WebhookConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    deliveries = asyncio.create_task(webhooks.run())
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        Processor(settings, secret, store, prices, control), server
+        Processor(settings, secret, store, prices, control, webhooks), server
     )
     socket_path = settings.processor_socket
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +89,7 @@ async def serve() -> None:
     log.info("shutting down")
     reaper.cancel()
     watcher.cancel()
+    deliveries.cancel()
     await server.stop(grace=2)
     await store.close()
 

@@ -1,0 +1,157 @@
+"""Signed webhooks, delivered off the request path.
+
+`emit()` never blocks and never fails a request: it puts the event on a bounded queue
+(a full queue drops it, counted in metrics). Workers POST it to every configured URL with
+`X-Tokenfuse-Signature: sha256=<HMAC-SHA256(secret, body)>`, retrying with exponential
+backoff. Targets are checked against SSRF at connect time (a resolver that refuses
+loopback, private, link-local, multicast and reserved addresses unless allowed), so a DNS
+answer that changes after start-up cannot point a webhook inside the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+from tokenfuse import metrics
+
+log = logging.getLogger("tokenfuse.webhooks")
+SIGNATURE_HEADER = "X-Tokenfuse-Signature"
+
+
+class WebhookConfigError(ValueError):
+    """A webhook URL or setting tokenfuse refuses to use."""
+
+
+def is_public(address: str) -> bool:
+    """True for addresses a webhook may reach without TOKENFUSE_WEBHOOK_ALLOW_PRIVATE."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+                or ip.is_reserved or ip.is_unspecified)
+
+
+def validate_urls(urls: list[str], allow_private: bool) -> list[str]:
+    """Reject malformed URLs and literal non-public IPs at start-up (names are checked at
+    every connection by the resolver)."""
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise WebhookConfigError(f"webhook URL must be http(s)://host/...: {url!r}")
+        if parts.username or parts.password:
+            raise WebhookConfigError("webhook URLs must not carry credentials")
+        try:
+            literal = ipaddress.ip_address(parts.hostname)
+        except ValueError:
+            continue
+        if not allow_private and not is_public(str(literal)):
+            raise WebhookConfigError(
+                f"webhook target {parts.hostname} is not a public address (set "
+                "TOKENFUSE_WEBHOOK_ALLOW_PRIVATE=1 to allow it)")
+    return urls
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """Resolves like the default resolver, then drops every non-public address."""
+
+    def __init__(self) -> None:
+        self._inner = DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = [r for r in await self._inner.resolve(host, port, family)
+                   if is_public(r["host"])]
+        if not results:
+            raise OSError(f"webhook host {host} resolves to no public address")
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+class WebhookSink:
+    def __init__(self, urls: list[str], secret: bytes, queue_size: int = 1000,
+                 allow_private: bool = False, timeout_s: float = 5.0,
+                 max_attempts: int = 5, workers: int = 4) -> None:
+        self._urls = validate_urls(urls, allow_private)
+        self._secret = secret
+        self._allow_private = allow_private
+        self._timeout = timeout_s
+        self._max_attempts = max_attempts
+        self._workers = workers
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=queue_size)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._urls)
+
+    def emit(self, event: str, request_id: str, key_prefix: str, data: dict[str, Any]) -> None:
+        """Queue an event for delivery; never blocks, never raises."""
+        if not self._urls:
+            return
+        body = json.dumps({
+            "event": event,
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "request_id": request_id,
+            "key_id_prefix": key_prefix,
+            "data": data,
+        }).encode()
+        try:
+            self._queue.put_nowait((event, body))
+        except asyncio.QueueFull:
+            metrics.WEBHOOKS.labels(event, "dropped_queue_full").inc()
+
+    async def run(self) -> None:
+        """Deliver forever with a few concurrent workers."""
+        if not self._urls:
+            return
+        resolver = None if self._allow_private else PublicOnlyResolver()
+        connector = aiohttp.TCPConnector(resolver=resolver, limit=self._workers * 2)
+        timeout = aiohttp.ClientTimeout(total=self._timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await asyncio.gather(*(self._worker(session) for _ in range(self._workers)))
+
+    async def _worker(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            event, body = await self._queue.get()
+            for url in self._urls:
+                await self._deliver(session, url, event, body)
+            self._queue.task_done()
+
+    async def _deliver(self, session: aiohttp.ClientSession, url: str, event: str,
+                       body: bytes) -> None:
+        headers = {"content-type": "application/json", "user-agent": "tokenfuse-webhooks",
+                   "x-tokenfuse-event": event, SIGNATURE_HEADER: sign(self._secret, body)}
+        for attempt in range(self._max_attempts):
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    if response.status < 300:
+                        metrics.WEBHOOKS.labels(event, "delivered").inc()
+                        return
+                    if 400 <= response.status < 500 and response.status not in (408, 429):
+                        break  # the receiver rejects it: retrying will not help
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                log.debug("webhook %s attempt %d failed: %s", event, attempt + 1,
+                          type(exc).__name__)
+            if attempt + 1 < self._max_attempts:
+                await asyncio.sleep(min(0.5 * 2**attempt, 30))
+        metrics.WEBHOOKS.labels(event, "failed").inc()
+        log.warning("webhook %s to %s failed after %d attempts", event,
+                    urlsplit(url).hostname, self._max_attempts)

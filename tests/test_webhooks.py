@@ -1,0 +1,200 @@
+"""Signed webhooks: payload and signature at a real local receiver; a dead or slow
+receiver never affects requests; SSRF checks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import openai
+import pytest
+
+from tests.conftest import openai_client
+from tests.fake_provider import FakeProvider
+from tests.harness import Stack, free_port, wait_until
+from tokenfuse.identity import PREFIX_CHARS, key_id
+from tokenfuse.webhooks import PublicOnlyResolver, WebhookConfigError, validate_urls
+
+SECRET = "whsec-test-secret"
+
+
+class Receiver:
+    """A webhook endpoint on loopback recording what it gets."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.events: list[tuple[dict[str, str], bytes]] = []
+        self.cond = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                if delay_s:
+                    time.sleep(delay_s)
+                with receiver.cond:
+                    receiver.events.append(({k.lower(): v for k, v in self.headers.items()},
+                                            body))
+                    receiver.cond.notify_all()
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def of(self, event: str) -> list[dict]:
+        with self.cond:
+            return [json.loads(b) for _, b in self.events if json.loads(b)["event"] == event]
+
+    def wait_for(self, event: str, count: int = 1) -> list[dict]:
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.of(event)) >= count, timeout=20)
+        found = self.of(event)
+        assert len(found) >= count, f"expected {count} {event} events, got {len(found)}"
+        return found
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hooked(fake: FakeProvider, receiver: Receiver) -> Iterator[Stack]:
+    s = Stack(fake.base_url, {"TOKENFUSE_WEBHOOK_URLS": receiver.url,
+                              "TOKENFUSE_WEBHOOK_SECRET": SECRET,
+                              "TOKENFUSE_WEBHOOK_ALLOW_PRIVATE": "1"}).start()
+    yield s
+    s.cleanup()
+
+
+def ask(stack: Stack, key: str, content: str, max_tokens: int = 3) -> None:
+    openai_client(stack, key).chat.completions.create(
+        model="gpt-4o-mini", max_tokens=max_tokens,
+        messages=[{"role": "user", "content": content}])
+
+
+def _loop(stack: Stack, key: str) -> None:
+    for _ in range(5):
+        ask(stack, key, "loop me")
+    for _ in range(2):
+        with pytest.raises(openai.RateLimitError):
+            ask(stack, key, "loop me")
+
+
+def test_loop_detected_is_signed_and_complete(hooked: Stack, receiver: Receiver,
+                                              api_key: str) -> None:
+    _loop(hooked, api_key)
+    prefix = key_id(hooked.secret.encode(), api_key)[:PREFIX_CHARS]
+    wait_until(lambda: any(e["key_id_prefix"] == prefix for e in receiver.of("loop.detected")),
+               what="loop.detected webhook")
+    headers, body = next((h, b) for h, b in list(receiver.events)
+                         if json.loads(b)["key_id_prefix"] == prefix)
+    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert headers["x-tokenfuse-signature"] == expected
+    assert headers["x-tokenfuse-event"] == "loop.detected"
+    payload = json.loads(body)
+    assert set(payload) == {"event", "timestamp", "request_id", "key_id_prefix", "data"}
+    assert payload["timestamp"].endswith("Z") and payload["request_id"]
+    data = payload["data"]
+    assert data["hit_count"] == 6 and data["cooldown_seconds"] == 30
+    assert data["model"] == "gpt-4o-mini" and re.fullmatch(r"[0-9a-f]{12}\.\.\.",
+                                                            data["fingerprint"])
+    assert api_key not in body.decode()
+    # The 7th refusal (same block, in cooldown) sent no second event.
+    assert sum(e["key_id_prefix"] == prefix for e in receiver.of("loop.detected")) == 1
+
+
+def test_budget_threshold_and_exceeded_once_per_window(hooked: Stack, receiver: Receiver,
+                                                       api_key: str) -> None:
+    prefix = key_id(hooked.secret.encode(), api_key)[:PREFIX_CHARS]
+    hooked.cli("budget", "set", "--key", api_key, "--daily", "0.00002")  # 20,000 nano-USD
+    ask(hooked, api_key, "first", max_tokens=28)  # reserves ~18,000: crosses 80 %
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError):
+            ask(hooked, api_key, "more please", max_tokens=28)
+
+    def mine(event: str) -> list[dict]:
+        return [e for e in receiver.of(event) if e["key_id_prefix"] == prefix]
+
+    wait_until(lambda: mine("budget.threshold") and mine("budget.exceeded"),
+               what="budget webhooks")
+    assert {e["data"]["window"] for e in mine("budget.threshold")} == {"day"}
+    exceeded = mine("budget.exceeded")[0]["data"]
+    assert exceeded["window"] == "day" and exceeded["limit_nano_usd"] == 20_000
+    _loop(hooked, api_key + "-barrier")  # a later event, as a barrier
+    barrier = key_id(hooked.secret.encode(), api_key + "-barrier")[:PREFIX_CHARS]
+    wait_until(lambda: any(e["key_id_prefix"] == barrier for e in receiver.of("loop.detected")),
+               what="barrier event")
+    assert len(mine("budget.exceeded")) == 1 and len(mine("budget.threshold")) == 1
+
+
+def test_dead_and_slow_receivers_never_affect_requests(fake: FakeProvider,
+                                                       api_key: str) -> None:
+    slow = Receiver(delay_s=1.0)
+    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    s = Stack(fake.base_url, {"TOKENFUSE_WEBHOOK_URLS": f"{dead},{slow.url}",
+                              "TOKENFUSE_WEBHOOK_SECRET": SECRET,
+                              "TOKENFUSE_WEBHOOK_ALLOW_PRIVATE": "1",
+                              "TOKENFUSE_WEBHOOK_QUEUE_SIZE": "1",
+                              "TOKENFUSE_WEBHOOK_MAX_ATTEMPTS": "2"}).start()
+    try:
+        for i in range(8):  # eight loop blocks on eight keys: eight events
+            _loop(s, f"{api_key}-{i}")
+        assert openai_client(s, api_key).models.list().data  # traffic still flows
+        wait_until(lambda: 'outcome="failed"' in s.processor.metrics(),
+                   what="failed deliveries to be counted")
+        metrics = s.processor.metrics()
+        assert re.search(r'tokenfuse_webhooks_total\{event="loop.detected",'
+                         r'outcome="dropped_queue_full"\} [1-9]', metrics)
+    finally:
+        s.cleanup()
+        slow.server.shutdown()
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/hook", "http://10.1.2.3/x", "http://192.168.0.5/x",
+    "http://169.254.169.254/latest/meta-data", "http://[::1]/x", "http://0.0.0.0/x",
+    "ftp://example.com/x", "http://user:pw@example.com/x",
+])
+def test_ssrf_targets_refused(url: str) -> None:
+    with pytest.raises(WebhookConfigError):
+        validate_urls([url], allow_private=False)
+
+
+def test_public_targets_and_explicit_private_allowed() -> None:
+    assert validate_urls(["https://hooks.example.com/x", "http://8.8.8.8/x"], False)
+    assert validate_urls(["http://127.0.0.1:9/x"], allow_private=True)
+
+
+def test_resolver_refuses_names_that_resolve_inside() -> None:
+    async def resolve() -> None:
+        resolver = PublicOnlyResolver()
+        try:
+            await resolver.resolve("localhost", 80)
+        finally:
+            await resolver.close()
+
+    with pytest.raises(OSError, match="no public address"):
+        asyncio.run(resolve())
+
+
+def test_webhook_urls_require_a_secret(fake: FakeProvider, monkeypatch) -> None:
+    from tokenfuse.config import ConfigError, load_settings
+
+    monkeypatch.setenv("TOKENFUSE_WEBHOOK_URLS", "https://hooks.example.com/x")
+    monkeypatch.delenv("TOKENFUSE_WEBHOOK_SECRET", raising=False)
+    with pytest.raises(ConfigError, match="SECRET"):
+        load_settings()
