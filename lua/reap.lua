@@ -15,13 +15,7 @@ for i = 1, #all, 2 do
   local amount, touched, ids = string.match(all[i + 1], '^(%d+)|(%d+)|(.*)$')
   if tonumber(touched) + ttl < now then
     amount = tonumber(amount)
-    for id in string.gmatch(ids, '[^,]+') do
-      local key = window_key(prefix, id)
-      if id == 't' or redis.call('EXISTS', key) == 1 then
-        redis.call('HINCRBY', key, 'r', -amount)
-        redis.call('HINCRBY', key, 's', amount)
-      end
-    end
+    release(prefix, ids, amount, amount)  -- charged as spent: the wallet is protected
     redis.call('HDEL', res_key, all[i])
     count = count + 1
     charged = charged + amount

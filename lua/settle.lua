@@ -15,11 +15,5 @@ redis.call('HDEL', res_key, rid)
 
 local amount, _, ids = string.match(rec, '^(%d+)|(%d+)|(.*)$')
 amount = tonumber(amount)
-for id in string.gmatch(ids, '[^,]+') do
-  local key = window_key(prefix, id)
-  if id == 't' or redis.call('EXISTS', key) == 1 then
-    redis.call('HINCRBY', key, 'r', -amount)
-    redis.call('HINCRBY', key, 's', actual)
-  end
-end
+release(prefix, ids, amount, actual)
 return {1, amount}

@@ -92,3 +92,15 @@ local function read_limits(limits_key, argv, first)
   end
   return limits, killed, has_own
 end
+
+-- Release a reservation: take `amount` out of 'reserved' and add `actual` to 'spent' in
+-- every window it was made in that still exists (an expired window is not recreated).
+local function release(prefix, ids, amount, actual)
+  for id in string.gmatch(ids, '[^,]+') do
+    local key = window_key(prefix, id)
+    if id == 't' or redis.call('EXISTS', key) == 1 then
+      redis.call('HINCRBY', key, 'r', -amount)
+      redis.call('HINCRBY', key, 's', actual)
+    end
+  end
+end

@@ -184,9 +184,6 @@ class BudgetStore:
             charged += int(nano)
         return reaped, charged
 
-    async def ping(self) -> bool:
-        return bool(await self._redis.ping())
-
     async def close(self) -> None:
         await self._redis.aclose()
 
