@@ -237,6 +237,8 @@ class FakeProvider:
         self.records: list[RequestRecord] = []
         self.aborted_usage: list[Usage] = []
         self.revoked_keys: set[str] = set()
+        # key -> (status, retry-after seconds): that key's calls fail, e.g. (429, 2)
+        self.key_failures: dict[str, tuple[int, int]] = {}
         self._billed: list[Usage] = []
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -385,6 +387,7 @@ class FakeProvider:
             if not request.headers.get("anthropic-version"):
                 msg = "anthropic-version: header is required"
                 raise _Abort(error_response(provider, 400, msg))
+            self._key_failure(provider, key)
             return
         key = bearer
         if not key:
@@ -394,6 +397,15 @@ class FakeProvider:
         if key in self.revoked_keys:
             msg = f"Incorrect API key provided: {key[:3]}...{key[-4:]}."
             raise _Abort(error_response(provider, 401, msg, code="invalid_api_key"))
+        self._key_failure(provider, key)
+
+    def _key_failure(self, provider: str, key: str) -> None:
+        failure = self.key_failures.get(key)
+        if failure is not None:
+            status, retry_after = failure
+            response = error_response(provider, status, f"key failing with {status}")
+            response.headers["retry-after"] = str(retry_after)
+            raise _Abort(response)
 
     @staticmethod
     def _peek(record: RequestRecord) -> dict[str, Any] | None:

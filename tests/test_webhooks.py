@@ -9,7 +9,6 @@ import hmac
 import json
 import re
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -28,7 +27,7 @@ SECRET = "whsec-test-secret"
 class Receiver:
     """A webhook endpoint on loopback recording what it gets."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, hold: threading.Event | None = None) -> None:
         self.events: list[tuple[dict[str, str], bytes]] = []
         self.cond = threading.Condition()
         receiver = self
@@ -36,8 +35,8 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
-                if delay_s:
-                    time.sleep(delay_s)
+                if hold is not None:
+                    hold.wait(30)  # a receiver that hangs until the test lets it go
                 with receiver.cond:
                     receiver.events.append(({k.lower(): v for k, v in self.headers.items()},
                                             body))
@@ -143,7 +142,8 @@ def test_budget_threshold_and_exceeded_once_per_window(hooked: Stack, receiver: 
 
 def test_dead_and_slow_receivers_never_affect_requests(fake: FakeProvider,
                                                        api_key: str) -> None:
-    slow = Receiver(delay_s=1.0)
+    release = threading.Event()
+    slow = Receiver(hold=release)
     dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     s = Stack(fake.base_url, {"TOKENFUSE_WEBHOOK_URLS": f"{dead},{slow.url}",
                               "TOKENFUSE_WEBHOOK_SECRET": SECRET,
@@ -151,7 +151,9 @@ def test_dead_and_slow_receivers_never_affect_requests(fake: FakeProvider,
                               "TOKENFUSE_WEBHOOK_QUEUE_SIZE": "1",
                               "TOKENFUSE_WEBHOOK_MAX_ATTEMPTS": "2"}).start()
     try:
-        for i in range(8):  # eight loop blocks on eight keys: eight events
+        # Eight loop blocks on eight keys: eight events, while the receiver hangs. Four
+        # workers can each hold one event and the queue one more: the rest must be dropped.
+        for i in range(8):
             _loop(s, f"{api_key}-{i}")
         assert openai_client(s, api_key).models.list().data  # traffic still flows
         wait_until(lambda: 'outcome="failed"' in s.processor.metrics(),
@@ -160,6 +162,7 @@ def test_dead_and_slow_receivers_never_affect_requests(fake: FakeProvider,
         assert re.search(r'tokenfuse_webhooks_total\{event="loop.detected",'
                          r'outcome="dropped_queue_full"\} [1-9]', metrics)
     finally:
+        release.set()
         s.cleanup()
         slow.server.shutdown()
 

@@ -7,13 +7,18 @@ reaches Redis, so the CLI needs the same TOKENFUSE_SECRET / secret file as the p
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
-from tokenfuse.config import WINDOWS, ConfigError, load_secret, load_settings
+import redis
+
+from tokenfuse.config import WINDOWS, ConfigError, Settings, load_secret, load_settings
 from tokenfuse.identity import PREFIX_CHARS, key_id
 from tokenfuse.money import nano_to_usd, usd_to_nano
+from tokenfuse.pools import PoolAdmin, PoolError, PoolSecrets, parse_pool_csv
 from tokenfuse.store import BudgetAdmin, BudgetStatus
 
 # CLI flag -> window name
@@ -47,6 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     clear = actions.add_parser("clear", help="remove the key's own limits (spend is kept)")
     clear.add_argument("--key", required=True)
+
+    keys = groups.add_parser("keys", help="provider key pools (secrets never stored)")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    imp = key_actions.add_parser("import", help="register a pool CSV (key,label,weight)")
+    imp.add_argument("--pool", required=True)
+    imp.add_argument("--provider", choices=["openai", "anthropic"], default="openai")
+    imp.add_argument("csv_file")
+    for name, text in (("list", "keys with health, cooldown, last error, usage"),
+                       ("export", "CSV of ids, labels, weights and health")):
+        cmd = key_actions.add_parser(name, help=text)
+        cmd.add_argument("--pool", help="one pool (default: all)")
+        if name == "list":
+            cmd.add_argument("--json", action="store_true")
+        else:
+            cmd.add_argument("--include-secrets", action="store_true",
+                             help="add the secrets, read from $TOKENFUSE_POOLS_DIR/<pool>.csv")
+    for name in ("enable", "disable"):
+        cmd = key_actions.add_parser(name, help=f"{name} one key (by id or label)")
+        cmd.add_argument("--pool", required=True)
+        cmd.add_argument("key")
+
+    vkey = groups.add_parser("vkey", help="gateway keys bound to a pool")
+    vkey_actions = vkey.add_subparsers(dest="action", required=True)
+    create = vkey_actions.add_parser("create", help="create one; it is printed once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--pool", required=True)
 
     kill = groups.add_parser("kill", help="kill switch: refuse the key's requests and end "
                                           "its in-flight streams within one chunk")
@@ -101,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tokenfuse: {exc}", file=sys.stderr)
         return 2
+    if args.group in ("keys", "vkey"):
+        try:
+            return _pools_command(args, settings, secret)
+        except (PoolError, OSError) as exc:
+            print(f"tokenfuse: {exc}", file=sys.stderr)
+            return 2
     admin = BudgetAdmin.from_url(settings.redis_url, settings.default_limit_args())
     caller = key_id(secret, args.key)
     prefix = caller[:PREFIX_CHARS]
@@ -127,6 +164,58 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(doc, indent=2))
         else:
             _print_status(doc)
+    return 0
+
+
+def _pools_command(args: argparse.Namespace, settings: Settings, secret: bytes) -> int:
+    admin = PoolAdmin(redis.Redis.from_url(settings.redis_url, socket_timeout=5), secret)
+    if args.group == "vkey":
+        vkey = admin.create_virtual_key(args.name, args.pool)
+        print(vkey)
+        print(f"(gateway key '{args.name}' for pool '{args.pool}': shown once, only its hash "
+              "is stored)", file=sys.stderr)
+        return 0
+    if args.action == "import":
+        keys = parse_pool_csv(Path(args.csv_file).read_text())
+        ids = admin.import_keys(args.pool, keys, args.provider)
+        expected = settings.pools_dir / f"{args.pool}.csv"
+        print(f"pool {args.pool}: {len(ids)} key(s) registered ({args.provider})")
+        if not expected.exists():
+            print(f"note: processors read the secrets from {expected}; put the file there",
+                  file=sys.stderr)
+        return 0
+    if args.action in ("enable", "disable"):
+        kid = admin.set_enabled(args.pool, args.key, args.action == "enable")
+        print(f"pool {args.pool}: key {kid[:PREFIX_CHARS]}… {args.action}d")
+        return 0
+    pools = [args.pool] if args.pool else admin.pools()
+    rows = [row for pool in pools for row in admin.list_keys(pool)]
+    if args.action == "list":
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'pool':<14}{'label':<14}{'id':<10}{'w':>3} {'state':<10}{'requests':>9}"
+                  f"{'tokens':>10}{'spend $':>12}  last error")
+            for r in rows:
+                state = r["state"] if r["enabled"] else "off"
+                print(f"{r['pool']:<14}{r['label']:<14}{r['id'][:8]:<10}{r['weight']:>3} "
+                      f"{state:<10}{r['requests']:>9}{r['tokens']:>10}"
+                      f"{nano_to_usd(r['spend_nano_usd']):>12}  {r['last_error'] or ''}")
+        return 0
+    secrets_by_pool: dict[str, dict[str, str]] = {}
+    if args.include_secrets:
+        loaded = PoolSecrets(secret, settings.pools_dir)
+        loaded.load()
+        secrets_by_pool = loaded.by_pool
+    out = csv.writer(sys.stdout)
+    header = ["pool", "id", "label", "weight", "enabled", "state", "requests", "tokens",
+              "spend_nano_usd"]
+    out.writerow([*header, "key"] if args.include_secrets else header)
+    for r in rows:
+        line = [r[h] for h in header]
+        if args.include_secrets:
+            line.append(secrets_by_pool.get(r["pool"], {}).get(r["id"], ""))
+        out.writerow(line)
     return 0
 
 

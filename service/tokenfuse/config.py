@@ -77,6 +77,10 @@ class Settings:
     webhook_allow_private: bool = False
     webhook_timeout_ms: int = 5000
     webhook_max_attempts: int = 5
+    pools_dir: Path = Path(".tokenfuse/pools")
+    pool_cooldown_ms: int = 5000
+    pool_max_cooldown_ms: int = 300000
+    pool_probe_interval_ms: int = 10000
     input_margin_percent: int = 10
     prices_file: Path | None = None
     unknown_model_policy: str = "refuse"
@@ -133,6 +137,10 @@ def load_settings() -> Settings:
         webhook_allow_private=_env("TOKENFUSE_WEBHOOK_ALLOW_PRIVATE", "0") in ("1", "true"),
         webhook_timeout_ms=_env_int("TOKENFUSE_WEBHOOK_TIMEOUT_MS", 5000),
         webhook_max_attempts=_env_int("TOKENFUSE_WEBHOOK_MAX_ATTEMPTS", 5),
+        pools_dir=Path(_env("TOKENFUSE_POOLS_DIR", str(state_dir / "pools"))).resolve(),
+        pool_cooldown_ms=_env_int("TOKENFUSE_POOL_COOLDOWN_MS", 5000),
+        pool_max_cooldown_ms=_env_int("TOKENFUSE_POOL_MAX_COOLDOWN_MS", 300000),
+        pool_probe_interval_ms=_env_int("TOKENFUSE_POOL_PROBE_INTERVAL_MS", 10000),
         input_margin_percent=_env_int("TOKENFUSE_INPUT_MARGIN_PERCENT", 10),
         prices_file=Path(prices_file) if prices_file else None,
         unknown_model_policy=policy,

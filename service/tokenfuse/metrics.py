@@ -81,3 +81,21 @@ WEBHOOKS = Counter(
     ["event", "outcome"],
     registry=REGISTRY,
 )
+POOL_REQUESTS = Counter(
+    "tokenfuse_pool_requests_total",
+    "Requests sent with a pooled provider key, by pool, key id prefix and HTTP status.",
+    ["pool", "key", "status"],
+    registry=REGISTRY,
+)
+POOL_TOKENS = Counter(
+    "tokenfuse_pool_tokens_total", "Tokens billed per pooled key.", ["pool", "key"],
+    registry=REGISTRY,
+)
+POOL_SPEND = Counter(
+    "tokenfuse_pool_spend_nano_usd_total", "Spend per pooled key (nano-USD).",
+    ["pool", "key"], registry=REGISTRY,
+)
+POOL_PROBES = Counter(
+    "tokenfuse_pool_probes_total", "Health probes of pooled keys, by pool and HTTP status.",
+    ["pool", "status"], registry=REGISTRY,
+)

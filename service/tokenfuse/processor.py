@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.exceptions
@@ -30,14 +31,15 @@ from tokenfuse.control import ControlWatcher
 from tokenfuse.identity import PREFIX_CHARS, api_key_from_headers, key_id
 from tokenfuse.loopguard import fingerprint, repeated_tool_call
 from tokenfuse.money import nano_to_usd
+from tokenfuse.pools import VIRTUAL_KEY_PREFIX, PoolSecrets, PoolStore
 from tokenfuse.pricing import TOKENS_PER_PRICE_UNIT, ModelPrice, PriceTable, TokenUsage, cost_nano
 from tokenfuse.providers import PROVIDERS, Call, RequestRejected, provider_for_path
 from tokenfuse.responses import (
     CONTINUE_REQUEST_BODY,
     CONTINUE_REQUEST_HEADERS,
     CONTINUE_RESPONSE_HEADERS,
+    continue_request,
     immediate,
-    replace_request_body,
     stream_chunk,
 )
 from tokenfuse.store import BudgetStore, LoopRefusal, Refusal
@@ -48,6 +50,7 @@ from tokenfuse.webhooks import WebhookSink
 log = logging.getLogger("tokenfuse.processor")
 
 REDIS_FAILURES = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+VKEY_CACHE_SECONDS = 5.0
 
 
 @dataclass
@@ -72,12 +75,18 @@ class Exchange:
     counted_output: int = 0  # output tokens seen so far (delivered or cut)
     ended: bool = False  # the processor ended the response itself
     control_version: int = 0  # operator changes to this caller already checked
+    pool: str = ""  # the caller used a gateway key bound to this pool
+    pool_key: str = ""  # id of the provider key chosen from the pool
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, settings: Settings, secret: bytes, store: BudgetStore,
                  prices: PriceTable, control: ControlWatcher | None = None,
-                 webhooks: WebhookSink | None = None) -> None:
+                 webhooks: WebhookSink | None = None, pools: PoolStore | None = None,
+                 pool_secrets: PoolSecrets | None = None) -> None:
+        self._pools = pools
+        self._pool_secrets = pool_secrets
+        self._vkey_cache: dict[str, tuple[str | None, float]] = {}
         self._control = control
         self._webhooks = webhooks
         self._settings = settings
@@ -94,11 +103,11 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             async for message in request_iterator:
                 kind = message.WhichOneof("request")
                 if kind == "request_headers":
-                    yield self._on_request_headers(ex, message.request_headers)
+                    yield await self._on_request_headers(ex, message.request_headers)
                 elif kind == "request_body":
                     yield await self._on_request_body(ex, message.request_body)
                 elif kind == "response_headers":
-                    yield self._on_response_headers(ex, message.response_headers)
+                    yield await self._on_response_headers(ex, message.response_headers)
                 elif kind == "response_body":
                     for answer in await self._on_response_body(ex, message.response_body):
                         yield answer
@@ -114,7 +123,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
 
     # -- request -----------------------------------------------------------------------
 
-    def _on_request_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+    async def _on_request_headers(self, ex: Exchange,
+                                  msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = _header_dict(msg)
         path = headers.get(":path", "")
         routed = provider_for_path(path)
@@ -128,6 +138,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             return self._refuse(ex, 401, "authentication_error", "missing_api_key",
                                 "no API key: send 'Authorization: Bearer <key>' or 'x-api-key'")
         ex.caller = key_id(self._secret, api_key)
+        if api_key.startswith(VIRTUAL_KEY_PREFIX):
+            refusal = await self._bind_pool(ex)
+            if refusal is not None:
+                return refusal
         if self._control is not None:
             ex.control_version = self._control.version(ex.caller)
         if msg.end_of_stream:
@@ -195,9 +209,64 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         metrics.DECISIONS.labels("allowed", "within_budget", ex.provider).inc()
         log.debug("reserved caller=%s rid=%s nano=%d output_allowance=%d",
                   ex.caller[:PREFIX_CHARS], ex.request_id, granted, ex.output_allowance)
-        if call.new_body is not None:
-            return replace_request_body(json.dumps(call.new_body).encode())
-        return CONTINUE_REQUEST_BODY
+        set_headers: tuple[tuple[str, str], ...] = ()
+        remove_headers: tuple[str, ...] = ()
+        if ex.pool:
+            chosen = await self._choose_pool_key(ex)
+            if isinstance(chosen, pb.ProcessingResponse):
+                return chosen
+            set_headers, remove_headers = chosen
+        body = json.dumps(call.new_body).encode() if call.new_body is not None else None
+        if body is None and not set_headers:
+            return CONTINUE_REQUEST_BODY
+        return continue_request(body, set_headers, remove_headers)
+
+    async def _bind_pool(self, ex: Exchange) -> pb.ProcessingResponse | None:
+        """A gateway key: find its pool (cached briefly), or refuse it."""
+        if self._pools is None:
+            return None
+        cached = self._vkey_cache.get(ex.caller)
+        if cached is not None and cached[1] > time.monotonic():
+            pool = cached[0]
+        else:
+            try:
+                async with asyncio.timeout(self._redis_timeout):
+                    pool = await self._pools.virtual_key_pool(ex.caller)
+            except REDIS_FAILURES as exc:
+                return self._store_unavailable(ex, "vkey", exc)
+            self._vkey_cache[ex.caller] = (pool, time.monotonic() + VKEY_CACHE_SECONDS)
+        if pool is None:
+            return self._refuse(ex, 401, "authentication_error", "invalid_virtual_key",
+                                "unknown tokenfuse gateway key")
+        ex.pool = pool
+        return None
+
+    async def _choose_pool_key(
+        self, ex: Exchange
+    ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | pb.ProcessingResponse:
+        """Next healthy provider key of the pool, as header changes; or a 503."""
+        assert self._pools is not None and self._pool_secrets is not None
+        held = self._pool_secrets.held(ex.pool)
+        try:
+            async with asyncio.timeout(self._redis_timeout):
+                key, wait_ms = await self._pools.pick(ex.pool, sorted(held))
+        except REDIS_FAILURES as exc:
+            await self._settle_safely(ex, 0, "failed")
+            return self._store_unavailable(ex, "pool_pick", exc)
+        if key is None or key not in held:
+            await self._settle_safely(ex, 0, "failed")
+            retry = max(1, -(-wait_ms // 1000)) if wait_ms >= 0 else 30
+            metrics.DECISIONS.labels("error", "no_healthy_key", ex.provider).inc()
+            return immediate(503, PROVIDERS[ex.provider].error_body(
+                "api_error", "no_healthy_key",
+                f"every key of pool '{ex.pool}' is cooling down or disabled; earliest "
+                f"recovery in {retry}s"), "tokenfuse_no_healthy_key",
+                (("retry-after", str(retry)),))
+        ex.pool_key = key
+        secret = held[key]
+        if ex.provider == "anthropic":
+            return (("x-api-key", secret),), ("authorization",)
+        return (("authorization", f"Bearer {secret}"),), ("x-api-key",)
 
     def _price(self, model: str) -> ModelPrice | None:
         price = self._prices.lookup(model)
@@ -257,12 +326,16 @@ class Processor(pb_grpc.ExternalProcessorServicer):
 
     # -- response ----------------------------------------------------------------------
 
-    def _on_response_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+    async def _on_response_headers(self, ex: Exchange,
+                                   msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = _header_dict(msg)
         try:
             ex.status = int(headers.get(":status", "0"))
         except ValueError:
             ex.status = 0
+        if ex.pool_key and ex.status >= 400:
+            # Failures move the key's health now, before concurrent requests pick it.
+            await self._report_pool(ex, retry_after_ms(headers), error=f"HTTP {ex.status}")
         if (ex.open_reservation and 200 <= ex.status < 300
                 and "text/event-stream" in headers.get("content-type", "")
                 and ex.call is not None):
@@ -456,8 +529,26 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 if count:
                     metrics.TOKENS.labels(ex.provider, model, kind).inc(count)
 
+    async def _report_pool(self, ex: Exchange, retry_ms: int = -1, tokens: int = 0,
+                           spend: int = 0, error: str = "") -> None:
+        assert self._pools is not None
+        metrics.POOL_REQUESTS.labels(ex.pool, ex.pool_key[:PREFIX_CHARS], str(ex.status)).inc()
+        try:
+            async with asyncio.timeout(self._redis_timeout * 4):
+                await self._pools.report(ex.pool, ex.pool_key, ex.status, retry_ms, tokens,
+                                         spend, error)
+        except REDIS_FAILURES:
+            metrics.REDIS_ERRORS.labels("pool_report").inc()
+
     async def _settle_safely(self, ex: Exchange, actual_nano: int, basis: str) -> bool:
         ex.open_reservation = False
+        if ex.pool_key and 200 <= ex.status < 300:
+            usage = ex.usage
+            tokens = (usage.input + usage.output + usage.cache_read + usage.cache_write
+                      if usage else ex.counted_output)
+            metrics.POOL_TOKENS.labels(ex.pool, ex.pool_key[:PREFIX_CHARS]).inc(tokens)
+            metrics.POOL_SPEND.labels(ex.pool, ex.pool_key[:PREFIX_CHARS]).inc(actual_nano)
+            await self._report_pool(ex, tokens=tokens, spend=actual_nano)
         try:
             async with asyncio.timeout(self._redis_timeout * 4):
                 await self._store.settle(ex.caller, ex.request_id, actual_nano)
@@ -593,6 +684,23 @@ def _merge_usage(old: TokenUsage | None, new: TokenUsage) -> TokenUsage:
         cache_read=max(old.cache_read, new.cache_read),
         cache_write=max(old.cache_write, new.cache_write),
     )
+
+
+def retry_after_ms(headers: dict[str, str]) -> int:
+    """When the provider says a key may be used again: `retry-after` (seconds), else the
+    earliest Anthropic `anthropic-ratelimit-*-reset` (RFC 3339). -1 when not said."""
+    value = headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return int(value) * 1000
+    resets = []
+    for name, text in headers.items():
+        if name.startswith("anthropic-ratelimit-") and name.endswith("-reset"):
+            try:
+                when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            resets.append(int((when - datetime.now(UTC)).total_seconds() * 1000))
+    return max(0, min(resets)) if resets else -1
 
 
 def _header_dict(msg: pb.HttpHeaders) -> dict[str, str]:

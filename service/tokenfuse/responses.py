@@ -51,15 +51,21 @@ def stream_chunk(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
     )
 
 
-def replace_request_body(body: bytes) -> pb.ProcessingResponse:
-    """Continue with a rewritten request body (and the content-length that matches it)."""
+def continue_request(body: bytes | None = None, set_headers: tuple[tuple[str, str], ...] = (),
+                     remove_headers: tuple[str, ...] = ()) -> pb.ProcessingResponse:
+    """Continue, optionally with a rewritten body (and its content-length) and headers
+    (e.g. the pooled provider key). The key travels to Envoy only in this message."""
+    headers = list(set_headers)
+    if body is not None:
+        headers.append(("content-length", str(len(body))))
     return pb.ProcessingResponse(
         request_body=pb.BodyResponse(
             response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(
-                    set_headers=[header_option("content-length", str(len(body)))]
+                    set_headers=[header_option(k, v) for k, v in headers],
+                    remove_headers=list(remove_headers),
                 ),
-                body_mutation=pb.BodyMutation(body=body),
+                body_mutation=pb.BodyMutation(body=body) if body is not None else None,
             )
         )
     )

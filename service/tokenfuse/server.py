@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -14,7 +15,9 @@ from prometheus_client import start_http_server
 
 from tokenfuse.config import ConfigError, load_secret, load_settings
 from tokenfuse.control import ControlWatcher
+from tokenfuse.envoy_config import PROVIDER_DEFAULTS
 from tokenfuse.metrics import REAPED, REAPED_NANO, REAPER_RUNS, REDIS_ERRORS, REGISTRY
+from tokenfuse.pools import PoolSecrets, PoolStore, probe_forever
 from tokenfuse.pricing import PriceTable
 from tokenfuse.processor import Processor
 from tokenfuse.store import BudgetStore, GuardPolicy
@@ -65,9 +68,17 @@ async def serve() -> None:
     except WebhookConfigError as exc:
         raise ConfigError(str(exc)) from exc
     deliveries = asyncio.create_task(webhooks.run())
+    pool_secrets = PoolSecrets(secret, settings.pools_dir)
+    pool_secrets.load()
+    pools = PoolStore(store.client, settings.pool_cooldown_ms, settings.pool_max_cooldown_ms)
+    upstreams = {name: os.environ.get(f"TOKENFUSE_UPSTREAM_{name.upper()}", "").strip()
+                 or default for name, default in PROVIDER_DEFAULTS.items()}
+    probes = asyncio.create_task(probe_forever(pools, pool_secrets, upstreams,
+                                               settings.pool_probe_interval_ms / 1000))
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        Processor(settings, secret, store, prices, control, webhooks), server
+        Processor(settings, secret, store, prices, control, webhooks, pools, pool_secrets),
+        server
     )
     socket_path = settings.processor_socket
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,11 +96,13 @@ async def serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, pool_secrets.load)  # reload pool files
     await stop.wait()
     log.info("shutting down")
     reaper.cancel()
     watcher.cancel()
     deliveries.cancel()
+    probes.cancel()
     await server.stop(grace=2)
     await store.close()
 

@@ -156,6 +156,10 @@ class BudgetStore:
             return LoopRefusal(_text(result[1]), int(result[2]), int(result[3]))
         return _refusal(result)
 
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._redis
+
     async def extend(self, caller: str, rid: str, desired_nano: int,
                      minimum_nano: int) -> int | Refusal:
         """Grow an open reservation by up to `desired` (at least `minimum`)."""
