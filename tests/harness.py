@@ -108,6 +108,22 @@ class RedisServer(Service):
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port)
 
+    def dump_text(self) -> str:
+        """Every key name and value, as text: for scanning Redis for leaked secrets."""
+        client = self.client()
+        dump = bytearray()
+        for name in client.scan_iter("*"):
+            dump += name
+            kind = client.type(name)
+            if kind == b"hash":
+                for field, value in client.hgetall(name).items():
+                    dump += field + value
+            elif kind == b"string":
+                dump += client.get(name) or b""
+            else:
+                dump += repr(client.dump(name)).encode()
+        return bytes(dump).decode("latin-1")
+
 
 class Processor(Service):
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:

@@ -194,19 +194,7 @@ def test_csv_import_export_round_trip(pool_stack: Stack, tmp_path: Path) -> None
 
 
 def test_pool_secrets_appear_nowhere(pool_stack: Stack) -> None:
-    client = pool_stack.redis.client()
-    dump = bytearray()
-    for name in client.scan_iter("*"):
-        dump += name
-        kind = client.type(name)
-        if kind == b"hash":
-            for field, value in client.hgetall(name).items():
-                dump += field + value
-        elif kind == b"string":
-            dump += client.get(name) or b""
-        else:
-            dump += repr(client.dump(name)).encode()
-    text = bytes(dump).decode("latin-1")
+    text = pool_stack.redis.dump_text()
     listing = pool_stack.cli("keys", "list").stdout
     for secret in CLAUDE_KEYS + OPENAI_KEYS:
         for where, haystack in (("redis", text), ("logs", pool_stack.logs()),

@@ -35,6 +35,11 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
 
+def upstream_url(provider: str) -> str:
+    """TOKENFUSE_UPSTREAM_<PROVIDER>, or the provider's public API."""
+    return _env(f"TOKENFUSE_UPSTREAM_{provider.upper()}", PROVIDER_DEFAULTS[provider])
+
+
 def _unavailable_body(code: str, message: str) -> dict[str, Any]:
     # One body both SDKs surface: OpenAI reads error.message, Anthropic error.type/message.
     return {
@@ -162,9 +167,9 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
         "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
             "@type": EXT_PROC_ROUTE, "disabled": True}},
     }]
-    for provider, default in PROVIDER_DEFAULTS.items():
-        url = _env(f"TOKENFUSE_UPSTREAM_{provider.upper()}", default)
-        cluster, host_header, base_path = _cluster(f"upstream_{provider}", url, ca_bundle)
+    for provider in PROVIDER_DEFAULTS:
+        cluster, host_header, base_path = _cluster(f"upstream_{provider}",
+                                                   upstream_url(provider), ca_bundle)
         clusters.append(cluster)
         route = {
             "cluster": cluster["name"],

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import redis
 import redis.asyncio as aioredis
 
+from tokenfuse import metrics
 from tokenfuse.identity import key_id
-from tokenfuse.store import _script_source
+from tokenfuse.store import script_source
 
 log = logging.getLogger("tokenfuse.pools")
 
@@ -117,8 +119,8 @@ class PoolStore:
     def __init__(self, client: aioredis.Redis, base_cooldown_ms: int,
                  max_cooldown_ms: int) -> None:
         self._redis = client
-        self._pick = client.register_script(_script_source("pool_pick"))
-        self._report = client.register_script(_script_source("pool_report"))
+        self._pick = client.register_script(script_source("pool_pick"))
+        self._report = client.register_script(script_source("pool_report"))
         self._base = base_cooldown_ms
         self._cap = max_cooldown_ms
 
@@ -235,10 +237,6 @@ async def probe_forever(store: PoolStore, pool_secrets: PoolSecrets,
                         upstreams: dict[str, str], interval_s: float) -> None:
     """Bring keys back: probe each open (cooled-down) or disabled key with a free request;
     success closes it, failure keeps it out. One replica probes a key at a time."""
-    import aiohttp  # only the processor needs it
-
-    from tokenfuse import metrics
-
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         while True:

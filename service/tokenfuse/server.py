@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 
@@ -15,7 +14,7 @@ from prometheus_client import start_http_server
 
 from tokenfuse.config import ConfigError, load_secret, load_settings
 from tokenfuse.control import ControlWatcher
-from tokenfuse.envoy_config import PROVIDER_DEFAULTS
+from tokenfuse.envoy_config import PROVIDER_DEFAULTS, upstream_url
 from tokenfuse.metrics import REAPED, REAPED_NANO, REAPER_RUNS, REDIS_ERRORS, REGISTRY
 from tokenfuse.pools import PoolSecrets, PoolStore, probe_forever
 from tokenfuse.pricing import PriceTable
@@ -71,8 +70,7 @@ async def serve() -> None:
     pool_secrets = PoolSecrets(secret, settings.pools_dir)
     pool_secrets.load()
     pools = PoolStore(store.client, settings.pool_cooldown_ms, settings.pool_max_cooldown_ms)
-    upstreams = {name: os.environ.get(f"TOKENFUSE_UPSTREAM_{name.upper()}", "").strip()
-                 or default for name, default in PROVIDER_DEFAULTS.items()}
+    upstreams = {name: upstream_url(name) for name in PROVIDER_DEFAULTS}
     probes = asyncio.create_task(probe_forever(pools, pool_secrets, upstreams,
                                                settings.pool_probe_interval_ms / 1000))
     server = grpc.aio.server(options=GRPC_OPTIONS)

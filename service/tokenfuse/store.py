@@ -30,7 +30,7 @@ from tokenfuse.control import announce
 LUA_DIR = Path(os.environ.get("TOKENFUSE_LUA_DIR", Path(__file__).resolve().parents[2] / "lua"))
 
 
-def _script_source(name: str) -> str:
+def script_source(name: str) -> str:
     prelude = (LUA_DIR / "lib" / "windows.lua").read_text()
     return prelude + "\n" + (LUA_DIR / f"{name}.lua").read_text()
 
@@ -112,10 +112,10 @@ class BudgetStore:
         self._redis = client
         self._defaults = default_limits
         self._policy = (policy or GuardPolicy()).args()
-        self._reserve = client.register_script(_script_source("reserve"))
-        self._settle = client.register_script(_script_source("settle"))
-        self._extend = client.register_script(_script_source("extend"))
-        self._reap = client.register_script(_script_source("reap"))
+        self._reserve = client.register_script(script_source("reserve"))
+        self._settle = client.register_script(script_source("settle"))
+        self._extend = client.register_script(script_source("extend"))
+        self._reap = client.register_script(script_source("reap"))
 
     @classmethod
     def from_url(cls, url: str, timeout_ms: int, default_limits: list[int],
@@ -198,7 +198,7 @@ class BudgetAdmin:
     def __init__(self, client: redis.Redis, default_limits: list[int]) -> None:
         self._redis = client
         self._defaults = default_limits
-        self._status = client.register_script(_script_source("status"))
+        self._status = client.register_script(script_source("status"))
 
     @classmethod
     def from_url(cls, url: str, default_limits: list[int]) -> BudgetAdmin:
