@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 
-from tests.billing import key_of
+from tests.billing import key_of, usage_cost
 from tests.conftest import anthropic_client, openai_client
 from tests.fake_provider import FakeProvider
 from tests.harness import Stack, wait_until
@@ -86,17 +87,23 @@ def test_round_robin_is_even(pool_stack: Stack, fake: FakeProvider, claude_vkey:
     assert used_keys(fake, since) == {k: 3 for k in OPENAI_KEYS}
 
 
+def attempts_by_key(fake: FakeProvider, since: int) -> dict[str, list[int]]:
+    """Statuses the provider answered, per key, for completions since record `since`."""
+    out: dict[str, list[int]] = {}
+    for r in list(fake.records)[since:]:
+        if r.method == "POST":
+            out.setdefault(key_of(r.headers), []).append(r.status)
+    return out
+
+
 def test_rate_limited_key_skipped_then_used_again(pool_stack: Stack, fake: FakeProvider,
                                                   claude_vkey: str) -> None:
     fake.key_failures[CLAUDE_KEYS[1]] = (429, 2)
-    outcomes = []
+    since = len(fake.records)
     for i in range(6):
-        try:
-            ask_claude(pool_stack, claude_vkey, f"rl {i}")
-            outcomes.append("ok")
-        except anthropic.RateLimitError:
-            outcomes.append("429")
-    assert outcomes.count("429") == 1  # only the first call on the limited key
+        ask_claude(pool_stack, claude_vkey, f"rl {i}")  # failover: no error reaches us
+    attempts = attempts_by_key(fake, since)
+    assert attempts[CLAUDE_KEYS[1]] == [429]  # tried once, then skipped for its retry-after
     state = key_state(pool_stack, "claude-main", "claude-1")
     assert state["state"] == "open" and state["last_error"] == "HTTP 429"
     del fake.key_failures[CLAUDE_KEYS[1]]
@@ -108,6 +115,96 @@ def test_rate_limited_key_skipped_then_used_again(pool_stack: Stack, fake: FakeP
         ask_claude(pool_stack, claude_vkey, f"after {i}")
     assert used_keys(fake, since)[CLAUDE_KEYS[1]] >= 1  # back in rotation
     assert key_state(pool_stack, "claude-main", "claude-1")["state"] == "closed"
+
+
+def _failover_vkey(stack: Stack, pool: str) -> str:
+    vkey = stack.cli("vkey", "create", "--name", "failover", "--pool", pool).stdout.strip()
+    assert stack.cli("budget", "set", "--key", vkey, "--daily", "5").returncode == 0
+    return vkey
+
+
+def _day(stack: Stack, vkey: str) -> dict:
+    doc = json.loads(stack.cli("budget", "status", "--key", vkey, "--json").stdout)
+    return doc["windows"]["day"]
+
+
+def _billed_since(fake: FakeProvider, since: int) -> int:
+    return sum(usage_cost(r.usage) for r in list(fake.records)[since:]
+               if r.method == "POST" and r.usage is not None and r.completed)
+
+
+@pytest.mark.parametrize("status", [429, 529])
+def test_failover_is_invisible_and_charged_once(pool_stack: Stack, fake: FakeProvider,
+                                                status: int) -> None:
+    vkey = _failover_vkey(pool_stack, "claude-main")
+    failing = CLAUDE_KEYS[0]
+    fake.key_failures[failing] = (status, 30)
+    since = len(fake.records)
+    try:
+        texts = [ask_claude(pool_stack, vkey, f"failover {status} {i}").content[0].text
+                 for i in range(4)]
+        with anthropic_client(pool_stack, vkey).messages.stream(
+                model="claude-haiku-4-5", max_tokens=8,
+                messages=[{"role": "user", "content": f"failover stream {status}"}]) as s:
+            texts.append("".join(s.text_stream))
+    finally:
+        del fake.key_failures[failing]
+        pool_stack.cli("keys", "enable", "--pool", "claude-main", "claude-0")
+    assert all(texts)  # every call answered; the client saw no error
+    attempts = attempts_by_key(fake, since)
+    assert attempts[failing] == [status]  # one failed attempt, then the key cooled down
+    assert sum(len(v) for v in attempts.values()) == 6  # 5 calls + 1 failed attempt
+    day = _day(pool_stack, vkey)
+    assert day["spent_nano_usd"] == _billed_since(fake, since) > 0  # charged once
+    assert day["reserved_nano_usd"] == 0
+    metrics = pool_stack.processor.metrics()
+    assert f'tokenfuse_pool_failovers_total{{pool="claude-main",status="{status}"}}' in metrics
+    prefix = key_id(pool_stack.secret.encode(), failing)[:8]
+    assert (f'tokenfuse_pool_key_state{{key="{prefix}",pool="claude-main",state="open"}} 1.0'
+            in metrics)
+
+
+def test_failover_is_bounded(pool_stack: Stack, fake: FakeProvider) -> None:
+    """Every key failing with 503: TOKENFUSE_POOL_MAX_RETRIES (2) more attempts, then the
+    client gets an answer; nothing is charged."""
+    vkey = _failover_vkey(pool_stack, "openai-main")
+    since = len(fake.records)
+    for k in OPENAI_KEYS:
+        fake.key_failures[k] = (503, 1)
+    try:
+        with pytest.raises(openai.APIStatusError) as raised:
+            openai_client(pool_stack, vkey).chat.completions.create(
+                model="gpt-4o-mini", max_tokens=2,
+                messages=[{"role": "user", "content": "bounded"}])
+    finally:
+        for k in OPENAI_KEYS:
+            fake.key_failures.pop(k, None)
+        for label in ("oa-0", "oa-1"):
+            pool_stack.cli("keys", "enable", "--pool", "openai-main", label)
+    assert raised.value.status_code == 503
+    assert raised.value.response.json()["error"]["code"] == "no_healthy_key"
+    assert "x-tokenfuse-retry" not in raised.value.response.headers
+    attempts = attempts_by_key(fake, since)
+    assert sorted(attempts) == sorted(OPENAI_KEYS)  # each key tried once, no storm
+    assert all(v == [503] for v in attempts.values())
+    day = _day(pool_stack, vkey)
+    assert day["spent_nano_usd"] == 0 and day["reserved_nano_usd"] == 0
+
+
+def test_clients_cannot_route_to_a_pool(pool_stack: Stack, fake: FakeProvider,
+                                        api_key: str) -> None:
+    """Forged routing headers are dropped: the request goes out with the client's own key."""
+    since = len(fake.records)
+    response = httpx.post(
+        pool_stack.envoy.base_url + "/openai/v1/chat/completions",
+        headers={"authorization": f"Bearer {api_key}",
+                 "x-tokenfuse-pool": "openai:openai-main", "x-tokenfuse-grant": "0" * 64},
+        json={"model": "gpt-4o-mini", "max_tokens": 2,
+              "messages": [{"role": "user", "content": "forged"}]}, timeout=30)
+    assert response.status_code == 200, response.text
+    sent = list(fake.records)[since:]
+    assert [key_of(r.headers) for r in sent] == [api_key]
+    assert not any(h.startswith("x-tokenfuse-") for h in sent[0].headers)
 
 
 def test_revoked_key_disabled_then_probed_back(pool_stack: Stack, fake: FakeProvider,
@@ -135,18 +232,16 @@ def test_all_keys_down_is_503_with_retry_after(pool_stack: Stack, fake: FakeProv
         fake.key_failures[k] = (429, 30)
     try:
         client = openai_client(pool_stack, vkey)
-        for _ in OPENAI_KEYS:
-            with pytest.raises(openai.RateLimitError):
+        since = len(fake.records)
+        for text in ("x", "y"):  # the first call tries both keys; the second none
+            with pytest.raises(openai.APIStatusError) as raised:
                 client.chat.completions.create(model="gpt-4o-mini", max_tokens=2,
-                                               messages=[{"role": "user", "content": "x"}])
-        before = sum(1 for r in list(fake.records) if r.method == "POST")
-        with pytest.raises(openai.APIStatusError) as raised:
-            client.chat.completions.create(model="gpt-4o-mini", max_tokens=2,
-                                           messages=[{"role": "user", "content": "y"}])
-        assert raised.value.status_code == 503
-        assert raised.value.response.json()["error"]["code"] == "no_healthy_key"
-        assert 25 <= int(raised.value.response.headers["retry-after"]) <= 30
-        assert sum(1 for r in list(fake.records) if r.method == "POST") == before
+                                               messages=[{"role": "user", "content": text}])
+            assert raised.value.status_code == 503
+            assert raised.value.response.json()["error"]["code"] == "no_healthy_key"
+            assert 25 <= int(raised.value.response.headers["retry-after"]) <= 30
+        assert {k: v for k, v in attempts_by_key(fake, since).items()} == {
+            k: [429] for k in OPENAI_KEYS}
     finally:
         for k in OPENAI_KEYS:
             fake.key_failures.pop(k, None)

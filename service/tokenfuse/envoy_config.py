@@ -25,6 +25,8 @@ EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.Extern
 EXT_PROC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+UPSTREAM_CODEC = (
+    "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")
 HCM = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
     "HttpConnectionManager"
@@ -137,6 +139,54 @@ def _cluster(name: str, url: str, ca_bundle: str) -> tuple[dict[str, Any], str, 
     return cluster, host_header, parts.path.rstrip("/")
 
 
+# Pooled (gateway-key) requests: the downstream processor sets these request headers and
+# Envoy re-picks the route; the processor in the pooled cluster's upstream filter chain
+# chooses the provider key for every attempt and marks failures worth another key.
+POOL_HEADER = "x-tokenfuse-pool"
+GRANT_HEADER = "x-tokenfuse-grant"
+RETRY_HEADER = "x-tokenfuse-retry"
+POOL_KEY_HEADER = "x-tokenfuse-pool-key"
+STAGE_METADATA = "x-tokenfuse-stage"
+
+
+def _pooled_cluster(cluster: dict[str, Any], grpc_timeout: str,
+                    message_timeout: str) -> dict[str, Any]:
+    """The provider cluster with ext_proc in its upstream filter chain (one call per
+    attempt: request headers to set the key, response headers to judge it)."""
+    pooled = json.loads(json.dumps(cluster))
+    pooled["name"] = cluster["name"].replace("upstream_", "pooled_", 1)
+    options = pooled["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    options["http_filters"] = [
+        {"name": "envoy.filters.http.ext_proc", "typed_config": {
+            "@type": EXT_PROC,
+            "grpc_service": {"envoy_grpc": {"cluster_name": "tokenfuse_processor"},
+                             "timeout": grpc_timeout,
+                             "initial_metadata": [{"key": STAGE_METADATA,
+                                                   "value": "upstream"}]},
+            "failure_mode_allow": False,
+            "message_timeout": message_timeout,
+            "processing_mode": {
+                "request_header_mode": "SEND", "request_body_mode": "NONE",
+                "request_trailer_mode": "SKIP", "response_header_mode": "SEND",
+                "response_body_mode": "NONE", "response_trailer_mode": "SKIP"},
+        }},
+        {"name": "envoy.filters.http.upstream_codec",
+         "typed_config": {"@type": UPSTREAM_CODEC}},
+    ]
+    return pooled
+
+
+def _pool_retry_policy(retries: int) -> dict[str, Any]:
+    """Retry only what the upstream processor marked: a failure another key may not have."""
+    return {
+        "retry_on": "retriable-headers",
+        "retriable_headers": [{"name": RETRY_HEADER, "present_match": True}],
+        "num_retries": retries,
+        "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+    }
+
+
 def render(env_state_dir: str | None = None) -> dict[str, Any]:
     state_dir = Path(env_state_dir or _env("TOKENFUSE_STATE_DIR", STATE_DIR_DEFAULT)).resolve()
     socket_path = Path(_env("TOKENFUSE_PROCESSOR_SOCKET", str(state_dir / "processor.sock")))
@@ -144,6 +194,9 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
     timeout_ms = int(_env("TOKENFUSE_PROCESSOR_TIMEOUT_MS", "3000"))
     ca_bundle = _env("TOKENFUSE_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
     bench_routes = _env("TOKENFUSE_BENCH_ROUTES", "0") == "1"
+    pool_retries = int(_env("TOKENFUSE_POOL_MAX_RETRIES", "2"))
+    grpc_timeout = f"{max(timeout_ms, 1000) // 1000 + 4}s"
+    message_timeout = f"{timeout_ms / 1000:.3f}s"
 
     clusters: list[dict[str, Any]] = [{
         "name": "tokenfuse_processor",
@@ -178,6 +231,14 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
             "timeout": "0s",
             "idle_timeout": "300s",
         }
+        pooled = _pooled_cluster(cluster, grpc_timeout, message_timeout)
+        clusters.append(pooled)
+        routes.append({
+            "match": {"prefix": f"/{provider}/",
+                      "headers": [{"name": POOL_HEADER, "present_match": True}]},
+            "route": {**route, "cluster": pooled["name"],
+                      "retry_policy": _pool_retry_policy(pool_retries)},
+        })
         routes.append({"match": {"prefix": f"/{provider}/"}, "route": route})
         if bench_routes:
             # Benchmarks only: the same route with the processor disabled ("Envoy alone").
@@ -192,9 +253,9 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
         "typed_config": {
             "@type": EXT_PROC,
             "grpc_service": {"envoy_grpc": {"cluster_name": "tokenfuse_processor"},
-                             "timeout": f"{max(timeout_ms, 1000) // 1000 + 4}s"},
+                             "timeout": grpc_timeout},
             "failure_mode_allow": False,
-            "message_timeout": f"{timeout_ms / 1000:.3f}s",
+            "message_timeout": message_timeout,
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "request_body_mode": "BUFFERED",

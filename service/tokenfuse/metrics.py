@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -99,3 +99,21 @@ POOL_PROBES = Counter(
     "tokenfuse_pool_probes_total", "Health probes of pooled keys, by pool and HTTP status.",
     ["pool", "status"], registry=REGISTRY,
 )
+POOL_FAILOVERS = Counter(
+    "tokenfuse_pool_failovers_total",
+    "Attempts answered with a key-specific failure and retried on another key (Envoy "
+    "retries while TOKENFUSE_POOL_MAX_RETRIES allows), by pool and status.",
+    ["pool", "status"], registry=REGISTRY,
+)
+POOL_KEY_STATE = Gauge(
+    "tokenfuse_pool_key_state",
+    "Health of a pooled key as last seen by this processor: 1 for its current state "
+    "(closed, open, half_open, disabled), 0 for the others.",
+    ["pool", "key", "state"], registry=REGISTRY,
+)
+KEY_STATES = ("closed", "open", "half_open", "disabled")
+
+
+def set_pool_key_state(pool: str, key_prefix: str, state: str) -> None:
+    for candidate in KEY_STATES:
+        POOL_KEY_STATE.labels(pool, key_prefix, candidate).set(int(candidate == state))

@@ -27,7 +27,7 @@ import redis
 import redis.asyncio as aioredis
 
 from tokenfuse import metrics
-from tokenfuse.identity import key_id
+from tokenfuse.identity import PREFIX_CHARS, key_id
 from tokenfuse.store import script_source
 
 log = logging.getLogger("tokenfuse.pools")
@@ -86,6 +86,7 @@ class PoolSecrets:
         self._server_secret = server_secret
         self._directory = directory
         self.by_pool: dict[str, dict[str, str]] = {}
+        self._pool_of: dict[str, str] = {}
 
     def load(self) -> None:
         pools: dict[str, dict[str, str]] = {}
@@ -99,10 +100,15 @@ class PoolSecrets:
                 pools[path.stem] = {key_id(self._server_secret, k.secret): k.secret
                                     for k in keys}
         self.by_pool = pools
+        self._pool_of = {kid: pool for pool, keys in pools.items() for kid in keys}
         log.info("pool secrets loaded: %s", {p: len(k) for p, k in pools.items()})
 
     def held(self, pool: str) -> dict[str, str]:
         return self.by_pool.get(pool, {})
+
+    def pool_of(self, kid: str) -> str | None:
+        """The pool holding the key with this id, if any."""
+        return self._pool_of.get(kid)
 
 
 # A cheap, free request per provider that proves a key works.
@@ -135,10 +141,13 @@ class PoolStore:
         return None, int(result[1])
 
     async def report(self, pool: str, key: str, status: int, retry_after_ms: int = -1,
-                     tokens: int = 0, spend_nano: int = 0, error: str = "") -> None:
-        await self._report(keys=[f"{pool_prefix(pool)}:h:{key}"],
-                           args=[status, retry_after_ms, self._base, self._cap, tokens,
-                                 spend_nano, error[:200]])
+                     tokens: int = 0, spend_nano: int = 0, error: str = "") -> str:
+        """Record an outcome; returns the key's state after it."""
+        result = await self._report(keys=[f"{pool_prefix(pool)}:h:{key}"],
+                                    args=[status, retry_after_ms, self._base, self._cap,
+                                          tokens, spend_nano, error[:200]])
+        state = result[0]
+        return state.decode() if isinstance(state, bytes) else str(state)
 
     async def probe_candidates(self, pool: str, held_ids: list[str],
                                lock_ms: int) -> tuple[str | None, list[str]]:
@@ -261,8 +270,9 @@ async def probe_forever(store: PoolStore, pool_secrets: PoolSecrets,
                         continue
                     metrics.POOL_PROBES.labels(pool, str(status)).inc()
                     try:
-                        await store.report(pool, kid, status, -1, 0, 0,
-                                           f"probe HTTP {status}")
+                        state = await store.report(pool, kid, status, -1, 0, 0,
+                                                   f"probe HTTP {status}")
                     except (redis.RedisError, OSError):
                         break
+                    metrics.set_pool_key_state(pool, kid[:PREFIX_CHARS], state)
                     log.info("probe of %s/%s: HTTP %d", pool, kid[:8], status)

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import redis.exceptions
@@ -28,6 +27,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from tokenfuse import metrics
 from tokenfuse.config import Settings
 from tokenfuse.control import ControlWatcher
+from tokenfuse.envoy_config import (
+    GRANT_HEADER,
+    POOL_HEADER,
+    POOL_KEY_HEADER,
+    STAGE_METADATA,
+)
+from tokenfuse.failover import PoolAttempts, grant, headers_of
 from tokenfuse.identity import PREFIX_CHARS, api_key_from_headers, key_id
 from tokenfuse.loopguard import fingerprint, repeated_tool_call
 from tokenfuse.money import nano_to_usd
@@ -39,6 +45,7 @@ from tokenfuse.responses import (
     CONTINUE_REQUEST_HEADERS,
     CONTINUE_RESPONSE_HEADERS,
     continue_request,
+    header_mutation_response,
     immediate,
     stream_chunk,
 )
@@ -51,6 +58,7 @@ log = logging.getLogger("tokenfuse.processor")
 
 REDIS_FAILURES = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 VKEY_CACHE_SECONDS = 5.0
+INTERNAL_HEADER_PREFIX = "x-tokenfuse-"
 
 
 @dataclass
@@ -85,7 +93,6 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                  webhooks: WebhookSink | None = None, pools: PoolStore | None = None,
                  pool_secrets: PoolSecrets | None = None) -> None:
         self._pools = pools
-        self._pool_secrets = pool_secrets
         self._vkey_cache: dict[str, tuple[str | None, float]] = {}
         self._control = control
         self._webhooks = webhooks
@@ -94,10 +101,17 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         self._store = store
         self._prices = prices
         self._redis_timeout = settings.redis_timeout_ms / 1000
+        self._attempts = (PoolAttempts(secret, pools, pool_secrets, self._redis_timeout)
+                          if pools is not None and pool_secrets is not None else None)
 
     async def Process(  # gRPC method name
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        if self._attempts is not None and _is_upstream_stage(context):
+            # The pooled cluster's upstream filter: one provider attempt.
+            async for answer in self._attempts.process(request_iterator):
+                yield answer
+            return
         ex = Exchange()
         try:
             async for message in request_iterator:
@@ -125,7 +139,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
 
     async def _on_request_headers(self, ex: Exchange,
                                   msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        headers = _header_dict(msg)
+        headers = headers_of(msg)
         path = headers.get(":path", "")
         routed = provider_for_path(path)
         if routed is None:
@@ -146,6 +160,19 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             ex.control_version = self._control.version(ex.caller)
         if msg.end_of_stream:
             metrics.DECISIONS.labels("allowed", "no_body", ex.provider).inc()
+        forged = tuple(h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX))
+        if ex.pool:
+            # Route to the pooled cluster; its upstream filter puts a provider key on
+            # every attempt. The gateway key itself never leaves Envoy.
+            route = f"{ex.provider}:{ex.pool}"
+            return header_mutation_response(
+                "request_headers",
+                ((POOL_HEADER, route),
+                 (GRANT_HEADER, grant(self._secret, route, ex.request_id))),
+                ("authorization", "x-api-key", *forged), clear_route_cache=True)
+        if forged:  # only tokenfuse sets these: drop them and re-pick the route
+            return header_mutation_response("request_headers", (), forged,
+                                            clear_route_cache=True)
         return CONTINUE_REQUEST_HEADERS
 
     async def _on_request_body(self, ex: Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
@@ -209,17 +236,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         metrics.DECISIONS.labels("allowed", "within_budget", ex.provider).inc()
         log.debug("reserved caller=%s rid=%s nano=%d output_allowance=%d",
                   ex.caller[:PREFIX_CHARS], ex.request_id, granted, ex.output_allowance)
-        set_headers: tuple[tuple[str, str], ...] = ()
-        remove_headers: tuple[str, ...] = ()
-        if ex.pool:
-            chosen = await self._choose_pool_key(ex)
-            if isinstance(chosen, pb.ProcessingResponse):
-                return chosen
-            set_headers, remove_headers = chosen
-        body = json.dumps(call.new_body).encode() if call.new_body is not None else None
-        if body is None and not set_headers:
+        if call.new_body is None:
             return CONTINUE_REQUEST_BODY
-        return continue_request(body, set_headers, remove_headers)
+        return continue_request(json.dumps(call.new_body).encode())
 
     async def _bind_pool(self, ex: Exchange) -> pb.ProcessingResponse | None:
         """A gateway key: find its pool (cached briefly), or refuse it."""
@@ -240,33 +259,6 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                                 "unknown tokenfuse gateway key")
         ex.pool = pool
         return None
-
-    async def _choose_pool_key(
-        self, ex: Exchange
-    ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]] | pb.ProcessingResponse:
-        """Next healthy provider key of the pool, as header changes; or a 503."""
-        assert self._pools is not None and self._pool_secrets is not None
-        held = self._pool_secrets.held(ex.pool)
-        try:
-            async with asyncio.timeout(self._redis_timeout):
-                key, wait_ms = await self._pools.pick(ex.pool, sorted(held))
-        except REDIS_FAILURES as exc:
-            await self._settle_safely(ex, 0, "failed")
-            return self._store_unavailable(ex, "pool_pick", exc)
-        if key is None or key not in held:
-            await self._settle_safely(ex, 0, "failed")
-            retry = max(1, -(-wait_ms // 1000)) if wait_ms >= 0 else 30
-            metrics.DECISIONS.labels("error", "no_healthy_key", ex.provider).inc()
-            return immediate(503, PROVIDERS[ex.provider].error_body(
-                "api_error", "no_healthy_key",
-                f"every key of pool '{ex.pool}' is cooling down or disabled; earliest "
-                f"recovery in {retry}s"), "tokenfuse_no_healthy_key",
-                (("retry-after", str(retry)),))
-        ex.pool_key = key
-        secret = held[key]
-        if ex.provider == "anthropic":
-            return (("x-api-key", secret),), ("authorization",)
-        return (("authorization", f"Bearer {secret}"),), ("x-api-key",)
 
     def _price(self, model: str) -> ModelPrice | None:
         price = self._prices.lookup(model)
@@ -328,19 +320,22 @@ class Processor(pb_grpc.ExternalProcessorServicer):
 
     async def _on_response_headers(self, ex: Exchange,
                                    msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        headers = _header_dict(msg)
+        headers = headers_of(msg)
         try:
             ex.status = int(headers.get(":status", "0"))
         except ValueError:
             ex.status = 0
-        if ex.pool_key and ex.status >= 400:
-            # Failures move the key's health now, before concurrent requests pick it.
-            await self._report_pool(ex, retry_after_ms(headers), error=f"HTTP {ex.status}")
         if (ex.open_reservation and 200 <= ex.status < 300
                 and "text/event-stream" in headers.get("content-type", "")
                 and ex.call is not None):
             ex.meter = StreamMeter(ex.provider, ex.call.hide_usage_chunk)
-        return CONTINUE_RESPONSE_HEADERS
+        internal = tuple(h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX))
+        if not internal:
+            return CONTINUE_RESPONSE_HEADERS
+        # The pooled cluster named the key of the final attempt (failures were reported
+        # per attempt by the upstream filter); the client sees none of this.
+        ex.pool_key = headers.get(POOL_KEY_HEADER, "") if ex.pool else ""
+        return header_mutation_response("response_headers", (), internal)
 
     async def _on_response_body(self, ex: Exchange,
                                 msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
@@ -529,16 +524,17 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 if count:
                     metrics.TOKENS.labels(ex.provider, model, kind).inc(count)
 
-    async def _report_pool(self, ex: Exchange, retry_ms: int = -1, tokens: int = 0,
-                           spend: int = 0, error: str = "") -> None:
+    async def _report_pool_success(self, ex: Exchange, tokens: int, spend: int) -> None:
         assert self._pools is not None
         metrics.POOL_REQUESTS.labels(ex.pool, ex.pool_key[:PREFIX_CHARS], str(ex.status)).inc()
         try:
             async with asyncio.timeout(self._redis_timeout * 4):
-                await self._pools.report(ex.pool, ex.pool_key, ex.status, retry_ms, tokens,
-                                         spend, error)
+                state = await self._pools.report(ex.pool, ex.pool_key, ex.status, -1, tokens,
+                                                 spend)
         except REDIS_FAILURES:
             metrics.REDIS_ERRORS.labels("pool_report").inc()
+            return
+        metrics.set_pool_key_state(ex.pool, ex.pool_key[:PREFIX_CHARS], state)
 
     async def _settle_safely(self, ex: Exchange, actual_nano: int, basis: str) -> bool:
         ex.open_reservation = False
@@ -548,7 +544,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                       if usage else ex.counted_output)
             metrics.POOL_TOKENS.labels(ex.pool, ex.pool_key[:PREFIX_CHARS]).inc(tokens)
             metrics.POOL_SPEND.labels(ex.pool, ex.pool_key[:PREFIX_CHARS]).inc(actual_nano)
-            await self._report_pool(ex, tokens=tokens, spend=actual_nano)
+            await self._report_pool_success(ex, tokens, actual_nano)
         try:
             async with asyncio.timeout(self._redis_timeout * 4):
                 await self._store.settle(ex.caller, ex.request_id, actual_nano)
@@ -686,25 +682,7 @@ def _merge_usage(old: TokenUsage | None, new: TokenUsage) -> TokenUsage:
     )
 
 
-def retry_after_ms(headers: dict[str, str]) -> int:
-    """When the provider says a key may be used again: `retry-after` (seconds), else the
-    earliest Anthropic `anthropic-ratelimit-*-reset` (RFC 3339). -1 when not said."""
-    value = headers.get("retry-after", "").strip()
-    if value.isdigit():
-        return int(value) * 1000
-    resets = []
-    for name, text in headers.items():
-        if name.startswith("anthropic-ratelimit-") and name.endswith("-reset"):
-            try:
-                when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-            except ValueError:
-                continue
-            resets.append(int((when - datetime.now(UTC)).total_seconds() * 1000))
-    return max(0, min(resets)) if resets else -1
-
-
-def _header_dict(msg: pb.HttpHeaders) -> dict[str, str]:
-    return {
-        h.key.lower(): (h.raw_value.decode("latin-1") if h.raw_value else h.value)
-        for h in msg.headers.headers
-    }
+def _is_upstream_stage(context: Any) -> bool:
+    """Streams from the pooled clusters' upstream filter carry this gRPC metadata."""
+    return any(item[0] == STAGE_METADATA and item[1] == "upstream"
+               for item in (context.invocation_metadata() or ()))

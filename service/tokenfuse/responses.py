@@ -35,6 +35,26 @@ def immediate(status: int, body: bytes, details: str,
 CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+CONTINUE = {
+    "request_headers": CONTINUE_REQUEST_HEADERS,
+    "request_body": CONTINUE_REQUEST_BODY,
+    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
+    "response_headers": CONTINUE_RESPONSE_HEADERS,
+    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
+    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
+}
+
+
+def header_mutation_response(phase: str, set_headers: tuple[tuple[str, str], ...],
+                             remove_headers: tuple[str, ...],
+                             clear_route_cache: bool = False) -> pb.ProcessingResponse:
+    """Continue a headers phase ("request_headers"/"response_headers") with changes."""
+    common = pb.CommonResponse(
+        header_mutation=pb.HeaderMutation(
+            set_headers=[header_option(k, v) for k, v in set_headers],
+            remove_headers=list(remove_headers)),
+        clear_route_cache=clear_route_cache)
+    return pb.ProcessingResponse(**{phase: pb.HeadersResponse(response=common)})
 
 
 def stream_chunk(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
@@ -51,21 +71,14 @@ def stream_chunk(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
     )
 
 
-def continue_request(body: bytes | None = None, set_headers: tuple[tuple[str, str], ...] = (),
-                     remove_headers: tuple[str, ...] = ()) -> pb.ProcessingResponse:
-    """Continue, optionally with a rewritten body (and its content-length) and headers
-    (e.g. the pooled provider key). The key travels to Envoy only in this message."""
-    headers = list(set_headers)
-    if body is not None:
-        headers.append(("content-length", str(len(body))))
+def continue_request(body: bytes) -> pb.ProcessingResponse:
+    """Continue with a rewritten request body (and its content-length)."""
     return pb.ProcessingResponse(
         request_body=pb.BodyResponse(
             response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(
-                    set_headers=[header_option(k, v) for k, v in headers],
-                    remove_headers=list(remove_headers),
-                ),
-                body_mutation=pb.BodyMutation(body=body) if body is not None else None,
+                    set_headers=[header_option("content-length", str(len(body)))]),
+                body_mutation=pb.BodyMutation(body=body),
             )
         )
     )
