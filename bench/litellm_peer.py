@@ -2,60 +2,78 @@
 
 What runs
     litellm 1.102.4 (pinned: ``LITELLM_SPEC``) in its own venv, ``bench/.venv-litellm``
-    (gitignored; about 0.7 GB, ~50 s to install from PyPI on 2 cores), served by
-    ``litellm --config ... --num_workers 1`` (uvicorn, one process). Every release from
-    1.103.x to the newest (1.109.1) requires ``certifi>=2026.10.19``, which PyPI does not have,
-    so none of them installs with pip; 1.102.4 is the newest that does. (1.82.7/1.82.8, the
-    March 2026 credential-stealer releases, are yanked; ``ensure_installed`` also refuses a
-    venv holding an unexpected ``*.pth`` file, which is how that malware ran.)
+    (gitignored, ~0.7 GB), served by ``litellm --config ... --num_workers 1`` (uvicorn, one
+    process, access log off). Newer releases do not install: those checked (the last of each
+    minor from 1.103 to 1.109.1, the newest) require ``certifi>=2026.10.19``, which PyPI does
+    not have; 1.102.4 is the newest that resolves. 1.82.7/1.82.8 (the March 2026 credential-stealer
+    releases) are gone from PyPI, and ``ensure_installed`` refuses a venv holding an unexpected
+    ``*.pth`` startup hook, which is how that malware ran.
 
-DB mode (virtual keys with ``max_budget``) works offline, without binaries.prisma.sh
+DB mode (virtual keys with ``max_budget``) works offline, with PyPI + npm only
     LiteLLM keeps keys and spend in PostgreSQL through prisma-client-py 0.15.0 (Prisma 5.17.0,
-    engine 393aa359). prisma-client-py needs two things that normally come from
-    binaries.prisma.sh, which is not reachable here:
+    engine commit 393aa359). Two pieces normally come from binaries.prisma.sh (unreachable):
 
-    1. ``prisma generate`` (the Node CLI, npm ``prisma@5.17.0``). npm installs it without its
+    1. ``prisma generate`` (Node CLI, npm ``prisma@5.17.0``). npm installs it without its
        postinstall (``--ignore-scripts``); with ``PRISMA_QUERY_ENGINE_BINARY`` and
        ``PRISMA_SCHEMA_ENGINE_BINARY`` set, the CLI downloads nothing and generates the client
-       (its schema parsing is WebAssembly inside the npm package). ~4 s.
-    2. The native ``query-engine`` binary that the generated client spawns and talks to over
-       HTTP. No registry ships it. The same engine build (same commit) is on npm compiled to
-       WebAssembly, ``@prisma/query-engine-wasm@5.17.0-31.393aa359...``, driven through
-       ``@prisma/adapter-pg`` (node-postgres). ``_ENGINE_SHIM_JS`` below is a ~250-line Node
-       program with the binary's command line (``--version``, ``-p PORT``) and HTTP API
-       (``/status``, ``/``, batches, ``/transaction/*``) that runs it. The WASM build only
-       speaks Prisma's JSON protocol while prisma-client-py sends the GraphQL one, so the shim
-       translates the GraphQL subset prisma-client-py emits, tags Json/Bytes inputs from the
-       schema and untags ``$type`` outputs. Verified: create/find/update/increment/count/
-       group_by/raw/batch/interactive transactions, unique-violation errors, and LiteLLM's own
-       ``/key/generate``, budget checks and spend tracking.
+       (its schema parser is WebAssembly inside the npm package).
+    2. The native ``query-engine`` binary the generated client spawns and talks HTTP to. No
+       registry ships it, but the same engine commit is on npm compiled to WebAssembly,
+       ``@prisma/query-engine-wasm@5.17.0-31.393aa359...``, driven over node-postgres by
+       ``@prisma/adapter-pg``. ``_ENGINE_SHIM_JS`` below is a small Node program with the
+       binary's command line (``--version``, ``-p PORT``) and HTTP API (``/status``, ``/``,
+       batches, ``/transaction/*``) that runs it. The WASM build speaks only Prisma's JSON
+       protocol and prisma-client-py only the GraphQL one, so the shim translates the GraphQL
+       subset prisma-client-py emits, tags Json/Bytes inputs (model-aware, from the schema),
+       untags ``$type`` outputs, and reads pg types the adapter lacks (``name``, ``void``, ...)
+       as text. Checked: create/find/update/increment/count/group_by/raw/batch/interactive
+       transactions, unique-violation errors, and LiteLLM's ``/key/generate``, budget
+       enforcement and spend tracking (``/key/info``).
 
     Migrations: LiteLLM would run ``prisma migrate deploy``, which needs the native schema
-    engine (same download problem; its WASM build on npm is Prisma 8's). Instead the SQL files
-    that ``litellm-proxy-extras`` ships (172 migrations, ~1.5 s) are applied with psql, and the
-    proxy runs with ``DISABLE_SCHEMA_UPDATE=true`` (its leftover drift check fails fast against
-    a stub schema engine and is only logged).
+    engine (download-only too). Instead the 172 SQL migrations ``litellm-proxy-extras`` ships
+    are applied with one psql session, and the proxy runs with ``DISABLE_SCHEMA_UPDATE=true``;
+    its remaining drift check (``prisma migrate diff`` through the Node CLI, ~5 s of the
+    start) fails and is only logged.
 
-    Fidelity: in production the engine is native Rust; here it is the same engine as WASM in a
-    Node process (a child of the proxy, counted in ``rss_bytes()["litellm"]``). LiteLLM keeps
-    key lookups in memory and writes spend in batches off the request path, so this affects
-    RSS more than request latency.
+    Fidelity: production runs the engine as native Rust; here it is the same engine as WASM in
+    a Node child of the proxy (counted in ``rss_bytes()["litellm"]``; ``rss_detail()`` splits
+    it out). LiteLLM serves key lookups from memory and writes spend in batches off the request
+    path, so this mostly shows in RSS, not in latency.
 
 PostgreSQL
-    A throwaway cluster (Debian ``postgresql``, apt-installed when missing) in
-    ``workdir/pg``: ``initdb`` plus ``postgres`` run as the ``postgres`` user when we are root,
-    TCP on 127.0.0.1 at a free port, unix socket in ``workdir/pg``, ``fsync=off`` (it is thrown
-    away). Needs node and npm (apt ``nodejs npm`` when missing).
+    Debian ``postgresql`` (apt-installed when missing; 15 here): a throwaway cluster in
+    ``workdir/pg`` (``initdb`` and ``postgres`` run as user ``postgres`` when we are root),
+    TCP 127.0.0.1 on a free port, unix socket in ``workdir/pg``, ``fsync=off``. DB mode also
+    needs node + npm (apt ``nodejs npm`` when missing; node 20 here).
+
+Measured here (2 cores)
+    * ``ensure_installed``: 61 s from nothing with an empty pip cache (pip ~50 s, npm + prisma
+      generate ~10 s); 0 s when installed.
+    * start (``start_seconds``): 9.4 s without DB; 17.4 s with DB (PostgreSQL initdb + start +
+      migrations 1.0 s, proxy 16.3 s).
+    * idle RSS: proxy 564 MB without DB; with DB 576 MB Python + 85-110 MB engine shim, and
+      PostgreSQL 95 MB (~200-250 MB just after a 200-request flood).
+    * budgets hold under a flood: 200 concurrent gpt-4o-mini requests (8 in / 40 out tokens,
+      $0.0000252 each) on one virtual key: max_budget $0.001 -> 40 allowed, 160 x 429 "Budget
+      has been exceeded", recorded spend $0.001008; max_budget $0.0001 -> 4 allowed, spend
+      $0.0001008. 1.102.4 reserves each request's worst case before forwarding
+      (``litellm/proxy/spend_tracking/budget_reservation.py``; ``disable_budget_reservation``
+      turns it off) and overshoots by at most the last admitted request. /key/info shows the
+      spend ~10-20 s later (batched DB writes).
 
 Gotchas
-    * ``LITELLM_LOCAL_MODEL_COST_MAP=True`` is set, otherwise LiteLLM fetches its price table
-      from GitHub at import (time-out here). gpt-4o-mini is priced from the bundled table.
+    * ``LITELLM_LOCAL_MODEL_COST_MAP=True`` is set: otherwise LiteLLM fetches its price table
+      from GitHub on import (3 attempts, ~8 s, then falls back). gpt-4o-mini is priced from
+      the bundled table ($0.15 / $0.60 per million tokens).
     * LiteLLM's API uses float USD (``max_budget``, ``spend``); only at this boundary.
-    * Running as root: ``workdir`` gets ``o+x`` so the postgres user can reach ``workdir/pg``.
+    * As root, ``workdir`` gets ``o+x`` so user postgres can reach ``workdir/pg``.
+    * ``HOME`` is ``workdir`` for the proxy; DATABASE_URL/REDIS_*/OPENAI_* are not inherited.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -64,7 +82,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -149,24 +166,27 @@ def _install_venv() -> None:
     marker.write_text(spec)
 
 
+def _write_if_changed(path: Path, text: str, mode: int) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    path.chmod(mode)
+
+
 def _install_prisma_offline() -> None:
+    """npm Prisma CLI + WASM engine, the engine shim, and ``prisma generate`` for LiteLLM."""
+    PRISMA_DIR.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(PRISMA_DIR / "query-engine", _ENGINE_SHIM_JS, 0o755)
+    _write_if_changed(PRISMA_DIR / "schema-engine", _SCHEMA_ENGINE_STUB, 0o755)
     marker = PRISMA_DIR / ".installed"
-    spec = "\n".join((*NPM_SPEC, _ENGINE_SHIM_JS))
+    spec = "\n".join((*NPM_SPEC, *LITELLM_SPEC))
     if marker.exists() and marker.read_text() == spec:
         return
     if not (shutil.which("node") and shutil.which("npm")):
         _apt_install("nodejs", "npm")
-    PRISMA_DIR.mkdir(parents=True, exist_ok=True)
     (PRISMA_DIR / "package.json").write_text(json.dumps(
         {"name": "prisma-binaries", "version": "1.0.0", "private": True}))
     _run(["npm", "install", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error",
           *NPM_SPEC], what="npm install (prisma CLI, WASM query engine)", cwd=PRISMA_DIR)
-    shim = PRISMA_DIR / "query-engine"
-    shim.write_text(_ENGINE_SHIM_JS)
-    schema_engine = PRISMA_DIR / "schema-engine"
-    schema_engine.write_text(_SCHEMA_ENGINE_STUB)
-    for path in (shim, schema_engine):
-        path.chmod(0o755)
     schema = _site_packages() / "litellm" / "proxy" / "schema.prisma"
     _run([str(VENV / "bin" / "python"), "-m", "prisma", "generate", f"--schema={schema}"],
          what="prisma generate", env={**os.environ, **_prisma_env()}, cwd=PRISMA_DIR)
@@ -228,24 +248,25 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _stop_group(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
-    """Send ``sig`` to ``proc``'s process group, wait, then SIGKILL the group."""
+    """Send ``sig`` to ``proc`` (a session leader), wait up to ``timeout``, then SIGKILL its
+    whole process group (children it left behind included)."""
     if proc is None:
         return
-    for s, wait in ((sig, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, s)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # the group may outlive its leader (e.g. the engine shim)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    proc.wait()
 
 
 class LiteLLMProxy:
@@ -259,7 +280,9 @@ class LiteLLMProxy:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.master_key = f"sk-litellm-master-{secrets.token_hex(12)}"
         self.log_path = self.workdir / "litellm.log"
+        #: Seconds __enter__ took, in total and per phase ("postgres", "litellm").
         self.start_seconds: float | None = None
+        self.timings: dict[str, float] = {}
         self._proxy: subprocess.Popen[bytes] | None = None
         self._postgres: subprocess.Popen[bytes] | None = None
         self._pg_port: int | None = None
@@ -274,18 +297,24 @@ class LiteLLMProxy:
             env = self._proxy_env()
             if self.with_db:
                 env["DATABASE_URL"] = self._start_postgres()
+                self.timings["postgres"] = time.monotonic() - started
+            proxy_started = time.monotonic()
             config = self.workdir / "litellm_config.yaml"
             config.write_text(json.dumps(self._config(), indent=2))  # JSON is valid YAML
+            log_config = self.workdir / "uvicorn_log.json"
+            log_config.write_text(json.dumps(_UVICORN_LOG_CONFIG))
             with self.log_path.open("wb") as log:
                 self._proxy = subprocess.Popen(
                     [str(python.parent / "litellm"), "--config", str(config), "--host",
-                     "127.0.0.1", "--port", str(self.port), "--num_workers", "1"],
+                     "127.0.0.1", "--port", str(self.port), "--num_workers", "1",
+                     "--log_config", str(log_config)],
                     cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True)
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
+        self.timings["litellm"] = time.monotonic() - proxy_started
         self.start_seconds = time.monotonic() - started
         return self
 
@@ -331,7 +360,8 @@ class LiteLLMProxy:
         while time.monotonic() < deadline:
             assert self._proxy is not None
             if self._proxy.poll() is not None:
-                raise RuntimeError(f"litellm exited with {self._proxy.returncode}:\n{self.log_tail()}")
+                code = self._proxy.returncode
+                raise RuntimeError(f"litellm exited with {code}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/health/liveliness", timeout=2) as r:
                     if r.status == 200:
@@ -358,6 +388,8 @@ class LiteLLMProxy:
         if bindir is None:
             raise RuntimeError("PostgreSQL server binaries not found (ensure_installed)")
         pgdir = self.workdir / "pg"
+        if pgdir.exists():
+            shutil.rmtree(pgdir)
         pgdir.mkdir()
         as_user: dict[str, object] = {}
         if os.geteuid() == 0:  # postgres refuses to run as root
@@ -436,6 +468,28 @@ class LiteLLMProxy:
         """Summed RSS from /proc: {"litellm": proxy tree, "postgres": postgres tree}."""
         return {name: sum(_rss(p) for p in pids) for name, pids in self._groups().items()}
 
+    def rss_detail(self) -> dict[str, int]:
+        """Like rss_bytes, with the proxy tree split into the Python proxy and the Node
+        query-engine shim (the part a native Prisma engine would replace)."""
+        groups = self._groups()
+        engine = [p for p in groups["litellm"] if _comm(p) == "node"]
+        return {
+            "litellm_python": sum(_rss(p) for p in groups["litellm"] if p not in engine),
+            "litellm_query_engine": sum(_rss(p) for p in engine),
+            "postgres": sum(_rss(p) for p in groups["postgres"]),
+        }
+
+
+#: uvicorn logging: warnings and errors only (no per-request access log).
+_UVICORN_LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain",
+                            "stream": "ext://sys.stderr"}},
+    "loggers": {name: {"handlers": ["stderr"], "level": "WARNING", "propagate": False}
+                for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+}
 
 _SCHEMA_ENGINE_STUB = f"""#!/bin/sh
 # Stand-in for Prisma's native schema engine (download-only): reports its version, refuses work.
@@ -669,7 +723,18 @@ async function main() {
   const instance = new WebAssembly.Instance(wasm, { "./query_engine_bg.js": runtime });
   runtime.__wbg_set_wasm(instance.exports);
 
+  // Columns of types the pg adapter cannot map (name, "char", void, unknown, interval, ...)
+  // are read as text, as the native engine does (LiteLLM's raw queries select pg_views.viewname).
+  const asText = new Map([[18, 25], [19, 25], [705, 25], [1186, 25], [2205, 25], [2278, 25],
+                          [1002, 1009], [1003, 1009], [1187, 1009]]);
+  const rowDescription = pg.Query.prototype.handleRowDescription;
+  pg.Query.prototype.handleRowDescription = function (msg) {
+    for (const f of msg.fields) f.dataTypeID = asText.get(f.dataTypeID) ?? f.dataTypeID;
+    return rowDescription.call(this, msg);
+  };
+
   const pool = new pg.Pool(poolConfig());
+  pool.on("error", (err) => process.stderr.write(`query-engine: idle client error: ${err}\n`));
   const datamodel = fs.readFileSync(process.env.PRISMA_DML_PATH, "utf8");
   const models = schemaFields(datamodel);
   const onLog = (msg) => {

@@ -41,13 +41,33 @@ COMPLETION = {
     "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
 }
 REQUEST = {"model": "gpt-4o-mini", "max_tokens": 16,
-           "messages": [{"role": "user", "content": "Say ok. This is a benchmark request."}]}
+           "messages": [{"role": "user", "content": "Say ok. Benchmark request WORDS."}]}
 
+# Every request is distinct (a counter spelled in letters, per wrk thread): the loop guard
+# normalises digits away, so identical or number-only prompts would be refused as a loop.
 WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = [[%s]]
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench-key"
+local threads = 0
+setup = function(thread)
+  threads = threads + 1
+  thread:set("tag", threads)
+end
+local counter = 0
+local template = [[%s]]
+local function spell(n)
+  local letters, out = "ghijklmnopqrstuvwxyz", ""
+  repeat
+    local r = n %% 20
+    out = out .. letters:sub(r + 1, r + 1)
+    n = math.floor(n / 20)
+  until n == 0
+  return out
+end
+request = function()
+  counter = counter + 1
+  local body = template:gsub("WORDS", spell(counter) .. " " .. spell(tag or 0))
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json",
+                                  ["Authorization"] = "Bearer sk-bench-key"}, body)
+end
 done = function(summary, latency, requests)
   io.write(string.format("JSON {\\"requests\\": %%d, \\"seconds\\": %%f, \\"errors\\": %%d, " ..
     "\\"non2xx\\": %%d, \\"p50_ms\\": %%f, \\"p99_ms\\": %%f}\\n",
@@ -132,6 +152,8 @@ def main() -> int:
                       {"TOKENFUSE_BENCH_ROUTES": "1", "TOKENFUSE_LOG_LEVEL": "WARNING"})
     try:
         stack.start()
+        # The full policy: a budget to check and charge, the loop guard on (the default).
+        stack.cli("budget", "set", "--key", "sk-bench-key", "--daily", "1000000")
         base = stack.envoy.base_url
         paths = {"envoy_alone": "/direct/openai/v1/chat/completions",
                  "tokenfuse": "/openai/v1/chat/completions"}

@@ -10,25 +10,44 @@ metering, reservation extensions) vs Envoy alone, side by side on the same Envoy
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import statistics
 import time
 
 STAMP = re.compile(rb'"ts":(\d+)\}')
-REQUEST = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 1_000_000,
-                      "stream_options": {"include_usage": True},
-                      "messages": [{"role": "user", "content": "bench"}]}).encode()
+_streams = itertools.count()
+STREAMS_TIMEOUT_S = 300  # a hung stream fails the bench instead of stalling it
+
+
+def request_body() -> bytes:
+    """A distinct prompt per stream (spelled in letters: the loop guard ignores digits)."""
+    n, words = next(_streams), ""
+    while True:
+        n, r = divmod(n, 20)
+        words += "ghijklmnopqrstuvwxyz"[r]
+        if n == 0:
+            break
+    return json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 1_000_000,
+                       "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": f"bench {words}"}]}).encode()
 
 
 async def one_stream(port: int, path: str, events: int, interval_us: int,
                      latencies: list[float] | None) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = request_body()
     writer.write(b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
                  b"authorization: Bearer sk-bench-stream\r\nx-events: %d\r\n"
                  b"x-interval-us: %d\r\ncontent-length: %d\r\n\r\n"
-                 % (path.encode(), events, interval_us, len(REQUEST)) + REQUEST)
+                 % (path.encode(), events, interval_us, len(body)) + body)
     await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:
+        head = status + await reader.read(2000)
+        writer.close()
+        raise RuntimeError(f"bench stream refused on {path}: {head[:600]!r}")
     seen, tail = 0, b""
     while True:
         data = await reader.read(65536)
@@ -51,13 +70,15 @@ async def one_stream(port: int, path: str, events: int, interval_us: int,
 
 async def latency_run(port: int, path: str) -> list[float]:
     latencies: list[float] = []
-    await asyncio.gather(*(one_stream(port, path, 400, 5000, latencies) for _ in range(8)))
+    await asyncio.wait_for(asyncio.gather(
+        *(one_stream(port, path, 400, 5000, latencies) for _ in range(8))), STREAMS_TIMEOUT_S)
     return latencies
 
 
 async def throughput_run(port: int, path: str) -> float:
     started = time.perf_counter()
-    counts = await asyncio.gather(*(one_stream(port, path, 2000, 0, None) for _ in range(32)))
+    counts = await asyncio.wait_for(asyncio.gather(
+        *(one_stream(port, path, 2000, 0, None) for _ in range(32))), STREAMS_TIMEOUT_S)
     return sum(counts) / (time.perf_counter() - started)
 
 
