@@ -89,6 +89,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from memory import children_by_parent, process_tree, rss_of
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "bench" / ".venv-litellm"
 #: Prisma CLI, WASM engine, node-postgres and the engine shim (PRISMA_BINARY_CACHE_DIR).
@@ -105,6 +107,8 @@ NPM_SPEC = (
     "pg@8.23.1",
 )
 MODEL = "gpt-4o-mini"
+#: The provider key LiteLLM presents upstream (what the fake provider bills).
+UPSTREAM_KEY = "sk-fake-provider-key"
 START_TIMEOUT_S = 180.0
 _EXPECTED_PTH = {"distutils-precedence.pth"}
 
@@ -210,44 +214,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _children() -> dict[int, list[int]]:
-    """ppid -> child pids, from /proc."""
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def _tree(root: int | None, tree: dict[int, list[int]]) -> list[int]:
-    """``root`` and all its descendants that still exist."""
-    if root is None or not Path(f"/proc/{root}").exists():
-        return []
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(tree.get(pid, []))
-    return out
-
-
-def _rss(pid: int) -> int:
-    """Resident set size of ``pid`` in bytes (0 if it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -349,7 +315,7 @@ class LiteLLMProxy:
         return {
             "model_list": [{"model_name": MODEL, "litellm_params": {
                 "model": f"openai/{MODEL}", "api_base": self.openai_base_url,
-                "api_key": "sk-fake-provider-key"}}],
+                "api_key": UPSTREAM_KEY}}],
             "litellm_settings": {"set_verbose": False, "telemetry": False,
                                  "turn_off_message_logging": True},
             "general_settings": {"master_key": self.master_key},
@@ -394,7 +360,10 @@ class LiteLLMProxy:
         as_user: dict[str, object] = {}
         if os.geteuid() == 0:  # postgres refuses to run as root
             shutil.chown(pgdir, "postgres", "postgres")
-            self.workdir.chmod(self.workdir.stat().st_mode | 0o001)
+            for folder in (self.workdir, *self.workdir.parents):  # user postgres must pass
+                mode = folder.stat().st_mode
+                if not mode & 0o001:
+                    folder.chmod(mode | 0o001)
             as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
         data = pgdir / "data"
         _run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
@@ -454,11 +423,16 @@ class LiteLLMProxy:
     # --- measurement -------------------------------------------------------------------------
 
     def _groups(self) -> dict[str, list[int]]:
-        tree = _children()
+        tree = children_by_parent()
         return {
-            "litellm": _tree(self._proxy.pid if self._proxy else None, tree),
-            "postgres": _tree(self._postgres.pid if self._postgres else None, tree),
+            "litellm": process_tree(self._proxy.pid if self._proxy else None, tree),
+            "postgres": process_tree(self._postgres.pid if self._postgres else None, tree),
         }
+
+    def roots(self) -> dict[str, int | None]:
+        """The root pid of each process tree: the proxy (with its engine) and PostgreSQL."""
+        return {"litellm": self._proxy.pid if self._proxy else None,
+                "postgres": self._postgres.pid if self._postgres else None}
 
     def pids(self) -> list[int]:
         """Proxy process(es) incl. workers and the engine shim, and postgres processes."""
@@ -466,7 +440,7 @@ class LiteLLMProxy:
 
     def rss_bytes(self) -> dict[str, int]:
         """Summed RSS from /proc: {"litellm": proxy tree, "postgres": postgres tree}."""
-        return {name: sum(_rss(p) for p in pids) for name, pids in self._groups().items()}
+        return {name: sum(rss_of(p) for p in pids) for name, pids in self._groups().items()}
 
     def rss_detail(self) -> dict[str, int]:
         """Like rss_bytes, with the proxy tree split into the Python proxy and the Node
@@ -474,9 +448,9 @@ class LiteLLMProxy:
         groups = self._groups()
         engine = [p for p in groups["litellm"] if _comm(p) == "node"]
         return {
-            "litellm_python": sum(_rss(p) for p in groups["litellm"] if p not in engine),
-            "litellm_query_engine": sum(_rss(p) for p in engine),
-            "postgres": sum(_rss(p) for p in groups["postgres"]),
+            "litellm_python": sum(rss_of(p) for p in groups["litellm"] if p not in engine),
+            "litellm_query_engine": sum(rss_of(p) for p in engine),
+            "postgres": sum(rss_of(p) for p in groups["postgres"]),
         }
 
 

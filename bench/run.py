@@ -1,11 +1,19 @@
-"""`make bench`: throughput, latency and per-chunk streaming cost through Envoy + tokenfuse
-vs Envoy alone (non-streaming here, streaming in bench/streaming.py).
+"""`make bench`: tokenfuse side by side with Envoy alone and with the LiteLLM proxy, in one
+run on this machine. Prints one table with ratios and targets; writes bench/results/*.json.
 
-Side by side in one run, on the same Envoy: `/openai/...` goes through the processor with
-the full policy (budget reserve + settle in Redis); `/direct/openai/...` is the same route
-with the processor disabled. The upstream is a second Envoy answering a canned chat
-completion with `direct_response`, so the provider is never the bottleneck. Load comes
-from `wrk`. Results: a table with ratios, and bench/results/throughput.json.
+1. non-streaming saturation (wrk, BENCH_CONNECTIONS connections): the same Envoy, once
+   through the processor with the full policy (budget reserve + settle, loop guard) on
+   `/openai/...`, once with the processor disabled on `/direct/openai/...`; the upstream is
+   a second Envoy answering with `direct_response`. Rounds alternate so drift hits both.
+2. added latency at a fixed offered rate (BENCH_RATE, default 300 req/s) on both paths.
+3. streaming (bench/streaming.py): added latency per chunk, chunks/s flat out.
+4. the peer: LiteLLM proxy (bench/litellm_peer.py, with PostgreSQL and a virtual key with
+   max_budget, so its budget checks run) on the same upstream and workload; then the same
+   1,000-request flood against a $0.01 budget through tokenfuse and through LiteLLM, with
+   the fake provider billing what it answers (leakage = billed beyond the budget).
+5. memory: RSS idle (after start) and peak under load, per process tree.
+
+BENCH_LITELLM=0 skips the peer (and its one-time ~1 min install).
 """
 
 from __future__ import annotations
@@ -20,117 +28,215 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import streaming  # noqa: E402
+from flood import flood  # noqa: E402
+from load import UpstreamEnvoy, wrk  # noqa: E402
+from memory import PeakRss, tree_rss  # noqa: E402
 
-from tests.harness import Envoy, Stack, free_port, wait_until  # noqa: E402
+from tests.fake_provider import FakeProvider  # noqa: E402
+from tests.harness import Stack, free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DURATION_S = int(os.environ.get("BENCH_DURATION_S", "8"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
-
-COMPLETION = {
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                 "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
-}
-REQUEST = {"model": "gpt-4o-mini", "max_tokens": 16,
-           "messages": [{"role": "user", "content": "Say ok. Benchmark request WORDS."}]}
-
-# Every request is distinct (a counter spelled in letters, per wrk thread): the loop guard
-# normalises digits away, so identical or number-only prompts would be refused as a loop.
-WRK_SCRIPT = """
-local threads = 0
-setup = function(thread)
-  threads = threads + 1
-  thread:set("tag", threads)
-end
-local counter = 0
-local template = [[%s]]
-local function spell(n)
-  local letters, out = "ghijklmnopqrstuvwxyz", ""
-  repeat
-    local r = n %% 20
-    out = out .. letters:sub(r + 1, r + 1)
-    n = math.floor(n / 20)
-  until n == 0
-  return out
-end
-request = function()
-  counter = counter + 1
-  local body = template:gsub("WORDS", spell(counter) .. " " .. spell(tag or 0))
-  return wrk.format("POST", nil, {["Content-Type"] = "application/json",
-                                  ["Authorization"] = "Bearer sk-bench-key"}, body)
-end
-done = function(summary, latency, requests)
-  io.write(string.format("JSON {\\"requests\\": %%d, \\"seconds\\": %%f, \\"errors\\": %%d, " ..
-    "\\"non2xx\\": %%d, \\"p50_ms\\": %%f, \\"p99_ms\\": %%f}\\n",
-    summary.requests, summary.duration / 1e6,
-    summary.errors.connect + summary.errors.read + summary.errors.write +
-    summary.errors.timeout, summary.errors.status,
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
-end
-"""
+RATE = int(os.environ.get("BENCH_RATE", "300"))
+WITH_LITELLM = os.environ.get("BENCH_LITELLM", "1") != "0"
+FLOOD_BUDGET_NANO = 10_000_000  # $0.01
+BENCH_KEY = "sk-bench-key"
+PATHS = {"envoy_alone": "/direct/openai/v1/chat/completions",
+         "tokenfuse": "/openai/v1/chat/completions"}
+MB = 1024 * 1024
 
 
-def upstream_config(port: int, admin_port: int) -> dict[str, object]:
-    """An Envoy that answers every request with the canned completion."""
-    route = {"match": {"prefix": "/"}, "direct_response": {
-        "status": 200, "body": {"inline_string": json.dumps(COMPLETION)}},
-        "response_headers_to_add": [{"header": {"key": "content-type",
-                                                "value": "application/json"}}]}
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                 "http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "upstream",
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
-                                            "routes": [route]}]},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-    }
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                 "port_value": admin_port}}},
-        "static_resources": {"listeners": [{
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": hcm}]}],
-        }]},
-    }
+def _median(runs: list[dict[str, float]], field: str) -> float:
+    return statistics.median(r[field] for r in runs)
 
 
-class UpstreamEnvoy(Envoy):
-    def __init__(self, workdir: Path) -> None:
-        port, admin = free_port(), free_port()
-        super().__init__(workdir, {"TOKENFUSE_LISTEN_PORT": str(port),
-                                   "TOKENFUSE_ENVOY_ADMIN_PORT": str(admin)})
-        self.name = "upstream"
-        self.log_path = workdir / "upstream.log"
-        self.config = workdir / "upstream.json"
-        self.config.write_text(json.dumps(upstream_config(port, admin)))
-
-    def start(self) -> None:
-        envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or "envoy"
-        self._spawn([envoy, "-c", str(self.config), "--concurrency", "1", "--log-level",
-                     "error", "--base-id", str(self.admin_port)])
-        wait_until(self._ready, what="upstream envoy")
+def _summary(runs: list[dict[str, float]]) -> dict[str, float]:
+    out = {f: _median(runs, f) for f in ("rps", "p50_ms", "p99_ms")}
+    out["failures"] = sum(r["errors"] + r["non2xx"] for r in runs)
+    return out
 
 
-def wrk(url: str, script: Path, duration: int) -> dict[str, float]:
-    out = subprocess.run(
-        ["wrk", "-t", "2", "-c", str(CONNECTIONS), "-d", f"{duration}s", "-s", str(script), url],
-        capture_output=True, text=True, check=True).stdout
-    line = next(x for x in out.splitlines() if x.startswith("JSON "))
-    result = json.loads(line[5:])
-    result["rps"] = result["requests"] / result["seconds"]
-    return result
+def _stack_roots(stack: Stack) -> dict[str, int | None]:
+    def pid(part: Any) -> int | None:
+        return part.proc.pid if part.proc is not None else None
+    return {"processor": pid(stack.processor), "redis": pid(stack.redis),
+            "envoy": pid(stack.envoy)}
+
+
+def _rss_mb(roots: dict[str, int | None]) -> dict[str, float]:
+    return {name: tree_rss(root) / MB for name, root in roots.items()}
+
+
+def bench_tokenfuse(upstream: UpstreamEnvoy, workdir: Path) -> dict[str, Any]:
+    """Scenarios 1, 2 and 5 (tokenfuse side) on one stack."""
+    stack = Stack(f"http://127.0.0.1:{upstream.port}",
+                  {"TOKENFUSE_BENCH_ROUTES": "1", "TOKENFUSE_LOG_LEVEL": "WARNING"})
+    try:
+        stack.start()
+        # The full policy: a budget to check and charge; the loop guard is on by default.
+        stack.cli("budget", "set", "--key", BENCH_KEY, "--daily", "1000000")
+        roots = _stack_roots(stack)
+        idle = _rss_mb(roots)
+        base = stack.envoy.base_url
+        for name, path in PATHS.items():  # warm-up, and proof that both paths answer 200
+            warm = wrk(base + path, workdir, 1, CONNECTIONS, BENCH_KEY)
+            if warm["non2xx"] or warm["errors"]:
+                raise SystemExit(f"bench: {name} warm-up had failures: {warm}")
+        runs: dict[str, list[dict[str, float]]] = {n: [] for n in PATHS}
+        with PeakRss(roots) as peak:
+            for _ in range(ROUNDS):
+                for name, path in PATHS.items():
+                    runs[name].append(wrk(base + path, workdir, DURATION_S, CONNECTIONS,
+                                          BENCH_KEY))
+        # Fixed rate: 60 connections, each waiting 60/RATE s after every answer.
+        connections = 60
+        delay_ms = 1000 * connections // RATE
+        fixed = {name: wrk(base + path, workdir, DURATION_S * 2, connections, BENCH_KEY,
+                           delay_ms) for name, path in PATHS.items()}
+        settled = [x for x in stack.processor.metrics().splitlines()
+                   if x.startswith("tokenfuse_settlements_total")]
+    finally:
+        stack.cleanup()
+    return {"saturation": {n: _summary(r) for n, r in runs.items()}, "runs": runs,
+            "fixed_rate": fixed, "rss_idle_mb": idle,
+            "rss_peak_mb": {n: v / MB for n, v in peak.peak.items()},
+            "settlements_metric": settled}
+
+
+def bench_streaming() -> dict[str, dict[str, float]]:
+    port = free_port()
+    sse = subprocess.Popen([sys.executable, str(ROOT / "bench" / "sse_upstream.py"), str(port)])
+    stack = Stack(f"http://127.0.0.1:{port}",
+                  {"TOKENFUSE_BENCH_ROUTES": "1", "TOKENFUSE_LOG_LEVEL": "WARNING"})
+    try:
+        stack.start()
+        return streaming.run(stack.envoy.port, ROUNDS)
+    finally:
+        stack.cleanup()
+        sse.terminate()
+        sse.wait()
+
+
+def bench_litellm(upstream: UpstreamEnvoy, workdir: Path) -> dict[str, Any]:
+    """Scenario 4 (throughput) and 5 (LiteLLM side), on the same upstream and workload."""
+    import litellm_peer
+
+    litellm_peer.ensure_installed()
+    with litellm_peer.LiteLLMProxy(workdir / "litellm", f"http://127.0.0.1:{upstream.port}/v1",
+                                   with_db=True) as proxy:
+        roots = proxy.roots()
+        idle = _rss_mb(roots)
+        key = proxy.create_virtual_key(1_000_000.0)  # budget checks on, never reached
+        url = proxy.base_url + "/v1/chat/completions"
+        warm = wrk(url, workdir, 2, CONNECTIONS, key)
+        if warm["requests"] == 0 or warm["non2xx"] > warm["requests"] // 2:
+            raise SystemExit(f"bench: LiteLLM warm-up failed: {warm}\n{proxy.log_tail()}")
+        with PeakRss(roots) as peak:
+            runs = [wrk(url, workdir, DURATION_S, CONNECTIONS, key) for _ in range(ROUNDS)]
+        return {"version": litellm_peer.LITELLM_VERSION, "saturation": _summary(runs),
+                "runs": runs, "rss_idle_mb": idle,
+                "rss_peak_mb": {n: v / MB for n, v in peak.peak.items()},
+                "start_seconds": proxy.start_seconds}
+
+
+def bench_floods(workdir: Path) -> dict[str, Any]:
+    """The 1,000-request flood against a $0.01 budget, tokenfuse then LiteLLM."""
+    fake = FakeProvider()
+    fake.start()
+    out: dict[str, Any] = {}
+    stack = Stack(fake.base_url, {"TOKENFUSE_LOG_LEVEL": "WARNING"})
+    try:
+        stack.start()
+        key = "sk-bench-flood"
+        stack.cli("budget", "set", "--key", key, "--daily", "0.01")
+        out["tokenfuse"] = flood(stack.envoy.base_url + "/openai/v1", key, key, fake,
+                                 FLOOD_BUDGET_NANO)
+        stack.cleanup()
+        if WITH_LITELLM:
+            import litellm_peer
+
+            with litellm_peer.LiteLLMProxy(workdir / "litellm-flood", fake.base_url + "/v1",
+                                           with_db=True) as proxy:
+                vkey = proxy.create_virtual_key(FLOOD_BUDGET_NANO / 1e9)
+                out["litellm"] = flood(proxy.base_url + "/v1", vkey,
+                                       litellm_peer.UPSTREAM_KEY, fake, FLOOD_BUDGET_NANO)
+    finally:
+        stack.cleanup()
+        fake.stop()
+    return out
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def report(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows (measure, figures, ratio, target) of the results table."""
+    sat = res["tokenfuse"]["saturation"]
+    alone, tf = sat["envoy_alone"], sat["tokenfuse"]
+    fixed = res["tokenfuse"]["fixed_rate"]
+    added50 = fixed["tokenfuse"]["p50_ms"] - fixed["envoy_alone"]["p50_ms"]
+    added99 = fixed["tokenfuse"]["p99_ms"] - fixed["envoy_alone"]["p99_ms"]
+    st = res["streaming"]
+    chunk50 = st["tokenfuse"]["p50_ms"] - st["envoy_alone"]["p50_ms"]
+    chunk99 = st["tokenfuse"]["p99_ms"] - st["envoy_alone"]["p99_ms"]
+    ratio = tf["rps"] / alone["rps"]
+    rows = [
+        ("non-streaming req/s (Envoy alone | tokenfuse)",
+         f"{alone['rps']:,.0f} | {tf['rps']:,.0f}", f"{ratio:.2f}",
+         f">= 0.50: {_mark(ratio >= 0.5)}"),
+        ("  p50 / p99 ms at saturation",
+         f"{alone['p50_ms']:.1f}/{alone['p99_ms']:.1f} | {tf['p50_ms']:.1f}/{tf['p99_ms']:.1f}",
+         "", ""),
+        (f"added latency at {RATE} req/s (offered; achieved "
+         f"{fixed['envoy_alone']['rps']:.0f} | {fixed['tokenfuse']['rps']:.0f})",
+         f"p50 +{added50:.2f} ms, p99 +{added99:.2f} ms", "",
+         f"p50 <= 1 ms: {_mark(added50 <= 1)}, p99 <= 5 ms: {_mark(added99 <= 5)}"),
+        ("streaming: added per chunk",
+         f"p50 +{chunk50:.3f} ms, p99 +{chunk99:.3f} ms", "",
+         f"p50 <= 0.5 ms: {_mark(chunk50 <= 0.5)}"),
+        ("streaming chunks/s (Envoy alone | tokenfuse)",
+         f"{st['envoy_alone']['chunks_per_s']:,.0f} | {st['tokenfuse']['chunks_per_s']:,.0f}",
+         f"{st['tokenfuse']['chunks_per_s'] / st['envoy_alone']['chunks_per_s']:.2f}",
+         f">= 5,000: {_mark(st['tokenfuse']['chunks_per_s'] >= 5000)}"),
+    ]
+    lite = res.get("litellm")
+    if lite:
+        lr = lite["saturation"]
+        times = tf["rps"] / lr["rps"] if lr["rps"] else float("inf")
+        rows.append((f"LiteLLM {lite['version']} req/s, p99 ms (vs tokenfuse)",
+                     f"{lr['rps']:,.0f}, p99 {lr['p99_ms']:.1f} (failures {lr['failures']:.0f})",
+                     f"{times:.1f}x", f">= 20x: {_mark(times >= 20)}"))
+    for name, fl in res["floods"].items():
+        rows.append((f"flood 1,000 vs $0.01: {name}",
+                     f"{fl['allowed']} allowed, billed {fl['budget_used_percent']:.2f} % of "
+                     f"budget, leak {fl['leak_nano_usd']:,} nano-USD", "",
+                     f"zero leak: {_mark(fl['leak_nano_usd'] == 0)}"))
+    idle, peak = res["tokenfuse"]["rss_idle_mb"], res["tokenfuse"]["rss_peak_mb"]
+    rows.append(("RSS MB idle | peak: processor, redis, envoy",
+                 ", ".join(f"{idle[n]:.0f} | {peak[n]:.0f}" for n in idle), "",
+                 f"processor idle <= 60 MB: {_mark(idle['processor'] <= 60)}"))
+    if lite:
+        li, lp = lite["rss_idle_mb"], lite["rss_peak_mb"]
+        rows.append(("RSS MB idle | peak: LiteLLM (+engine), postgres",
+                     ", ".join(f"{li[n]:.0f} | {lp[n]:.0f}" for n in li), "", ""))
+    return rows
 
 
 def main() -> int:
@@ -138,78 +244,32 @@ def main() -> int:
         print("bench: wrk not found (make bench installs it with apt)", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="tf-bench-"))
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": _cpu_model(),
+        "cpus": os.cpu_count(), "connections": CONNECTIONS, "duration_s": DURATION_S,
+        "rounds": ROUNDS, "rate": RATE}
     upstream = UpstreamEnvoy(workdir)
     upstream.start()
-    stack = Stack(f"http://127.0.0.1:{upstream.port}",
-                  {"TOKENFUSE_BENCH_ROUTES": "1", "TOKENFUSE_LOG_LEVEL": "WARNING"})
-    script = workdir / "post.lua"
-    script.write_text(WRK_SCRIPT % json.dumps(REQUEST))
-    runs: dict[str, list[dict[str, float]]] = {"envoy_alone": [], "tokenfuse": []}
-    sse_port = free_port()
-    sse = subprocess.Popen([sys.executable, str(ROOT / "bench" / "sse_upstream.py"),
-                            str(sse_port)])
-    sse_stack = Stack(f"http://127.0.0.1:{sse_port}",
-                      {"TOKENFUSE_BENCH_ROUTES": "1", "TOKENFUSE_LOG_LEVEL": "WARNING"})
     try:
-        stack.start()
-        # The full policy: a budget to check and charge, the loop guard on (the default).
-        stack.cli("budget", "set", "--key", "sk-bench-key", "--daily", "1000000")
-        base = stack.envoy.base_url
-        paths = {"envoy_alone": "/direct/openai/v1/chat/completions",
-                 "tokenfuse": "/openai/v1/chat/completions"}
-        for name, path in paths.items():  # warm-up, and proof that both paths answer 200
-            warm = wrk(base + path, script, 1)
-            if warm["non2xx"] or warm["errors"]:
-                raise SystemExit(f"bench: {name} warm-up had failures: {warm}")
-        for _ in range(ROUNDS):  # alternate, so drift hits both sides alike
-            for name, path in paths.items():
-                runs[name].append(wrk(base + path, script, DURATION_S))
-        settled = stack.processor.metrics()
-        stack.stop()  # the streaming runs get the machine to themselves
-        sse_stack.start()
-        stream = streaming.run(sse_stack.envoy.port, ROUNDS)
+        results["tokenfuse"] = bench_tokenfuse(upstream, workdir)
+        results["streaming"] = bench_streaming()
+        if WITH_LITELLM:
+            results["litellm"] = bench_litellm(upstream, workdir)
+        results["floods"] = bench_floods(workdir)
     finally:
-        sse_stack.cleanup()
-        sse.terminate()
-        stack.cleanup()
         upstream.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    def med(name: str, field: str) -> float:
-        return statistics.median(r[field] for r in runs[name])
-
-    summary = {n: {f: med(n, f) for f in ("rps", "p50_ms", "p99_ms")} for n in runs}
-    failures = {n: sum(r["errors"] + r["non2xx"] for r in runs[n]) for n in runs}
-    ratio = summary["tokenfuse"]["rps"] / summary["envoy_alone"]["rps"]
-    print(f"\nnon-streaming, {CONNECTIONS} connections, {ROUNDS}x{DURATION_S}s per side, "
-          f"medians ({platform.node()}, {os.cpu_count()} cores)")
-    print(f"{'path':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'failures':>10}")
-    for name in runs:
-        s = summary[name]
-        print(f"{name:<14}{s['rps']:>10.0f}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}"
-              f"{failures[name]:>10}")
-    print(f"throughput ratio tokenfuse / envoy alone: {ratio:.2f}   added p50: "
-          f"{summary['tokenfuse']['p50_ms'] - summary['envoy_alone']['p50_ms']:.2f} ms")
-    print("\nstreaming, per chunk (8 streams x 1 event/5 ms for latency; "
-          "32 streams x 2,000 events flat out for chunks/s)")
-    print(f"{'path':<14}{'p50 ms':>10}{'p99 ms':>10}{'chunks/s':>12}")
-    for name, s in stream.items():
-        print(f"{name:<14}{s['p50_ms']:>10.3f}{s['p99_ms']:>10.3f}{s['chunks_per_s']:>12.0f}")
-    added = {q: stream["tokenfuse"][q] - stream["envoy_alone"][q] for q in ("p50_ms", "p99_ms")}
-    chunk_ratio = stream["tokenfuse"]["chunks_per_s"] / stream["envoy_alone"]["chunks_per_s"]
-    print(f"added per chunk: p50 {added['p50_ms']:.3f} ms, p99 {added['p99_ms']:.3f} ms; "
-          f"chunks/s ratio {chunk_ratio:.2f}")
+    rows = report(results)
+    print(f"\ntokenfuse bench, {results['date']}, {results['cpu']}, {results['cpus']} cores; "
+          f"wrk {CONNECTIONS} connections, {ROUNDS}x{DURATION_S}s per side, medians")
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "streaming.json").write_text(json.dumps({
-        "date": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(), "rounds": ROUNDS,
-        "results": stream, "added_ms": added, "chunks_per_s_ratio": chunk_ratio}, indent=2))
-    (RESULTS / "throughput.json").write_text(json.dumps({
-        "date": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(),
-        "connections": CONNECTIONS, "duration_s": DURATION_S, "rounds": ROUNDS,
-        "runs": runs, "medians": summary, "failures": failures, "ratio": ratio,
-        "settlements_metric": [x for x in settled.splitlines()
-                               if x.startswith("tokenfuse_settlements_total")],
-    }, indent=2))
+    results["table"] = rows
+    (RESULTS / "bench.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwritten: {RESULTS / 'bench.json'}")
     return 0
 
 
