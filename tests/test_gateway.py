@@ -264,3 +264,17 @@ def test_metrics_report_decisions_spend_and_latency(stack: Stack, api_key: str) 
                      r'provider="openai"\} [1-9]', text)
     assert re.search(r"tokenfuse_decision_seconds_count [1-9]", text)
     assert "tokenfuse_redis_errors_total" in text
+
+
+def test_clients_cannot_make_envoy_retry(stack: Stack, fake: FakeProvider, api_key: str) -> None:
+    """x-envoy-retry-on / x-envoy-max-retries from a client are dropped: one request is
+    one provider call (only a pool's failover retries, on tokenfuse's terms)."""
+    response = httpx.post(
+        stack.envoy.base_url + "/openai/v1/chat/completions",
+        headers={"authorization": f"Bearer {api_key}", "x-fake-status": "503",
+                 "x-envoy-retry-on": "5xx,retriable-status-codes",
+                 "x-envoy-retriable-status-codes": "503", "x-envoy-max-retries": "3"},
+        json={"model": "gpt-4o-mini", "max_tokens": 2,
+              "messages": [{"role": "user", "content": "retry me please"}]}, timeout=30)
+    assert response.status_code == 503
+    assert requests_for(fake, api_key) == 1
