@@ -19,6 +19,8 @@ from pathlib import Path
 
 import redis
 
+from tokenfuse.config import worker_sockets
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
@@ -131,10 +133,17 @@ class Processor(Service):
         self.env = env
         self.socket = Path(env["TOKENFUSE_PROCESSOR_SOCKET"])
         self.metrics_port = int(env["TOKENFUSE_METRICS_PORT"])
+        self.processes = int(env.get("TOKENFUSE_PROCESSES", "").strip() or 1)
+        self.sockets = worker_sockets(self.socket, self.processes)
 
     def start(self) -> None:
+        for path in self.sockets:
+            path.unlink(missing_ok=True)
         self._spawn([sys.executable, "-m", "tokenfuse.server"], self.env)
-        wait_until(lambda: _tcp_open(self.metrics_port) and self.socket.exists(),
+        # With TOKENFUSE_PROCESSES > 1, the supervisor opens the metrics port (the sum of
+        # every worker's metrics) once all workers listen.
+        wait_until(lambda: _tcp_open(self.metrics_port)
+                   and all(path.exists() for path in self.sockets),
                    what="tokenfuse processor")
 
     def metrics(self) -> str:

@@ -87,6 +87,7 @@ class Settings:
     unknown_input_nano_per_mtok: int = 0
     unknown_output_nano_per_mtok: int = 0
     log_level: str = "INFO"
+    processes: int = 1
 
     def default_limit_args(self) -> list[int]:
         """Default limits in window order for the Lua scripts (-1 = no limit)."""
@@ -108,6 +109,7 @@ def load_settings() -> Settings:
     if urls and not webhook_secret:
         raise ConfigError("TOKENFUSE_WEBHOOK_URLS is set but TOKENFUSE_WEBHOOK_SECRET is not "
                           "(webhooks are always signed)")
+    processes = processor_processes()
     return Settings(
         state_dir=state_dir,
         redis_url=_env("REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -149,7 +151,28 @@ def load_settings() -> Settings:
         unknown_output_nano_per_mtok=_env_usd("TOKENFUSE_UNKNOWN_MODEL_OUTPUT_USD_PER_MTOK", "75")
         or 0,
         log_level=_env("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
+        processes=processes,
     )
+
+
+def processor_processes() -> int:
+    """TOKENFUSE_PROCESSES: how many processor processes serve Envoy (at least 1)."""
+    count = _env_int("TOKENFUSE_PROCESSES", 1)
+    if count < 1:
+        raise ConfigError(f"TOKENFUSE_PROCESSES must be at least 1, got {count}")
+    return count
+
+
+def worker_socket(base: Path, index: int) -> Path:
+    """The Unix socket of processor process `index`: the configured one for 0, then
+    `processor-1.sock`, `processor-2.sock`, ... next to it."""
+    if index == 0:
+        return base
+    return base.with_name(f"{base.stem}-{index}{base.suffix}")
+
+
+def worker_sockets(base: Path, count: int) -> list[Path]:
+    return [worker_socket(base, i) for i in range(count)]
 
 
 def load_secret(state_dir: Path, create: bool = False) -> bytes:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tokenfuse.config import STATE_DIR_DEFAULT
+from tokenfuse.config import STATE_DIR_DEFAULT, processor_processes, worker_sockets
 
 PROVIDER_DEFAULTS = {
     "openai": "https://api.openai.com",
@@ -203,9 +203,12 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
         "type": "STATIC",
         "connect_timeout": "1s",
         "circuit_breakers": CIRCUIT_BREAKERS,
+        # One endpoint per processor process (TOKENFUSE_PROCESSES); Envoy balances the
+        # ext_proc streams (one per HTTP request) over them round robin.
         "load_assignment": {"cluster_name": "tokenfuse_processor", "endpoints": [{
-            "lb_endpoints": [{"endpoint": {"address": {"pipe": {
-                "path": str(socket_path.resolve())}}}}]
+            "lb_endpoints": [
+                {"endpoint": {"address": {"pipe": {"path": str(path)}}}}
+                for path in worker_sockets(socket_path.resolve(), processor_processes())]
         }]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3."
                                              "HttpProtocolOptions": {

@@ -1,4 +1,7 @@
-"""Prometheus metrics of the processor. Labels never carry key material."""
+"""Prometheus metrics of the processor. Labels never carry key material.
+
+With TOKENFUSE_PROCESSES > 1 the workers run in prometheus_client's multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR, set by the supervisor, which serves the sum of all of them)."""
 
 from __future__ import annotations
 
@@ -110,6 +113,7 @@ POOL_KEY_STATE = Gauge(
     "Health of a pooled key as last seen by this processor: 1 for its current state "
     "(closed, open, half_open, disabled), 0 for the others.",
     ["pool", "key", "state"], registry=REGISTRY,
+    multiprocess_mode="mostrecent",  # TOKENFUSE_PROCESSES > 1: the latest report wins
 )
 KEY_STATES = ("closed", "open", "half_open", "disabled")
 

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from tokenfuse.config import load_secret, load_settings
+from tokenfuse.config import load_secret, load_settings, worker_sockets
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
@@ -65,10 +65,13 @@ def main() -> int:
             children.append(("redis-server", proc))
             _wait_for(sock, proc, "redis-server", 10)
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-        settings.processor_socket.unlink(missing_ok=True)
+        sockets = worker_sockets(settings.processor_socket, settings.processes)
+        for path in sockets:
+            path.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-m", "tokenfuse.server"], env=env)
         children.append(("processor", proc))
-        _wait_for(settings.processor_socket, proc, "processor", 30)
+        for path in sockets:  # every processor process (TOKENFUSE_PROCESSES)
+            _wait_for(path, proc, "processor", 30)
         config = state / "envoy.json"
         subprocess.run([sys.executable, "-m", "tokenfuse.envoy_config", str(config)],
                        env=env, check=True)
