@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,3 +200,12 @@ def load_secret(state_dir: Path, create: bool = False) -> bytes:
     if not secret:
         raise ConfigError(f"secret file {path} is empty")
     return secret.encode()
+
+
+def setup_logging(level: str) -> None:
+    """Log lines on stderr with the process id (several processors may share a log)."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,37 +1,30 @@
 """Process entry point: `python -m tokenfuse.server` serves ext_proc on a Unix socket.
 
-With TOKENFUSE_PROCESSES=N > 1 this process is a supervisor: it starts N worker processes
-(`python -m tokenfuse.server --worker i`), each a complete processor on its own socket
-(`worker_socket`); Envoy balances its ext_proc streams over all N sockets. Everything a
-decision needs is in Redis, so the workers share nothing else. Metrics use
-prometheus_client's multiprocess mode: the workers write their samples to files in a
-private directory and the supervisor serves the sum on TOKENFUSE_METRICS_PORT, once every
-worker listens (so an open metrics port still means "ready"). SIGINT/SIGTERM stop them all,
-SIGHUP is passed on; a worker that exits takes the others down with it (as the single
-process would: fail closed, whatever runs tokenfuse restarts it), and a supervisor that
-dies abruptly takes its workers with it (PR_SET_PDEATHSIG).
+With TOKENFUSE_PROCESSES=N > 1 it is a supervisor instead (supervisor.py) of N workers
+(`--worker i`), each this same processor on its own socket (`worker_socket`); Envoy
+balances its ext_proc streams over all N sockets. Everything a decision needs is in Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 
 import grpc
 import redis.exceptions
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import start_http_server
 
-from tokenfuse.config import ConfigError, load_secret, load_settings, worker_socket
+from tokenfuse.config import (
+    ConfigError,
+    load_secret,
+    load_settings,
+    setup_logging,
+    worker_socket,
+)
 from tokenfuse.control import ControlWatcher
 from tokenfuse.envoy_config import PROVIDER_DEFAULTS, upstream_url
 from tokenfuse.metrics import REAPED, REAPED_NANO, REAPER_RUNS, REDIS_ERRORS, REGISTRY
@@ -39,6 +32,7 @@ from tokenfuse.pools import PoolSecrets, PoolStore, probe_forever
 from tokenfuse.pricing import PriceTable
 from tokenfuse.processor import Processor
 from tokenfuse.store import BudgetStore, GuardPolicy
+from tokenfuse.supervisor import supervise
 from tokenfuse.tokens import count_text
 from tokenfuse.webhooks import WebhookConfigError, WebhookSink
 
@@ -51,19 +45,11 @@ GRPC_OPTIONS = [
 ]
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
 async def serve(index: int | None = None) -> None:
     """One processor: ext_proc on its socket, metrics, and the background tasks.
     `index` is set in a worker of a supervisor (which serves the metrics)."""
     settings = load_settings()
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     secret = load_secret(settings.state_dir)
     prices = PriceTable.load(settings.prices_file)
     count_text("warm up the tokenizer before the first request")
@@ -152,81 +138,6 @@ async def reap_forever(store: BudgetStore, ttl_ms: int, interval_s: float) -> No
             REAPED.inc(count)
             REAPED_NANO.inc(nano)
             log.info("reaper charged %d orphaned reservation(s): %d nano-USD", count, nano)
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In a worker, before exec: SIGKILL when the supervisor dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # elsewhere: the worker's parent check at start-up is all there is
-
-
-def supervise(count: int) -> int:
-    """Run `count` worker processes until a signal (0) or until one of them exits."""
-    settings = load_settings()
-    _setup_logging(settings.log_level)
-    load_secret(settings.state_dir)  # a configuration error is reported once, here
-    stopping: list[int] = []
-
-    def stop(signum: int, _frame: object) -> None:
-        stopping.append(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
-    workers: list[subprocess.Popen[bytes]] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signum)
-
-    signal.signal(signal.SIGHUP, forward)
-    metrics_dir = tempfile.mkdtemp(prefix="tokenfuse-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
-    sockets = [worker_socket(settings.processor_socket, i) for i in range(count)]
-    serving = False
-    code = 0
-    try:
-        # preexec_fn is safe here: the supervisor runs no threads.
-        for index, path in enumerate(sockets):
-            path.unlink(missing_ok=True)
-            workers.append(subprocess.Popen(
-                [sys.executable, "-m", "tokenfuse.server", "--worker", str(index),
-                 str(os.getpid())], env=env, preexec_fn=_die_with_parent))
-        while not stopping:
-            ended = next((w for w in workers if w.poll() is not None), None)
-            if ended is not None:
-                log.error("processor process %d exited (%s); stopping the others",
-                          ended.pid, ended.returncode)
-                code = ended.returncode or 1
-                break
-            if not serving and all(path.exists() for path in sockets):
-                registry = CollectorRegistry()
-                MultiProcessCollector(registry, path=metrics_dir)
-                start_http_server(settings.metrics_port, settings.metrics_address,
-                                  registry=registry)
-                serving = True
-                log.info("tokenfuse: %d processor processes ready, metrics (all of them) "
-                         "on %s:%d", count, settings.metrics_address, settings.metrics_port)
-            time.sleep(0.05 if not serving else 0.2)
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.terminate()
-        deadline = time.monotonic() + 10
-        for worker in workers:
-            try:
-                worker.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-    return code
 
 
 def main() -> None:

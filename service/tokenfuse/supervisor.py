@@ -1,0 +1,100 @@
+"""TOKENFUSE_PROCESSES > 1: run N processor workers and supervise them.
+
+Each worker (`python -m tokenfuse.server --worker i <supervisor pid>`) is a complete
+processor on its own socket; the supervisor serves the summed metrics (prometheus_client
+multiprocess mode) once every worker listens, forwards SIGHUP, stops all on SIGINT/SIGTERM
+or when one exits (fail closed), and its workers die with it (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from tokenfuse.config import load_secret, load_settings, setup_logging, worker_socket
+
+log = logging.getLogger("tokenfuse")
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In a worker, before exec: SIGKILL when the supervisor dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # elsewhere: the worker's parent check at start-up is all there is
+
+
+def supervise(count: int) -> int:
+    """Run `count` worker processes until a signal (0) or until one of them exits."""
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    load_secret(settings.state_dir)  # a configuration error is reported once, here
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    workers: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    signal.signal(signal.SIGHUP, forward)
+    metrics_dir = tempfile.mkdtemp(prefix="tokenfuse-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    sockets = [worker_socket(settings.processor_socket, i) for i in range(count)]
+    serving = False
+    code = 0
+    try:
+        # preexec_fn is safe here: the supervisor runs no threads.
+        for index, path in enumerate(sockets):
+            path.unlink(missing_ok=True)
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "tokenfuse.server", "--worker", str(index),
+                 str(os.getpid())], env=env, preexec_fn=_die_with_parent))
+        while not stopping:
+            ended = next((w for w in workers if w.poll() is not None), None)
+            if ended is not None:
+                log.error("processor process %d exited (%s); stopping the others",
+                          ended.pid, ended.returncode)
+                code = ended.returncode or 1
+                break
+            if not serving and all(path.exists() for path in sockets):
+                registry = CollectorRegistry()
+                MultiProcessCollector(registry, path=metrics_dir)
+                start_http_server(settings.metrics_port, settings.metrics_address,
+                                  registry=registry)
+                serving = True
+                log.info("tokenfuse: %d processor processes ready, metrics (all of them) "
+                         "on %s:%d", count, settings.metrics_address, settings.metrics_port)
+            time.sleep(0.05 if not serving else 0.2)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+        deadline = time.monotonic() + 10
+        for worker in workers:
+            try:
+                worker.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return code
