@@ -124,17 +124,21 @@ class UpstreamEnvoy(Envoy):
 
 def wrk(url: str, workdir: Path, duration_s: int, connections: int, api_key: str,
         delay_ms: int = 0) -> dict[str, float]:
-    """One wrk run with fresh prompts. `delay_ms` > 0: each connection waits that long
-    after every answer (a fixed offered rate of about connections / delay)."""
+    """One wrk run with fresh prompts. `delay_ms` > 0: each connection waits a random time
+    of that mean after every answer (an offered rate of about connections / delay)."""
     script = workdir / f"wrk-{uuid.uuid4().hex}.lua"
     body = json.dumps(REQUEST).replace("RUNTAG", spell(uuid.uuid4().int))
-    delay = f"delay = function() return {delay_ms} end" if delay_ms else ""
+    # Exponential waits (mean delay_ms): connections do not fall into lockstep, so the
+    # arrivals approximate a Poisson stream rather than bursts of every connection at once.
+    delay = (f"delay = function() return math.floor(-math.log(1 - math.random()) * "
+             f"{delay_ms}) end") if delay_ms else ""
     script.write_text(WRK_SCRIPT.replace("BODY", body).replace("AUTHKEY", api_key)
                       .replace("DELAY", delay))
     try:
         out = subprocess.run(
-            ["wrk", "-t", "2", "-c", str(connections), "-d", f"{duration_s}s", "-s",
-             str(script), url], capture_output=True, text=True, check=True).stdout
+            ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d",
+             f"{duration_s}s", "-s", str(script), url],
+            capture_output=True, text=True, check=True).stdout
     finally:
         script.unlink()
     line = next(x for x in out.splitlines() if x.startswith("JSON "))
