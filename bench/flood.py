@@ -9,37 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import openai
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from load import spell  # noqa: E402
-
 from tests.billing import key_of, usage_cost  # noqa: E402
 from tests.fake_provider import FakeProvider  # noqa: E402
-
-
-async def _flood(base_url: str, key: str, requests: int) -> dict[str, int]:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300)
-
-    async def one(i: int) -> str:
-        try:
-            await client.chat.completions.create(
-                model="gpt-4o-mini", max_tokens=40,
-                messages=[{"role": "user", "content": f"flood request {spell(i)}"}])
-            return "allowed"
-        except openai.APIStatusError as exc:
-            return f"status_{exc.status_code}"
-        except openai.APIConnectionError:
-            return "connection_error"
-
-    outcomes = await asyncio.gather(*(one(i) for i in range(requests)))
-    await client.close()
-    counts: dict[str, int] = {}
-    for outcome in outcomes:
-        counts[outcome] = counts.get(outcome, 0) + 1
-    return counts
+from tests.flood import flood_outcomes  # noqa: E402
 
 
 def flood(base_url: str, key: str, provider_key: str, fake: FakeProvider, budget_nano: int,
@@ -47,7 +22,10 @@ def flood(base_url: str, key: str, provider_key: str, fake: FakeProvider, budget
     """Run the flood; `provider_key` is the key the provider sees (the client's own key
     through tokenfuse, the configured upstream key behind LiteLLM)."""
     since = len(fake.records)
-    outcomes = asyncio.run(_flood(base_url, key, requests))
+    outcomes: dict[str, int] = {}
+    for outcome in asyncio.run(flood_outcomes(base_url, key, requests, timeout_s=300)):
+        kind = outcome.split(":", 1)[0]
+        outcomes[kind] = outcomes.get(kind, 0) + 1
     served = [r for r in list(fake.records)[since:]
               if r.method == "POST" and key_of(r.headers) == provider_key]
     billed = sum(usage_cost(r.usage) for r in served if r.usage is not None and r.completed)

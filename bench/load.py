@@ -20,6 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.flood import spell  # noqa: E402
 from tests.harness import Envoy, free_port, wait_until  # noqa: E402
 
 COMPLETION = {
@@ -64,16 +65,6 @@ done = function(summary, latency, requests)
     latency:percentile(50) / 1000, latency:percentile(99) / 1000))
 end
 """
-
-
-def spell(n: int) -> str:
-    """A number in letters g..z (the loop guard normalises digits away)."""
-    out = ""
-    while True:
-        n, r = divmod(n, 20)
-        out += "ghijklmnopqrstuvwxyz"[r]
-        if n == 0:
-            return out
 
 
 def upstream_config(port: int, admin_port: int) -> dict[str, Any]:

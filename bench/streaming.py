@@ -14,7 +14,13 @@ import itertools
 import json
 import re
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.flood import spell
 
 STAMP = re.compile(rb'"ts":(\d+)\}')
 _streams = itertools.count()
@@ -23,12 +29,7 @@ STREAMS_TIMEOUT_S = 300  # a hung stream fails the bench instead of stalling it
 
 def request_body() -> bytes:
     """A distinct prompt per stream (spelled in letters: the loop guard ignores digits)."""
-    n, words = next(_streams), ""
-    while True:
-        n, r = divmod(n, 20)
-        words += "ghijklmnopqrstuvwxyz"[r]
-        if n == 0:
-            break
+    words = spell(next(_streams))
     return json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 1_000_000,
                        "stream_options": {"include_usage": True},
                        "messages": [{"role": "user", "content": f"bench {words}"}]}).encode()

@@ -5,45 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 
-import openai
-
 from tests.billing import billed_for, requests_for
 from tests.fake_provider import FakeProvider
+from tests.flood import flood_outcomes
 from tests.harness import Stack
 
 BUDGET_NANO = 10_000_000  # $0.01
 REQUESTS = 1000
 
 
-def _words(i: int) -> str:
-    """Distinct prompts in letters: numbers alone would be one loop to the loop guard."""
-    letters = "ghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        i, r = divmod(i, len(letters))
-        out += letters[r]
-        if i == 0:
-            return out
-
-
 async def _flood(base_url: str, key: str) -> tuple[int, int, list[str]]:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
-
-    async def one(i: int) -> str:
-        try:
-            await client.chat.completions.create(
-                model="gpt-4o-mini", max_tokens=40,
-                messages=[{"role": "user", "content": f"flood request {_words(i)}"}])
-            return "allowed"
-        except openai.APIStatusError as exc:
-            if exc.status_code == 402:
-                return "status_402"
-            return f"status_{exc.status_code}:{exc.response.text[:160]}"
-        except openai.APIConnectionError:
-            return "connection_error"
-
-    outcomes = await asyncio.gather(*(one(i) for i in range(REQUESTS)))
-    await client.close()
+    outcomes = await flood_outcomes(base_url, key, REQUESTS)
     allowed = outcomes.count("allowed")
     refused = outcomes.count("status_402")
     others = [o for o in outcomes if o not in ("allowed", "status_402")]
