@@ -8,6 +8,7 @@ nothing is forwarded.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -153,7 +154,7 @@ def _pooled_cluster(cluster: dict[str, Any], grpc_timeout: str,
                     message_timeout: str) -> dict[str, Any]:
     """The provider cluster with ext_proc in its upstream filter chain (one call per
     attempt: request headers to set the key, response headers to judge it)."""
-    pooled = json.loads(json.dumps(cluster))
+    pooled = copy.deepcopy(cluster)
     pooled["name"] = cluster["name"].replace("upstream_", "pooled_", 1)
     options = pooled["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]

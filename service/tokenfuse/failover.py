@@ -26,7 +26,6 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import redis.exceptions
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from tokenfuse import metrics
@@ -35,10 +34,10 @@ from tokenfuse.identity import PREFIX_CHARS, api_key_from_headers, key_id
 from tokenfuse.pools import PoolSecrets, PoolStore
 from tokenfuse.providers import PROVIDERS
 from tokenfuse.responses import CONTINUE, header_mutation_response, immediate
+from tokenfuse.store import REDIS_FAILURES
 
 log = logging.getLogger("tokenfuse.failover")
 
-REDIS_FAILURES = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 #: Failures that say something about the key, not the request: another key may succeed.
 RETRY_ON_ANOTHER_KEY = frozenset({401, 403, 429, 503, 529})
 
@@ -119,7 +118,7 @@ class PoolAttempts:
         held = self._pool_secrets.held(pool)
         try:
             async with asyncio.timeout(self._timeout):
-                key, wait_ms = await self._pools.pick(pool, sorted(held))
+                key, wait_ms = await self._pools.pick(pool, self._pool_secrets.held_ids(pool))
         except REDIS_FAILURES as exc:
             metrics.REDIS_ERRORS.labels("pool_pick").inc()
             log.warning("redis unavailable on pool_pick: %s", type(exc).__name__)

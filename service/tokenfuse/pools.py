@@ -87,6 +87,7 @@ class PoolSecrets:
         self._directory = directory
         self.by_pool: dict[str, dict[str, str]] = {}
         self._pool_of: dict[str, str] = {}
+        self._sorted_ids: dict[str, list[str]] = {}
 
     def load(self) -> None:
         pools: dict[str, dict[str, str]] = {}
@@ -101,10 +102,15 @@ class PoolSecrets:
                                     for k in keys}
         self.by_pool = pools
         self._pool_of = {kid: pool for pool, keys in pools.items() for kid in keys}
+        self._sorted_ids = {pool: sorted(keys) for pool, keys in pools.items()}
         log.info("pool secrets loaded: %s", {p: len(k) for p, k in pools.items()})
 
     def held(self, pool: str) -> dict[str, str]:
         return self.by_pool.get(pool, {})
+
+    def held_ids(self, pool: str) -> list[str]:
+        """The pool's key ids, sorted once per load (pool_pick.lua takes them per pick)."""
+        return self._sorted_ids.get(pool, [])
 
     def pool_of(self, kid: str) -> str | None:
         """The pool holding the key with this id, if any."""
@@ -253,7 +259,7 @@ async def probe_forever(store: PoolStore, pool_secrets: PoolSecrets,
             for pool, held in list(pool_secrets.by_pool.items()):
                 try:
                     provider, due = await store.probe_candidates(
-                        pool, sorted(held), int(interval_s * 1000))
+                        pool, pool_secrets.held_ids(pool), int(interval_s * 1000))
                 except (redis.RedisError, OSError) as exc:
                     log.warning("probe: redis unavailable: %s", type(exc).__name__)
                     break

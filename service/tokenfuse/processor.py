@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.exceptions
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -41,6 +40,7 @@ from tokenfuse.pools import VIRTUAL_KEY_PREFIX, PoolSecrets, PoolStore
 from tokenfuse.pricing import TOKENS_PER_PRICE_UNIT, ModelPrice, PriceTable, TokenUsage, cost_nano
 from tokenfuse.providers import PROVIDERS, Call, RequestRejected, provider_for_path
 from tokenfuse.responses import (
+    CONTINUE,
     CONTINUE_REQUEST_BODY,
     CONTINUE_REQUEST_HEADERS,
     CONTINUE_RESPONSE_HEADERS,
@@ -49,14 +49,13 @@ from tokenfuse.responses import (
     immediate,
     stream_chunk,
 )
-from tokenfuse.store import BudgetStore, LoopRefusal, Refusal
+from tokenfuse.store import REDIS_FAILURES, BudgetStore, LoopRefusal, Refusal
 from tokenfuse.streaming import StreamMeter
 from tokenfuse.tokens import estimate_input_tokens
 from tokenfuse.webhooks import WebhookSink
 
 log = logging.getLogger("tokenfuse.processor")
 
-REDIS_FAILURES = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 VKEY_CACHE_SECONDS = 5.0
 INTERNAL_HEADER_PREFIX = "x-tokenfuse-"
 
@@ -126,10 +125,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     for answer in await self._on_response_body(ex, message.response_body):
                         yield answer
                 elif kind == "request_trailers":
-                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                    yield CONTINUE["request_trailers"]
                 elif kind == "response_trailers":
                     await self._settle_from(ex)
-                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                    yield CONTINUE["response_trailers"]
         finally:
             if ex.open_reservation:
                 # Ended without a settlement (client gone, Envoy reset, upstream cut).

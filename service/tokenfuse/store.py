@@ -14,6 +14,7 @@ runs on Redis Cluster):
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from redis.utils import HIREDIS_AVAILABLE
 from tokenfuse.config import WINDOWS
 from tokenfuse.control import announce
 
+#: What a Redis call can fail with (errors, connection loss, our own time bound).
+REDIS_FAILURES = (redis.RedisError, OSError, asyncio.TimeoutError)
 LUA_DIR = Path(os.environ.get("TOKENFUSE_LUA_DIR", Path(__file__).resolve().parents[2] / "lua"))
 
 
