@@ -134,6 +134,7 @@ class RequestRecord:
     output_tokens_sent: int = 0
     completed: bool = False
     usage: Usage | None = None  # what was billed (or generated, for an aborted stream)
+    generation: int = 0  # FakeProvider.reset() count when the request arrived
 
 
 @dataclass
@@ -240,6 +241,7 @@ class FakeProvider:
         # key -> (status, retry-after seconds): that key's calls fail, e.g. (429, 2)
         self.key_failures: dict[str, tuple[int, int]] = {}
         self._billed: list[Usage] = []
+        self._generation = 0  # bumped by reset(): older requests are no longer recorded
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -303,8 +305,13 @@ class FakeProvider:
 
     # ----------------------------------------------------------------- inspection
     def reset(self) -> None:
-        """Forget all records, billed and aborted usage."""
+        """Forget all records, billed and aborted usage.
+
+        A request still being answered (a previous test's stream whose client already
+        has every byte) is not recorded when it finishes.
+        """
         with self._lock:
+            self._generation += 1
             self.records.clear()
             self._billed.clear()
             self.aborted_usage.clear()
@@ -322,6 +329,8 @@ class FakeProvider:
     def _finish(self, record: RequestRecord, usage: Usage | None, aborted: bool = False) -> None:
         record.usage = usage
         with self._cond:
+            if record.generation != self._generation:
+                return
             if usage is not None:
                 (self.aborted_usage if aborted else self._billed).append(usage)
             self.records.append(record)
@@ -329,6 +338,7 @@ class FakeProvider:
 
     # ----------------------------------------------------------------- dispatch
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        generation = self._generation
         path = request.path
         headers = {k.lower(): v for k, v in request.headers.items()}
         if path.startswith("/v1/messages"):
@@ -338,7 +348,8 @@ class FakeProvider:
         else:
             anthropic_hdr = "x-api-key" in headers or "anthropic-version" in headers
             provider = "anthropic" if anthropic_hdr else "openai"
-        record = RequestRecord(path, request.method, headers, await request.read(), 0, provider)
+        record = RequestRecord(path, request.method, headers, await request.read(), 0, provider,
+                               generation=generation)
         self._peek(record)
         usage: Usage | None = None
         aborted = False
