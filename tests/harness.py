@@ -7,6 +7,7 @@ socket it serves (a deadline, not a fixed sleep). Logs go to files the tests can
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -179,6 +180,13 @@ class Envoy(Service):
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def stat(self, name: str) -> int:
+        """An Envoy admin counter (e.g. ``http.tokenfuse.ext_proc.streams_started``)."""
+        url = f"http://127.0.0.1:{self.admin_port}/stats?filter=^{re.escape(name)}$"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            line = resp.read().decode().strip()
+        return int(line.rsplit(":", 1)[1])
 
 
 class Stack:

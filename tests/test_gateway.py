@@ -220,14 +220,33 @@ def test_get_without_body_passes(stack: Stack, api_key: str) -> None:
     assert spent(stack, api_key) == 0
 
 
-def test_provider_error_bills_nothing(stack: Stack, fake: FakeProvider, api_key: str) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_provider_error_bills_nothing(stack: Stack, fake: FakeProvider, api_key: str,
+                                      stream: bool) -> None:
+    # The status reaches the processor as an attribute of the first body message.
     with pytest.raises(openai.RateLimitError):
         openai_client(stack, api_key).chat.completions.create(
             model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": "x"}],
-            extra_headers={"x-fake-status": "429"})
+            stream=stream, extra_headers={"x-fake-status": "429"})
+    assert requests_for(fake, api_key) == 1
     doc = status(stack, api_key)
     assert doc["windows"]["day"]["spent_nano_usd"] == 0
     assert doc["windows"]["day"]["reserved_nano_usd"] == 0
+
+
+def test_a_call_costs_four_processor_messages(stack: Stack, fake: FakeProvider,
+                                              api_key: str) -> None:
+    """Request headers, request body, response body, end of stream: the response headers
+    are not sent (the status comes as an attribute), one round trip fewer per call."""
+    sent = "http.tokenfuse.ext_proc.stream_msgs_sent"
+    before = stack.envoy.stat(sent)
+    openai_client(stack, api_key).chat.completions.create(
+        model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "count"}])
+    wait_until(lambda: stack.envoy.stat("http.tokenfuse.ext_proc.streams_closed")
+               >= stack.envoy.stat("http.tokenfuse.ext_proc.streams_started"),
+               what="the processor stream's end")
+    assert stack.envoy.stat(sent) - before == 4
+    assert spent(stack, api_key) == billed_for(fake, api_key) > 0
 
 
 def test_streams_settle_from_usage(stack: Stack, fake: FakeProvider, api_key: str) -> None:

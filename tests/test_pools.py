@@ -87,6 +87,35 @@ def test_round_robin_is_even(pool_stack: Stack, fake: FakeProvider, claude_vkey:
     assert used_keys(fake, since) == {k: 3 for k in OPENAI_KEYS}
 
 
+def test_each_key_is_credited_its_own_calls(pool_stack: Stack, fake: FakeProvider) -> None:
+    """The key that served a call is named to the processor in internal response headers
+    (gateway-key routes send response headers); the client never sees them."""
+    vkey = pool_stack.cli("vkey", "create", "--name", "credit", "--pool",
+                          "openai-main").stdout.strip()
+
+    def rows() -> dict[str, dict]:
+        out = json.loads(pool_stack.cli("keys", "list", "--pool", "openai-main",
+                                        "--json").stdout)
+        return {r["id"]: r for r in out}
+
+    before, since = rows(), len(fake.records)
+    for i in range(4):
+        raw = openai_client(pool_stack, vkey).chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", max_tokens=2 + i,
+            messages=[{"role": "user", "content": f"credit {i}"}])
+        assert not any(h.lower().startswith("x-tokenfuse-") for h in raw.headers)
+    wait_until(lambda: sum(r["requests"] for r in rows().values())
+               >= sum(r["requests"] for r in before.values()) + 4, what="per-key reports")
+    after = rows()
+    for key in OPENAI_KEYS:
+        served = [r for r in list(fake.records)[since:] if key_of(r.headers) == key]
+        kid = key_id(pool_stack.secret.encode(), key)
+        assert len(served) == 2
+        assert after[kid]["spend_nano_usd"] - before[kid]["spend_nano_usd"] == sum(
+            usage_cost(r.usage) for r in served)
+        assert after[kid]["tokens"] > before[kid]["tokens"]
+
+
 def attempts_by_key(fake: FakeProvider, since: int) -> dict[str, list[int]]:
     """Statuses the provider answered, per key, for completions since record `since`."""
     out: dict[str, list[int]] = {}

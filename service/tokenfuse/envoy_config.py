@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tokenfuse.config import STATE_DIR_DEFAULT, processor_processes, worker_sockets
+from tokenfuse.identity import VIRTUAL_KEY_PREFIX
 
 PROVIDER_DEFAULTS = {
     "openai": "https://api.openai.com",
@@ -150,6 +151,32 @@ POOL_KEY_HEADER = "x-tokenfuse-pool-key"
 STAGE_METADATA = "x-tokenfuse-stage"
 
 
+# Request headers are always sent (skipping them with a buffered body lets Envoy forward
+# requests before the decision: the fail-open trap). The processor echoes every response
+# byte the client gets, so it can hold back, drop (the usage chunk it asked for) and end a
+# stream cleanly.
+PROCESSING_MODE = {
+    "request_header_mode": "SEND",
+    "request_body_mode": "BUFFERED",
+    "response_header_mode": "SKIP",
+    "response_body_mode": "FULL_DUPLEX_STREAMED",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SEND",
+}
+# Requests with a gateway key (as tokenfuse.identity reads it) also send response
+# headers: the processor reads which pool key served them and strips the internal headers.
+GATEWAY_KEY_PROCESSING = {"envoy.filters.http.ext_proc": {
+    "@type": EXT_PROC_ROUTE,
+    "overrides": {"processing_mode": {**PROCESSING_MODE, "response_header_mode": "SEND"}},
+}}
+GATEWAY_KEY_MATCHES = (
+    {"name": "authorization",
+     "string_match": {"safe_regex": {"regex": rf"(?i)bearer \s*{VIRTUAL_KEY_PREFIX}.*"}}},
+    {"name": "x-api-key",
+     "string_match": {"safe_regex": {"regex": rf"\s*{VIRTUAL_KEY_PREFIX}.*"}}},
+)
+
+
 def _pooled_cluster(cluster: dict[str, Any], grpc_timeout: str,
                     message_timeout: str) -> dict[str, Any]:
     """The provider cluster with ext_proc in its upstream filter chain (one call per
@@ -243,6 +270,13 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
             "route": {**route, "cluster": pooled["name"],
                       "retry_policy": _pool_retry_policy(pool_retries)},
         })
+        # A gateway key: the processor re-routes it to the pooled route above and needs the
+        # response headers (the key the final attempt used). Envoy fixes the processing mode
+        # when it first matches a route, so the key is recognised here, before the decision.
+        # (Not on the pooled route: its per-route config would reach the upstream ext_proc.)
+        routes.extend({"match": {"prefix": f"/{provider}/", "headers": [match]},
+                       "route": route, "typed_per_filter_config": GATEWAY_KEY_PROCESSING}
+                      for match in GATEWAY_KEY_MATCHES)
         routes.append({"match": {"prefix": f"/{provider}/"}, "route": route})
         if bench_routes:
             # Benchmarks only: the same route with the processor disabled ("Envoy alone").
@@ -260,16 +294,10 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
                              "timeout": grpc_timeout},
             "failure_mode_allow": False,
             "message_timeout": message_timeout,
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "request_body_mode": "BUFFERED",
-                "response_header_mode": "SEND",
-                # The processor echoes every response byte the client gets: it can hold
-                # back, drop (the usage chunk it asked for) and end a stream cleanly.
-                "response_body_mode": "FULL_DUPLEX_STREAMED",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SEND",
-            },
+            "processing_mode": PROCESSING_MODE,
+            # The status arrives with the first response body message, so the response
+            # headers are not sent at all (one round trip fewer per request).
+            "response_attributes": ["response.code"],
         },
     }
     hcm = {

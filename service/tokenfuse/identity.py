@@ -7,6 +7,7 @@ import hmac
 
 ID_HEX_CHARS = 32  # 128 bits of HMAC-SHA256: collision-free for any realistic key count
 PREFIX_CHARS = 8  # what logs, metrics labels and webhooks may show
+VIRTUAL_KEY_PREFIX = "tfk-"  # gateway keys bound to a provider key pool (tokenfuse.pools)
 
 
 def key_id(secret: bytes, api_key: str) -> str:

@@ -27,12 +27,11 @@ import redis
 import redis.asyncio as aioredis
 
 from tokenfuse import metrics
-from tokenfuse.identity import PREFIX_CHARS, key_id
+from tokenfuse.identity import PREFIX_CHARS, VIRTUAL_KEY_PREFIX, key_id
 from tokenfuse.store import script_source
 
 log = logging.getLogger("tokenfuse.pools")
 
-VIRTUAL_KEY_PREFIX = "tfk-"
 POOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 

@@ -33,10 +33,10 @@ from tokenfuse.envoy_config import (
     STAGE_METADATA,
 )
 from tokenfuse.failover import PoolAttempts, grant, headers_of
-from tokenfuse.identity import PREFIX_CHARS, api_key_from_headers, key_id
+from tokenfuse.identity import PREFIX_CHARS, VIRTUAL_KEY_PREFIX, api_key_from_headers, key_id
 from tokenfuse.loopguard import fingerprint, repeated_tool_call
 from tokenfuse.money import nano_to_usd
-from tokenfuse.pools import VIRTUAL_KEY_PREFIX, PoolSecrets, PoolStore
+from tokenfuse.pools import PoolSecrets, PoolStore
 from tokenfuse.pricing import TOKENS_PER_PRICE_UNIT, ModelPrice, PriceTable, TokenUsage, cost_nano
 from tokenfuse.providers import PROVIDERS, Call, RequestRejected, provider_for_path
 from tokenfuse.responses import (
@@ -58,6 +58,7 @@ log = logging.getLogger("tokenfuse.processor")
 
 VKEY_CACHE_SECONDS = 5.0
 INTERNAL_HEADER_PREFIX = "x-tokenfuse-"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"  # the key of its attributes
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Exchange:
     control_version: int = 0  # operator changes to this caller already checked
     pool: str = ""  # the caller used a gateway key bound to this pool
     pool_key: str = ""  # id of the provider key chosen from the pool
+    response_started: bool = False  # the first response message has been seen
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
@@ -122,11 +124,15 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 elif kind == "response_headers":
                     yield await self._on_response_headers(ex, message.response_headers)
                 elif kind == "response_body":
+                    if not ex.response_started:
+                        self._start_response(ex, message)
                     for answer in await self._on_response_body(ex, message.response_body):
                         yield answer
                 elif kind == "request_trailers":
                     yield CONTINUE["request_trailers"]
                 elif kind == "response_trailers":
+                    if not ex.response_started:
+                        self._start_response(ex, message)
                     await self._settle_from(ex)
                     yield CONTINUE["response_trailers"]
         finally:
@@ -319,15 +325,12 @@ class Processor(pb_grpc.ExternalProcessorServicer):
 
     async def _on_response_headers(self, ex: Exchange,
                                    msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        # Only gateway-key requests send response headers (envoy_config.PROCESSING_MODE).
         headers = headers_of(msg)
         try:
             ex.status = int(headers.get(":status", "0"))
         except ValueError:
             ex.status = 0
-        if (ex.open_reservation and 200 <= ex.status < 300
-                and "text/event-stream" in headers.get("content-type", "")
-                and ex.call is not None):
-            ex.meter = StreamMeter(ex.provider, ex.call.hide_usage_chunk)
         internal = tuple(h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX))
         if not internal:
             return CONTINUE_RESPONSE_HEADERS
@@ -335,6 +338,21 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         # per attempt by the upstream filter); the client sees none of this.
         ex.pool_key = headers.get(POOL_KEY_HEADER, "") if ex.pool else ""
         return header_mutation_response("response_headers", (), internal)
+
+    def _start_response(self, ex: Exchange, message: pb.ProcessingRequest) -> None:
+        """First response message: its status (an attribute, as response headers are not
+        sent) and whether it is an event stream to meter."""
+        ex.response_started = True
+        if not ex.status:
+            ex.status = _response_code(message)
+            if ex.pool:  # the gateway-key route match in envoy_config missed this key
+                log.warning("gateway-key response without headers; its pool key is unknown "
+                            "(rid=%s)", ex.request_id)
+        if (ex.open_reservation and ex.call is not None and ex.call.stream
+                and _may_be_success(ex.status)
+                and not message.response_body.body.lstrip().startswith(b"{")):
+            # A stream was asked for and this is not a JSON document (an error): events.
+            ex.meter = StreamMeter(ex.provider, ex.call.hide_usage_chunk)
 
     async def _on_response_body(self, ex: Exchange,
                                 msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
@@ -469,7 +487,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         return provider.stream_error_event(error_type, refusal.reason, message, details)
 
     def _read_json(self, ex: Exchange, raw: bytes) -> None:
-        if not 200 <= ex.status < 300:
+        if not _may_be_success(ex.status):
             return
         try:
             payload = json.loads(raw)
@@ -483,7 +501,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         """End of a response: settle to the provider's usage; a failed call bills nothing."""
         if not ex.open_reservation:
             return
-        if not 200 <= ex.status < 300:
+        if not _may_be_success(ex.status):
             await self._settle_safely(ex, 0, "failed")
         elif ex.usage is not None and ex.price is not None and (
                 ex.meter is None or ex.usage.output >= ex.counted_output):
@@ -679,6 +697,19 @@ def _merge_usage(old: TokenUsage | None, new: TokenUsage) -> TokenUsage:
         cache_read=max(old.cache_read, new.cache_read),
         cache_write=max(old.cache_write, new.cache_write),
     )
+
+
+def _response_code(message: pb.ProcessingRequest) -> int:
+    """The `response.code` attribute Envoy attaches to the first response message."""
+    attributes = message.attributes.get(EXT_PROC_FILTER)
+    if attributes is None or "response.code" not in attributes.fields:
+        return 0
+    return int(attributes.fields["response.code"].number_value)
+
+
+def _may_be_success(status: int) -> bool:
+    """2xx, or unknown (0): a call is billed as failed only on a known error status."""
+    return status == 0 or 200 <= status < 300
 
 
 def _is_upstream_stage(context: Any) -> bool:
