@@ -12,6 +12,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
 import redis.exceptions
@@ -20,6 +22,7 @@ from prometheus_client import start_http_server
 
 from tokenfuse.config import (
     ConfigError,
+    event_loop_name,
     load_secret,
     load_settings,
     setup_logging,
@@ -95,12 +98,14 @@ async def serve(index: int | None = None) -> None:
     socket_path.unlink(missing_ok=True)
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
+    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     if index is None:
-        log.info("tokenfuse processor listening on unix:%s, metrics on %s:%d, %d model prices",
-                 socket_path, settings.metrics_address, settings.metrics_port, len(prices))
+        log.info("tokenfuse processor listening on unix:%s, metrics on %s:%d, %d model "
+                 "prices, %s event loop", socket_path, settings.metrics_address,
+                 settings.metrics_port, len(prices), loop_name)
     else:
-        log.info("tokenfuse processor %d listening on unix:%s, %d model prices", index,
-                 socket_path, len(prices))
+        log.info("tokenfuse processor %d listening on unix:%s, %d model prices, %s event "
+                 "loop", index, socket_path, len(prices), loop_name)
 
     # The reaper is idempotent (any number may run); one per processor group is enough.
     reaper = asyncio.create_task(
@@ -140,17 +145,27 @@ async def reap_forever(store: BudgetStore, ttl_ms: int, interval_s: float) -> No
             log.info("reaper charged %d orphaned reservation(s): %d nano-USD", count, nano)
 
 
+def run(main_coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run on the configured event loop (TOKENFUSE_EVENT_LOOP)."""
+    if event_loop_name() == "uvloop":
+        import uvloop
+
+        uvloop.run(main_coroutine)
+    else:
+        asyncio.run(main_coroutine)
+
+
 def main() -> None:
     try:
         if len(sys.argv) >= 4 and sys.argv[1] == "--worker":
             if os.getppid() != int(sys.argv[3]):
                 sys.exit(1)  # the supervisor died before this worker started
-            asyncio.run(serve(int(sys.argv[2])))
+            run(serve(int(sys.argv[2])))
             return
         settings = load_settings()
         if settings.processes > 1:
             sys.exit(supervise(settings.processes))
-        asyncio.run(serve())
+        run(serve())
     except ConfigError as exc:
         print(f"tokenfuse: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
