@@ -20,15 +20,17 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import redis
 import redis.asyncio as aioredis
 
 from tokenfuse import metrics
 from tokenfuse.identity import PREFIX_CHARS, VIRTUAL_KEY_PREFIX, key_id
 from tokenfuse.store import script_source
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("tokenfuse.pools")
 
@@ -251,33 +253,49 @@ async def probe_forever(store: PoolStore, pool_secrets: PoolSecrets,
                         upstreams: dict[str, str], interval_s: float) -> None:
     """Bring keys back: probe each open (cooled-down) or disabled key with a free request;
     success closes it, failure keeps it out. One replica probes a key at a time."""
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    session: aiohttp.ClientSession | None = None
+    try:
         while True:
             await asyncio.sleep(interval_s)
-            for pool, held in list(pool_secrets.by_pool.items()):
-                try:
-                    provider, due = await store.probe_candidates(
-                        pool, pool_secrets.held_ids(pool), int(interval_s * 1000))
-                except (redis.RedisError, OSError) as exc:
-                    log.warning("probe: redis unavailable: %s", type(exc).__name__)
-                    break
-                if provider not in PROVIDER_PROBES:
-                    continue
-                path, auth = PROVIDER_PROBES[provider]
-                url = upstreams[provider].rstrip("/") + path
-                for kid in due:
-                    try:
-                        async with session.get(url, headers=auth(held[kid])) as response:
-                            status = response.status
-                    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                        log.info("probe of %s/%s failed: %s", pool, kid[:8], type(exc).__name__)
-                        continue
-                    metrics.POOL_PROBES.labels(pool, str(status)).inc()
-                    try:
-                        state = await store.report(pool, kid, status, -1, 0, 0,
-                                                   f"probe HTTP {status}")
-                    except (redis.RedisError, OSError):
-                        break
-                    metrics.set_pool_key_state(pool, kid[:PREFIX_CHARS], state)
-                    log.info("probe of %s/%s: HTTP %d", pool, kid[:8], status)
+            if not pool_secrets.by_pool:
+                continue
+            if session is None:  # aiohttp (~10 MB) only once there are pools to probe
+                import aiohttp
+
+                session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            await _probe_pools(store, pool_secrets, upstreams, interval_s, session)
+    finally:
+        if session is not None:
+            await session.close()
+
+
+async def _probe_pools(store: PoolStore, pool_secrets: PoolSecrets, upstreams: dict[str, str],
+                       interval_s: float, session: aiohttp.ClientSession) -> None:
+    import aiohttp
+
+    for pool, held in list(pool_secrets.by_pool.items()):
+        try:
+            provider, due = await store.probe_candidates(
+                pool, pool_secrets.held_ids(pool), int(interval_s * 1000))
+        except (redis.RedisError, OSError) as exc:
+            log.warning("probe: redis unavailable: %s", type(exc).__name__)
+            return
+        if provider not in PROVIDER_PROBES:
+            continue
+        path, auth = PROVIDER_PROBES[provider]
+        url = upstreams[provider].rstrip("/") + path
+        for kid in due:
+            try:
+                async with session.get(url, headers=auth(held[kid])) as response:
+                    status = response.status
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.info("probe of %s/%s failed: %s", pool, kid[:8], type(exc).__name__)
+                continue
+            metrics.POOL_PROBES.labels(pool, str(status)).inc()
+            try:
+                state = await store.report(pool, kid, status, -1, 0, 0,
+                                           f"probe HTTP {status}")
+            except (redis.RedisError, OSError):
+                break
+            metrics.set_pool_key_state(pool, kid[:PREFIX_CHARS], state)
+            log.info("probe of %s/%s: HTTP %d", pool, kid[:8], status)

@@ -18,14 +18,14 @@ import json
 import logging
 import socket
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
-
 from tokenfuse import metrics
+
+if TYPE_CHECKING:  # aiohttp (~10 MB) is imported only once a webhook URL is configured
+    import aiohttp
+    from aiohttp.abc import ResolveResult
 
 log = logging.getLogger("tokenfuse.webhooks")
 SIGNATURE_HEADER = "X-Tokenfuse-Signature"
@@ -64,10 +64,13 @@ def validate_urls(urls: list[str], allow_private: bool) -> list[str]:
     return urls
 
 
-class PublicOnlyResolver(AbstractResolver):
-    """Resolves like the default resolver, then drops every non-public address."""
+class PublicOnlyResolver:
+    """Resolves like aiohttp's default resolver, then drops every non-public address
+    (an aiohttp resolver: `resolve` and `close`)."""
 
     def __init__(self) -> None:
+        from aiohttp.resolver import DefaultResolver
+
         self._inner = DefaultResolver()
 
     async def resolve(self, host: str, port: int = 0,
@@ -122,6 +125,8 @@ class WebhookSink:
         """Deliver forever with a few concurrent workers."""
         if not self._urls:
             return
+        import aiohttp
+
         resolver = None if self._allow_private else PublicOnlyResolver()
         connector = aiohttp.TCPConnector(resolver=resolver, limit=self._workers * 2)
         timeout = aiohttp.ClientTimeout(total=self._timeout)
@@ -137,6 +142,8 @@ class WebhookSink:
 
     async def _deliver(self, session: aiohttp.ClientSession, url: str, event: str,
                        body: bytes) -> None:
+        import aiohttp
+
         headers = {"content-type": "application/json", "user-agent": "tokenfuse-webhooks",
                    "x-tokenfuse-event": event, SIGNATURE_HEADER: sign(self._secret, body)}
         for attempt in range(self._max_attempts):
