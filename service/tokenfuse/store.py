@@ -28,6 +28,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from tokenfuse.config import WINDOWS
 from tokenfuse.control import announce
+from tokenfuse.redis_pipe import PipelinedRedis, Script
 
 #: What a Redis call can fail with (errors, connection loss, our own time bound).
 REDIS_FAILURES = (redis.RedisError, OSError, asyncio.TimeoutError)
@@ -128,16 +129,18 @@ def _hiredis_packing(connection_class: type) -> type:
 
 
 class BudgetStore:
-    """Async access for the processor: reserve and settle, one round trip each."""
+    """Async access for the processor: reserve, extend and settle, one round trip each, on
+    one pipelined connection (redis_pipe); the reaper and the pools use redis-py."""
 
-    def __init__(self, client: aioredis.Redis, default_limits: list[int],
-                 policy: GuardPolicy | None = None) -> None:
+    def __init__(self, client: aioredis.Redis, decisions: PipelinedRedis,
+                 default_limits: list[int], policy: GuardPolicy | None = None) -> None:
         self._redis = client
+        self._decisions = decisions
         self._defaults = default_limits
         self._policy = (policy or GuardPolicy()).args()
-        self._reserve = client.register_script(script_source("reserve"))
-        self._settle = client.register_script(script_source("settle"))
-        self._extend = client.register_script(script_source("extend"))
+        self._reserve = Script(script_source("reserve"))
+        self._settle = Script(script_source("settle"))
+        self._extend = Script(script_source("extend"))
         self._reap = client.register_script(script_source("reap"))
 
     @classmethod
@@ -157,7 +160,7 @@ class BudgetStore:
         # One immediate retry replaces a pooled connection that died with a Redis restart;
         # no backoff: the decision is bounded by TOKENFUSE_REDIS_TIMEOUT_MS anyway.
         client = aioredis.Redis(connection_pool=pool, retry=AsyncRetry(NoBackoff(), 1))
-        return cls(client, default_limits, policy)
+        return cls(client, PipelinedRedis(url, timeout), default_limits, policy)
 
     async def reserve(self, caller: str, rid: str, desired_nano: int,
                       minimum_nano: int | None = None,
@@ -167,7 +170,8 @@ class BudgetStore:
         minimum = desired_nano if minimum_nano is None else minimum_nano
         policy = self._policy if fingerprint else [0, *self._policy[1:]]
         fp = fingerprint or "-"
-        result: list[Any] = await self._reserve(
+        result: list[Any] = await self._decisions.evalsha(
+            self._reserve,
             keys=[limits_key(caller), reservations_key(caller),
                   f"tf:{{{caller}}}:lp:{fp}", f"tf:{{{caller}}}:lc:{fp}",
                   f"tf:{{{caller}}}:vel"],
@@ -187,8 +191,8 @@ class BudgetStore:
     async def extend(self, caller: str, rid: str, desired_nano: int,
                      minimum_nano: int) -> int | Refusal:
         """Grow an open reservation by up to `desired` (at least `minimum`)."""
-        result: list[Any] = await self._extend(
-            keys=[limits_key(caller), reservations_key(caller)],
+        result: list[Any] = await self._decisions.evalsha(
+            self._extend, keys=[limits_key(caller), reservations_key(caller)],
             args=[rid, desired_nano, minimum_nano, *self._defaults],
         )
         if int(result[0]) == 1:
@@ -197,7 +201,8 @@ class BudgetStore:
 
     async def settle(self, caller: str, rid: str, actual_nano: int) -> bool:
         """Replace a reservation by the actual cost. False when it was already settled."""
-        result = await self._settle(keys=[reservations_key(caller)], args=[rid, actual_nano])
+        result = await self._decisions.evalsha(self._settle, keys=[reservations_key(caller)],
+                                               args=[rid, actual_nano])
         return int(result[0]) == 1
 
     async def reap(self, ttl_ms: int) -> tuple[int, int]:
@@ -213,6 +218,7 @@ class BudgetStore:
         return reaped, charged
 
     async def close(self) -> None:
+        await self._decisions.close()
         await self._redis.aclose()
 
 
