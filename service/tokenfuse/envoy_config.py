@@ -23,6 +23,7 @@ PROVIDER_DEFAULTS = {
     "openai": "https://api.openai.com",
     "anthropic": "https://api.anthropic.com",
 }
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"  # also the key of its attributes
 EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 EXT_PROC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -165,7 +166,7 @@ PROCESSING_MODE = {
 }
 # Requests with a gateway key (as tokenfuse.identity reads it) also send response
 # headers: the processor reads which pool key served them and strips the internal headers.
-GATEWAY_KEY_PROCESSING = {"envoy.filters.http.ext_proc": {
+GATEWAY_KEY_PROCESSING = {EXT_PROC_FILTER: {
     "@type": EXT_PROC_ROUTE,
     "overrides": {"processing_mode": {**PROCESSING_MODE, "response_header_mode": "SEND"}},
 }}
@@ -186,7 +187,7 @@ def _pooled_cluster(cluster: dict[str, Any], grpc_timeout: str,
     options = pooled["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     options["http_filters"] = [
-        {"name": "envoy.filters.http.ext_proc", "typed_config": {
+        {"name": EXT_PROC_FILTER, "typed_config": {
             "@type": EXT_PROC,
             "grpc_service": {"envoy_grpc": {"cluster_name": "tokenfuse_processor"},
                              "timeout": grpc_timeout,
@@ -248,7 +249,7 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
     routes: list[dict[str, Any]] = [{
         "match": {"path": "/healthz"},
         "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
-        "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+        "typed_per_filter_config": {EXT_PROC_FILTER: {
             "@type": EXT_PROC_ROUTE, "disabled": True}},
     }]
     for provider in PROVIDER_DEFAULTS:
@@ -282,12 +283,12 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
             # Benchmarks only: the same route with the processor disabled ("Envoy alone").
             routes.insert(0, {
                 "match": {"prefix": f"/direct/{provider}/"}, "route": route,
-                "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+                "typed_per_filter_config": {EXT_PROC_FILTER: {
                     "@type": EXT_PROC_ROUTE, "disabled": True}},
             })
 
     ext_proc = {
-        "name": "envoy.filters.http.ext_proc",
+        "name": EXT_PROC_FILTER,
         "typed_config": {
             "@type": EXT_PROC,
             "grpc_service": {"envoy_grpc": {"cluster_name": "tokenfuse_processor"},

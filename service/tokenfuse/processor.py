@@ -27,6 +27,7 @@ from tokenfuse import metrics
 from tokenfuse.config import Settings
 from tokenfuse.control import ControlWatcher
 from tokenfuse.envoy_config import (
+    EXT_PROC_FILTER,
     GRANT_HEADER,
     POOL_HEADER,
     POOL_KEY_HEADER,
@@ -58,7 +59,6 @@ log = logging.getLogger("tokenfuse.processor")
 
 VKEY_CACHE_SECONDS = 5.0
 INTERNAL_HEADER_PREFIX = "x-tokenfuse-"
-EXT_PROC_FILTER = "envoy.filters.http.ext_proc"  # the key of its attributes
 
 
 @dataclass

@@ -66,10 +66,11 @@ class _Protocol(asyncio.Protocol):
                 future.set_exception(redis.ConnectionError("connection to Redis lost"))
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self.waiting.append(future)
         if not self.outbox:  # the first command of this loop turn: write them all at its end
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop.call_soon(self.flush)
         self.outbox.append(command)
         return future
 
