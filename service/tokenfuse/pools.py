@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from tokenfuse import metrics
 from tokenfuse.identity import PREFIX_CHARS, VIRTUAL_KEY_PREFIX, key_id
+from tokenfuse.redis_pipe import PipelinedRedis, Script
 from tokenfuse.store import script_source
 
 if TYPE_CHECKING:
@@ -127,21 +128,24 @@ PROVIDER_PROBES = {
 
 
 class PoolStore:
-    """Processor side: pick a key, report an outcome. One Lua call each."""
+    """Processor side: pick a key, report an outcome. One Lua call each, on the decisions'
+    pipelined connection; probes and gateway-key lookups use redis-py."""
 
-    def __init__(self, client: aioredis.Redis, base_cooldown_ms: int,
-                 max_cooldown_ms: int) -> None:
+    def __init__(self, client: aioredis.Redis, decisions: PipelinedRedis,
+                 base_cooldown_ms: int, max_cooldown_ms: int) -> None:
         self._redis = client
-        self._pick = client.register_script(script_source("pool_pick"))
-        self._report = client.register_script(script_source("pool_report"))
+        self._decisions = decisions
+        self._pick = Script(script_source("pool_pick"))
+        self._report = Script(script_source("pool_report"))
         self._base = base_cooldown_ms
         self._cap = max_cooldown_ms
 
     async def pick(self, pool: str, held_ids: list[str]) -> tuple[str | None, int]:
         """(key id, 0) or (None, ms until the earliest recovery, -1 if unknown)."""
         prefix = pool_prefix(pool)
-        result = await self._pick(keys=[f"{prefix}:keys", f"{prefix}:rr"],
-                                  args=[",".join(held_ids)])
+        result = await self._decisions.evalsha(self._pick,
+                                               keys=[f"{prefix}:keys", f"{prefix}:rr"],
+                                               args=[",".join(held_ids)])
         if int(result[0]) == 1:
             value = result[1]
             return (value.decode() if isinstance(value, bytes) else value), 0
@@ -150,9 +154,10 @@ class PoolStore:
     async def report(self, pool: str, key: str, status: int, retry_after_ms: int = -1,
                      tokens: int = 0, spend_nano: int = 0, error: str = "") -> str:
         """Record an outcome; returns the key's state after it."""
-        result = await self._report(keys=[f"{pool_prefix(pool)}:h:{key}"],
-                                    args=[status, retry_after_ms, self._base, self._cap,
-                                          tokens, spend_nano, error[:200]])
+        result = await self._decisions.evalsha(
+            self._report, keys=[f"{pool_prefix(pool)}:h:{key}"],
+            args=[status, retry_after_ms, self._base, self._cap, tokens, spend_nano,
+                  error[:200]])
         state = result[0]
         return state.decode() if isinstance(state, bytes) else str(state)
 

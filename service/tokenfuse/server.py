@@ -84,7 +84,8 @@ async def serve(index: int | None = None) -> None:
     deliveries = asyncio.create_task(webhooks.run())
     pool_secrets = PoolSecrets(secret, settings.pools_dir)
     pool_secrets.load()
-    pools = PoolStore(store.client, settings.pool_cooldown_ms, settings.pool_max_cooldown_ms)
+    pools = PoolStore(store.client, store.decisions, settings.pool_cooldown_ms,
+                      settings.pool_max_cooldown_ms)
     upstreams = {name: upstream_url(name) for name in PROVIDER_DEFAULTS}
     probes = asyncio.create_task(probe_forever(pools, pool_secrets, upstreams,
                                                settings.pool_probe_interval_ms / 1000))

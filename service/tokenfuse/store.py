@@ -188,6 +188,10 @@ class BudgetStore:
     def client(self) -> aioredis.Redis:
         return self._redis
 
+    @property
+    def decisions(self) -> PipelinedRedis:
+        return self._decisions
+
     async def extend(self, caller: str, rid: str, desired_nano: int,
                      minimum_nano: int) -> int | Refusal:
         """Grow an open reservation by up to `desired` (at least `minimum`)."""
