@@ -64,6 +64,21 @@ def test_whole_streams_count_what_the_provider_reports(streams: dict[str, bytes]
         assert usages and max(u.output for u in usages) == 30, name
 
 
+def test_only_the_last_event_is_final(streams: dict[str, bytes]) -> None:
+    """[DONE] / message_stop: the processor settles before forwarding it."""
+    for name, raw in streams.items():
+        events, _ = meter(name.split("-")[0], [raw])
+        assert [e.final for e in events] == [False] * (len(events) - 1) + [True], name
+        final_usage = [e.usage for e in events if e.usage is not None][-1]
+        assert final_usage is not None and final_usage.output == 30, name  # usage came first
+    responses = StreamMeter("openai", hide_usage_chunk=False).feed(
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+        b'"delta":"hi"}\n\nevent: response.completed\ndata: {"type":"response.completed",'
+        b'"response":{"usage":{"input_tokens":3,"output_tokens":1}}}\n\n')
+    assert [(e.final, e.output_tokens) for e in responses] == [(False, 1), (True, 0)]
+    assert responses[1].usage is not None and responses[1].usage.output == 1
+
+
 def test_every_split_point(streams: dict[str, bytes]) -> None:
     for name, raw in streams.items():
         provider = name.split("-")[0]

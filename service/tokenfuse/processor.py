@@ -393,6 +393,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             if event.hidden:
                 out += meter.take(event.start)
                 meter.drop(event.end)
+            if event.final:
+                # Settled before the client gets the last event: when the SDK's call
+                # returns, the budget already shows what the call cost.
+                await self._settle_from(ex)
         if msg.end_of_stream:
             out += meter.rest()
             await self._settle_from(ex)

@@ -146,6 +146,11 @@ class OpenAI:
     def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool:
         return payload.get("choices") == [] and isinstance(payload.get("usage"), dict)
 
+    def is_final_event(self, event: str, data: str) -> bool:
+        """The stream's last event: `[DONE]` (chat, completions) or a Responses API end."""
+        return data == "[DONE]" or event in ("response.completed", "response.incomplete",
+                                             "response.failed")
+
     def error_body(self, error_type: str, code: str, message: str,
                    details: dict[str, Any] | None = None) -> bytes:
         doc: dict[str, Any] = {
@@ -207,6 +212,9 @@ class Anthropic:
 
     def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool:
         return False
+
+    def is_final_event(self, event: str, data: str) -> bool:
+        return event == "message_stop"
 
     def error_body(self, error_type: str, code: str, message: str,
                    details: dict[str, Any] | None = None) -> bytes:

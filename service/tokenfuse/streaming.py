@@ -26,6 +26,7 @@ class MeteredEvent:
     output_tokens: int
     usage: TokenUsage | None
     hidden: bool  # not for the client (the usage chunk tokenfuse asked for)
+    final: bool = False  # the provider's last event ([DONE], message_stop, ...)
 
 
 class StreamMeter:
@@ -70,8 +71,9 @@ class StreamMeter:
     def _meter(self, event: SseEvent) -> MeteredEvent:
         start, self._last_end = self._last_end, event.end
         data = event.data
+        final = self._provider.is_final_event(event.event, data.strip())
         if not data.startswith("{"):
-            return MeteredEvent(start, event.end, 0, None, False)
+            return MeteredEvent(start, event.end, 0, None, False, final)
         try:
             payload = json.loads(data)
         except ValueError:
@@ -86,4 +88,4 @@ class StreamMeter:
                      self._provider.stream_output(event.event, payload) if t)
         usage = self._provider.usage(payload) if "usage" in data else None
         hidden = self._hide_usage_chunk and self._provider.is_usage_only_chunk(payload)
-        return MeteredEvent(start, event.end, tokens, usage, hidden)
+        return MeteredEvent(start, event.end, tokens, usage, hidden, final)
