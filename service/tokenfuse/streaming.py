@@ -71,7 +71,7 @@ class StreamMeter:
     def _meter(self, event: SseEvent) -> MeteredEvent:
         start, self._last_end = self._last_end, event.end
         data = event.data
-        final = self._provider.is_final_event(event.event, data.strip())
+        final = self._provider.is_final_event(event.event, data)
         if not data.startswith("{"):
             return MeteredEvent(start, event.end, 0, None, False, final)
         try:
