@@ -24,7 +24,6 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.utils import HIREDIS_AVAILABLE
 
 from tokenfuse.config import WINDOWS
 from tokenfuse.control import announce
@@ -109,25 +108,6 @@ class BudgetStatus:
     windows: list[WindowStatus]
 
 
-def _hiredis_packing(connection_class: type) -> type:
-    """`connection_class` packing commands with hiredis. redis-py parses replies with
-    hiredis when it is installed, but its asyncio connections still pack commands in Python
-    (argument by argument): for the 14-argument EVALSHA of every decision that was about a
-    quarter of redis-py's time in the processor. Same bytes on the wire."""
-    if not HIREDIS_AVAILABLE:
-        return connection_class
-    from redis.connection import HiredisRespSerializer
-
-    serializer = HiredisRespSerializer()
-
-    class HiredisPacking(connection_class):  # type: ignore[misc, valid-type]
-        def pack_command(self, *args: Any) -> list[bytes]:
-            return serializer.pack(*args)
-
-    HiredisPacking.__name__ = f"HiredisPacking{connection_class.__name__}"
-    return HiredisPacking
-
-
 class BudgetStore:
     """Async access for the processor: reserve, extend and settle, one round trip each, on
     one pipelined connection (redis_pipe); the reaper and the pools use redis-py."""
@@ -156,7 +136,6 @@ class BudgetStore:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
         )
-        pool.connection_class = _hiredis_packing(pool.connection_class)
         # One immediate retry replaces a pooled connection that died with a Redis restart;
         # no backoff: the decision is bounded by TOKENFUSE_REDIS_TIMEOUT_MS anyway.
         client = aioredis.Redis(connection_pool=pool, retry=AsyncRetry(NoBackoff(), 1))
