@@ -12,9 +12,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.billing import key_of, usage_cost  # noqa: E402
-from tests.fake_provider import FakeProvider  # noqa: E402
-from tests.flood import flood_outcomes  # noqa: E402
+from tests.support.billing import key_of, usage_cost  # noqa: E402
+from tests.support.fake_provider import FakeProvider  # noqa: E402
+from tests.support.flood import flood_outcomes  # noqa: E402
 
 
 def flood(base_url: str, key: str, provider_key: str, fake: FakeProvider, budget_nano: int,

@@ -20,8 +20,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.flood import spell  # noqa: E402
-from tests.harness import Envoy, free_port, wait_until  # noqa: E402
+from tests.support.flood import spell  # noqa: E402
+from tests.support.harness import Envoy, free_port, wait_until  # noqa: E402
 
 COMPLETION = {
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",

@@ -39,8 +39,8 @@ from flood import flood  # noqa: E402
 from load import UpstreamEnvoy, wrk  # noqa: E402
 from memory import PeakRss, tree_rss  # noqa: E402
 
-from tests.fake_provider import FakeProvider  # noqa: E402
-from tests.harness import Stack, free_port  # noqa: E402
+from tests.support.fake_provider import FakeProvider  # noqa: E402
+from tests.support.harness import Stack, free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DURATION_S = int(os.environ.get("BENCH_DURATION_S", "8"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.flood import spell
+from tests.support.flood import spell
 
 STAMP = re.compile(rb'"ts":(\d+)\}')
 _streams = itertools.count()

@@ -10,8 +10,8 @@ import anthropic
 import openai
 import pytest
 
-from tests.fake_provider import FakeProvider
-from tests.harness import RedisServer, Stack
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import RedisServer, Stack
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.harness import RedisServer
+from tests.support.harness import RedisServer
 from tokenfuse.config import WINDOWS
 from tokenfuse.store import (
     BudgetAdmin,

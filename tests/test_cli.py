@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.harness import Stack
+from tests.support.harness import Stack
 
 
 def test_budget_set_status_clear(stack: Stack, api_key: str) -> None:

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from tests.conftest import openai_client
-from tests.fake_provider import FakeProvider
-from tests.harness import Stack, wait_until
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import Stack, wait_until
 from tokenfuse.identity import key_id
 from tokenfuse.store import reservations_key
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fake_provider import anthropic_input_tokens, openai_prompt_tokens
+from tests.support.fake_provider import anthropic_input_tokens, openai_prompt_tokens
 from tokenfuse.config import load_settings
 from tokenfuse.pricing import PriceTable, TokenUsage, cost_nano
 from tokenfuse.processor import Processor

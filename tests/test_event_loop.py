@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from tests.conftest import openai_client
-from tests.fake_provider import FakeProvider
-from tests.harness import Stack
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import Stack
 
 
 def test_default_stack_runs_uvloop(stack: Stack) -> None:

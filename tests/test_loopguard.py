@@ -10,10 +10,10 @@ import anthropic
 import openai
 import pytest
 
-from tests.billing import requests_for
 from tests.conftest import anthropic_client, openai_client
-from tests.fake_provider import FakeProvider
-from tests.harness import Stack, wait_until
+from tests.support.billing import requests_for
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import Stack, wait_until
 from tokenfuse.identity import key_id
 from tokenfuse.loopguard import fingerprint
 

@@ -16,10 +16,10 @@ import httpx
 import openai
 import pytest
 
-from tests.billing import key_of, usage_cost
 from tests.conftest import anthropic_client, openai_client
-from tests.fake_provider import FakeProvider
-from tests.harness import Stack, wait_until
+from tests.support.billing import key_of, usage_cost
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import Stack, wait_until
 from tokenfuse.identity import key_id
 from tokenfuse.pools import parse_pool_csv
 

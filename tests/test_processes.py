@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import openai_client
-from tests.fake_provider import FakeProvider
-from tests.harness import Stack, wait_until
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import Stack, wait_until
 from tokenfuse import envoy_config
 from tokenfuse.config import worker_socket
 

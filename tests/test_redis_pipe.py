@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis
 
-from tests.harness import RedisServer
+from tests.support.harness import RedisServer
 from tokenfuse.redis_pipe import PipelinedRedis, Script
 
 

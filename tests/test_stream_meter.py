@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fake_provider import FakeProvider
+from tests.support.fake_provider import FakeProvider
 from tokenfuse.streaming import MeteredEvent, StreamMeter
 
 

@@ -12,10 +12,10 @@ import httpx2
 import openai
 import pytest
 
-from tests.billing import billed_for, key_of, usage_cost
 from tests.conftest import anthropic_client, openai_client
-from tests.fake_provider import FakeProvider
-from tests.harness import Stack, wait_until
+from tests.support.billing import billed_for, key_of, usage_cost
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import Stack, wait_until
 
 HAIKU = "claude-haiku-4-5"
 GRACE = 32  # TOKENFUSE_STREAM_GRACE_TOKENS default

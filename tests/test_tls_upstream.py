@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from tests.conftest import openai_client
-from tests.fake_provider import FakeProvider
-from tests.harness import Stack
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import Stack
 
 
 def _openssl(*args: str) -> None:

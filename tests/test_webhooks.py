@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from tests.conftest import openai_client
-from tests.fake_provider import FakeProvider
-from tests.harness import Stack, free_port, wait_until
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import Stack, free_port, wait_until
 from tokenfuse.identity import PREFIX_CHARS, key_id
 from tokenfuse.webhooks import PublicOnlyResolver, WebhookConfigError, validate_urls
 

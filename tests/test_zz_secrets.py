@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tests.billing import key_of
-from tests.fake_provider import FakeProvider
-from tests.harness import Stack
+from tests.support.billing import key_of
+from tests.support.fake_provider import FakeProvider
+from tests.support.harness import Stack
 
 
 def test_caller_keys_appear_nowhere(stack: Stack, fake: FakeProvider) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.fake_provider import FakeProvider, Usage
+from tests.support.fake_provider import FakeProvider, Usage
 from tokenfuse.pricing import PriceTable, TokenUsage, cost_nano
 
 PRICES = PriceTable.load()

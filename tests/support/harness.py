@@ -22,7 +22,7 @@ import redis
 
 from tokenfuse.config import worker_sockets
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 

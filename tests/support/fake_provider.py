@@ -6,7 +6,7 @@ in deliberately awkward pieces: events split mid-line and inside multi-byte UTF-
 with keep-alive comments interleaved. It stands for the real provider, so it must never import
 anything from ``tokenfuse``.
 
-Run in the foreground with ``python -m tests.fake_provider --port 8081``.
+Run in the foreground with ``python -m tests.support.fake_provider --port 8081``.
 """
 
 from __future__ import annotations
