@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) scripts/setup.sh
 
 run: setup
-	$(PY) -m tokenfuse.stack
+	$(PY) -m tokenfuse.deploy.stack
 
 test: setup
 	$(VENV)/bin/ruff check service tests bench
@@ -25,7 +25,7 @@ bench: setup
 	$(PY) bench/run.py
 
 envoy-config: setup
-	$(PY) -m tokenfuse.envoy_config -
+	$(PY) -m tokenfuse.deploy.envoy_config -
 
 clean:
 	rm -rf $(VENV) .tokenfuse .pytest_cache .ruff_cache

@@ -3,18 +3,17 @@
 -- desired amount or less (down to the minimum); refuses when the key is killed, the
 -- reservation is gone (settled or reaped) or no window can cover the minimum.
 --
--- KEYS[1]  tf:{<id>}:b   KEYS[2]  tf:{<id>}:rs
--- ARGV[1]  reservation id   ARGV[2] desired   ARGV[3] minimum   ARGV[4..9] default limits
+--- KEYS: limits reservations
+--- ARGV: prefix rid desired minimum default_minute default_hour default_day default_week default_month default_total
 -- Returns {1, granted} or {0, reason, window, limit, used, reset_epoch_s}.
-local limits_key, res_key = KEYS[1], KEYS[2]
-local prefix = string.sub(limits_key, 1, -3)
-local rid, desired, minimum = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local prefix, rid = A.prefix, A.rid
+local desired, minimum = tonumber(A.desired), tonumber(A.minimum)
 
-local rec = redis.call('HGET', res_key, rid)
+local rec = redis.call('HGET', K.reservations, rid)
 if not rec then
   return {0, 'reservation_gone', 'total', 0, 0, 0}
 end
-local limits, killed = read_limits(limits_key, ARGV, 4)
+local limits, killed = read_limits(K.limits, A)
 if killed then
   return {0, 'killed', 'total', 0, 0, 0}
 end
@@ -42,5 +41,6 @@ end
 for _, key in ipairs(live) do
   redis.call('HINCRBY', key, 'r', grant)
 end
-redis.call('HSET', res_key, rid, (tonumber(amount) + grant) .. '|' .. now_ms() .. '|' .. ids)
+redis.call('HSET', K.reservations, rid,
+  (tonumber(amount) + grant) .. '|' .. now_ms() .. '|' .. ids)
 return {1, grant}

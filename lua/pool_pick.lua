@@ -3,17 +3,19 @@
 -- A key is usable when enabled and its health is 'closed', or its cooldown has passed
 -- ('half_open': one trial request at a time; its outcome closes or reopens it).
 --
--- KEYS[1] tfp:{<pool>}:keys   hash key_id -> "weight|enabled(1/0)|label"
--- KEYS[2] tfp:{<pool>}:rr     round-robin counter
--- ARGV[1] comma-separated key ids this processor holds secrets for
+--- KEYS: keys round_robin
+--- ARGV: prefix held
+-- keys         hash key_id -> "weight|enabled(1/0)|label"
+-- round_robin  round-robin counter
+-- prefix: the pool's key prefix; held: comma-separated key ids this processor holds
+-- secrets for.
 -- Returns {1, key_id} or {0, earliest_recovery_ms_from_now (-1 = none known)}.
-local keys_key, rr_key = KEYS[1], KEYS[2]
-local prefix = string.sub(keys_key, 1, -6)
+local prefix = A.prefix
 local held = {}
-for id in string.gmatch(ARGV[1], '[^,]+') do held[id] = true end
+for id in string.gmatch(A.held, '[^,]+') do held[id] = true end
 local now = now_ms()
 
-local members = redis.call('HGETALL', keys_key)
+local members = redis.call('HGETALL', K.keys)
 local ids, meta = {}, {}
 for i = 1, #members, 2 do
   ids[#ids + 1] = members[i]
@@ -25,7 +27,7 @@ local slots, earliest = {}, -1
 for _, id in ipairs(ids) do
   local weight, enabled = string.match(meta[id], '^(%d+)|(%d)|')
   if enabled == '1' and held[id] then
-    local h = redis.call('HMGET', prefix .. ':h:' .. id, 'state', 'until', 'trial')
+    local h = redis.call('HMGET', prefix .. LAYOUT.pool_health .. id, 'state', 'until', 'trial')
     local state, until_ms = h[1] or 'closed', tonumber(h[2]) or 0
     local usable = false
     if state == 'closed' then
@@ -44,9 +46,9 @@ end
 if #slots == 0 then
   return {0, earliest}
 end
-local turn = redis.call('INCR', rr_key)
+local turn = redis.call('INCR', K.round_robin)
 local id = slots[(turn - 1) % #slots + 1]
-local hkey = prefix .. ':h:' .. id
+local hkey = prefix .. LAYOUT.pool_health .. id
 local state = redis.call('HGET', hkey, 'state')
 if state and state ~= 'closed' then
   redis.call('HSET', hkey, 'state', 'half_open', 'trial', now + 30000)

@@ -5,17 +5,17 @@
 --   401 / 403      -> disabled until a probe succeeds or an operator re-enables it
 -- Also counts requests by status, tokens and spend (nano-USD) per key.
 --
--- KEYS[1] tfp:{<pool>}:h:<key_id>
--- ARGV[1] http status  ARGV[2] retry-after ms (-1 = none)  ARGV[3] base cooldown ms
--- ARGV[4] max cooldown ms  ARGV[5] tokens  ARGV[6] spend nano  ARGV[7] error text
+--- KEYS: health
+--- ARGV: status retry_after_ms base_cooldown_ms max_cooldown_ms tokens spend error
+-- health: the key's health hash; retry_after_ms -1 = none; spend in nano-USD.
 -- Returns {state, until_ms}.
-local hkey = KEYS[1]
-local status, retry_after = tonumber(ARGV[1]), tonumber(ARGV[2])
-local base, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
+local hkey = K.health
+local status, retry_after = tonumber(A.status), tonumber(A.retry_after_ms)
+local base, cap = tonumber(A.base_cooldown_ms), tonumber(A.max_cooldown_ms)
 local now = now_ms()
 redis.call('HINCRBY', hkey, 'status_' .. status, 1)
-if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', hkey, 'tokens', ARGV[5]) end
-if tonumber(ARGV[6]) > 0 then redis.call('HINCRBY', hkey, 'spend', ARGV[6]) end
+if tonumber(A.tokens) > 0 then redis.call('HINCRBY', hkey, 'tokens', A.tokens) end
+if tonumber(A.spend) > 0 then redis.call('HINCRBY', hkey, 'spend', A.spend) end
 redis.call('HDEL', hkey, 'trial')
 
 local state, until_ms = 'closed', 0
@@ -35,6 +35,6 @@ else
 end
 redis.call('HSET', hkey, 'state', state, 'until', until_ms)
 if state ~= 'closed' then
-  redis.call('HSET', hkey, 'last_error', ARGV[7], 'last_error_at', now)
+  redis.call('HSET', hkey, 'last_error', A.error, 'last_error_at', now)
 end
 return {state, until_ms}

@@ -2,21 +2,19 @@
 -- for longer than the TTL belong to a processor that died or lost its stream. Atomic and
 -- idempotent, so any number of processor replicas may run it on the same caller.
 --
--- KEYS[1]  tf:{<id>}:rs   open reservations hash
--- ARGV[1]  ttl (ms)
--- Returns {reaped_count, charged_nano}.
-local res_key = KEYS[1]
-local prefix = string.sub(res_key, 1, -4)
-local ttl = tonumber(ARGV[1])
+--- KEYS: reservations
+--- ARGV: prefix ttl
+-- ttl in ms. Returns {reaped_count, charged_nano}.
+local ttl = tonumber(A.ttl)
 local now = now_ms()
 local count, charged = 0, 0
-local all = redis.call('HGETALL', res_key)
+local all = redis.call('HGETALL', K.reservations)
 for i = 1, #all, 2 do
   local amount, touched, ids = string.match(all[i + 1], '^(%d+)|(%d+)|(.*)$')
   if tonumber(touched) + ttl < now then
     amount = tonumber(amount)
-    release(prefix, ids, amount, amount)  -- charged as spent: the wallet is protected
-    redis.call('HDEL', res_key, all[i])
+    release(A.prefix, ids, amount, amount)  -- charged as spent: the wallet is protected
+    redis.call('HDEL', K.reservations, all[i])
     count = count + 1
     charged = charged + amount
   end

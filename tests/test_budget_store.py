@@ -8,14 +8,9 @@ import pytest
 
 from tests.support.harness import RedisServer
 from tokenfuse.config import WINDOWS
-from tokenfuse.store import (
-    BudgetAdmin,
-    BudgetStore,
-    Refusal,
-    Reservation,
-    limits_key,
-    reservations_key,
-)
+from tokenfuse.state.admin import BudgetAdmin
+from tokenfuse.state.budgets import BudgetStore, Refusal, Reservation
+from tokenfuse.state.keys import limits_key, reservations_key
 
 NO_DEFAULTS = [-1] * len(WINDOWS)
 

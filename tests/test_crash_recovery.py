@@ -15,7 +15,7 @@ from tests.conftest import openai_client
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack, wait_until
 from tokenfuse.identity import key_id
-from tokenfuse.store import reservations_key
+from tokenfuse.state.keys import reservations_key
 
 
 @pytest.fixture(scope="module")

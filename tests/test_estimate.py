@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 
 from tests.support.fake_provider import anthropic_input_tokens, openai_prompt_tokens
 from tokenfuse.config import load_settings
-from tokenfuse.pricing import PriceTable, TokenUsage, cost_nano
-from tokenfuse.processor import Processor
-from tokenfuse.providers import PROVIDERS
-from tokenfuse.tokens import PER_IMAGE_TOKENS, estimate_input_tokens
+from tokenfuse.metering.tokens import PER_IMAGE_TOKENS, estimate_input_tokens
+from tokenfuse.policy import reservation
+from tokenfuse.pricing import ModelPrice, PriceTable, TokenUsage, cost_nano
+from tokenfuse.providers import PROVIDERS, Call
 
 text = st.text(st.characters(codec="utf-8"), max_size=200)
 messages = st.lists(
@@ -50,22 +50,36 @@ def test_margin_is_applied() -> None:
     assert estimate_input_tokens([], msgs, margin_percent=10) == plain + -(-plain // 10)
 
 
-def _processor(monkeypatch: pytest.MonkeyPatch, **env: str) -> Processor:
+class _Estimates:
+    """The reservation policy under the settings of the environment."""
+
+    def __init__(self) -> None:
+        self.settings = load_settings().estimate
+        self.prices = PriceTable.load()
+
+    def price(self, model: str) -> ModelPrice | None:
+        return reservation.price_for(self.prices, model, self.settings)
+
+    def estimate(self, call: Call, price: ModelPrice) -> int:
+        return reservation.estimate(call, price, self.settings)
+
+
+def _processor(monkeypatch: pytest.MonkeyPatch, **env: str) -> _Estimates:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return Processor(load_settings(), b"s", store=None, prices=PriceTable.load())  # type: ignore[arg-type]
+    return _Estimates()
 
 
 def test_unknown_model_refused_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TOKENFUSE_UNKNOWN_MODEL", raising=False)
-    assert _processor(monkeypatch)._price("my-private-model") is None
+    assert _processor(monkeypatch).price("my-private-model") is None
 
 
 def test_unknown_model_priced_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     processor = _processor(monkeypatch, TOKENFUSE_UNKNOWN_MODEL="price",
                            TOKENFUSE_UNKNOWN_MODEL_INPUT_USD_PER_MTOK="2",
                            TOKENFUSE_UNKNOWN_MODEL_OUTPUT_USD_PER_MTOK="8")
-    price = processor._price("my-private-model")
+    price = processor.price("my-private-model")
     assert price is not None and (price.input, price.output) == (2_000_000_000, 8_000_000_000)
 
 
@@ -76,8 +90,8 @@ def test_estimate_uses_max_tokens_times_n_and_default_allowance(
     assert price is not None
     openai = PROVIDERS["openai"]
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-    no_cap = processor._estimate(openai.parse_request("/v1/chat/completions", body), price)
-    capped = processor._estimate(openai.parse_request(
+    no_cap = processor.estimate(openai.parse_request("/v1/chat/completions", body), price)
+    capped = processor.estimate(openai.parse_request(
         "/v1/chat/completions", {**body, "max_tokens": 10, "n": 3}), price)
     output_only = cost_nano(price, TokenUsage(output=1000))
     assert no_cap - output_only == capped - cost_nano(price, TokenUsage(output=30))
@@ -85,7 +99,7 @@ def test_estimate_uses_max_tokens_times_n_and_default_allowance(
 
 
 def test_fingerprint_normalisation_switch() -> None:
-    from tokenfuse.loopguard import fingerprint
+    from tokenfuse.policy.loopguard import fingerprint
 
     a = [{"role": "user", "content": "Retry 3 of 5 at 2026-11-21T10:00:00Z"}]
     b = [{"role": "user", "content": "retry 4 of 5   at 2026-11-21T10:00:09Z"}]

@@ -16,7 +16,7 @@ from tests.support.billing import billed_for, key_of, requests_for
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack, wait_until
 from tokenfuse.identity import key_id
-from tokenfuse.store import reservations_key
+from tokenfuse.state.keys import reservations_key
 
 HAIKU = "claude-haiku-4-5"
 

@@ -15,7 +15,7 @@ from tests.support.billing import requests_for
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack, wait_until
 from tokenfuse.identity import key_id
-from tokenfuse.loopguard import fingerprint
+from tokenfuse.policy.loopguard import fingerprint
 
 SEED_MESSAGE = ("Blocked: identical request sent 6 times in 60 seconds. This usually indicates "
                 "an agent retry loop, infinite recursion, or misconfigured automation.")

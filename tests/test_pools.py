@@ -21,7 +21,7 @@ from tests.support.billing import key_of, usage_cost
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack, wait_until
 from tokenfuse.identity import key_id
-from tokenfuse.pools import parse_pool_csv
+from tokenfuse.pools.secrets import parse_pool_csv
 
 CLAUDE_KEYS = [f"sk-ant-pool-secret-{i}-{'x' * 20}" for i in range(3)]
 OPENAI_KEYS = [f"sk-proj-pool-secret-{i}-{'y' * 20}" for i in range(2)]

@@ -15,8 +15,8 @@ import pytest
 from tests.conftest import openai_client
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack, wait_until
-from tokenfuse import envoy_config
-from tokenfuse.config import worker_socket
+from tokenfuse.config import load_settings, worker_socket
+from tokenfuse.deploy import envoy_config
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_envoy_gets_one_endpoint_per_process(monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Path) -> None:
     monkeypatch.setenv("TOKENFUSE_PROCESSOR_SOCKET", str(tmp_path / "p.sock"))
     monkeypatch.setenv("TOKENFUSE_PROCESSES", "3")
-    cluster = next(c for c in envoy_config.render()["static_resources"]["clusters"]
+    cluster = next(c for c in envoy_config.render(load_settings())["static_resources"]["clusters"]
                    if c["name"] == "tokenfuse_processor")
     paths = [e["endpoint"]["address"]["pipe"]["path"]
              for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from tests.support.harness import RedisServer
-from tokenfuse.redis_pipe import PipelinedRedis, Script
+from tokenfuse.state.redis_pipe import PipelinedRedis, Script
 
 
 def run(coro):

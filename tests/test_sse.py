@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenfuse.sse import SseEvent, SseParser
+from tokenfuse.providers.sse import SseEvent, SseParser
 
 OPENAI_STREAM = (
     'data: {"choices":[{"delta":{"content":"caf\u00e9 \u65e5\u672c"}}]}\n\n'

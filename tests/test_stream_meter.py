@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.fake_provider import FakeProvider
-from tokenfuse.streaming import MeteredEvent, StreamMeter
+from tokenfuse.metering.stream import MeteredEvent, StreamMeter
 
 
 def _raw_stream(fake: FakeProvider, provider: str, crlf: bool, garbage: bool = False) -> bytes:

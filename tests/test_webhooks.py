@@ -18,8 +18,8 @@ import pytest
 from tests.conftest import openai_client
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack, free_port, wait_until
+from tokenfuse.events.webhooks import PublicOnlyResolver, WebhookConfigError, validate_urls
 from tokenfuse.identity import PREFIX_CHARS, key_id
-from tokenfuse.webhooks import PublicOnlyResolver, WebhookConfigError, validate_urls
 
 SECRET = "whsec-test-secret"
 

@@ -1,4 +1,6 @@
--- Shared prelude, prepended to every script by tokenfuse.store (Lua has no include).
+-- Shared prelude, prepended to every script by tokenfuse.state.scripts (Lua has no
+-- include), after LAYOUT (the key suffixes of tokenfuse.state.keys) and before the
+-- script's named KEYS (K.<name>) and ARGV (A.<name>).
 -- Budget windows are UTC calendar windows computed from the Redis clock, so every
 -- processor replica agrees on them. A window is {name, key suffix, end (epoch s)}.
 
@@ -28,7 +30,7 @@ local function civil_from_days(z)
   return y, m, d
 end
 
--- Window names, in the order the limits hash and the scripts' ARGV use them.
+-- Window names, as the limits hash and the default_<window> arguments name them.
 local WINDOW_NAMES = {'minute', 'hour', 'day', 'week', 'month', 'total'}
 
 local function now_ms()
@@ -58,7 +60,7 @@ end
 
 -- Counter hash of one window: fields s (spent) and r (reserved), integer nano-USD.
 local function window_key(prefix, id)
-  return prefix .. ':u:' .. id
+  return prefix .. LAYOUT.window .. id
 end
 
 -- Window name of a window id ('mi123' -> 'minute', 'mo202611' -> 'month', 't' -> 'total').
@@ -73,9 +75,10 @@ local function window_name(id)
   return 'total'
 end
 
--- The caller's limits: its own, or (when it has none) the defaults passed in argv[first..].
--- Returns limits-by-window-name and whether the kill flag is set.
-local function read_limits(limits_key, argv, first)
+-- The caller's limits: its own, or (when it has none) the defaults passed as the
+-- arguments default_minute .. default_total (-1 = none).
+-- Returns limits-by-window-name, whether the kill flag is set, whether it has its own.
+local function read_limits(limits_key, args)
   local own = redis.call('HGETALL', limits_key)
   local limits = {}
   for i = 1, #own, 2 do limits[own[i]] = tonumber(own[i + 1]) end
@@ -85,8 +88,8 @@ local function read_limits(limits_key, argv, first)
     if limits[name] then has_own = true end
   end
   if not has_own then
-    for i, name in ipairs(WINDOW_NAMES) do
-      local d = tonumber(argv[first + i - 1])
+    for _, name in ipairs(WINDOW_NAMES) do
+      local d = tonumber(args['default_' .. name])
       if d and d >= 0 then limits[name] = d end
     end
   end

@@ -13,13 +13,14 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import redis
-
 from tokenfuse.config import WINDOWS, ConfigError, Settings, load_secret, load_settings
 from tokenfuse.identity import PREFIX_CHARS, key_id
 from tokenfuse.money import nano_to_usd, usd_to_nano
-from tokenfuse.pools import PoolAdmin, PoolError, PoolSecrets, parse_pool_csv
-from tokenfuse.store import BudgetAdmin, BudgetStatus
+from tokenfuse.pools.secrets import PoolError, PoolSecrets, parse_pool_csv
+from tokenfuse.providers import DEFAULT_PROVIDER, PROVIDERS
+from tokenfuse.state.admin import BudgetAdmin, BudgetStatus
+from tokenfuse.state.connection import sync_client
+from tokenfuse.state.pools import PoolAdmin
 
 # CLI flag -> window name
 WINDOW_FLAGS = {
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     key_actions = keys.add_subparsers(dest="action", required=True)
     imp = key_actions.add_parser("import", help="register a pool CSV (key,label,weight)")
     imp.add_argument("--pool", required=True)
-    imp.add_argument("--provider", choices=["openai", "anthropic"], default="openai")
+    imp.add_argument("--provider", choices=sorted(PROVIDERS), default=DEFAULT_PROVIDER)
     imp.add_argument("csv_file")
     for name, text in (("list", "keys with health, cooldown, last error, usage"),
                        ("export", "CSV of ids, labels, weights and health")):
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
-        secret = load_secret(settings.state_dir)
+        secret = load_secret(settings)
     except ConfigError as exc:
         print(f"tokenfuse: {exc}", file=sys.stderr)
         return 2
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         except (PoolError, OSError) as exc:
             print(f"tokenfuse: {exc}", file=sys.stderr)
             return 2
-    admin = BudgetAdmin.from_url(settings.redis_url, settings.default_limit_args())
+    admin = BudgetAdmin.from_url(settings.redis.url, settings.budgets.default_limit_args())
     caller = key_id(secret, args.key)
     prefix = caller[:PREFIX_CHARS]
     if args.group == "kill":
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pools_command(args: argparse.Namespace, settings: Settings, secret: bytes) -> int:
-    admin = PoolAdmin(redis.Redis.from_url(settings.redis_url, socket_timeout=5), secret)
+    admin = PoolAdmin(sync_client(settings.redis.url), secret)
     if args.group == "vkey":
         vkey = admin.create_virtual_key(args.name, args.pool)
         print(vkey)
@@ -178,7 +179,7 @@ def _pools_command(args: argparse.Namespace, settings: Settings, secret: bytes) 
     if args.action == "import":
         keys = parse_pool_csv(Path(args.csv_file).read_text())
         ids = admin.import_keys(args.pool, keys, args.provider)
-        expected = settings.pools_dir / f"{args.pool}.csv"
+        expected = settings.pools.directory / f"{args.pool}.csv"
         print(f"pool {args.pool}: {len(ids)} key(s) registered ({args.provider})")
         if not expected.exists():
             print(f"note: processors read the secrets from {expected}; put the file there",
@@ -204,7 +205,7 @@ def _pools_command(args: argparse.Namespace, settings: Settings, secret: bytes) 
         return 0
     secrets_by_pool: dict[str, dict[str, str]] = {}
     if args.include_secrets:
-        loaded = PoolSecrets(secret, settings.pools_dir)
+        loaded = PoolSecrets(secret, settings.pools.directory)
         loaded.load()
         secrets_by_pool = loaded.by_pool
     out = csv.writer(sys.stdout)

@@ -1,4 +1,12 @@
-"""Every tunable of tokenfuse, read from the environment (listed in the README)."""
+"""Every tunable of tokenfuse, read from the environment (listed in the README).
+
+This is the only module that reads the environment. `load_settings()` reads it once and
+checks every value: a bad one is a `ConfigError` naming the variable, reported at start.
+The settings are grouped by the part of tokenfuse that uses them.
+
+(Longer than most modules on purpose: every variable, its default and its check in one
+place, in the order of the README's table.)
+"""
 
 from __future__ import annotations
 
@@ -6,10 +14,12 @@ import logging
 import os
 import secrets
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenfuse.money import usd_to_nano
+from tokenfuse.providers import PROVIDERS
 
 WINDOWS = ("minute", "hour", "day", "week", "month", "total")
 # Environment names of the default per-window budgets (for keys without their own).
@@ -22,160 +32,253 @@ DEFAULT_BUDGET_ENV = {
     "total": "TOKENFUSE_DEFAULT_TOTAL_USD",
 }
 STATE_DIR_DEFAULT = ".tokenfuse"
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 class ConfigError(ValueError):
     """A setting has a value tokenfuse cannot use."""
 
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name, "").strip()
-    return value or default
+class _Env:
+    """Typed reads of one environment mapping; every failure names its variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def raw(self, name: str) -> str:
+        return self._environ.get(name, "")
+
+    def text(self, name: str, default: str) -> str:
+        return self._environ.get(name, "").strip() or default
+
+    def int(self, name: str, default: int, minimum: int | None = None) -> int:
+        text = self.text(name, str(default))
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise ConfigError(f"{name} must be an integer, got {text!r}") from exc
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        text = self.text(name, "1" if default else "0").lower()
+        return text not in ("0", "false", "off", "no")
+
+    def usd(self, name: str, default: str | None) -> int | None:
+        text = self._environ.get(name, "").strip() or default
+        if text is None:
+            return None
+        try:
+            return usd_to_nano(text)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from exc
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default)
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
 
 
-def _env_int(name: str, default: int) -> int:
-    text = _env(name, str(default))
-    try:
-        return int(text)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be an integer, got {text!r}") from exc
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    url_given: bool = False  # REDIS_URL was set (else `make run` starts its own Redis)
+    timeout_ms: int = 250
+    local_port: int = 6379  # the redis-server `make run` starts
+
+    @property
+    def timeout_s(self) -> float:
+        return self.timeout_ms / 1000
 
 
-def _env_usd(name: str, default: str | None) -> int | None:
-    text = os.environ.get(name, "").strip() or default
-    if text is None:
-        return None
-    try:
-        return usd_to_nano(text)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from exc
+@dataclass(frozen=True)
+class ProcessorSettings:
+    socket: Path = Path(".tokenfuse/processor.sock")
+    processes: int = 1
+    event_loop: str = "uvloop"
+    timeout_ms: int = 3000  # Envoy's bound per processor answer
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 9464
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    default_limits: dict[str, int | None] = field(default_factory=dict)
+    threshold_percent: int = 80
+
+    def default_limit_args(self) -> list[int]:
+        """Default limits in window order for the Lua scripts (-1 = no limit)."""
+        return [-1 if self.default_limits.get(w) is None else int(self.default_limits[w] or 0)
+                for w in WINDOWS]
+
+
+@dataclass(frozen=True)
+class EstimateSettings:
+    default_output_tokens: int = 4096
+    input_margin_percent: int = 10
+    prices_file: Path | None = None
+    unknown_model_policy: str = "refuse"  # refuse | price
+    unknown_input_nano_per_mtok: int = 0
+    unknown_output_nano_per_mtok: int = 0
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    initial_tokens: int = 256
+    step_tokens: int = 256
+    grace_tokens: int = 32
+    reservation_ttl_seconds: int = 3600
+    reaper_interval_ms: int = 30000
+
+
+@dataclass(frozen=True)
+class LoopGuardSettings:
+    max_hits: int = 5  # 0 = off
+    window_seconds: int = 60
+    cooldown_seconds: int = 30
+    normalize: bool = True
+    max_tool_repeats: int = 5  # 0 = off
+    velocity_max_per_minute: int = 0  # 0 = off
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    urls: tuple[str, ...] = ()
+    secret: bytes = b""
+    queue_size: int = 1000
+    allow_private: bool = False
+    timeout_ms: int = 5000
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    directory: Path = Path(".tokenfuse/pools")
+    cooldown_ms: int = 5000
+    max_cooldown_ms: int = 300000
+    probe_interval_ms: int = 10000
+    max_retries: int = 2  # Envoy retries on other keys
+
+
+@dataclass(frozen=True)
+class EnvoySettings:
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 10000
+    admin_port: int = 9901
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_connections: int = 50000
+    ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+    bench_routes: bool = False  # benchmarks only: /direct/<provider>/ without the processor
+    upstreams: dict[str, str] = field(default_factory=dict)  # provider -> base URL
 
 
 @dataclass(frozen=True)
 class Settings:
     state_dir: Path
-    redis_url: str
-    redis_timeout_ms: int
-    processor_socket: Path
-    metrics_address: str
-    metrics_port: int
-    default_limits: dict[str, int | None] = field(default_factory=dict)
-    default_output_tokens: int = 4096
-    stream_initial_tokens: int = 256
-    stream_step_tokens: int = 256
-    stream_grace_tokens: int = 32
-    reservation_ttl_seconds: int = 3600
-    reaper_interval_ms: int = 30000
-    loop_max_hits: int = 5
-    loop_window_seconds: int = 60
-    loop_cooldown_seconds: int = 30
-    loop_normalize: bool = True
-    loop_max_tool_repeats: int = 5
-    velocity_max_per_minute: int = 0
-    threshold_percent: int = 80
-    webhook_urls: tuple[str, ...] = ()
-    webhook_secret: bytes = b""
-    webhook_queue_size: int = 1000
-    webhook_allow_private: bool = False
-    webhook_timeout_ms: int = 5000
-    webhook_max_attempts: int = 5
-    pools_dir: Path = Path(".tokenfuse/pools")
-    pool_cooldown_ms: int = 5000
-    pool_max_cooldown_ms: int = 300000
-    pool_probe_interval_ms: int = 10000
-    input_margin_percent: int = 10
-    prices_file: Path | None = None
-    unknown_model_policy: str = "refuse"
-    unknown_input_nano_per_mtok: int = 0
-    unknown_output_nano_per_mtok: int = 0
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    processor: ProcessorSettings = field(default_factory=ProcessorSettings)
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
+    estimate: EstimateSettings = field(default_factory=EstimateSettings)
+    streams: StreamSettings = field(default_factory=StreamSettings)
+    loop: LoopGuardSettings = field(default_factory=LoopGuardSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    pools: PoolSettings = field(default_factory=PoolSettings)
+    envoy: EnvoySettings = field(default_factory=EnvoySettings)
+    secret_value: str = field(default="", repr=False)  # TOKENFUSE_SECRET
+    secret_file: Path = Path(".tokenfuse/secret")
     log_level: str = "INFO"
-    processes: int = 1
-
-    def default_limit_args(self) -> list[int]:
-        """Default limits in window order for the Lua scripts (-1 = no limit)."""
-        return [
-            -1 if self.default_limits.get(w) is None else int(self.default_limits[w] or 0)
-            for w in WINDOWS
-        ]
 
 
-def load_settings() -> Settings:
-    state_dir = Path(_env("TOKENFUSE_STATE_DIR", STATE_DIR_DEFAULT)).resolve()
-    policy = _env("TOKENFUSE_UNKNOWN_MODEL", "refuse")
-    if policy not in ("refuse", "price"):
-        raise ConfigError(f"TOKENFUSE_UNKNOWN_MODEL must be 'refuse' or 'price', got {policy!r}")
-    prices_file = os.environ.get("TOKENFUSE_PRICES_FILE", "").strip()
-    urls = tuple(u.strip() for u in os.environ.get("TOKENFUSE_WEBHOOK_URLS", "").split(",")
-                 if u.strip())
-    webhook_secret = os.environ.get("TOKENFUSE_WEBHOOK_SECRET", "")
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    env = _Env(os.environ if environ is None else environ)
+    state_dir = Path(env.text("TOKENFUSE_STATE_DIR", STATE_DIR_DEFAULT)).resolve()
+    urls = tuple(u.strip() for u in env.raw("TOKENFUSE_WEBHOOK_URLS").split(",") if u.strip())
+    webhook_secret = env.raw("TOKENFUSE_WEBHOOK_SECRET")
     if urls and not webhook_secret:
         raise ConfigError("TOKENFUSE_WEBHOOK_URLS is set but TOKENFUSE_WEBHOOK_SECRET is not "
                           "(webhooks are always signed)")
-    processes = processor_processes()
+    prices_file = env.raw("TOKENFUSE_PRICES_FILE").strip()
     return Settings(
         state_dir=state_dir,
-        redis_url=_env("REDIS_URL", "redis://127.0.0.1:6379/0"),
-        redis_timeout_ms=_env_int("TOKENFUSE_REDIS_TIMEOUT_MS", 250),
-        processor_socket=Path(
-            _env("TOKENFUSE_PROCESSOR_SOCKET", str(state_dir / "processor.sock"))
-        ).resolve(),
-        metrics_address=_env("TOKENFUSE_METRICS_ADDRESS", "127.0.0.1"),
-        metrics_port=_env_int("TOKENFUSE_METRICS_PORT", 9464),
-        default_limits={w: _env_usd(DEFAULT_BUDGET_ENV[w], None) for w in WINDOWS},
-        default_output_tokens=_env_int("TOKENFUSE_DEFAULT_OUTPUT_TOKENS", 4096),
-        stream_initial_tokens=_env_int("TOKENFUSE_STREAM_INITIAL_TOKENS", 256),
-        stream_step_tokens=_env_int("TOKENFUSE_STREAM_STEP_TOKENS", 256),
-        stream_grace_tokens=_env_int("TOKENFUSE_STREAM_GRACE_TOKENS", 32),
-        reservation_ttl_seconds=_env_int("TOKENFUSE_RESERVATION_TTL_SECONDS", 3600),
-        reaper_interval_ms=_env_int("TOKENFUSE_REAPER_INTERVAL_MS", 30000),
-        loop_max_hits=_env_int("LOOP_GUARD_MAX_HITS", 5),
-        loop_window_seconds=_env_int("LOOP_GUARD_WINDOW_SECONDS", 60),
-        loop_cooldown_seconds=_env_int("LOOP_GUARD_COOLDOWN_SECONDS", 30),
-        loop_normalize=_env("LOOP_GUARD_NORMALIZE", "1") not in ("0", "false", "off"),
-        loop_max_tool_repeats=_env_int("LOOP_GUARD_MAX_TOOL_REPEATS", 5),
-        velocity_max_per_minute=_env_int("TOKENFUSE_VELOCITY_MAX_PER_MINUTE", 0),
-        threshold_percent=_env_int("TOKENFUSE_BUDGET_THRESHOLD_PERCENT", 80),
-        webhook_urls=urls,
-        webhook_secret=webhook_secret.encode(),
-        webhook_queue_size=_env_int("TOKENFUSE_WEBHOOK_QUEUE_SIZE", 1000),
-        webhook_allow_private=_env("TOKENFUSE_WEBHOOK_ALLOW_PRIVATE", "0") in ("1", "true"),
-        webhook_timeout_ms=_env_int("TOKENFUSE_WEBHOOK_TIMEOUT_MS", 5000),
-        webhook_max_attempts=_env_int("TOKENFUSE_WEBHOOK_MAX_ATTEMPTS", 5),
-        pools_dir=Path(_env("TOKENFUSE_POOLS_DIR", str(state_dir / "pools"))).resolve(),
-        pool_cooldown_ms=_env_int("TOKENFUSE_POOL_COOLDOWN_MS", 5000),
-        pool_max_cooldown_ms=_env_int("TOKENFUSE_POOL_MAX_COOLDOWN_MS", 300000),
-        pool_probe_interval_ms=_env_int("TOKENFUSE_POOL_PROBE_INTERVAL_MS", 10000),
-        input_margin_percent=_env_int("TOKENFUSE_INPUT_MARGIN_PERCENT", 10),
-        prices_file=Path(prices_file) if prices_file else None,
-        unknown_model_policy=policy,
-        unknown_input_nano_per_mtok=_env_usd("TOKENFUSE_UNKNOWN_MODEL_INPUT_USD_PER_MTOK", "15")
-        or 0,
-        unknown_output_nano_per_mtok=_env_usd("TOKENFUSE_UNKNOWN_MODEL_OUTPUT_USD_PER_MTOK", "75")
-        or 0,
-        log_level=_env("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
-        processes=processes,
+        redis=RedisSettings(
+            url=env.text("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            url_given=bool(env.raw("REDIS_URL").strip()),
+            timeout_ms=env.int("TOKENFUSE_REDIS_TIMEOUT_MS", 250, minimum=1),
+            local_port=env.int("TOKENFUSE_LOCAL_REDIS_PORT", 6379, minimum=1),
+        ),
+        processor=ProcessorSettings(
+            socket=Path(env.text("TOKENFUSE_PROCESSOR_SOCKET",
+                                 str(state_dir / "processor.sock"))).resolve(),
+            processes=env.int("TOKENFUSE_PROCESSES", 1, minimum=1),
+            event_loop=env.choice("TOKENFUSE_EVENT_LOOP", "uvloop", EVENT_LOOPS),
+            timeout_ms=env.int("TOKENFUSE_PROCESSOR_TIMEOUT_MS", 3000, minimum=1),
+            metrics_address=env.text("TOKENFUSE_METRICS_ADDRESS", "127.0.0.1"),
+            metrics_port=env.int("TOKENFUSE_METRICS_PORT", 9464),
+        ),
+        budgets=BudgetSettings(
+            default_limits={w: env.usd(DEFAULT_BUDGET_ENV[w], None) for w in WINDOWS},
+            threshold_percent=env.int("TOKENFUSE_BUDGET_THRESHOLD_PERCENT", 80),
+        ),
+        estimate=EstimateSettings(
+            default_output_tokens=env.int("TOKENFUSE_DEFAULT_OUTPUT_TOKENS", 4096),
+            input_margin_percent=env.int("TOKENFUSE_INPUT_MARGIN_PERCENT", 10),
+            prices_file=Path(prices_file) if prices_file else None,
+            unknown_model_policy=env.choice("TOKENFUSE_UNKNOWN_MODEL", "refuse",
+                                            ("refuse", "price")),
+            unknown_input_nano_per_mtok=env.usd(
+                "TOKENFUSE_UNKNOWN_MODEL_INPUT_USD_PER_MTOK", "15") or 0,
+            unknown_output_nano_per_mtok=env.usd(
+                "TOKENFUSE_UNKNOWN_MODEL_OUTPUT_USD_PER_MTOK", "75") or 0,
+        ),
+        streams=StreamSettings(
+            initial_tokens=env.int("TOKENFUSE_STREAM_INITIAL_TOKENS", 256),
+            step_tokens=env.int("TOKENFUSE_STREAM_STEP_TOKENS", 256),
+            grace_tokens=env.int("TOKENFUSE_STREAM_GRACE_TOKENS", 32),
+            reservation_ttl_seconds=env.int("TOKENFUSE_RESERVATION_TTL_SECONDS", 3600),
+            reaper_interval_ms=env.int("TOKENFUSE_REAPER_INTERVAL_MS", 30000),
+        ),
+        loop=LoopGuardSettings(
+            max_hits=env.int("LOOP_GUARD_MAX_HITS", 5),
+            window_seconds=env.int("LOOP_GUARD_WINDOW_SECONDS", 60),
+            cooldown_seconds=env.int("LOOP_GUARD_COOLDOWN_SECONDS", 30),
+            normalize=env.flag("LOOP_GUARD_NORMALIZE", True),
+            max_tool_repeats=env.int("LOOP_GUARD_MAX_TOOL_REPEATS", 5),
+            velocity_max_per_minute=env.int("TOKENFUSE_VELOCITY_MAX_PER_MINUTE", 0),
+        ),
+        webhooks=WebhookSettings(
+            urls=urls,
+            secret=webhook_secret.encode(),
+            queue_size=env.int("TOKENFUSE_WEBHOOK_QUEUE_SIZE", 1000),
+            allow_private=env.text("TOKENFUSE_WEBHOOK_ALLOW_PRIVATE", "0") in ("1", "true"),
+            timeout_ms=env.int("TOKENFUSE_WEBHOOK_TIMEOUT_MS", 5000),
+            max_attempts=env.int("TOKENFUSE_WEBHOOK_MAX_ATTEMPTS", 5),
+        ),
+        pools=PoolSettings(
+            directory=Path(env.text("TOKENFUSE_POOLS_DIR", str(state_dir / "pools"))).resolve(),
+            cooldown_ms=env.int("TOKENFUSE_POOL_COOLDOWN_MS", 5000),
+            max_cooldown_ms=env.int("TOKENFUSE_POOL_MAX_COOLDOWN_MS", 300000),
+            probe_interval_ms=env.int("TOKENFUSE_POOL_PROBE_INTERVAL_MS", 10000),
+            max_retries=env.int("TOKENFUSE_POOL_MAX_RETRIES", 2, minimum=0),
+        ),
+        envoy=EnvoySettings(
+            listen_address=env.text("TOKENFUSE_LISTEN_ADDRESS", "127.0.0.1"),
+            listen_port=env.int("TOKENFUSE_LISTEN_PORT", 10000),
+            admin_port=env.int("TOKENFUSE_ENVOY_ADMIN_PORT", 9901),
+            max_request_bytes=env.int("TOKENFUSE_MAX_REQUEST_BYTES", 32 * 1024 * 1024,
+                                      minimum=1),
+            max_connections=env.int("TOKENFUSE_MAX_CONNECTIONS", 50000, minimum=1),
+            ca_bundle=env.text("TOKENFUSE_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"),
+            bench_routes=env.text("TOKENFUSE_BENCH_ROUTES", "0") == "1",
+            upstreams={name: env.text(f"TOKENFUSE_UPSTREAM_{name.upper()}",
+                                      provider.default_upstream)
+                       for name, provider in PROVIDERS.items()},
+        ),
+        secret_value=env.raw("TOKENFUSE_SECRET"),
+        secret_file=Path(env.text("TOKENFUSE_SECRET_FILE", str(state_dir / "secret"))),
+        log_level=env.text("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
     )
-
-
-def processor_processes() -> int:
-    """TOKENFUSE_PROCESSES: how many processor processes serve Envoy (at least 1)."""
-    count = _env_int("TOKENFUSE_PROCESSES", 1)
-    if count < 1:
-        raise ConfigError(f"TOKENFUSE_PROCESSES must be at least 1, got {count}")
-    return count
-
-
-EVENT_LOOPS = ("uvloop", "asyncio")
-
-
-def event_loop_name() -> str:
-    """TOKENFUSE_EVENT_LOOP: uvloop (default; ~15 % more requests per second measured) or
-    asyncio (the standard library loop)."""
-    name = os.environ.get("TOKENFUSE_EVENT_LOOP", "").strip() or "uvloop"
-    if name not in EVENT_LOOPS:
-        raise ConfigError(f"TOKENFUSE_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, "
-                          f"got {name!r}")
-    return name
 
 
 def worker_socket(base: Path, index: int) -> Path:
@@ -190,16 +293,15 @@ def worker_sockets(base: Path, count: int) -> list[Path]:
     return [worker_socket(base, i) for i in range(count)]
 
 
-def load_secret(state_dir: Path, create: bool = False) -> bytes:
+def load_secret(settings: Settings, create: bool = False) -> bytes:
     """The HMAC secret for key ids: TOKENFUSE_SECRET, else TOKENFUSE_SECRET_FILE.
 
     With create=True (used by `make run`) a missing file gets a fresh random secret,
     written once with mode 0600 so every later start hashes keys the same way.
     """
-    value = os.environ.get("TOKENFUSE_SECRET", "")
-    if value:
-        return value.encode()
-    path = Path(_env("TOKENFUSE_SECRET_FILE", str(state_dir / "secret")))
+    if settings.secret_value:
+        return settings.secret_value.encode()
+    path = settings.secret_file
     if not path.exists():
         if not create:
             raise ConfigError(

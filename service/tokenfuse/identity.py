@@ -13,14 +13,3 @@ VIRTUAL_KEY_PREFIX = "tfk-"  # gateway keys bound to a provider key pool (tokenf
 def key_id(secret: bytes, api_key: str) -> str:
     """Stable identifier of an API key: HMAC-SHA256(secret, key), hex, truncated."""
     return hmac.new(secret, api_key.encode(), hashlib.sha256).hexdigest()[:ID_HEX_CHARS]
-
-
-def api_key_from_headers(headers: dict[str, str]) -> str | None:
-    """The caller's key from `Authorization: Bearer …` or `x-api-key`, or None."""
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        token = auth[7:].strip()
-        if token:
-            return token
-    key = headers.get("x-api-key", "").strip()
-    return key or None

@@ -16,28 +16,30 @@ from collections.abc import Coroutine
 from typing import Any
 
 import grpc
-import redis.exceptions
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import start_http_server
 
 from tokenfuse.config import (
     ConfigError,
-    event_loop_name,
+    Settings,
     load_secret,
     load_settings,
     setup_logging,
     worker_socket,
 )
-from tokenfuse.control import ControlWatcher
-from tokenfuse.envoy_config import PROVIDER_DEFAULTS, upstream_url
+from tokenfuse.events.webhooks import WebhookConfigError, WebhookSink
+from tokenfuse.extproc.runtime import Runtime
+from tokenfuse.extproc.service import ExtProcService
+from tokenfuse.metering.tokens import count_text
 from tokenfuse.metrics import REAPED, REAPED_NANO, REAPER_RUNS, REDIS_ERRORS, REGISTRY
-from tokenfuse.pools import PoolSecrets, PoolStore, probe_forever
+from tokenfuse.pools.probes import probe_forever
+from tokenfuse.pools.secrets import PoolSecrets
 from tokenfuse.pricing import PriceTable
-from tokenfuse.processor import Processor
-from tokenfuse.store import BudgetStore, GuardPolicy
+from tokenfuse.state.budgets import BudgetStore, GuardPolicy
+from tokenfuse.state.connection import REDIS_FAILURES
+from tokenfuse.state.control import ControlWatcher
+from tokenfuse.state.pools import PoolStore
 from tokenfuse.supervisor import supervise
-from tokenfuse.tokens import count_text
-from tokenfuse.webhooks import WebhookConfigError, WebhookSink
 
 log = logging.getLogger("tokenfuse")
 
@@ -48,53 +50,50 @@ GRPC_OPTIONS = [
 ]
 
 
-async def serve(index: int | None = None) -> None:
+async def serve(settings: Settings, index: int | None = None) -> None:
     """One processor: ext_proc on its socket, metrics, and the background tasks.
     `index` is set in a worker of a supervisor (which serves the metrics)."""
-    settings = load_settings()
     setup_logging(settings.log_level)
-    secret = load_secret(settings.state_dir)
-    prices = PriceTable.load(settings.prices_file)
+    secret = load_secret(settings)
+    prices = PriceTable.load(settings.estimate.prices_file)
     count_text("warm up the tokenizer before the first request")
+    loop_guard = settings.loop
     store = BudgetStore.from_url(
-        settings.redis_url, settings.redis_timeout_ms, settings.default_limit_args(),
+        settings.redis.url, settings.redis.timeout_ms, settings.budgets.default_limit_args(),
         GuardPolicy(
-            loop_max_hits=settings.loop_max_hits,
-            loop_window_ms=settings.loop_window_seconds * 1000,
-            loop_cooldown_ms=settings.loop_cooldown_seconds * 1000,
-            velocity_max_per_minute=settings.velocity_max_per_minute,
-            threshold_percent=settings.threshold_percent,
+            loop_max_hits=loop_guard.max_hits,
+            loop_window_ms=loop_guard.window_seconds * 1000,
+            loop_cooldown_ms=loop_guard.cooldown_seconds * 1000,
+            velocity_max_per_minute=loop_guard.velocity_max_per_minute,
+            threshold_percent=settings.budgets.threshold_percent,
         ),
     )
+    processor = settings.processor
     if index is None:
-        start_http_server(settings.metrics_port, settings.metrics_address, registry=REGISTRY)
+        start_http_server(processor.metrics_port, processor.metrics_address, registry=REGISTRY)
 
-    control = ControlWatcher(settings.redis_url)
+    control = ControlWatcher(settings.redis.url)
     watcher = asyncio.create_task(control.run())
+    hooks = settings.webhooks
     try:
         webhooks = WebhookSink(
-            list(settings.webhook_urls), settings.webhook_secret,
-            queue_size=settings.webhook_queue_size,
-            allow_private=settings.webhook_allow_private,
-            timeout_s=settings.webhook_timeout_ms / 1000,
-            max_attempts=settings.webhook_max_attempts,
+            list(hooks.urls), hooks.secret, queue_size=hooks.queue_size,
+            allow_private=hooks.allow_private, timeout_s=hooks.timeout_ms / 1000,
+            max_attempts=hooks.max_attempts,
         )
     except WebhookConfigError as exc:
         raise ConfigError(str(exc)) from exc
     deliveries = asyncio.create_task(webhooks.run())
-    pool_secrets = PoolSecrets(secret, settings.pools_dir)
+    pool_secrets = PoolSecrets(secret, settings.pools.directory)
     pool_secrets.load()
-    pools = PoolStore(store.client, store.decisions, settings.pool_cooldown_ms,
-                      settings.pool_max_cooldown_ms)
-    upstreams = {name: upstream_url(name) for name in PROVIDER_DEFAULTS}
-    probes = asyncio.create_task(probe_forever(pools, pool_secrets, upstreams,
-                                               settings.pool_probe_interval_ms / 1000))
+    pools = PoolStore(store.client, store.decisions, settings.pools.cooldown_ms,
+                      settings.pools.max_cooldown_ms)
+    probes = asyncio.create_task(probe_forever(pools, pool_secrets, settings.envoy.upstreams,
+                                               settings.pools.probe_interval_ms / 1000))
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_ExternalProcessorServicer_to_server(
-        Processor(settings, secret, store, prices, control, webhooks, pools, pool_secrets),
-        server
-    )
-    socket_path = worker_socket(settings.processor_socket, index or 0)
+    runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets)
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcService(runtime), server)
+    socket_path = worker_socket(processor.socket, index or 0)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
     server.add_insecure_port(f"unix:{socket_path}")
@@ -102,16 +101,16 @@ async def serve(index: int | None = None) -> None:
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     if index is None:
         log.info("tokenfuse processor listening on unix:%s, metrics on %s:%d, %d model "
-                 "prices, %s event loop", socket_path, settings.metrics_address,
-                 settings.metrics_port, len(prices), loop_name)
+                 "prices, %s event loop", socket_path, processor.metrics_address,
+                 processor.metrics_port, len(prices), loop_name)
     else:
         log.info("tokenfuse processor %d listening on unix:%s, %d model prices, %s event "
                  "loop", index, socket_path, len(prices), loop_name)
 
     # The reaper is idempotent (any number may run); one per processor group is enough.
     reaper = asyncio.create_task(
-        reap_forever(store, settings.reservation_ttl_seconds * 1000,
-                     settings.reaper_interval_ms / 1000)
+        reap_forever(store, settings.streams.reservation_ttl_seconds * 1000,
+                     settings.streams.reaper_interval_ms / 1000)
     ) if not index else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -135,7 +134,7 @@ async def reap_forever(store: BudgetStore, ttl_ms: int, interval_s: float) -> No
         await asyncio.sleep(interval_s)
         try:
             count, nano = await store.reap(ttl_ms)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             REDIS_ERRORS.labels("reap").inc()
             log.warning("reaper: redis unavailable: %s", type(exc).__name__)
             continue
@@ -146,9 +145,9 @@ async def reap_forever(store: BudgetStore, ttl_ms: int, interval_s: float) -> No
             log.info("reaper charged %d orphaned reservation(s): %d nano-USD", count, nano)
 
 
-def run(main_coroutine: Coroutine[Any, Any, None]) -> None:
+def run(main_coroutine: Coroutine[Any, Any, None], event_loop: str) -> None:
     """Run on the configured event loop (TOKENFUSE_EVENT_LOOP)."""
-    if event_loop_name() == "uvloop":
+    if event_loop == "uvloop":
         import uvloop
 
         uvloop.run(main_coroutine)
@@ -158,15 +157,15 @@ def run(main_coroutine: Coroutine[Any, Any, None]) -> None:
 
 def main() -> None:
     try:
+        settings = load_settings()
         if len(sys.argv) >= 4 and sys.argv[1] == "--worker":
             if os.getppid() != int(sys.argv[3]):
                 sys.exit(1)  # the supervisor died before this worker started
-            run(serve(int(sys.argv[2])))
+            run(serve(settings, int(sys.argv[2])), settings.processor.event_loop)
             return
-        settings = load_settings()
-        if settings.processes > 1:
-            sys.exit(supervise(settings.processes))
-        run(serve())
+        if settings.processor.processes > 1:
+            sys.exit(supervise(settings))
+        run(serve(settings), settings.processor.event_loop)
     except ConfigError as exc:
         print(f"tokenfuse: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)

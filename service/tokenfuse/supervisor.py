@@ -21,7 +21,7 @@ import time
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from tokenfuse.config import load_secret, load_settings, setup_logging, worker_socket
+from tokenfuse.config import Settings, load_secret, setup_logging, worker_socket
 
 log = logging.getLogger("tokenfuse")
 
@@ -37,11 +37,12 @@ def _die_with_parent() -> None:
         pass  # elsewhere: the worker's parent check at start-up is all there is
 
 
-def supervise(count: int) -> int:
-    """Run `count` worker processes until a signal (0) or until one of them exits."""
-    settings = load_settings()
+def supervise(settings: Settings) -> int:
+    """Run TOKENFUSE_PROCESSES worker processes until a signal (0) or until one of them
+    exits."""
+    count = settings.processor.processes
     setup_logging(settings.log_level)
-    load_secret(settings.state_dir)  # a configuration error is reported once, here
+    load_secret(settings)  # a configuration error is reported once, here
     stopping: list[int] = []
 
     def stop(signum: int, _frame: object) -> None:
@@ -59,7 +60,7 @@ def supervise(count: int) -> int:
     signal.signal(signal.SIGHUP, forward)
     metrics_dir = tempfile.mkdtemp(prefix="tokenfuse-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
-    sockets = [worker_socket(settings.processor_socket, i) for i in range(count)]
+    sockets = [worker_socket(settings.processor.socket, i) for i in range(count)]
     serving = False
     code = 0
     try:
@@ -79,11 +80,12 @@ def supervise(count: int) -> int:
             if not serving and all(path.exists() for path in sockets):
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry, path=metrics_dir)
-                start_http_server(settings.metrics_port, settings.metrics_address,
-                                  registry=registry)
+                start_http_server(settings.processor.metrics_port,
+                                  settings.processor.metrics_address, registry=registry)
                 serving = True
                 log.info("tokenfuse: %d processor processes ready, metrics (all of them) "
-                         "on %s:%d", count, settings.metrics_address, settings.metrics_port)
+                         "on %s:%d", count, settings.processor.metrics_address,
+                         settings.processor.metrics_port)
             time.sleep(0.05 if not serving else 0.2)
     finally:
         for worker in workers:

@@ -162,7 +162,7 @@ class Envoy(Service):
         self.config = workdir / "envoy.json"
 
     def start(self) -> None:
-        subprocess.run([sys.executable, "-m", "tokenfuse.envoy_config", str(self.config)],
+        subprocess.run([sys.executable, "-m", "tokenfuse.deploy.envoy_config", str(self.config)],
                        env=self.env, check=True)
         envoy = shutil.which("envoy", path=str(VENV_BIN)) or "envoy"
         self._spawn([envoy, "-c", str(self.config), "--concurrency", "2", "--log-level",

@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 from tokenfuse.identity import PREFIX_CHARS
+from tokenfuse.providers import tool_calls
 
 LAST_MESSAGES = 3
 _WHITESPACE = re.compile(r"\s+")
@@ -54,10 +55,8 @@ def _message_text(message: Any) -> str:
     if not isinstance(message, dict):
         return _content_text(message)
     text = _content_text(message.get("content"))
-    for call in message.get("tool_calls") or ():
-        text += " " + json.dumps(call.get("function", call), sort_keys=True)
-    if message.get("type") == "function_call":  # Responses API input item
-        text += " " + str(message.get("name")) + str(message.get("arguments"))
+    for name, arguments in tool_calls(message):
+        text += " " + name + " " + _canonical_arguments(arguments)
     return text
 
 
@@ -90,22 +89,9 @@ def _canonical_arguments(arguments: Any) -> str:
 
 def repeated_tool_call(messages: list[Any]) -> tuple[str, int] | None:
     """The most repeated (tool, arguments) call in the history: (tool name, times)."""
-    calls: Counter[tuple[str, str]] = Counter()
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        for call in message.get("tool_calls") or ():  # OpenAI chat
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                calls[(str(function.get("name")),
-                       _canonical_arguments(function.get("arguments")))] += 1
-        if message.get("type") == "function_call":  # OpenAI Responses input item
-            calls[(str(message.get("name")), _canonical_arguments(message.get("arguments")))] += 1
-        content = message.get("content")
-        if message.get("role") == "assistant" and isinstance(content, list):  # Anthropic
-            for block in content:
-                if isinstance(block, dict) and block.get("type") == "tool_use":
-                    calls[(str(block.get("name")), _canonical_arguments(block.get("input")))] += 1
+    calls: Counter[tuple[str, str]] = Counter(
+        (name, _canonical_arguments(arguments))
+        for message in messages for name, arguments in tool_calls(message))
     if not calls:
         return None
     (name, _args), times = calls.most_common(1)[0]

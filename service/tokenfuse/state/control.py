@@ -14,9 +14,10 @@ import logging
 from collections import defaultdict
 
 import redis
-import redis.asyncio as aioredis
 
-CONTROL_CHANNEL = "tf:control"
+from tokenfuse.state.connection import subscriber_client
+from tokenfuse.state.keys import CONTROL_CHANNEL
+
 RECONNECT_SECONDS = 1.0
 
 log = logging.getLogger("tokenfuse.control")
@@ -38,8 +39,7 @@ class ControlWatcher:
     async def run(self) -> None:
         """Subscribe forever, reconnecting after Redis failures."""
         while True:
-            client = aioredis.Redis.from_url(self._url, socket_connect_timeout=2,
-                                             socket_keepalive=True)
+            client = subscriber_client(self._url)
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(CONTROL_CHANNEL)

@@ -20,46 +20,25 @@ The client sees one response; failed attempts are neither charged nor visible.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from tokenfuse import metrics
-from tokenfuse.envoy_config import GRANT_HEADER, POOL_HEADER, POOL_KEY_HEADER, RETRY_HEADER
-from tokenfuse.identity import PREFIX_CHARS, api_key_from_headers, key_id
-from tokenfuse.pools import PoolSecrets, PoolStore
-from tokenfuse.providers import PROVIDERS
-from tokenfuse.responses import CONTINUE, header_mutation_response, immediate
-from tokenfuse.store import REDIS_FAILURES
+from tokenfuse.contract import GRANT_HEADER, POOL_HEADER, POOL_KEY_HEADER, RETRY_HEADER, grant
+from tokenfuse.extproc.answers import CONTINUE, header_mutation_response, headers_of, immediate
+from tokenfuse.identity import PREFIX_CHARS, key_id
+from tokenfuse.pools.secrets import PoolSecrets
+from tokenfuse.providers import DEFAULT_PROVIDER, PROVIDERS, pooled_provider
+from tokenfuse.state.connection import REDIS_FAILURES
+from tokenfuse.state.pools import PoolStore
 
 log = logging.getLogger("tokenfuse.failover")
 
 #: Failures that say something about the key, not the request: another key may succeed.
 RETRY_ON_ANOTHER_KEY = frozenset({401, 403, 429, 503, 529})
-
-
-def grant(secret: bytes, route: str, request_id: str) -> str:
-    """Proof that the downstream processor (not the client) routed this request to a pool."""
-    message = f"{route}\n{request_id}".encode()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-def headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
-    return {
-        h.key.lower(): (h.raw_value.decode("latin-1") if h.raw_value else h.value)
-        for h in msg.headers.headers
-    }
-
-
-def credential_headers(provider: str, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
-    """(header to set, headers to remove) that present `secret` to the provider."""
-    if provider == "anthropic":
-        return ("x-api-key", secret), ("authorization",)
-    return ("authorization", f"Bearer {secret}"), ("x-api-key",)
 
 
 class PoolAttempts:
@@ -74,7 +53,7 @@ class PoolAttempts:
 
     async def process(self, messages: AsyncIterator[pb.ProcessingRequest]
                       ) -> AsyncIterator[pb.ProcessingResponse]:
-        pool, provider, key = "", "openai", ""
+        pool, provider, key = "", DEFAULT_PROVIDER, ""
         async for message in messages:
             kind = message.WhichOneof("request")
             if kind == "request_headers":
@@ -83,7 +62,8 @@ class PoolAttempts:
                 answer, key = await self._choose(provider, pool)
                 yield answer
             elif kind == "response_headers":
-                yield await self._judge(pool, key, headers_of(message.response_headers))
+                yield await self._judge(provider, pool, key,
+                                        headers_of(message.response_headers))
             elif kind in CONTINUE:  # not asked for by the processing mode
                 yield CONTINUE[kind]
 
@@ -97,22 +77,23 @@ class PoolAttempts:
         if route is not None:
             expected = grant(self._secret, route, headers.get("x-request-id", ""))
             if not hmac.compare_digest(expected, headers.get(GRANT_HEADER, "")):
-                return "openai", ""
+                return DEFAULT_PROVIDER, ""
             provider, _, pool = route.partition(":")
-            return (provider, pool) if provider in PROVIDERS else ("openai", "")
-        credential = api_key_from_headers(headers)
+            return (provider, pool) if provider in PROVIDERS else (DEFAULT_PROVIDER, "")
+        provider = pooled_provider(headers)
+        credential = PROVIDERS[provider].caller_key(headers) if provider else None
         pool = self._pool_secrets.pool_of(key_id(self._secret, credential)) \
             if credential else None
-        if pool is None:
-            return "openai", ""
-        return ("anthropic" if "x-api-key" in headers else "openai"), pool
+        if provider is None or pool is None:
+            return DEFAULT_PROVIDER, ""
+        return provider, pool
 
     async def _choose(self, provider: str, pool: str) -> tuple[pb.ProcessingResponse, str]:
         if not pool:
             # Only the downstream processor routes to a pool; a client cannot.
             metrics.DECISIONS.labels("refused", "invalid_pool_grant", provider).inc()
             return immediate(403, PROVIDERS[provider].error_body(
-                "permission_error", "invalid_pool_grant",
+                "permission", "invalid_pool_grant",
                 "this request was not routed to a key pool by tokenfuse"),
                 "tokenfuse_invalid_pool_grant"), ""
         held = self._pool_secrets.held(pool)
@@ -123,22 +104,22 @@ class PoolAttempts:
             metrics.REDIS_ERRORS.labels("pool_pick").inc()
             log.warning("redis unavailable on pool_pick: %s", type(exc).__name__)
             return immediate(503, PROVIDERS[provider].error_body(
-                "api_error", "state_store_unavailable",
+                "unavailable", "state_store_unavailable",
                 "tokenfuse cannot reach its state store; nothing was forwarded"),
                 "tokenfuse_state_store_unavailable", (("retry-after", "1"),)), ""
         if key is None or key not in held:
             retry = max(1, -(-wait_ms // 1000)) if wait_ms >= 0 else 30
             metrics.DECISIONS.labels("error", "no_healthy_key", provider).inc()
             return immediate(503, PROVIDERS[provider].error_body(
-                "api_error", "no_healthy_key",
+                "unavailable", "no_healthy_key",
                 f"every key of pool '{pool}' is cooling down or disabled; earliest "
                 f"recovery in {retry}s"), "tokenfuse_no_healthy_key",
                 (("retry-after", str(retry)),)), ""
-        credential, stale = credential_headers(provider, held[key])
+        credential, stale = PROVIDERS[provider].pooled_credential(held[key])
         return header_mutation_response(
             "request_headers", (credential,), (*stale, POOL_HEADER, GRANT_HEADER)), key
 
-    async def _judge(self, pool: str, key: str,
+    async def _judge(self, provider: str, pool: str, key: str,
                      headers: dict[str, str]) -> pb.ProcessingResponse:
         if not key:
             return CONTINUE["response_headers"]  # our own refusal: nothing to judge
@@ -150,7 +131,8 @@ class PoolAttempts:
         if status >= 400:
             metrics.POOL_REQUESTS.labels(pool, key[:PREFIX_CHARS], str(status)).inc()
             # Before Envoy retries: the next attempt's pick must see this key's new health.
-            await report_failure(self._pools, pool, key, status, headers, self._timeout)
+            retry_after = PROVIDERS[provider].retry_after_ms(headers)
+            await report_failure(self._pools, pool, key, status, retry_after, self._timeout)
             if status in RETRY_ON_ANOTHER_KEY:
                 marks.append((RETRY_HEADER, str(status)))
                 metrics.POOL_FAILOVERS.labels(pool, str(status)).inc()
@@ -158,30 +140,12 @@ class PoolAttempts:
 
 
 async def report_failure(pools: PoolStore, pool: str, key: str, status: int,
-                         headers: dict[str, str], timeout_s: float) -> None:
+                         retry_after_ms: int, timeout_s: float) -> None:
     try:
         async with asyncio.timeout(timeout_s * 4):
-            state = await pools.report(pool, key, status, retry_after_ms(headers),
+            state = await pools.report(pool, key, status, retry_after_ms,
                                        error=f"HTTP {status}")
     except REDIS_FAILURES:
         metrics.REDIS_ERRORS.labels("pool_report").inc()
         return
     metrics.set_pool_key_state(pool, key[:PREFIX_CHARS], state)
-
-
-def retry_after_ms(headers: dict[str, str]) -> int:
-    """When the provider says a key may be used again: `retry-after` (seconds), else the
-    earliest Anthropic `anthropic-ratelimit-*-reset` (RFC 3339). -1 when not said."""
-    value = headers.get("retry-after", "").strip()
-    if value.isdigit():
-        return int(value) * 1000
-    resets = []
-    for name, text in headers.items():
-        if name.startswith("anthropic-ratelimit-") and name.endswith("-reset"):
-            try:
-                when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-            except ValueError:
-                continue
-            resets.append(int((when - datetime.now(UTC)).total_seconds() * 1000))
-    return max(0, min(resets)) if resets else -1
-

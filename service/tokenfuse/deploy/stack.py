@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from tokenfuse.config import load_secret, load_settings, worker_sockets
+from tokenfuse.config import ConfigError, load_secret, load_settings, worker_sockets
+from tokenfuse.providers import PROVIDERS
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
@@ -27,12 +28,16 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: flo
 
 
 def main() -> int:
-    settings = load_settings()
-    state = settings.state_dir
-    state.mkdir(parents=True, exist_ok=True)
-    load_secret(state, create=True)  # generated once, kept in .tokenfuse/secret
+    try:
+        settings = load_settings()
+        state = settings.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        load_secret(settings, create=True)  # generated once, kept in .tokenfuse/secret
+    except ConfigError as exc:
+        print(f"tokenfuse: configuration error: {exc}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
-    env.setdefault("TOKENFUSE_SECRET_FILE", str(state / "secret"))
+    env.setdefault("TOKENFUSE_SECRET_FILE", str(settings.secret_file))
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def stop_all(*_: object) -> None:
@@ -52,8 +57,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     try:
-        if not os.environ.get("REDIS_URL"):
-            port = os.environ.get("TOKENFUSE_LOCAL_REDIS_PORT", "6379")
+        if not settings.redis.url_given:
+            port = str(settings.redis.local_port)
             redis_bin = shutil.which("redis-server")
             if redis_bin is None:
                 raise SystemExit("tokenfuse: redis-server not found (make setup installs it)")
@@ -65,7 +70,7 @@ def main() -> int:
             children.append(("redis-server", proc))
             _wait_for(sock, proc, "redis-server", 10)
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-        sockets = worker_sockets(settings.processor_socket, settings.processes)
+        sockets = worker_sockets(settings.processor.socket, settings.processor.processes)
         for path in sockets:
             path.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-m", "tokenfuse.server"], env=env)
@@ -73,15 +78,16 @@ def main() -> int:
         for path in sockets:  # every processor process (TOKENFUSE_PROCESSES)
             _wait_for(path, proc, "processor", 30)
         config = state / "envoy.json"
-        subprocess.run([sys.executable, "-m", "tokenfuse.envoy_config", str(config)],
+        subprocess.run([sys.executable, "-m", "tokenfuse.deploy.envoy_config", str(config)],
                        env=env, check=True)
         envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or "envoy"
         proc = subprocess.Popen([envoy, "-c", str(config), "--log-level", "warn"], env=env)
         children.append(("envoy", proc))
-        listen = (f"{env.get('TOKENFUSE_LISTEN_ADDRESS', '127.0.0.1')}:"
-                  f"{env.get('TOKENFUSE_LISTEN_PORT', '10000')}")
-        print(f"tokenfuse: gateway on http://{listen}  (openai: /openai/v1, anthropic: "
-              f"/anthropic) — Ctrl-C stops everything", flush=True)
+        listen = f"{settings.envoy.listen_address}:{settings.envoy.listen_port}"
+        bases = ", ".join(f"{name}: /{name}{provider.sdk_base_path}"
+                          for name, provider in PROVIDERS.items())
+        print(f"tokenfuse: gateway on http://{listen}  ({bases}) — Ctrl-C stops everything",
+              flush=True)
         while True:
             for name, child in children:
                 if child.poll() is not None:

@@ -1,6 +1,8 @@
-"""Render the Envoy bootstrap for tokenfuse from the environment.
+"""Render the Envoy bootstrap for tokenfuse from its settings.
 
-`python -m tokenfuse.envoy_config out.json` writes it; `make run` and the tests use it.
+`python -m tokenfuse.deploy.envoy_config out.json` writes it; `make run` and the tests use
+it. The names and modes the processor relies on come from `tokenfuse.contract`.
+(One module for one document, the bootstrap, so it reads top to bottom; hence its length.)
 Envoy consults the processor (ext_proc, over a Unix socket) on every provider route and
 fails closed: if the processor is unreachable or slow, the client gets a JSON 503 and
 nothing is forwarded.
@@ -10,20 +12,26 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tokenfuse.config import STATE_DIR_DEFAULT, processor_processes, worker_sockets
+from tokenfuse.config import ConfigError, Settings, load_settings, worker_sockets
+from tokenfuse.contract import (
+    EXT_PROC_FILTER,
+    GATEWAY_KEY_PROCESSING_MODE,
+    POOL_HEADER,
+    PROCESSING_MODE,
+    RESPONSE_ATTRIBUTES,
+    RETRY_HEADER,
+    STAGE_METADATA,
+    UPSTREAM_PROCESSING_MODE,
+    UPSTREAM_STAGE,
+)
 from tokenfuse.identity import VIRTUAL_KEY_PREFIX
+from tokenfuse.providers import PROVIDERS, Provider
 
-PROVIDER_DEFAULTS = {
-    "openai": "https://api.openai.com",
-    "anthropic": "https://api.anthropic.com",
-}
-EXT_PROC_FILTER = "envoy.filters.http.ext_proc"  # also the key of its attributes
 EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 EXT_PROC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -34,15 +42,6 @@ HCM = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
     "HttpConnectionManager"
 )
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
-
-
-def upstream_url(provider: str) -> str:
-    """TOKENFUSE_UPSTREAM_<PROVIDER>, or the provider's public API."""
-    return _env(f"TOKENFUSE_UPSTREAM_{provider.upper()}", PROVIDER_DEFAULTS[provider])
 
 
 def _unavailable_body(code: str, message: str) -> dict[str, Any]:
@@ -142,40 +141,23 @@ def _cluster(name: str, url: str, ca_bundle: str) -> tuple[dict[str, Any], str, 
     return cluster, host_header, parts.path.rstrip("/")
 
 
-# Pooled (gateway-key) requests: the downstream processor sets these request headers and
-# Envoy re-picks the route; the processor in the pooled cluster's upstream filter chain
-# chooses the provider key for every attempt and marks failures worth another key.
-POOL_HEADER = "x-tokenfuse-pool"
-GRANT_HEADER = "x-tokenfuse-grant"
-RETRY_HEADER = "x-tokenfuse-retry"
-POOL_KEY_HEADER = "x-tokenfuse-pool-key"
-STAGE_METADATA = "x-tokenfuse-stage"
-
-
-# Request headers are always sent (skipping them with a buffered body lets Envoy forward
-# requests before the decision: the fail-open trap). The processor echoes every response
-# byte the client gets, so it can hold back, drop (the usage chunk it asked for) and end a
-# stream cleanly.
-PROCESSING_MODE = {
-    "request_header_mode": "SEND",
-    "request_body_mode": "BUFFERED",
-    "response_header_mode": "SKIP",
-    "response_body_mode": "FULL_DUPLEX_STREAMED",
-    "request_trailer_mode": "SKIP",
-    "response_trailer_mode": "SEND",
-}
-# Requests with a gateway key (as tokenfuse.identity reads it) also send response
-# headers: the processor reads which pool key served them and strips the internal headers.
+# Requests with a gateway key also send response headers: the processor reads which pool
+# key served them and strips the internal headers.
 GATEWAY_KEY_PROCESSING = {EXT_PROC_FILTER: {
     "@type": EXT_PROC_ROUTE,
-    "overrides": {"processing_mode": {**PROCESSING_MODE, "response_header_mode": "SEND"}},
+    "overrides": {"processing_mode": GATEWAY_KEY_PROCESSING_MODE},
 }}
-GATEWAY_KEY_MATCHES = (
-    {"name": "authorization",
-     "string_match": {"safe_regex": {"regex": rf"(?i)bearer \s*{VIRTUAL_KEY_PREFIX}.*"}}},
-    {"name": "x-api-key",
-     "string_match": {"safe_regex": {"regex": rf"\s*{VIRTUAL_KEY_PREFIX}.*"}}},
-)
+
+
+def _gateway_key_matches(provider: Provider) -> list[dict[str, Any]]:
+    """Header matches for a gateway key in any header the provider reads a key from."""
+    matches = []
+    for credential in provider.credentials:
+        regex = (rf"(?i){credential.scheme} \s*{VIRTUAL_KEY_PREFIX}.*" if credential.scheme
+                 else rf"\s*{VIRTUAL_KEY_PREFIX}.*")
+        matches.append({"name": credential.header,
+                        "string_match": {"safe_regex": {"regex": regex}}})
+    return matches
 
 
 def _pooled_cluster(cluster: dict[str, Any], grpc_timeout: str,
@@ -192,13 +174,10 @@ def _pooled_cluster(cluster: dict[str, Any], grpc_timeout: str,
             "grpc_service": {"envoy_grpc": {"cluster_name": "tokenfuse_processor"},
                              "timeout": grpc_timeout,
                              "initial_metadata": [{"key": STAGE_METADATA,
-                                                   "value": "upstream"}]},
+                                                   "value": UPSTREAM_STAGE}]},
             "failure_mode_allow": False,
             "message_timeout": message_timeout,
-            "processing_mode": {
-                "request_header_mode": "SEND", "request_body_mode": "NONE",
-                "request_trailer_mode": "SKIP", "response_header_mode": "SEND",
-                "response_body_mode": "NONE", "response_trailer_mode": "SKIP"},
+            "processing_mode": UPSTREAM_PROCESSING_MODE,
         }},
         {"name": "envoy.filters.http.upstream_codec",
          "typed_config": {"@type": UPSTREAM_CODEC}},
@@ -216,14 +195,13 @@ def _pool_retry_policy(retries: int) -> dict[str, Any]:
     }
 
 
-def render(env_state_dir: str | None = None) -> dict[str, Any]:
-    state_dir = Path(env_state_dir or _env("TOKENFUSE_STATE_DIR", STATE_DIR_DEFAULT)).resolve()
-    socket_path = Path(_env("TOKENFUSE_PROCESSOR_SOCKET", str(state_dir / "processor.sock")))
-    max_request = int(_env("TOKENFUSE_MAX_REQUEST_BYTES", str(32 * 1024 * 1024)))
-    timeout_ms = int(_env("TOKENFUSE_PROCESSOR_TIMEOUT_MS", "3000"))
-    ca_bundle = _env("TOKENFUSE_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
-    bench_routes = _env("TOKENFUSE_BENCH_ROUTES", "0") == "1"
-    pool_retries = int(_env("TOKENFUSE_POOL_MAX_RETRIES", "2"))
+def render(settings: Settings) -> dict[str, Any]:
+    envoy = settings.envoy
+    socket_path = settings.processor.socket
+    max_request = envoy.max_request_bytes
+    timeout_ms = settings.processor.timeout_ms
+    ca_bundle = envoy.ca_bundle
+    pool_retries = settings.pools.max_retries
     grpc_timeout = f"{max(timeout_ms, 1000) // 1000 + 4}s"
     message_timeout = f"{timeout_ms / 1000:.3f}s"
 
@@ -237,7 +215,7 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
         "load_assignment": {"cluster_name": "tokenfuse_processor", "endpoints": [{
             "lb_endpoints": [
                 {"endpoint": {"address": {"pipe": {"path": str(path)}}}}
-                for path in worker_sockets(socket_path.resolve(), processor_processes())]
+                for path in worker_sockets(socket_path, settings.processor.processes)]
         }]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3."
                                              "HttpProtocolOptions": {
@@ -252,9 +230,9 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
         "typed_per_filter_config": {EXT_PROC_FILTER: {
             "@type": EXT_PROC_ROUTE, "disabled": True}},
     }]
-    for provider in PROVIDER_DEFAULTS:
+    for provider, spec in PROVIDERS.items():
         cluster, host_header, base_path = _cluster(f"upstream_{provider}",
-                                                   upstream_url(provider), ca_bundle)
+                                                   envoy.upstreams[provider], ca_bundle)
         clusters.append(cluster)
         route = {
             "cluster": cluster["name"],
@@ -277,9 +255,9 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
         # (Not on the pooled route: its per-route config would reach the upstream ext_proc.)
         routes.extend({"match": {"prefix": f"/{provider}/", "headers": [match]},
                        "route": route, "typed_per_filter_config": GATEWAY_KEY_PROCESSING}
-                      for match in GATEWAY_KEY_MATCHES)
+                      for match in _gateway_key_matches(spec))
         routes.append({"match": {"prefix": f"/{provider}/"}, "route": route})
-        if bench_routes:
+        if envoy.bench_routes:
             # Benchmarks only: the same route with the processor disabled ("Envoy alone").
             routes.insert(0, {
                 "match": {"prefix": f"/direct/{provider}/"}, "route": route,
@@ -296,9 +274,7 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
             "failure_mode_allow": False,
             "message_timeout": message_timeout,
             "processing_mode": PROCESSING_MODE,
-            # The status arrives with the first response body message, so the response
-            # headers are not sent at all (one round trip fewer per request).
-            "response_attributes": ["response.code"],
+            "response_attributes": list(RESPONSE_ATTRIBUTES),
         },
     }
     hcm = {
@@ -313,7 +289,7 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
         "http_filters": [ext_proc, {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
-    max_connections = int(_env("TOKENFUSE_MAX_CONNECTIONS", "50000"))
+    max_connections = envoy.max_connections
     return {
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
@@ -323,13 +299,13 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
                 "max_active_downstream_connections": max_connections}}]},
         "admin": {"address": {"socket_address": {
             "address": "127.0.0.1",
-            "port_value": int(_env("TOKENFUSE_ENVOY_ADMIN_PORT", "9901"))}}},
+            "port_value": envoy.admin_port}}},
         "static_resources": {
             "listeners": [{
                 "name": "llm",
                 "address": {"socket_address": {
-                    "address": _env("TOKENFUSE_LISTEN_ADDRESS", "127.0.0.1"),
-                    "port_value": int(_env("TOKENFUSE_LISTEN_PORT", "10000"))}},
+                    "address": envoy.listen_address,
+                    "port_value": envoy.listen_port}},
                 "per_connection_buffer_limit_bytes": max_request,
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
@@ -342,7 +318,11 @@ def render(env_state_dir: str | None = None) -> dict[str, Any]:
 
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else "-"
-    text = json.dumps(render(), indent=2)
+    try:
+        text = json.dumps(render(load_settings()), indent=2)
+    except ConfigError as exc:
+        print(f"tokenfuse: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
     if out == "-":
         print(text)
     else:

@@ -1,4 +1,5 @@
-"""Building ext_proc answers: continue (with mutations) or an immediate JSON reply."""
+"""Building ext_proc answers: continue (with mutations), a streamed chunk, or an immediate
+JSON reply; and reading a headers message."""
 
 from __future__ import annotations
 
@@ -82,3 +83,11 @@ def continue_request(body: bytes) -> pb.ProcessingResponse:
             )
         )
     )
+
+
+def headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
+    """A headers message as a dict of lower-case names (the last value of a repeated one)."""
+    return {
+        h.key.lower(): (h.raw_value.decode("latin-1") if h.raw_value else h.value)
+        for h in msg.headers.headers
+    }

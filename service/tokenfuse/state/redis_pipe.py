@@ -7,7 +7,7 @@ in one write, and the replies (Redis answers in order) resolve the callers' futu
 order. That is about a fifth of the processor's CPU per request less than redis-py's
 pooled path (docs/design.md, "Throughput work"), and fewer system calls for Redis too.
 
-Failures are those of redis-py (tokenfuse.store.REDIS_FAILURES): a lost or refused
+Failures are those of redis-py (tokenfuse.state.connection.REDIS_FAILURES): a lost or refused
 connection raises `redis.ConnectionError` for every command in flight and the next command
 connects again; an error reply raises `redis.ResponseError`. Callers bound each call with
 their own timeout; a reply that comes after its caller gave up is read and dropped.

@@ -1,0 +1,35 @@
+"""What the processor knows about one HTTP request/response, across its phases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenfuse.metering.stream import StreamMeter
+from tokenfuse.pricing import ModelPrice, TokenUsage
+from tokenfuse.providers import Call, Provider
+
+
+@dataclass
+class Exchange:
+    provider_name: str = ""
+    provider: Provider | None = None  # set once the route is known
+    path: str = ""
+    caller: str = ""
+    request_id: str = ""
+    call: Call | None = None
+    price: ModelPrice | None = None
+    input_nano: int = 0  # estimated input cost inside the reservation
+    reserved_nano: int = 0
+    open_reservation: bool = False
+    status: int = 0
+    usage: TokenUsage | None = None
+    body_chunks: list[bytes] = field(default_factory=list)
+    meter: StreamMeter | None = None
+    output_allowance: int = 0  # output tokens the reservation covers
+    output_cap: int | None = None  # the request's own output limit
+    counted_output: int = 0  # output tokens seen so far (delivered or cut)
+    ended: bool = False  # the processor ended the response itself
+    control_version: int = 0  # operator changes to this caller already checked
+    pool: str = ""  # the caller used a gateway key bound to this pool
+    pool_key: str = ""  # id of the provider key chosen from the pool
+    response_started: bool = False  # the first response message has been seen

@@ -1,0 +1,58 @@
+"""What every phase of the processor shares: settings, state access, and side channels."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from tokenfuse import metrics
+from tokenfuse.config import Settings
+from tokenfuse.events.webhooks import WebhookSink
+from tokenfuse.extproc.answers import immediate
+from tokenfuse.extproc.exchange import Exchange
+from tokenfuse.identity import PREFIX_CHARS
+from tokenfuse.policy.refusals import Reply, store_unavailable
+from tokenfuse.pools.secrets import PoolSecrets
+from tokenfuse.pricing import PriceTable
+from tokenfuse.state.budgets import BudgetStore
+from tokenfuse.state.control import ControlWatcher
+from tokenfuse.state.pools import PoolStore
+
+#: One logger for the decisions of every phase (operators grep for it).
+log = logging.getLogger("tokenfuse.processor")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    secret: bytes
+    store: BudgetStore
+    prices: PriceTable
+    control: ControlWatcher | None = None
+    webhooks: WebhookSink | None = None
+    pools: PoolStore | None = None
+    pool_secrets: PoolSecrets | None = None
+
+    @property
+    def redis_timeout(self) -> float:
+        return self.settings.redis.timeout_s
+
+    def send(self, ex: Exchange, reply: Reply) -> pb.ProcessingResponse:
+        """Answer the client now (counted in the decisions metric); nothing is forwarded."""
+        outcome = "error" if reply.status >= 500 else "refused"
+        metrics.DECISIONS.labels(outcome, reply.code, ex.provider_name or "none").inc()
+        return immediate(reply.status, reply.body, f"tokenfuse_{reply.code}", reply.headers)
+
+    def store_unavailable(self, ex: Exchange, operation: str,
+                          exc: BaseException) -> pb.ProcessingResponse:
+        metrics.REDIS_ERRORS.labels(operation).inc()
+        log.warning("redis unavailable on %s: %s", operation, type(exc).__name__)
+        assert ex.provider is not None
+        return self.send(ex, store_unavailable(ex.provider))
+
+    def emit(self, ex: Exchange, event: str, data: dict[str, Any]) -> None:
+        if self.webhooks is not None:
+            self.webhooks.emit(event, ex.request_id, ex.caller[:PREFIX_CHARS], data)

@@ -1,0 +1,76 @@
+"""The ext_proc gRPC service: one stream per HTTP request, dispatched by phase.
+
+A stream from the pooled clusters' upstream filter (marked by gRPC metadata) is one
+provider attempt (`upstream.PoolAttempts`); every other stream is a client request:
+request headers and body (`request.RequestPhase`), then the response
+(`response.ResponsePhase`), settled once (`settlement.Settlement`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from tokenfuse.contract import STAGE_METADATA, UPSTREAM_STAGE
+from tokenfuse.extproc.answers import CONTINUE
+from tokenfuse.extproc.exchange import Exchange
+from tokenfuse.extproc.request import RequestPhase
+from tokenfuse.extproc.response import ResponsePhase
+from tokenfuse.extproc.runtime import Runtime
+from tokenfuse.extproc.settlement import Settlement
+from tokenfuse.extproc.upstream import PoolAttempts
+
+
+class ExtProcService(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self._request = RequestPhase(runtime)
+        self._settlement = Settlement(runtime)
+        self._response = ResponsePhase(runtime, self._settlement)
+        self._attempts = (
+            PoolAttempts(runtime.secret, runtime.pools, runtime.pool_secrets,
+                         runtime.redis_timeout)
+            if runtime.pools is not None and runtime.pool_secrets is not None else None)
+
+    async def Process(  # gRPC method name
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        if self._attempts is not None and _is_upstream_stage(context):
+            async for answer in self._attempts.process(request_iterator):
+                yield answer
+            return
+        ex = Exchange()
+        response = self._response
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("request")
+                if kind == "request_headers":
+                    yield await self._request.on_headers(ex, message.request_headers)
+                elif kind == "request_body":
+                    yield await self._request.on_body(ex, message.request_body)
+                elif kind == "response_headers":
+                    yield await response.on_headers(ex, message.response_headers)
+                elif kind == "response_body":
+                    if not ex.response_started:
+                        response.start(ex, message)
+                    for answer in await response.on_body(ex, message.response_body):
+                        yield answer
+                elif kind == "request_trailers":
+                    yield CONTINUE["request_trailers"]
+                elif kind == "response_trailers":
+                    if not ex.response_started:
+                        response.start(ex, message)
+                    await self._settlement.settle_from(ex)
+                    yield CONTINUE["response_trailers"]
+        finally:
+            if ex.open_reservation:
+                # Ended without a settlement (client gone, Envoy reset, upstream cut).
+                await self._settlement.settle_unfinished(ex)
+
+
+def _is_upstream_stage(context: Any) -> bool:
+    """Streams from the pooled clusters' upstream filter carry this gRPC metadata."""
+    return any(item[0] == STAGE_METADATA and item[1] == UPSTREAM_STAGE
+               for item in (context.invocation_metadata() or ()))

@@ -1,0 +1,234 @@
+"""The provider interface: everything tokenfuse must know of one wire format.
+
+A provider module implements `Provider` and is listed once in `tokenfuse.providers`
+(the registry). Nothing outside this package names a provider or one of its headers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
+
+from tokenfuse.pricing import TokenUsage
+from tokenfuse.providers.sse import SseEvent, SseParser
+
+#: What a refusal is about; each provider names it in its own error vocabulary.
+ErrorKind = Literal["invalid_request", "authentication", "permission", "rate_limit",
+                    "unavailable", "budget", "stream_cut"]
+
+#: The error types both OpenAI and Anthropic use for the common kinds.
+COMMON_ERROR_TYPES: dict[str, str] = {
+    "invalid_request": "invalid_request_error",
+    "authentication": "authentication_error",
+    "permission": "permission_error",
+    "rate_limit": "rate_limit_error",
+    "unavailable": "api_error",
+}
+
+
+class RequestRejected(Exception):
+    """The request cannot be priced; it is refused with this status and code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Call:
+    """What the budget decision needs from one request body."""
+
+    endpoint: str
+    model: str
+    stream: bool
+    max_output_tokens: int | None  # per choice; None = not given by the caller
+    choices: int = 1
+    prompt_parts: list[Any] = field(default_factory=list)
+    messages: list[Any] = field(default_factory=list)
+    priced: bool = True  # False for free endpoints (e.g. count_tokens)
+    new_body: dict[str, Any] | None = None  # set when tokenfuse rewrites the body
+    hide_usage_chunk: bool = False  # the usage-only stream chunk was added by tokenfuse
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A request header that carries the caller's key; `scheme` "bearer" means the value
+    is `Bearer <key>` (matched case-insensitively)."""
+
+    header: str
+    scheme: str | None = None
+
+    @property
+    def hint(self) -> str:
+        """How a client sends it, for error messages."""
+        if self.scheme is None:
+            return f"'{self.header}'"
+        return f"'{self.header.title()}: {self.scheme.title()} <key>'"
+
+    def read(self, headers: dict[str, str]) -> str | None:
+        value = headers.get(self.header, "")
+        if self.scheme is None:
+            return value.strip() or None
+        prefix = self.scheme + " "
+        if value[: len(prefix)].lower() == prefix:
+            return value[len(prefix):].strip() or None
+        return None
+
+
+class FrameDecoder(Protocol):
+    """Splits a response stream into events, whatever the chunk boundaries."""
+
+    def feed(self, chunk: bytes) -> list[SseEvent]: ...
+
+    def finish(self) -> list[SseEvent]: ...
+
+
+class Provider(Protocol):
+    """One wire format. `tokenfuse.providers.openai` is the model implementation."""
+
+    name: str
+    default_upstream: str
+    sdk_base_path: str  # what the official SDK's base URL adds after /<name> (e.g. /v1)
+    credentials: tuple[Credential, ...]  # where the caller's key is read, in precedence
+    media_block_types: frozenset[str]  # content parts whose tokens are not their text
+    binary_fields: frozenset[str]  # fields of those parts that hold bytes, not text
+
+    # -- requests
+    def parse_request(self, path: str, body: dict[str, Any]) -> Call: ...
+
+    def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
+        """(tool name, arguments) of every tool call recorded in one history message."""
+        ...
+
+    # -- responses
+    def usage(self, payload: dict[str, Any]) -> TokenUsage | None: ...
+
+    def merge_usage(self, old: TokenUsage | None, new: TokenUsage) -> TokenUsage:
+        """How usage reported over a stream accumulates (cumulative counts, or deltas)."""
+        ...
+
+    def is_event_stream(self, first_chunk: bytes) -> bool:
+        """Whether a streamed request's first response bytes are events (else an error
+        document)."""
+        ...
+
+    def stream_decoder(self) -> FrameDecoder: ...
+
+    def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]: ...
+
+    def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool: ...
+
+    def is_final_event(self, event: str, data: str) -> bool: ...
+
+    # -- refusals
+    def error_body(self, kind: ErrorKind, code: str, message: str,
+                   details: dict[str, Any] | None = None) -> bytes: ...
+
+    def stream_error_event(self, kind: ErrorKind, code: str, message: str,
+                           details: dict[str, Any]) -> bytes: ...
+
+    # -- key pools
+    def caller_key(self, headers: dict[str, str]) -> str | None: ...
+
+    def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
+        """(header to set, headers to remove) that present a pooled key to the provider."""
+        ...
+
+    def retry_after_ms(self, headers: dict[str, str]) -> int:
+        """When the provider says a key may be used again (ms from now), -1 if unsaid."""
+        ...
+
+    def probe(self, secret: str) -> tuple[str, dict[str, str]]:
+        """A cheap, free request (path, headers) that proves a key works."""
+        ...
+
+
+class ProviderBase:
+    """Behaviour most providers share; a provider overrides what differs."""
+
+    name = ""
+    default_upstream = ""
+    sdk_base_path = ""
+    credentials: tuple[Credential, ...] = (Credential("authorization", "bearer"),
+                                           Credential("x-api-key"))
+    error_types: ClassVar[dict[str, str]] = COMMON_ERROR_TYPES
+    media_block_types: frozenset[str] = frozenset()
+    binary_fields: frozenset[str] = frozenset()
+
+    def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
+        return []
+
+    def merge_usage(self, old: TokenUsage | None, new: TokenUsage) -> TokenUsage:
+        """Cumulative counts spread over events: keep the largest of each kind."""
+        if old is None:
+            return new
+        return TokenUsage(
+            input=max(old.input, new.input),
+            output=max(old.output, new.output),
+            cache_read=max(old.cache_read, new.cache_read),
+            cache_write=max(old.cache_write, new.cache_write),
+        )
+
+    def is_event_stream(self, first_chunk: bytes) -> bool:
+        return not first_chunk.lstrip().startswith(b"{")
+
+    def stream_decoder(self) -> FrameDecoder:
+        return SseParser()
+
+    def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool:
+        return False
+
+    def error_type(self, kind: ErrorKind) -> str:
+        return self.error_types[kind]
+
+    def caller_key(self, headers: dict[str, str]) -> str | None:
+        for credential in self.credentials:
+            key = credential.read(headers)
+            if key:
+                return key
+        return None
+
+    def retry_after_ms(self, headers: dict[str, str]) -> int:
+        value = headers.get("retry-after", "").strip()
+        return int(value) * 1000 if value.isdigit() else -1
+
+
+def int_field(body: dict[str, Any], *names: str) -> int | None:
+    """The first of `names` present in the body, as a non-negative integer."""
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise RequestRejected(400, "invalid_request", f"'{name}' must be a positive integer")
+        return value
+    return None
+
+
+def model_of(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestRejected(400, "missing_model", "the request body has no 'model'")
+    return model
+
+
+def as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def endpoint_of(path: str) -> str:
+    return path.split("?", 1)[0].rstrip("/")
+
+
+def unsupported(endpoint: str) -> RequestRejected:
+    return RequestRejected(404, "unsupported_endpoint",
+                           f"tokenfuse does not price {endpoint}; refused (fail-closed)")
+
+
+def json_bytes(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc).encode()

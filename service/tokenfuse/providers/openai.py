@@ -1,0 +1,163 @@
+"""OpenAI: chat completions, legacy completions, embeddings and the Responses API."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from tokenfuse.pricing import TokenUsage
+from tokenfuse.providers.base import (
+    Call,
+    ErrorKind,
+    ProviderBase,
+    as_list,
+    endpoint_of,
+    int_field,
+    json_bytes,
+    model_of,
+    unsupported,
+)
+
+
+class OpenAI(ProviderBase):
+    name = "openai"
+    default_upstream = "https://api.openai.com"
+    sdk_base_path = "/v1"
+    error_types: ClassVar[dict[str, str]] = {
+        **ProviderBase.error_types, "budget": "insufficient_quota",
+        "stream_cut": "insufficient_quota"}
+    # Content parts whose tokens are not their text, and the fields holding their bytes.
+    media_block_types = frozenset({"image_url", "input_image", "input_file"})
+    binary_fields = frozenset({"image_url", "url", "file_data"})
+
+    def parse_request(self, path: str, body: dict[str, Any]) -> Call:
+        endpoint = endpoint_of(path)
+        model = model_of(body)
+        stream = body.get("stream") is True
+        choices = int_field(body, "n") or 1
+        if endpoint.endswith("/chat/completions"):
+            return _with_stream_usage(body, Call(
+                endpoint="chat.completions", model=model, stream=stream, choices=choices,
+                max_output_tokens=int_field(body, "max_completion_tokens", "max_tokens"),
+                prompt_parts=[body.get("tools"), body.get("functions"),
+                              body.get("response_format")],
+                messages=as_list(body.get("messages")),
+            ))
+        if endpoint.endswith("/completions"):
+            best_of = int_field(body, "best_of") or 1
+            return _with_stream_usage(body, Call(
+                endpoint="completions", model=model, stream=stream,
+                choices=max(choices, best_of),
+                max_output_tokens=int_field(body, "max_tokens") or 16,
+                prompt_parts=as_list(body.get("prompt")),
+            ))
+        if endpoint.endswith("/embeddings"):
+            return Call(endpoint="embeddings", model=model, stream=False, max_output_tokens=0,
+                        prompt_parts=as_list(body.get("input")))
+        if endpoint.endswith("/responses"):
+            return Call(
+                endpoint="responses", model=model, stream=stream,
+                max_output_tokens=int_field(body, "max_output_tokens"),
+                prompt_parts=[body.get("instructions"), body.get("tools")],
+                messages=as_list(body.get("input")),
+            )
+        raise unsupported(endpoint)
+
+    def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
+        """Chat `tool_calls` of an assistant message; a Responses `function_call` item."""
+        if not isinstance(message, dict):
+            return []
+        calls = []
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                calls.append((str(function.get("name")), function.get("arguments")))
+        if message.get("type") == "function_call":
+            calls.append((str(message.get("name")), message.get("arguments")))
+        return calls
+
+    def usage(self, payload: dict[str, Any]) -> TokenUsage | None:
+        """Usage from a response object or a stream chunk (None when absent)."""
+        usage = payload.get("usage")
+        if not isinstance(usage, dict):
+            response = payload.get("response")  # Responses API stream events
+            usage = response.get("usage") if isinstance(response, dict) else None
+            if not isinstance(usage, dict):
+                return None
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
+        output = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        cached = min(prompt, details.get("cached_tokens") or 0)
+        return TokenUsage(input=prompt - cached, output=output, cache_read=cached)
+
+    def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:
+        """Generated text of one stream event: content, refusals, reasoning, tool calls."""
+        out: list[str] = []
+        for choice in payload.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            text = choice.get("text")  # legacy completions
+            if isinstance(text, str):
+                out.append(text)
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                continue
+            for key in ("content", "refusal", "reasoning_content", "reasoning"):
+                value = delta.get(key)
+                if isinstance(value, str):
+                    out.append(value)
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    out.extend(v for v in (function.get("name"), function.get("arguments"))
+                               if isinstance(v, str))
+        kind = payload.get("type")
+        if isinstance(kind, str) and kind.endswith(".delta"):  # Responses API events
+            delta = payload.get("delta")
+            if isinstance(delta, str):
+                out.append(delta)
+        return out
+
+    def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool:
+        return payload.get("choices") == [] and isinstance(payload.get("usage"), dict)
+
+    def is_final_event(self, event: str, data: str) -> bool:
+        """The stream's last event: `[DONE]` (chat, completions) or a Responses API end."""
+        return data == "[DONE]" or event in ("response.completed", "response.incomplete",
+                                             "response.failed")
+
+    def error_body(self, kind: ErrorKind, code: str, message: str,
+                   details: dict[str, Any] | None = None) -> bytes:
+        doc: dict[str, Any] = {
+            "error": {"message": message, "type": self.error_type(kind), "code": code,
+                      "param": None}
+        }
+        if details:
+            doc["tokenfuse"] = details
+        return json_bytes(doc)
+
+    def stream_error_event(self, kind: ErrorKind, code: str, message: str,
+                           details: dict[str, Any]) -> bytes:
+        """The in-band error OpenAI sends mid-stream; the SDK raises APIError on it."""
+        return b"data: " + self.error_body(kind, code, message, details) + b"\n\n"
+
+    def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
+        return ("authorization", f"Bearer {secret}"), ("x-api-key",)
+
+    def probe(self, secret: str) -> tuple[str, dict[str, str]]:
+        return "/v1/models", {"authorization": f"Bearer {secret}"}
+
+
+def _with_stream_usage(body: dict[str, Any], call: Call) -> Call:
+    """OpenAI reports stream usage only when asked: ask, and hide the answer from a client
+    that did not ask (settlement needs the provider's own count)."""
+    if not call.stream:
+        return call
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return call
+    call.new_body = {**body, "stream_options": {**(options if isinstance(options, dict)
+                                                   else {}), "include_usage": True}}
+    call.hide_usage_chunk = True
+    return call
+
+

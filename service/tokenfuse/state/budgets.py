@@ -1,0 +1,144 @@
+"""The processor's budget decisions: reserve, extend and settle (one script call each,
+on one pipelined connection), and the reaper of orphaned reservations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from tokenfuse.state import scripts
+from tokenfuse.state.connection import async_client, decisions_client, text
+from tokenfuse.state.keys import (
+    RESERVATIONS_PATTERN,
+    caller_keys,
+    caller_prefix,
+    limits_key,
+    prefix_of_reservations,
+    reservations_key,
+)
+from tokenfuse.state.redis_pipe import PipelinedRedis
+from tokenfuse.state.results import LoopRefusal, Refusal, Reservation
+
+__all__ = ["BudgetStore", "GuardPolicy", "LoopRefusal", "Refusal", "Reservation"]
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    """Loop guard, velocity breaker and alert threshold, passed to reserve.lua."""
+
+    loop_max_hits: int = 0  # 0 = loop guard off
+    loop_window_ms: int = 60_000
+    loop_cooldown_ms: int = 30_000
+    velocity_max_per_minute: int = 0  # 0 = off
+    threshold_percent: int = 0  # 0 = no threshold alerts
+
+    def args(self) -> dict[str, int]:
+        return {"loop_max_hits": self.loop_max_hits, "loop_window_ms": self.loop_window_ms,
+                "loop_cooldown_ms": self.loop_cooldown_ms,
+                "velocity_max": self.velocity_max_per_minute,
+                "threshold_percent": self.threshold_percent}
+
+
+class BudgetStore:
+    """Async access for the processor: reserve, extend and settle, one round trip each, on
+    one pipelined connection (redis_pipe); the reaper uses redis-py."""
+
+    def __init__(self, client: aioredis.Redis, decisions: PipelinedRedis,
+                 default_limits: list[int], policy: GuardPolicy | None = None) -> None:
+        self._redis = client
+        self._decisions = decisions
+        self._defaults = scripts.default_limits(default_limits)
+        policy_args = (policy or GuardPolicy()).args()
+        self._guarded = {**self._defaults, **policy_args}
+        self._unguarded = {**self._guarded, "loop_max_hits": 0}
+        self._reserve = scripts.load("reserve")
+        self._settle = scripts.load("settle")
+        self._extend = scripts.load("extend")
+        self._reap = scripts.load("reap")
+        self._reap_call = client.register_script(self._reap.source)
+
+    @classmethod
+    def from_url(cls, url: str, timeout_ms: int, default_limits: list[int],
+                 policy: GuardPolicy | None = None) -> BudgetStore:
+        timeout = timeout_ms / 1000
+        return cls(async_client(url, timeout), decisions_client(url, timeout), default_limits,
+                   policy)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._redis
+
+    @property
+    def decisions(self) -> PipelinedRedis:
+        return self._decisions
+
+    async def reserve(self, caller: str, rid: str, desired_nano: int,
+                      minimum_nano: int | None = None,
+                      fingerprint: str | None = None) -> Reservation | Refusal | LoopRefusal:
+        """Loop guard, velocity and budget in one call; reserve between `minimum`
+        (default: all) and `desired` in every window, or say why not."""
+        minimum = desired_nano if minimum_nano is None else minimum_nano
+        fixed = self._guarded if fingerprint else self._unguarded
+        keys, args = self._reserve.bind(
+            caller_keys(caller, fingerprint or "-"),
+            {**fixed, "prefix": caller_prefix(caller), "rid": rid, "desired": desired_nano,
+             "minimum": minimum})
+        result: list[Any] = await self._decisions.evalsha(self._reserve, keys, args)
+        if int(result[0]) == 1:
+            crossed = text(result[3])
+            return Reservation(int(result[1]), tuple(crossed.split(",")) if crossed else ())
+        if text(result[1]) in ("loop", "velocity"):
+            return LoopRefusal(text(result[1]), int(result[2]), int(result[3]))
+        return refusal_of(result)
+
+    async def extend(self, caller: str, rid: str, desired_nano: int,
+                     minimum_nano: int) -> int | Refusal:
+        """Grow an open reservation by up to `desired` (at least `minimum`)."""
+        keys, args = self._extend.bind(
+            {"limits": limits_key(caller), "reservations": reservations_key(caller)},
+            {**self._defaults, "prefix": caller_prefix(caller), "rid": rid,
+             "desired": desired_nano, "minimum": minimum_nano})
+        result: list[Any] = await self._decisions.evalsha(self._extend, keys, args)
+        if int(result[0]) == 1:
+            return int(result[1])
+        return refusal_of(result)
+
+    async def settle(self, caller: str, rid: str, actual_nano: int) -> bool:
+        """Replace a reservation by the actual cost. False when it was already settled."""
+        keys, args = self._settle.bind(
+            {"reservations": reservations_key(caller)},
+            {"prefix": caller_prefix(caller), "rid": rid, "actual": actual_nano})
+        result = await self._decisions.evalsha(self._settle, keys, args)
+        return int(result[0]) == 1
+
+    async def reap(self, ttl_ms: int) -> tuple[int, int]:
+        """Charge every reservation untouched for `ttl_ms` as spent, across all callers.
+
+        Returns (reservations reaped, nano-USD charged). SCAN finds the callers with open
+        reservations; each is reaped by one atomic script call."""
+        reaped = charged = 0
+        async for key in self._redis.scan_iter(match=RESERVATIONS_PATTERN, count=500):
+            name = text(key)
+            keys, args = self._reap.bind({"reservations": name},
+                                         {"prefix": prefix_of_reservations(name), "ttl": ttl_ms})
+            count, nano = await self._reap_call(keys=keys, args=args)
+            reaped += int(count)
+            charged += int(nano)
+        return reaped, charged
+
+    async def close(self) -> None:
+        await self._decisions.close()
+        await self._redis.aclose()
+
+
+def refusal_of(result: list[Any]) -> Refusal:
+    return Refusal(
+        reason=text(result[1]),
+        window=text(result[2]),
+        limit_nano=int(result[3]),
+        used_nano=int(result[4]),
+        resets_at=int(result[5]),
+        first_in_window=len(result) > 6 and int(result[6]) == 1,
+    )

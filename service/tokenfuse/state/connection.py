@@ -1,0 +1,46 @@
+"""Redis clients: how tokenfuse connects, and what a Redis call can fail with."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+
+from tokenfuse.state.redis_pipe import PipelinedRedis
+
+#: What a Redis call can fail with (errors, connection loss, our own time bound).
+REDIS_FAILURES = (redis.RedisError, OSError, asyncio.TimeoutError)
+
+
+def async_client(url: str, timeout_s: float) -> aioredis.Redis:
+    """redis-py for the processor's cold paths (reaper, probes, gateway-key lookups)."""
+    # A blocking pool: under a flood, callers queue for a connection (bounded by the
+    # decision timeout) instead of failing with "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=64, timeout=timeout_s, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s)
+    # One immediate retry replaces a pooled connection that died with a Redis restart;
+    # no backoff: the decision is bounded by TOKENFUSE_REDIS_TIMEOUT_MS anyway.
+    return aioredis.Redis(connection_pool=pool, retry=AsyncRetry(NoBackoff(), 1))
+
+
+def decisions_client(url: str, timeout_s: float) -> PipelinedRedis:
+    """The decision path's one pipelined connection (reserve, extend, settle, pool)."""
+    return PipelinedRedis(url, timeout_s)
+
+
+def sync_client(url: str) -> redis.Redis:
+    """redis-py for operators (CLI, admin)."""
+    return redis.Redis.from_url(url, socket_timeout=5)
+
+
+def subscriber_client(url: str) -> aioredis.Redis:
+    """A connection for the control channel's subscription."""
+    return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_keepalive=True)
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

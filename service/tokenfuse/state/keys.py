@@ -1,0 +1,101 @@
+"""The Redis key layout: the only place that names Redis keys.
+
+Everything of one caller shares the hash tag `{<key id>}` and everything of one key pool
+the tag `{<pool>}`, so every script touches one slot (and runs on Redis Cluster). The
+Lua scripts get the prefix as an argument and the suffixes below through the prelude
+`tokenfuse.state.scripts` generates, so the layout is written down once, here.
+
+    tf:{<id>}:b          limits hash: minute..total (nano-USD), killed
+    tf:{<id>}:u:<window> counters of one calendar window: s (spent), r (reserved)
+    tf:{<id>}:rs         open reservations: rid -> "amount|touched_ms|window ids"
+    tf:{<id>}:lp:<fp>    loop guard: ZSET of forwarded requests with this fingerprint
+    tf:{<id>}:lc:<fp>    loop guard: cooldown after a block (hit count, PX = cooldown)
+    tf:{<id>}:vel        velocity breaker: ZSET of forwarded requests, last minute
+    tf:{<id>}:wt:<w>     threshold alert sent for window w (expires with it)
+    tf:{<id>}:wx:<w>     budget.exceeded alert sent for window w (expires with it)
+    tf:vk:<vkey id>      gateway key: name, pool
+    tfp:{<pool>}:keys    pool members: key id -> "weight|enabled|label"
+    tfp:{<pool>}:rr      round-robin counter
+    tfp:{<pool>}:meta    provider
+    tfp:{<pool>}:h:<id>  health of one key (state, until, failures, counts)
+    tfp:{<pool>}:probe:<id>  probe lock (one replica probes a key at a time)
+"""
+
+from __future__ import annotations
+
+#: Suffixes after a caller's prefix `tf:{<id>}`.
+CALLER = {
+    "limits": ":b",
+    "reservations": ":rs",
+    "window": ":u:",
+    "loop_hits": ":lp:",
+    "loop_cooldown": ":lc:",
+    "velocity": ":vel",
+    "threshold_mark": ":wt:",
+    "exceeded_mark": ":wx:",
+}
+#: Suffixes after a pool's prefix `tfp:{<pool>}`.
+POOL = {
+    "keys": ":keys",
+    "round_robin": ":rr",
+    "meta": ":meta",
+    "health": ":h:",
+    "probe_lock": ":probe:",
+}
+CONTROL_CHANNEL = "tf:control"
+RESERVATIONS_PATTERN = "tf:*" + CALLER["reservations"]  # SCAN: callers with reservations
+POOLS_PATTERN = "tfp:{*}" + POOL["keys"]  # SCAN: every pool
+
+
+def caller_prefix(caller: str) -> str:
+    return f"tf:{{{caller}}}"
+
+
+def limits_key(caller: str) -> str:
+    return caller_prefix(caller) + CALLER["limits"]
+
+
+def reservations_key(caller: str) -> str:
+    return caller_prefix(caller) + CALLER["reservations"]
+
+
+def prefix_of_reservations(key: str) -> str:
+    """The caller prefix of a reservations key found by SCAN."""
+    return key.removesuffix(CALLER["reservations"])
+
+
+def caller_keys(caller: str, fingerprint: str) -> dict[str, str]:
+    """Every key the pre-call decision touches (reserve.lua's KEYS)."""
+    prefix = caller_prefix(caller)
+    return {
+        "limits": prefix + CALLER["limits"],
+        "reservations": prefix + CALLER["reservations"],
+        "loop_hits": prefix + CALLER["loop_hits"] + fingerprint,
+        "loop_cooldown": prefix + CALLER["loop_cooldown"] + fingerprint,
+        "velocity": prefix + CALLER["velocity"],
+    }
+
+
+def pool_prefix(pool: str) -> str:
+    return f"tfp:{{{pool}}}"
+
+
+def pool_key(pool: str, part: str, member: str = "") -> str:
+    """`tfp:{<pool>}<suffix>[<member>]` for one of the POOL parts."""
+    return pool_prefix(pool) + POOL[part] + member
+
+
+def pool_of_keys_key(key: str) -> str:
+    """The pool named in a `tfp:{<pool>}:keys` key found by SCAN."""
+    return key[key.index("{") + 1 : key.index("}")]
+
+
+def vkey_key(vkey_id: str) -> str:
+    return f"tf:vk:{vkey_id}"
+
+
+def lua_layout() -> str:
+    """The layout for the Lua prelude: `LAYOUT.window` etc."""
+    fields = {**CALLER, **{f"pool_{k}": v for k, v in POOL.items()}}
+    body = ", ".join(f"{name} = '{suffix}'" for name, suffix in fields.items())
+    return f"local LAYOUT = {{{body}}}\n"
