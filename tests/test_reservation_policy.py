@@ -1,0 +1,86 @@
+"""The reservation arithmetic, pure: plans, allowances, extensions, unfinished costs."""
+
+from __future__ import annotations
+
+from tokenfuse.config import EstimateSettings, StreamSettings
+from tokenfuse.policy import reservation
+from tokenfuse.pricing import ModelPrice, TokenUsage, cost_nano
+from tokenfuse.providers import Call
+
+PRICE = ModelPrice("m", input=1_000_000_000, output=4_000_000_000, cache_read=100_000_000,
+                   cache_write=1_250_000_000, max_output_tokens=8000)
+ESTIMATE = EstimateSettings(default_output_tokens=4096, input_margin_percent=0)
+STREAMS = StreamSettings(initial_tokens=256, step_tokens=256, grace_tokens=32)
+
+
+def _call(stream: bool, cap: int | None, choices: int = 1) -> Call:
+    return Call(endpoint="chat.completions", model="m", stream=stream, max_output_tokens=cap,
+                choices=choices, messages=[{"role": "user", "content": "hello there"}])
+
+
+def test_non_streamed_plan_reserves_the_whole_cap_at_the_highest_input_rate() -> None:
+    call = _call(False, 100, choices=2)
+    plan = reservation.plan(call, PRICE, ESTIMATE, STREAMS)
+    # cache writes (1.25 $/M) cost more than input (1 $/M): the input is priced at them
+    assert plan.input_nano == reservation.input_cost(call, PRICE, 0)
+    assert plan.input_nano % 1250 == 0
+    assert plan.desired_nano == plan.minimum_nano == plan.input_nano + 200 * 4000
+    assert plan.output_cap is None
+
+
+def test_default_output_is_capped_at_the_model_maximum() -> None:
+    small = ModelPrice("s", 1, 1, 1, 1, max_output_tokens=1000)
+    assert reservation.output_cap(_call(False, None), small, 4096) == 1000
+    assert reservation.output_cap(_call(False, None), PRICE, 4096) == 4096
+    assert reservation.output_cap(_call(False, 77), small, 4096) == 77
+
+
+def test_stream_plan_starts_small_and_never_beyond_the_cap() -> None:
+    plan = reservation.plan(_call(True, None), PRICE, ESTIMATE, STREAMS)
+    assert plan.desired_nano - plan.input_nano == 256 * 4000
+    assert plan.minimum_nano - plan.input_nano == 33 * 4000
+    tiny = reservation.plan(_call(True, 10, choices=2), PRICE, ESTIMATE, STREAMS)
+    assert tiny.output_cap == 20
+    assert tiny.desired_nano - tiny.input_nano == tiny.minimum_nano - tiny.input_nano == 80000
+
+
+def test_allowance_and_coverage() -> None:
+    assert reservation.allowance(1_000 + 256 * 4000, 1_000, PRICE) == 256
+    free = ModelPrice("f", 1, 0, 1, 1, 0)
+    assert reservation.allowance(5, 5, free) == reservation.UNLIMITED_TOKENS
+    assert reservation.covered(200, 24, 256, None, 32)
+    assert not reservation.covered(200, 25, 256, None, 32)
+    assert reservation.covered(10_000, 500, 300, 300, 32)  # the cap is held: nothing more
+
+
+def test_extension_goes_one_step_ahead_and_stops_at_the_cap() -> None:
+    reserved = 1_000 + 256 * 4000
+    step = reservation.extension(230, 10, None, reserved, 1_000, PRICE, STREAMS)
+    assert step is not None
+    assert step.minimum_nano == (230 + 10 + 32 - 256) * 4000
+    assert step.desired_nano == (230 + 10 + 32 + 256 - 256) * 4000
+    capped = reservation.extension(230, 10, 260, reserved, 1_000, PRICE, STREAMS)
+    assert capped is not None and capped.desired_nano == capped.minimum_nano == 4 * 4000
+    assert reservation.extension(0, 1, None, reserved, 1_000, PRICE, STREAMS) is None
+
+
+def test_unfinished_cost_counts_plus_grace_and_never_exceeds_the_reservation() -> None:
+    assert reservation.unfinished_cost(100, None, None, 1_000, 10**9, PRICE, 32) \
+        == 1_000 + 132 * 4000
+    assert reservation.unfinished_cost(100, 110, None, 1_000, 10**9, PRICE, 32) \
+        == 1_000 + 110 * 4000
+    known = TokenUsage(input=50, output=500, cache_read=10)
+    assert reservation.unfinished_cost(100, None, known, 1_000, 10**9, PRICE, 32) \
+        == cost_nano(PRICE, TokenUsage(50, 500, 10))
+    assert reservation.unfinished_cost(100, None, None, 1_000, 5_000, PRICE, 32) == 5_000
+
+
+def test_unknown_model_policy() -> None:
+    from tokenfuse.pricing import PriceTable
+
+    prices = PriceTable.load()
+    assert reservation.price_for(prices, "no-such-model", ESTIMATE) is None
+    priced = EstimateSettings(unknown_model_policy="price", unknown_input_nano_per_mtok=3,
+                              unknown_output_nano_per_mtok=9)
+    price = reservation.price_for(prices, "no-such-model", priced)
+    assert price is not None and (price.input, price.output, price.cache_write) == (3, 9, 3)
