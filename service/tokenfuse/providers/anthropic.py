@@ -13,7 +13,6 @@ from tokenfuse.providers.base import (
     as_list,
     endpoint_of,
     int_field,
-    json_bytes,
     model_of,
     unsupported,
 )
@@ -82,15 +81,9 @@ class Anthropic(ProviderBase):
     def is_final_event(self, event: str, data: str) -> bool:
         return event == "message_stop"
 
-    def error_body(self, kind: ErrorKind, code: str, message: str,
-                   details: dict[str, Any] | None = None) -> bytes:
-        doc: dict[str, Any] = {
-            "type": "error",
-            "error": {"type": self.error_type(kind), "message": message, "code": code},
-        }
-        if details:
-            doc["tokenfuse"] = details
-        return json_bytes(doc)
+    def error_document(self, kind: ErrorKind, code: str, message: str) -> dict[str, Any]:
+        return {"type": "error",
+                "error": {"type": self.error_type(kind), "message": message, "code": code}}
 
     def stream_error_event(self, kind: ErrorKind, code: str, message: str,
                            details: dict[str, Any]) -> bytes:

@@ -184,6 +184,18 @@ class ProviderBase:
     def error_type(self, kind: ErrorKind) -> str:
         return self.error_types[kind]
 
+    def error_document(self, kind: ErrorKind, code: str, message: str) -> dict[str, Any]:
+        """The provider's own error object (what its SDK reads)."""
+        raise NotImplementedError
+
+    def error_body(self, kind: ErrorKind, code: str, message: str,
+                   details: dict[str, Any] | None = None) -> bytes:
+        """The error document, plus tokenfuse's machine-readable details."""
+        doc = self.error_document(kind, code, message)
+        if details:
+            doc["tokenfuse"] = details
+        return json.dumps(doc).encode()
+
     def caller_key(self, headers: dict[str, str]) -> str | None:
         for credential in self.credentials:
             key = credential.read(headers)
@@ -228,7 +240,3 @@ def endpoint_of(path: str) -> str:
 def unsupported(endpoint: str) -> RequestRejected:
     return RequestRejected(404, "unsupported_endpoint",
                            f"tokenfuse does not price {endpoint}; refused (fail-closed)")
-
-
-def json_bytes(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc).encode()

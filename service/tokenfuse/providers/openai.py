@@ -12,7 +12,6 @@ from tokenfuse.providers.base import (
     as_list,
     endpoint_of,
     int_field,
-    json_bytes,
     model_of,
     unsupported,
 )
@@ -125,15 +124,9 @@ class OpenAI(ProviderBase):
         return data == "[DONE]" or event in ("response.completed", "response.incomplete",
                                              "response.failed")
 
-    def error_body(self, kind: ErrorKind, code: str, message: str,
-                   details: dict[str, Any] | None = None) -> bytes:
-        doc: dict[str, Any] = {
-            "error": {"message": message, "type": self.error_type(kind), "code": code,
-                      "param": None}
-        }
-        if details:
-            doc["tokenfuse"] = details
-        return json_bytes(doc)
+    def error_document(self, kind: ErrorKind, code: str, message: str) -> dict[str, Any]:
+        return {"error": {"message": message, "type": self.error_type(kind), "code": code,
+                          "param": None}}
 
     def stream_error_event(self, kind: ErrorKind, code: str, message: str,
                            details: dict[str, Any]) -> bytes:
