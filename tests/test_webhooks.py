@@ -1,5 +1,6 @@
 """Signed webhooks: payload and signature at a real local receiver; a dead or slow
-receiver never affects requests; SSRF checks."""
+receiver never affects requests nor the other receivers; redirects are never followed;
+SSRF checks."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import re
+import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
@@ -18,8 +22,14 @@ import pytest
 from tests.conftest import openai_client
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack, free_port, wait_until
-from tokenfuse.events.webhooks import PublicOnlyResolver, WebhookConfigError, validate_urls
+from tokenfuse.events.webhooks import (
+    PublicOnlyResolver,
+    WebhookConfigError,
+    WebhookSink,
+    validate_urls,
+)
 from tokenfuse.identity import PREFIX_CHARS, key_id
+from tokenfuse.metrics import REGISTRY
 
 SECRET = "whsec-test-secret"
 
@@ -27,22 +37,31 @@ SECRET = "whsec-test-secret"
 class Receiver:
     """A webhook endpoint on loopback recording what it gets."""
 
-    def __init__(self, hold: threading.Event | None = None) -> None:
+    def __init__(self, hold: threading.Event | None = None, status: int = 204,
+                 location: str | None = None) -> None:
         self.events: list[tuple[dict[str, str], bytes]] = []
+        self.methods: list[str] = []
         self.cond = threading.Condition()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 if hold is not None:
                     hold.wait(30)  # a receiver that hangs until the test lets it go
                 with receiver.cond:
-                    receiver.events.append(({k.lower(): v for k, v in self.headers.items()},
-                                            body))
+                    receiver.methods.append(self.command)
+                    if body:
+                        receiver.events.append(
+                            ({k.lower(): v for k, v in self.headers.items()}, body))
                     receiver.cond.notify_all()
-                self.send_response(204)
+                self.send_response(status)
+                if location is not None:
+                    self.send_header("location", location)
+                self.send_header("content-length", "0")
                 self.end_headers()
+
+            do_GET = do_POST  # a followed 302/303 arrives as a GET
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -151,8 +170,8 @@ def test_dead_and_slow_receivers_never_affect_requests(fake: FakeProvider,
                               "TOKENFUSE_WEBHOOK_QUEUE_SIZE": "1",
                               "TOKENFUSE_WEBHOOK_MAX_ATTEMPTS": "2"}).start()
     try:
-        # Eight loop blocks on eight keys: eight events, while the receiver hangs. Four
-        # workers can each hold one event and the queue one more: the rest must be dropped.
+        # Eight loop blocks on eight keys: eight events, while the receiver hangs. Its four
+        # workers can each hold one event and its queue one more: the rest must be dropped.
         for i in range(8):
             _loop(s, f"{api_key}-{i}")
         assert openai_client(s, api_key).models.list().data  # traffic still flows
@@ -165,6 +184,148 @@ def test_dead_and_slow_receivers_never_affect_requests(fake: FakeProvider,
         release.set()
         s.cleanup()
         slow.server.shutdown()
+
+
+def outcome(event: str, name: str) -> float:
+    """tokenfuse_webhooks_total{event, outcome} in this process (the sinks below run here)."""
+    return REGISTRY.get_sample_value("tokenfuse_webhooks_total",
+                                     {"event": event, "outcome": name}) or 0.0
+
+
+class Running:
+    """A WebhookSink delivering on its own event loop in a thread, so the test can poll
+    the receivers and metrics from its own thread with `wait_until`."""
+
+    def __init__(self, sink: WebhookSink) -> None:
+        self.sink = sink
+        self.loop = asyncio.new_event_loop()
+        self.task: asyncio.Task[None] | None = None
+        started = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.task = self.loop.create_task(sink.run())
+            started.set()
+            with suppress(asyncio.CancelledError):
+                self.loop.run_until_complete(self.task)
+            self.loop.close()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        assert started.wait(5)
+
+    def emit(self, event: str, count: int = 1, first: int = 0) -> None:
+        def put() -> None:
+            for i in range(first, first + count):
+                self.sink.emit(event, f"req-{i}", "abcd1234", {"i": i})
+
+        self.loop.call_soon_threadsafe(put)
+
+    def stop(self) -> None:
+        assert self.task is not None
+        self.loop.call_soon_threadsafe(self.task.cancel)
+        self.thread.join(10)
+
+
+@contextmanager
+def running(urls: list[str], timeout_s: float, max_attempts: int, queue_size: int = 1000,
+            workers: int = 4) -> Iterator[Running]:
+    r = Running(WebhookSink(urls, SECRET.encode(), queue_size=queue_size, allow_private=True,
+                            timeout_s=timeout_s, max_attempts=max_attempts, workers=workers))
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@contextmanager
+def hanging_receiver() -> Iterator[str]:
+    """A webhook URL whose server accepts every connection and never answers."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+    server.settimeout(0.1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_redirects_are_never_followed(status: int, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="tokenfuse.webhooks")
+    inside = Receiver()  # stands for 127.0.0.1 behind a public receiver
+    redirector = Receiver(status=status, location=f"{inside.url}?token=s3cret-{status}")
+    event = f"test.redirect.{status}"
+    try:
+        with running([redirector.url], max_attempts=3, timeout_s=5.0) as sink:
+            sink.emit(event)
+            wait_until(lambda: outcome(event, "redirect_refused") == 1,
+                       what="the redirect to be refused")
+            # A barrier: a later event through the same queue has been handled too.
+            sink.emit(event, first=1)
+            wait_until(lambda: outcome(event, "redirect_refused") == 2, what="barrier")
+        assert inside.methods == []  # the signed POST never reached the location
+        assert redirector.methods == ["POST", "POST"]  # one attempt each: not retried
+        assert outcome(event, "delivered") == 0 and outcome(event, "failed") == 0
+        refused = [r.getMessage() for r in caplog.records if "redirect" in r.getMessage()]
+        assert refused and f"HTTP {status}" in refused[0] and "127.0.0.1" in refused[0]
+        assert f"s3cret-{status}" not in caplog.text and "/hook" not in caplog.text
+    finally:
+        inside.server.shutdown()
+        redirector.server.shutdown()
+
+
+def test_hanging_receiver_does_not_starve_the_others() -> None:
+    healthy = Receiver()
+    event = "test.starve"
+    try:
+        with hanging_receiver() as hung, running([hung, healthy.url], timeout_s=5.0,
+                                                 max_attempts=2, queue_size=100) as sink:
+            sink.emit(event, count=40)
+            # Well inside the hung receiver's first 5 s timeout: before the fix, every
+            # event waited for it (timeout, backoff, timeout) before the healthy one.
+            wait_until(lambda: len(healthy.of(event)) == 40, timeout=4.0,
+                       what="all 40 events at the healthy receiver")
+            assert outcome(event, "delivered") == 40
+            assert outcome(event, "failed") == 0  # the hung one has not even timed out
+        assert sorted(e["data"]["i"] for e in healthy.of(event)) == list(range(40))
+    finally:
+        healthy.server.shutdown()
+
+
+def test_each_receiver_queue_fills_and_drops_on_its_own() -> None:
+    healthy = Receiver()
+    event = "test.queues"
+    try:
+        with hanging_receiver() as hung, running([hung, healthy.url], timeout_s=30.0,
+                                                 max_attempts=1, queue_size=2,
+                                                 workers=1) as sink:
+            for i in range(10):
+                sink.emit(event, first=i)
+                wait_until(lambda n=i + 1: len(healthy.of(event)) == n,
+                           what=f"event {i} at the healthy receiver")
+            # The hung receiver's worker holds event 0, its queue 1 and 2: 3..9 dropped.
+            assert outcome(event, "dropped_queue_full") == 7
+            assert outcome(event, "delivered") == 10
+    finally:
+        healthy.server.shutdown()
 
 
 @pytest.mark.parametrize("url", [

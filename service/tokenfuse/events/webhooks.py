@@ -1,11 +1,16 @@
 """Signed webhooks, delivered off the request path.
 
-`emit()` never blocks and never fails a request: it puts the event on a bounded queue
-(a full queue drops it, counted in metrics). Workers POST it to every configured URL with
+`emit()` never blocks and never fails a request: it puts the event on one bounded queue per
+receiver URL (a full queue drops it for that receiver only, counted in metrics). Each
+receiver has its own workers, which POST the event with
 `X-Tokenfuse-Signature: sha256=<HMAC-SHA256(secret, body)>`, retrying with exponential
-backoff. Targets are checked against SSRF at connect time (a resolver that refuses
-loopback, private, link-local, multicast and reserved addresses unless allowed), so a DNS
-answer that changes after start-up cannot point a webhook inside the network.
+backoff, so a dead, hanging or slow receiver only delays its own queue, never the others.
+
+Targets are checked against SSRF at start-up (literal IPs) and at connect time (a resolver
+that refuses loopback, private, link-local, multicast and reserved addresses unless
+allowed), so a DNS answer that changes after start-up cannot point a webhook inside the
+network. Redirects are never followed (those checks see only the first hop): a 3xx answer
+is a refused delivery, not retried, counted as `redirect_refused`.
 """
 
 from __future__ import annotations
@@ -89,7 +94,28 @@ def sign(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
+def _host_of(url: str | None) -> str:
+    """The host of a URL for logs: never its path, query or credentials."""
+    if not url:
+        return "-"
+    try:
+        return urlsplit(url).hostname or "(relative)"
+    except ValueError:
+        return "(invalid)"
+
+
+class _Receiver:
+    """One receiver URL with its own bounded queue (its workers drain only this one)."""
+
+    def __init__(self, url: str, queue_size: int) -> None:
+        self.url = url
+        self.host = _host_of(url)
+        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=queue_size)
+
+
 class WebhookSink:
+    """Delivers events to every receiver URL; `workers` and `queue_size` are per receiver."""
+
     def __init__(self, urls: list[str], secret: bytes, queue_size: int = 1000,
                  allow_private: bool = False, timeout_s: float = 5.0,
                  max_attempts: int = 5, workers: int = 4) -> None:
@@ -97,17 +123,17 @@ class WebhookSink:
         self._secret = secret
         self._allow_private = allow_private
         self._timeout = timeout_s
-        self._max_attempts = max_attempts
-        self._workers = workers
-        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=queue_size)
+        self._max_attempts = max(1, max_attempts)
+        self._workers = max(1, workers)
+        self._receivers = [_Receiver(url, queue_size) for url in self._urls]
 
     @property
     def enabled(self) -> bool:
         return bool(self._urls)
 
     def emit(self, event: str, request_id: str, key_prefix: str, data: dict[str, Any]) -> None:
-        """Queue an event for delivery; never blocks, never raises."""
-        if not self._urls:
+        """Queue an event for every receiver; never blocks, never raises."""
+        if not self._receivers:
             return
         body = json.dumps({
             "event": event,
@@ -116,31 +142,41 @@ class WebhookSink:
             "key_id_prefix": key_prefix,
             "data": data,
         }).encode()
-        try:
-            self._queue.put_nowait((event, body))
-        except asyncio.QueueFull:
-            metrics.WEBHOOKS.labels(event, "dropped_queue_full").inc()
+        for receiver in self._receivers:
+            try:
+                receiver.queue.put_nowait((event, body))
+            except asyncio.QueueFull:
+                metrics.WEBHOOKS.labels(event, "dropped_queue_full").inc()
 
     async def run(self) -> None:
-        """Deliver forever with a few concurrent workers."""
-        if not self._urls:
+        """Deliver forever: `workers` concurrent workers per receiver, each on its queue."""
+        if not self._receivers:
             return
         import aiohttp
 
         resolver = None if self._allow_private else PublicOnlyResolver()
-        connector = aiohttp.TCPConnector(resolver=resolver, limit=self._workers * 2)
+        # One connection per worker at most: a receiver that hangs holds only its own.
+        connector = aiohttp.TCPConnector(resolver=resolver,
+                                         limit=self._workers * len(self._receivers))
         timeout = aiohttp.ClientTimeout(total=self._timeout)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            await asyncio.gather(*(self._worker(session) for _ in range(self._workers)))
+            await asyncio.gather(*(self._worker(session, receiver)
+                                   for receiver in self._receivers
+                                   for _ in range(self._workers)))
 
-    async def _worker(self, session: aiohttp.ClientSession) -> None:
+    async def _worker(self, session: aiohttp.ClientSession, receiver: _Receiver) -> None:
         while True:
-            event, body = await self._queue.get()
-            for url in self._urls:
-                await self._deliver(session, url, event, body)
-            self._queue.task_done()
+            event, body = await receiver.queue.get()
+            try:
+                await self._deliver(session, receiver, event, body)
+            except Exception as exc:  # a bug must not stop this receiver's deliveries
+                metrics.WEBHOOKS.labels(event, "failed").inc()
+                log.error("webhook %s to %s failed: %s", event, receiver.host,
+                          type(exc).__name__)
+            finally:
+                receiver.queue.task_done()
 
-    async def _deliver(self, session: aiohttp.ClientSession, url: str, event: str,
+    async def _deliver(self, session: aiohttp.ClientSession, receiver: _Receiver, event: str,
                        body: bytes) -> None:
         import aiohttp
 
@@ -148,9 +184,18 @@ class WebhookSink:
                    "x-tokenfuse-event": event, SIGNATURE_HEADER: sign(self._secret, body)}
         for attempt in range(self._max_attempts):
             try:
-                async with session.post(url, data=body, headers=headers) as response:
-                    if response.status < 300:
+                async with session.post(receiver.url, data=body, headers=headers,
+                                        allow_redirects=False) as response:
+                    if 200 <= response.status < 300:
                         metrics.WEBHOOKS.labels(event, "delivered").inc()
+                        return
+                    if 300 <= response.status < 400:
+                        # Never followed: the SSRF checks only saw this hop. Log the host
+                        # of the location only (its path or query may carry secrets).
+                        metrics.WEBHOOKS.labels(event, "redirect_refused").inc()
+                        log.warning("webhook %s to %s refused: HTTP %d redirect to host %r "
+                                    "not followed", event, receiver.host, response.status,
+                                    _host_of(response.headers.get("location")))
                         return
                     if 400 <= response.status < 500 and response.status not in (408, 429):
                         break  # the receiver rejects it: retrying will not help
@@ -160,5 +205,5 @@ class WebhookSink:
             if attempt + 1 < self._max_attempts:
                 await asyncio.sleep(min(0.5 * 2**attempt, 30))
         metrics.WEBHOOKS.labels(event, "failed").inc()
-        log.warning("webhook %s to %s failed after %d attempts", event,
-                    urlsplit(url).hostname, self._max_attempts)
+        log.warning("webhook %s to %s failed after %d attempts", event, receiver.host,
+                    attempt + 1)
