@@ -83,10 +83,12 @@ class _Env:
 
 @dataclass(frozen=True)
 class RedisSettings:
-    url: str = "redis://127.0.0.1:6379/0"
+    # repr=False: the URL may carry a password (REDIS_URL's, or make run's local one).
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     url_given: bool = False  # REDIS_URL was set (else `make run` starts its own Redis)
     timeout_ms: int = 250
     local_port: int = 6379  # the redis-server `make run` starts
+    local_password_file: Path = Path(".tokenfuse/redis.password")  # ... and its password
 
     @property
     def timeout_s(self) -> float:
@@ -203,10 +205,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         state_dir=state_dir,
         redis=RedisSettings(
-            url=env.text("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            # Unset REDIS_URL: the redis-server `make run` starts, exactly as it starts it.
+            url=env.text("REDIS_URL", "") or local_redis_url(
+                env.int("TOKENFUSE_LOCAL_REDIS_PORT", 6379, minimum=1),
+                state_dir / "redis.password"),
             url_given=bool(env.raw("REDIS_URL").strip()),
             timeout_ms=env.int("TOKENFUSE_REDIS_TIMEOUT_MS", 250, minimum=1),
             local_port=env.int("TOKENFUSE_LOCAL_REDIS_PORT", 6379, minimum=1),
+            local_password_file=state_dir / "redis.password",
         ),
         processor=ProcessorSettings(
             socket=Path(env.text("TOKENFUSE_PROCESSOR_SOCKET",
@@ -279,6 +285,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         secret_file=Path(env.text("TOKENFUSE_SECRET_FILE", str(state_dir / "secret"))),
         log_level=env.text("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
     )
+
+
+def local_redis_url(port: int, password_file: Path) -> str:
+    """The URL of the redis-server `make run` starts when REDIS_URL is unset: 127.0.0.1 on
+    TOKENFUSE_LOCAL_REDIS_PORT, with the password `make run` keeps in `password_file`
+    (no password if that file does not exist, e.g. before the first `make run`)."""
+    from urllib.parse import quote
+
+    try:
+        password = password_file.read_text().strip()
+    except FileNotFoundError:
+        return f"redis://127.0.0.1:{port}/0"
+    except OSError as exc:
+        raise ConfigError(f"cannot read the local Redis password {password_file}: "
+                          f"{exc.strerror}") from exc
+    if not password:
+        raise ConfigError(f"local Redis password file {password_file} is empty")
+    return f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
 
 
 def worker_socket(base: Path, index: int) -> Path:
