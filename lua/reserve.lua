@@ -20,6 +20,7 @@
 --                                        the threshold for the first time this window
 --   {0, 'budget_exceeded', window, limit, used, reset_epoch_s, first_in_window(0/1)}
 --   {0, 'killed', 'total', 0, 0, 0, 0}
+--   {0, 'duplicate_reservation', 'total', 0, 0, 0, 0}   rid is already open: never overwritten
 --   {0, 'loop', hit_count, retry_after_ms}     {0, 'velocity', count, retry_after_ms}
 local prefix, rid = A.prefix, A.rid
 local desired, minimum = tonumber(A.desired), tonumber(A.minimum)
@@ -28,6 +29,9 @@ local cooldown_ms = tonumber(A.loop_cooldown_ms)
 local velocity_max, threshold = tonumber(A.velocity_max), tonumber(A.threshold_percent)
 local now = now_ms()
 
+if redis.call('HEXISTS', K.reservations, rid) == 1 then
+  return {0, 'duplicate_reservation', 'total', 0, 0, 0, 0}
+end
 local limits, killed = read_limits(K.limits, A)
 if killed then
   return {0, 'killed', 'total', 0, 0, 0, 0}

@@ -61,7 +61,7 @@ class _Estimates:
         return reservation.price_for(self.prices, model, self.settings)
 
     def estimate(self, call: Call, price: ModelPrice) -> int:
-        return reservation.estimate(call, price, self.settings)
+        return reservation.estimate(call, price, self.settings, PROVIDERS["openai"])
 
 
 def _processor(monkeypatch: pytest.MonkeyPatch, **env: str) -> _Estimates:
@@ -83,19 +83,32 @@ def test_unknown_model_priced_when_configured(monkeypatch: pytest.MonkeyPatch) -
     assert price is not None and (price.input, price.output) == (2_000_000_000, 8_000_000_000)
 
 
-def test_estimate_uses_max_tokens_times_n_and_default_allowance(
+def test_estimate_uses_max_tokens_times_n_and_the_models_maximum(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cap: the model may write its maximum output (the default applies only to a model
+    whose maximum is not known)."""
     processor = _processor(monkeypatch, TOKENFUSE_DEFAULT_OUTPUT_TOKENS="1000")
     price = PriceTable.load().lookup("gpt-4o-mini")
-    assert price is not None
+    assert price is not None and price.max_output_tokens > 1000
     openai = PROVIDERS["openai"]
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     no_cap = processor.estimate(openai.parse_request("/v1/chat/completions", body), price)
-    capped = processor.estimate(openai.parse_request(
-        "/v1/chat/completions", {**body, "max_tokens": 10, "n": 3}), price)
-    output_only = cost_nano(price, TokenUsage(output=1000))
-    assert no_cap - output_only == capped - cost_nano(price, TokenUsage(output=30))
+    capped_body = {**body, "max_tokens": 10, "n": 3}
+    capped = processor.estimate(openai.parse_request("/v1/chat/completions", capped_body),
+                                price)
+    output_only = cost_nano(price, TokenUsage(output=price.max_output_tokens))
+    # the capped body's extra keys ("max_tokens", "n" and their values) count as input
+    extra = reservation.input_cost(openai.parse_request("/v1/chat/completions", capped_body),
+                                   price, 10, openai) - reservation.input_cost(
+        openai.parse_request("/v1/chat/completions", body), price, 10, openai)
+    assert no_cap - output_only == capped - cost_nano(price, TokenUsage(output=30)) - extra
     assert no_cap > output_only
+    unknown = ModelPrice("x", price.input, price.output, price.cache_read, price.cache_write,
+                         max_output_tokens=0)
+    assert processor.estimate(openai.parse_request("/v1/chat/completions", body), unknown) \
+        == reservation.input_cost(openai.parse_request("/v1/chat/completions", body),
+                                  unknown, 10, openai) \
+        + cost_nano(unknown, TokenUsage(output=1000))
 
 
 def test_fingerprint_normalisation_switch() -> None:

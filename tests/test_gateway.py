@@ -140,8 +140,9 @@ def test_budget_exhausted_is_402_in_provider_format(stack: Stack, fake: FakeProv
 
 
 def test_budget_refusal_after_spending(stack: Stack, fake: FakeProvider, api_key: str) -> None:
+    """What is left cannot cover the input and a minimal answer (16 tokens): 402."""
     client = openai_client(stack, api_key)
-    stack.cli("budget", "set", "--key", api_key, "--hourly", "0.00004")
+    stack.cli("budget", "set", "--key", api_key, "--hourly", "0.00002")
     ok = client.chat.completions.create(model="gpt-4o-mini", max_tokens=20,
                                         messages=[{"role": "user", "content": "one"}])
     assert ok.usage is not None
@@ -153,7 +154,35 @@ def test_budget_refusal_after_spending(stack: Stack, fake: FakeProvider, api_key
     assert requests_for(fake, api_key) == 1
     doc = status(stack, api_key)
     assert doc["windows"]["hour"]["spent_nano_usd"] == billed_for(fake, api_key)
-    assert doc["windows"]["hour"]["limit_nano_usd"] == 40_000
+    assert doc["windows"]["hour"]["limit_nano_usd"] == 20_000
+
+
+def test_output_cap_clamped_to_what_the_budget_covers(stack: Stack, fake: FakeProvider,
+                                                      api_key: str) -> None:
+    """A cap the budget cannot cover is rewritten down to what it can: the provider then
+    stops there itself, and the bill stays within the limit."""
+    client = openai_client(stack, api_key)
+    stack.cli("budget", "set", "--key", api_key, "--daily", "0.0001")  # 100,000 nano
+    fake.reset()
+    done = client.chat.completions.create(
+        model="gpt-4o-mini", max_tokens=4000,
+        messages=[{"role": "user", "content": "write a long story"}])
+    assert done.choices[0].finish_reason == "length"
+    sent = json.loads(fake.records[-1].body)
+    assert 16 <= sent["max_tokens"] < 4000
+    assert done.usage is not None and done.usage.completion_tokens == sent["max_tokens"]
+    assert billed_for(fake, api_key) <= 100_000
+    assert status(stack, api_key)["windows"]["day"]["spent_nano_usd"] \
+        == billed_for(fake, api_key)
+    # No cap at all: the model's maximum would not fit either; the cap is written in.
+    other = api_key + "-nocap"
+    stack.cli("budget", "set", "--key", other, "--daily", "0.0001")
+    openai_client(stack, other).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "again"}])
+    sent = json.loads(fake.records[-1].body)
+    assert 16 <= sent["max_completion_tokens"] < 16384
+    assert billed_for(fake, other) <= 100_000
+    assert status(stack, other)["windows"]["day"]["spent_nano_usd"] == billed_for(fake, other)
 
 
 def _raw(stack: Stack, path: str, body: bytes | str, key: str | None = "sk-raw",

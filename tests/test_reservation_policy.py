@@ -5,7 +5,9 @@ from __future__ import annotations
 from tokenfuse.config import EstimateSettings, StreamSettings
 from tokenfuse.policy import reservation
 from tokenfuse.pricing import ModelPrice, TokenUsage, cost_nano
-from tokenfuse.providers import Call
+from tokenfuse.providers import PROVIDERS, Call
+
+OPENAI = PROVIDERS["openai"]
 
 PRICE = ModelPrice("m", input=1_000_000_000, output=4_000_000_000, cache_read=100_000_000,
                    cache_write=1_250_000_000, max_output_tokens=8000)
@@ -20,26 +22,64 @@ def _call(stream: bool, cap: int | None, choices: int = 1) -> Call:
 
 def test_non_streamed_plan_reserves_the_whole_cap_at_the_highest_input_rate() -> None:
     call = _call(False, 100, choices=2)
-    plan = reservation.plan(call, PRICE, ESTIMATE, STREAMS)
+    plan = reservation.plan(call, PRICE, ESTIMATE, STREAMS, OPENAI)
     # cache writes (1.25 $/M) cost more than input (1 $/M): the input is priced at them
-    assert plan.input_nano == reservation.input_cost(call, PRICE, 0)
+    assert plan.input_nano == reservation.input_cost(call, PRICE, 0, OPENAI)
     assert plan.input_nano % 1250 == 0
-    assert plan.desired_nano == plan.minimum_nano == plan.input_nano + 200 * 4000
-    assert plan.output_cap is None
+    assert plan.desired_nano == plan.input_nano + 200 * 4000
+    # at least a usable answer (16 tokens per choice), else refused; between the two the
+    # cap is clamped to the grant
+    assert plan.minimum_nano == plan.input_nano + 32 * 4000
+    assert plan.output_cap == 200 and plan.whole
+
+
+def test_clamp_rewrites_the_cap_to_what_the_grant_covers() -> None:
+    call = _call(False, 100, choices=2)
+    plan = reservation.plan(call, PRICE, ESTIMATE, STREAMS, OPENAI)
+    assert reservation.clamp(plan, call, plan.desired_nano, PRICE) is None  # covered
+    assert reservation.clamp(plan, call, plan.input_nano + 60 * 4000, PRICE) == 30
+    uncapped = _call(False, None)
+    whole = reservation.plan(uncapped, PRICE, ESTIMATE, STREAMS, OPENAI)
+    # no cap in the request: the model's maximum is reserved and written down
+    assert reservation.clamp(whole, uncapped, whole.desired_nano, PRICE) == 8000
+    visible = _call(True, 100)
+    stream = reservation.plan(visible, PRICE, ESTIMATE, STREAMS, OPENAI)
+    assert not stream.whole and reservation.clamp(stream, visible, 1, PRICE) is None
+    thinking = _call(True, 100)
+    thinking.hidden_output = True
+    assert reservation.plan(thinking, PRICE, ESTIMATE, STREAMS, OPENAI).whole
+
+
+def test_input_bound_covers_every_field_and_falls_back_to_the_window() -> None:
+    windowed = ModelPrice("w", 1_000_000_000, 1, 1, 1, 0, context_window=1000)
+    call = _call(False, 1)
+    call.prompt_parts = [{"tools": [{"parameters": {"properties": {
+        "data": {"type": "string", "description": "word " * 300}}}}]}]
+    assert reservation.input_tokens(call, windowed, 0, OPENAI) > 300
+    call.prompt_parts = [{"x": "word " * 5000}]
+    assert reservation.input_tokens(call, windowed, 0, OPENAI) == 1000  # at most a window
+    call.prompt_parts = []
+    call.server_context = True
+    assert reservation.input_tokens(call, windowed, 0, OPENAI) == 1000
+    call.server_tool_uses = 3
+    assert reservation.input_tokens(call, windowed, 0, OPENAI) == 4000
+    assert reservation.input_cost(call, windowed, 0, OPENAI) == 4000 * 1000 + 3 * 10_000_000
 
 
 def test_default_output_is_capped_at_the_model_maximum() -> None:
     small = ModelPrice("s", 1, 1, 1, 1, max_output_tokens=1000)
     assert reservation.output_cap(_call(False, None), small, 4096) == 1000
-    assert reservation.output_cap(_call(False, None), PRICE, 4096) == 4096
+    assert reservation.output_cap(_call(False, None), PRICE, 4096) == 8000
+    unknown = ModelPrice("u", 1, 1, 1, 1, max_output_tokens=0)
+    assert reservation.output_cap(_call(False, None), unknown, 4096) == 4096
     assert reservation.output_cap(_call(False, 77), small, 4096) == 77
 
 
 def test_stream_plan_starts_small_and_never_beyond_the_cap() -> None:
-    plan = reservation.plan(_call(True, None), PRICE, ESTIMATE, STREAMS)
+    plan = reservation.plan(_call(True, None), PRICE, ESTIMATE, STREAMS, OPENAI)
     assert plan.desired_nano - plan.input_nano == 256 * 4000
     assert plan.minimum_nano - plan.input_nano == 33 * 4000
-    tiny = reservation.plan(_call(True, 10, choices=2), PRICE, ESTIMATE, STREAMS)
+    tiny = reservation.plan(_call(True, 10, choices=2), PRICE, ESTIMATE, STREAMS, OPENAI)
     assert tiny.output_cap == 20
     assert tiny.desired_nano - tiny.input_nano == tiny.minimum_nano - tiny.input_nano == 80000
 

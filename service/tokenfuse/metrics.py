@@ -33,6 +33,11 @@ TOKENS = Counter(
     ["provider", "model", "kind"],
     registry=REGISTRY,
 )
+CLAMPS = Counter(
+    "tokenfuse_output_clamps_total",
+    "Requests whose output cap tokenfuse rewrote down to what the budget covers.",
+    registry=REGISTRY,
+)
 SETTLEMENTS = Counter(
     "tokenfuse_settlements_total",
     "Settlements by basis: usage (provider-reported), counted (stream without final "

@@ -16,6 +16,9 @@ from tokenfuse.money import usd_to_nano
 
 BUILTIN_PRICES = Path(__file__).with_name("data") / "prices.json"
 TOKENS_PER_PRICE_UNIT = 1_000_000
+#: Fee of one billed server-tool use: Anthropic web search, $10 per 1,000 searches
+#: (docs.anthropic.com pricing, checked 2026-12).
+SERVER_TOOL_USE_NANO = 10_000_000
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 
 
@@ -29,6 +32,8 @@ class ModelPrice:
     cache_read: int
     cache_write: int
     max_output_tokens: int
+    context_window: int = 0  # most input tokens one request can carry (0 = not known)
+    reasoning: bool = False  # may bill hidden reasoning / thinking tokens as output
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class TokenUsage:
     output: int = 0
     cache_read: int = 0
     cache_write: int = 0
+    server_tool_uses: int = 0  # billed per use (SERVER_TOOL_USE_NANO)
 
 
 def cost_nano(price: ModelPrice, usage: TokenUsage) -> int:
@@ -49,7 +55,7 @@ def cost_nano(price: ModelPrice, usage: TokenUsage) -> int:
         + usage.cache_read * price.cache_read
         + usage.cache_write * price.cache_write
     )
-    return -(-total // TOKENS_PER_PRICE_UNIT)
+    return -(-total // TOKENS_PER_PRICE_UNIT) + usage.server_tool_uses * SERVER_TOOL_USE_NANO
 
 
 class PriceTable:
@@ -87,6 +93,8 @@ def _read(path: Path) -> dict[str, ModelPrice]:
             cache_read=usd_to_nano(str(entry.get("cache_read", entry["input"]))),
             cache_write=usd_to_nano(str(entry.get("cache_write", entry["input"]))),
             max_output_tokens=int(entry.get("max_output_tokens", 0)),
+            context_window=int(entry.get("context_window", 0)),
+            reasoning=entry.get("reasoning") is True,
         )
         out[name] = price
         for alias in entry.get("aliases", ()):

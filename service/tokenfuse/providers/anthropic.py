@@ -8,8 +8,10 @@ from typing import Any, ClassVar
 from tokenfuse.pricing import TokenUsage
 from tokenfuse.providers.base import (
     Call,
+    Credential,
     ErrorKind,
     ProviderBase,
+    RequestRejected,
     as_list,
     endpoint_of,
     int_field,
@@ -18,6 +20,17 @@ from tokenfuse.providers.base import (
 )
 
 API_VERSION = "2023-06-01"
+#: Largest image input: images over 1568 px on the long edge or ~1,600 tokens are scaled
+#: down first (docs.anthropic.com, "Vision": tokens = width * height / 750).
+IMAGE_MAX_TOKENS = 1600
+#: Extended thinking needs at least this budget, and budget_tokens < max_tokens.
+MIN_THINKING_BUDGET = 1024
+#: Server tools that bill per use (web search: $10 per 1,000 searches) or whose results
+#: grow the input (web fetch); `max_uses` bounds both.
+SERVER_TOOL_PREFIXES = ("web_search_", "web_fetch_")
+#: `max_uses` tokenfuse sets on a server tool that has none (Anthropic's own default is
+#: unlimited, which no reservation can cover).
+DEFAULT_SERVER_TOOL_USES = 5
 
 
 class Anthropic(ProviderBase):
@@ -25,8 +38,8 @@ class Anthropic(ProviderBase):
     default_upstream = "https://api.anthropic.com"
     error_types: ClassVar[dict[str, str]] = {
         **ProviderBase.error_types, "budget": "billing_error", "stream_cut": "budget_exceeded"}
-    media_block_types = frozenset({"image", "document"})
-    binary_fields = frozenset({"data", "source", "url"})
+    credentials = (Credential("x-api-key"), Credential("authorization", "bearer"))
+    media_block_types = frozenset({"image", "document", "container_upload"})
 
     def parse_request(self, path: str, body: dict[str, Any]) -> Call:
         endpoint = endpoint_of(path)
@@ -35,13 +48,67 @@ class Anthropic(ProviderBase):
             return Call(endpoint="messages.count_tokens", model=model, stream=False,
                         max_output_tokens=0, priced=False)
         if endpoint.endswith("/messages"):
-            return Call(
+            thinking = body.get("thinking")
+            tools, uses = self._server_tools(body)
+            call = Call(
                 endpoint="messages", model=model, stream=body.get("stream") is True,
                 max_output_tokens=int_field(body, "max_tokens"),
-                prompt_parts=[body.get("system"), body.get("tools")],
+                prompt_parts=[{k: v for k, v in body.items() if k != "messages"}],
                 messages=as_list(body.get("messages")),
+                hidden_output=isinstance(thinking, dict) and thinking.get("type") != "disabled",
+                server_context=bool(body.get("mcp_servers") or body.get("container")
+                                    or uses),
+                server_tool_uses=uses,
             )
+            if tools is not None:
+                call.new_body = {**body, "tools": tools}
+            return call
         raise unsupported(endpoint)
+
+    def _server_tools(self, body: dict[str, Any]) -> tuple[list[Any] | None, int]:
+        """(the tools with `max_uses` set where a server tool had none, or None when
+        unchanged; the most server-tool uses the request can bill)."""
+        tools = as_list(body.get("tools"))
+        changed, uses = False, 0
+        out = []
+        for tool in tools:
+            if isinstance(tool, dict) and str(tool.get("type", "")).startswith(
+                    SERVER_TOOL_PREFIXES):
+                limit = int_field(tool, "max_uses")
+                if limit is None:
+                    limit, changed = DEFAULT_SERVER_TOOL_USES, True
+                    tool = {**tool, "max_uses": limit}
+                uses += limit
+            out.append(tool)
+        return (out if changed else None), uses
+
+    def media_bound(self, block: dict[str, Any], model: str) -> Any:
+        """Images at their largest; a text document is its text; PDFs, URLs and files are
+        of unknown size."""
+        if block.get("type") == "image":
+            return IMAGE_MAX_TOKENS
+        source = block.get("source")
+        if block.get("type") == "document" and isinstance(source, dict):
+            if source.get("type") == "text":
+                return [source.get("data"), block.get("title"), block.get("context")]
+            if source.get("type") == "content":
+                return [source.get("content"), block.get("title"), block.get("context")]
+        return None
+
+    def with_output_cap(self, body: dict[str, Any], call: Call, cap: int) -> dict[str, Any]:
+        """`max_tokens`, keeping extended thinking valid (budget_tokens < max_tokens)."""
+        new = {**body, "max_tokens": cap}
+        thinking = body.get("thinking")
+        if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+            budget = thinking.get("budget_tokens")
+            if isinstance(budget, int) and budget >= cap:
+                if cap - 1 < MIN_THINKING_BUDGET:
+                    raise RequestRejected(
+                        402, "budget_exceeded",
+                        f"the budget covers {cap} output tokens, too few for extended "
+                        f"thinking (budget_tokens >= {MIN_THINKING_BUDGET} < max_tokens)")
+                new["thinking"] = {**thinking, "budget_tokens": cap - 1}
+        return new
 
     def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
         """`tool_use` blocks of an assistant message."""
@@ -61,11 +128,14 @@ class Anthropic(ProviderBase):
             usage = message.get("usage") if isinstance(message, dict) else None
             if not isinstance(usage, dict):
                 return None
+        server = usage.get("server_tool_use")
+        searches = server.get("web_search_requests") if isinstance(server, dict) else 0
         return TokenUsage(
             input=usage.get("input_tokens") or 0,
             output=usage.get("output_tokens") or 0,
             cache_read=usage.get("cache_read_input_tokens") or 0,
             cache_write=usage.get("cache_creation_input_tokens") or 0,
+            server_tool_uses=searches if isinstance(searches, int) else 0,
         )
 
     def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:

@@ -51,6 +51,9 @@ class Call:
     priced: bool = True  # False for free endpoints (e.g. count_tokens)
     new_body: dict[str, Any] | None = None  # set when tokenfuse rewrites the body
     hide_usage_chunk: bool = False  # the usage-only stream chunk was added by tokenfuse
+    hidden_output: bool = False  # output may be billed without being streamed (thinking)
+    server_context: bool = False  # input refers to server-side content of unknown size
+    server_tool_uses: int = 0  # most billed server-tool uses (e.g. web searches)
 
 
 @dataclass(frozen=True)
@@ -94,13 +97,23 @@ class Provider(Protocol):
     sdk_base_path: str  # what the official SDK's base URL adds after /<name> (e.g. /v1)
     credentials: tuple[Credential, ...]  # where the caller's key is read, in precedence
     media_block_types: frozenset[str]  # content parts whose tokens are not their text
-    binary_fields: frozenset[str]  # fields of those parts that hold bytes, not text
+    reasoning_by_model: bool  # a reasoning model thinks unasked (else only when asked)
 
     # -- requests
     def parse_request(self, path: str, body: dict[str, Any]) -> Call: ...
 
     def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
         """(tool name, arguments) of every tool call recorded in one history message."""
+        ...
+
+    def media_bound(self, block: dict[str, Any], model: str) -> Any:
+        """Input tokens of one media block (image, document, file) at most: an int, a JSON
+        node to count as text instead, or None when the request does not show its size."""
+        ...
+
+    def with_output_cap(self, body: dict[str, Any], call: Call, cap: int) -> dict[str, Any]:
+        """The body with its output cap set to `cap` tokens per choice (the provider then
+        enforces the bound); raises RequestRejected when no valid request has that cap."""
         ...
 
     # -- responses
@@ -156,7 +169,10 @@ class ProviderBase:
                                            Credential("x-api-key"))
     error_types: ClassVar[dict[str, str]] = COMMON_ERROR_TYPES
     media_block_types: frozenset[str] = frozenset()
-    binary_fields: frozenset[str] = frozenset()
+    reasoning_by_model = False
+
+    def media_bound(self, block: dict[str, Any], model: str) -> Any:
+        return None
 
     def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
         return []
@@ -170,6 +186,7 @@ class ProviderBase:
             output=max(old.output, new.output),
             cache_read=max(old.cache_read, new.cache_read),
             cache_write=max(old.cache_write, new.cache_write),
+            server_tool_uses=max(old.server_tool_uses, new.server_tool_uses),
         )
 
     def is_event_stream(self, first_chunk: bytes) -> bool:

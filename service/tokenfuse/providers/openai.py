@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 from tokenfuse.pricing import TokenUsage
 from tokenfuse.providers.base import (
     Call,
+    Credential,
     ErrorKind,
     ProviderBase,
     as_list,
@@ -24,9 +25,10 @@ class OpenAI(ProviderBase):
     error_types: ClassVar[dict[str, str]] = {
         **ProviderBase.error_types, "budget": "insufficient_quota",
         "stream_cut": "insufficient_quota"}
-    # Content parts whose tokens are not their text, and the fields holding their bytes.
-    media_block_types = frozenset({"image_url", "input_image", "input_file"})
-    binary_fields = frozenset({"image_url", "url", "file_data"})
+    credentials = (Credential("authorization", "bearer"),)  # what api.openai.com reads
+    # Content parts whose tokens are not their text.
+    media_block_types = frozenset({"image_url", "input_image", "input_file", "file"})
+    reasoning_by_model = True  # o-series and gpt-5 reason whether asked or not
 
     def parse_request(self, path: str, body: dict[str, Any]) -> Call:
         endpoint = endpoint_of(path)
@@ -37,9 +39,9 @@ class OpenAI(ProviderBase):
             return _with_stream_usage(body, Call(
                 endpoint="chat.completions", model=model, stream=stream, choices=choices,
                 max_output_tokens=int_field(body, "max_completion_tokens", "max_tokens"),
-                prompt_parts=[body.get("tools"), body.get("functions"),
-                              body.get("response_format")],
+                prompt_parts=[_rest(body, "messages")],
                 messages=as_list(body.get("messages")),
+                hidden_output="reasoning_effort" in body,
             ))
         if endpoint.endswith("/completions"):
             best_of = int_field(body, "best_of") or 1
@@ -47,19 +49,43 @@ class OpenAI(ProviderBase):
                 endpoint="completions", model=model, stream=stream,
                 choices=max(choices, best_of),
                 max_output_tokens=int_field(body, "max_tokens") or 16,
-                prompt_parts=as_list(body.get("prompt")),
+                prompt_parts=[_rest(body)],
             ))
         if endpoint.endswith("/embeddings"):
             return Call(endpoint="embeddings", model=model, stream=False, max_output_tokens=0,
-                        prompt_parts=as_list(body.get("input")))
+                        prompt_parts=[_rest(body)])
         if endpoint.endswith("/responses"):
             return Call(
                 endpoint="responses", model=model, stream=stream,
                 max_output_tokens=int_field(body, "max_output_tokens"),
-                prompt_parts=[body.get("instructions"), body.get("tools")],
+                prompt_parts=[_rest(body, "input")],
                 messages=as_list(body.get("input")),
+                hidden_output="reasoning" in body,
+                # Server-side conversation state: its size is not in the request.
+                server_context=any(body.get(k) for k in SERVER_CONTEXT_FIELDS),
             )
         raise unsupported(endpoint)
+
+    def media_bound(self, block: dict[str, Any], model: str) -> Any:
+        """Images by OpenAI's vision rules at their largest (the request may not show the
+        dimensions); files (PDFs, file ids) are of unknown size."""
+        kind = block.get("type")
+        if kind not in ("image_url", "input_image"):
+            return None
+        image = block.get("image_url")
+        detail = (image.get("detail") if isinstance(image, dict) else None) \
+            or block.get("detail") or "auto"
+        base, largest = _image_tokens(model)
+        return base if detail == "low" else largest
+
+    def with_output_cap(self, body: dict[str, Any], call: Call, cap: int) -> dict[str, Any]:
+        if call.endpoint == "responses":
+            return {**body, "max_output_tokens": cap}
+        if call.endpoint == "chat.completions" and "max_tokens" in body \
+                and "max_completion_tokens" not in body:
+            return {**body, "max_tokens": cap}
+        field = "max_completion_tokens" if call.endpoint == "chat.completions" else "max_tokens"
+        return {**body, field: cap}
 
     def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
         """Chat `tool_calls` of an assistant message; a Responses `function_call` item."""
@@ -138,6 +164,40 @@ class OpenAI(ProviderBase):
 
     def probe(self, secret: str) -> tuple[str, dict[str, str]]:
         return "/v1/models", {"authorization": f"Bearer {secret}"}
+
+
+#: Responses API fields that bring server-side content into the input.
+SERVER_CONTEXT_FIELDS = ("previous_response_id", "conversation", "prompt")
+
+# Image input tokens (base for low detail, largest for high/auto) per model family, from
+# OpenAI's vision pricing rules: tiles models bill base + per-512px-tile tokens for at
+# most 2048x768 after scaling (8 tiles); patch models bill 32px patches, at most 1,536,
+# times a multiplier. Checked 2026-12 against platform.openai.com/docs/guides/images-vision.
+_IMAGE_TOKENS: tuple[tuple[str, tuple[int, int]], ...] = (
+    ("gpt-4o-mini", (2833, 2833 + 5667 * 8)),
+    ("gpt-4.1-mini", (2489, 2489)),  # 1,536 patches x 1.62
+    ("gpt-4.1-nano", (3779, 3779)),  # 1,536 patches x 2.46
+    ("o4-mini", (2642, 2642)),  # 1,536 patches x 1.72
+    ("o1", (75, 75 + 150 * 8)),
+    ("o3", (75, 75 + 150 * 8)),
+    ("gpt-4o", (85, 85 + 170 * 8)),
+    ("gpt-4.1", (85, 85 + 170 * 8)),
+    ("gpt-4.5", (85, 85 + 170 * 8)),
+)
+#: Models not in the table: the largest any model bills.
+_IMAGE_TOKENS_UNKNOWN = (2833, 2833 + 5667 * 8)
+
+
+def _image_tokens(model: str) -> tuple[int, int]:
+    for prefix, tokens in _IMAGE_TOKENS:
+        if model.startswith(prefix):
+            return tokens
+    return _IMAGE_TOKENS_UNKNOWN
+
+
+def _rest(body: dict[str, Any], *conversation: str) -> dict[str, Any]:
+    """Everything the provider may tokenize besides the conversation."""
+    return {k: v for k, v in body.items() if k not in conversation}
 
 
 def _with_stream_usage(body: dict[str, Any], call: Call) -> Call:
