@@ -220,3 +220,18 @@ def test_concurrent_reapers_charge_each_orphan_once(redis_server: RedisServer) -
     spent = sum({w.window: w for w in admin.status(f"z{c}").windows}["total"].spent_nano
                 for c in range(4))
     assert spent == sum(10 + i for i in range(20))
+
+
+def test_an_open_reservation_id_is_never_overwritten(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = await _store(redis_server)
+        assert await store.reserve("dup", "same", 300) == granted(300)
+        again = await store.reserve("dup", "same", 5)
+        assert isinstance(again, Refusal) and again.reason == "duplicate_reservation"
+        assert await store.settle("dup", "same", 120) is True  # the first one, intact
+        await store.close()
+
+    run(scenario())
+    day = {w.window: w for w in BudgetAdmin.from_url(redis_server.url, NO_DEFAULTS)
+           .status("dup").windows}["day"]
+    assert (day.spent_nano, day.reserved_nano) == (120, 0)
