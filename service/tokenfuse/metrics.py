@@ -85,7 +85,8 @@ LOOPS = Counter(
 )
 WEBHOOKS = Counter(
     "tokenfuse_webhooks_total",
-    "Webhook events by outcome: delivered, failed (after retries), dropped_queue_full.",
+    "Webhook events by outcome: delivered, failed (after retries), dropped_queue_full, "
+    "redirect_refused.",
     ["event", "outcome"],
     registry=REGISTRY,
 )
