@@ -19,7 +19,7 @@ from tokenfuse.money import nano_to_usd, usd_to_nano
 from tokenfuse.pools.secrets import PoolError, PoolSecrets, parse_pool_csv
 from tokenfuse.providers import DEFAULT_PROVIDER, PROVIDERS
 from tokenfuse.state.admin import BudgetAdmin, BudgetStatus
-from tokenfuse.state.connection import sync_client
+from tokenfuse.state.connection import REDIS_FAILURES, sync_client
 from tokenfuse.state.pools import PoolAdmin
 
 # CLI flag -> window name
@@ -126,6 +126,17 @@ def _print_status(doc: dict[str, object]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except REDIS_FAILURES as exc:
+        # Never the URL: it may carry the password.
+        print(f"tokenfuse: Redis refused or unreachable ({type(exc).__name__}: {exc}); use "
+              "the TOKENFUSE_STATE_DIR and TOKENFUSE_LOCAL_REDIS_PORT of `make run`, or "
+              "REDIS_URL", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()

@@ -69,7 +69,20 @@ class InputBound:
     unbounded: bool  # it also references content whose size it does not show
 
 
+#: Counts of short strings seen before (object keys, roles, types repeat in every request).
+_SHORT_COUNTS: dict[str, int] = {}
+SHORT_TEXT_CHARS = 24
+SHORT_COUNTS_MAX = 50_000
+
+
 def text_bound(text: str) -> int:
+    if len(text) <= SHORT_TEXT_CHARS:
+        count = _SHORT_COUNTS.get(text)
+        if count is None:
+            count = count_text(text)
+            if len(_SHORT_COUNTS) < SHORT_COUNTS_MAX:
+                _SHORT_COUNTS[text] = count
+        return count
     if len(text) > LONG_TEXT_CHARS:
         return len(text.encode("utf-8", "surrogatepass"))
     return count_text(text)
