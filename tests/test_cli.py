@@ -35,3 +35,20 @@ def test_budget_rejects_bad_amounts(stack: Stack, api_key: str) -> None:
     assert bad.returncode != 0 and "non-negative" in bad.stderr
     none = stack.cli("budget", "set", "--key", api_key)
     assert none.returncode == 2
+
+
+def test_unreachable_redis_is_a_clear_error(stack: Stack, api_key: str) -> None:
+    """A Redis the CLI cannot use (nothing listens there; wrong passwords are covered in
+    test_local_redis.py): one line, no traceback, never the URL (it carries the
+    password)."""
+    import subprocess
+    import sys
+
+    from tests.support.harness import free_port
+
+    env = {**stack.env, "REDIS_URL": f"redis://:pw-secret-123@127.0.0.1:{free_port()}/0"}
+    done = subprocess.run([sys.executable, "-m", "tokenfuse.cli", "budget", "status", "--key",
+                           api_key], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("tokenfuse: Redis refused or unreachable")
+    assert "Traceback" not in done.stderr and "pw-secret-123" not in done.stderr
