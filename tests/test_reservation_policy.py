@@ -61,9 +61,30 @@ def test_input_bound_covers_every_field_and_falls_back_to_the_window() -> None:
     call.prompt_parts = []
     call.server_context = True
     assert reservation.input_tokens(call, windowed, 0, OPENAI) == 1000
-    call.server_tool_uses = 3
+    call.server_tool_uses, call.server_tool_fee_nano = 3, 10_000_000
     assert reservation.input_tokens(call, windowed, 0, OPENAI) == 4000
     assert reservation.input_cost(call, windowed, 0, OPENAI) == 4000 * 1000 + 3 * 10_000_000
+
+
+def test_server_tools_are_bounded_and_capped() -> None:
+    anthropic = PROVIDERS["anthropic"]
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [],
+            "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
+    call = anthropic.parse_request("/v1/messages", body)
+    assert (call.server_tool_uses, call.server_tool_fee_nano) == (5, 10_000_000)
+    assert call.new_body is not None and call.new_body["tools"][0]["max_uses"] == 5
+    responses = {"model": "gpt-4.1", "input": "hi", "tools": [{"type": "web_search"}],
+                 "max_tool_calls": 2}
+    call = OPENAI.parse_request("/v1/responses", responses)
+    assert (call.server_tool_uses, call.server_tool_fee_nano) == (2, 25_000_000)
+    assert call.server_context and call.new_body is None
+    done = {"model": "gpt-4.1", "output": [{"type": "web_search_call"}, {"type": "message"}],
+            "usage": {"input_tokens": 10, "output_tokens": 2}}
+    usage = OPENAI.usage(done)
+    assert usage is not None and usage.tool_fees_nano == 25_000_000
+    searched = anthropic.usage({"usage": {"input_tokens": 5, "output_tokens": 1,
+                                          "server_tool_use": {"web_search_requests": 3}}})
+    assert searched is not None and searched.tool_fees_nano == 30_000_000
 
 
 def test_default_output_is_capped_at_the_model_maximum() -> None:

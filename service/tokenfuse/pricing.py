@@ -16,9 +16,6 @@ from tokenfuse.money import usd_to_nano
 
 BUILTIN_PRICES = Path(__file__).with_name("data") / "prices.json"
 TOKENS_PER_PRICE_UNIT = 1_000_000
-#: Fee of one billed server-tool use: Anthropic web search, $10 per 1,000 searches
-#: (docs.anthropic.com pricing, checked 2026-12).
-SERVER_TOOL_USE_NANO = 10_000_000
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 
 
@@ -44,7 +41,7 @@ class TokenUsage:
     output: int = 0
     cache_read: int = 0
     cache_write: int = 0
-    server_tool_uses: int = 0  # billed per use (SERVER_TOOL_USE_NANO)
+    tool_fees_nano: int = 0  # per-use fees of server-side tools (web search, ...)
 
 
 def cost_nano(price: ModelPrice, usage: TokenUsage) -> int:
@@ -55,7 +52,7 @@ def cost_nano(price: ModelPrice, usage: TokenUsage) -> int:
         + usage.cache_read * price.cache_read
         + usage.cache_write * price.cache_write
     )
-    return -(-total // TOKENS_PER_PRICE_UNIT) + usage.server_tool_uses * SERVER_TOOL_USE_NANO
+    return -(-total // TOKENS_PER_PRICE_UNIT) + usage.tool_fees_nano
 
 
 class PriceTable:

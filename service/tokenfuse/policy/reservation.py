@@ -70,8 +70,7 @@ def input_cost(call: Call, price: ModelPrice, margin_percent: int, provider: Pro
     tokens = input_tokens(call, price, margin_percent, provider)
     rate_usage = (TokenUsage(cache_write=tokens) if price.cache_write > price.input
                   else TokenUsage(input=tokens))
-    return cost_nano(price, rate_usage) + cost_nano(
-        price, TokenUsage(server_tool_uses=call.server_tool_uses))
+    return cost_nano(price, rate_usage) + call.server_tool_uses * call.server_tool_fee_nano
 
 
 def output_cap(call: Call, price: ModelPrice, default_output_tokens: int) -> int:

@@ -31,6 +31,9 @@ SERVER_TOOL_PREFIXES = ("web_search_", "web_fetch_")
 #: `max_uses` tokenfuse sets on a server tool that has none (Anthropic's own default is
 #: unlimited, which no reservation can cover).
 DEFAULT_SERVER_TOOL_USES = 5
+#: Web search: $10 per 1,000 searches (docs.anthropic.com pricing, checked 2026-12); web
+#: fetch has no fee of its own.
+WEB_SEARCH_NANO = 10_000_000
 
 
 class Anthropic(ProviderBase):
@@ -59,6 +62,7 @@ class Anthropic(ProviderBase):
                 server_context=bool(body.get("mcp_servers") or body.get("container")
                                     or uses),
                 server_tool_uses=uses,
+                server_tool_fee_nano=WEB_SEARCH_NANO if uses else 0,
             )
             if tools is not None:
                 call.new_body = {**body, "tools": tools}
@@ -135,7 +139,7 @@ class Anthropic(ProviderBase):
             output=usage.get("output_tokens") or 0,
             cache_read=usage.get("cache_read_input_tokens") or 0,
             cache_write=usage.get("cache_creation_input_tokens") or 0,
-            server_tool_uses=searches if isinstance(searches, int) else 0,
+            tool_fees_nano=(searches if isinstance(searches, int) else 0) * WEB_SEARCH_NANO,
         )
 
     def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:

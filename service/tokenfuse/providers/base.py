@@ -53,7 +53,8 @@ class Call:
     hide_usage_chunk: bool = False  # the usage-only stream chunk was added by tokenfuse
     hidden_output: bool = False  # output may be billed without being streamed (thinking)
     server_context: bool = False  # input refers to server-side content of unknown size
-    server_tool_uses: int = 0  # most billed server-tool uses (e.g. web searches)
+    server_tool_uses: int = 0  # most server-tool uses the request allows (web search, ...)
+    server_tool_fee_nano: int = 0  # the largest fee one of those uses can bill
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class ProviderBase:
             output=max(old.output, new.output),
             cache_read=max(old.cache_read, new.cache_read),
             cache_write=max(old.cache_write, new.cache_write),
-            server_tool_uses=max(old.server_tool_uses, new.server_tool_uses),
+            tool_fees_nano=max(old.tool_fees_nano, new.tool_fees_nano),
         )
 
     def is_event_stream(self, first_chunk: bytes) -> bool:

@@ -55,15 +55,27 @@ class OpenAI(ProviderBase):
             return Call(endpoint="embeddings", model=model, stream=False, max_output_tokens=0,
                         prompt_parts=[_rest(body)])
         if endpoint.endswith("/responses"):
-            return Call(
+            fee = max((_tool_call_fee(str(t.get("type", "")), model)
+                       for t in as_list(body.get("tools")) if isinstance(t, dict)
+                       and str(t.get("type", "")).startswith(BUILTIN_TOOL_PREFIXES)),
+                      default=None)
+            uses = 0
+            if fee is not None:
+                uses = int_field(body, "max_tool_calls") or DEFAULT_TOOL_CALLS
+            call = Call(
                 endpoint="responses", model=model, stream=stream,
                 max_output_tokens=int_field(body, "max_output_tokens"),
                 prompt_parts=[_rest(body, "input")],
                 messages=as_list(body.get("input")),
                 hidden_output="reasoning" in body,
-                # Server-side conversation state: its size is not in the request.
-                server_context=any(body.get(k) for k in SERVER_CONTEXT_FIELDS),
+                # Server-side conversation state, tool results: sizes not in the request.
+                server_context=any(body.get(k) for k in SERVER_CONTEXT_FIELDS) or bool(uses),
+                server_tool_uses=uses,
+                server_tool_fee_nano=fee or 0,
             )
+            if uses and body.get("max_tool_calls") is None:
+                call.new_body = {**body, "max_tool_calls": uses}
+            return call
         raise unsupported(endpoint)
 
     def media_bound(self, block: dict[str, Any], model: str) -> Any:
@@ -112,7 +124,8 @@ class OpenAI(ProviderBase):
         output = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         cached = min(prompt, details.get("cached_tokens") or 0)
-        return TokenUsage(input=prompt - cached, output=output, cache_read=cached)
+        return TokenUsage(input=prompt - cached, output=output, cache_read=cached,
+                          tool_fees_nano=_tool_fees(payload))
 
     def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:
         """Generated text of one stream event: content, refusals, reasoning, tool calls."""
@@ -168,6 +181,41 @@ class OpenAI(ProviderBase):
 
 #: Responses API fields that bring server-side content into the input.
 SERVER_CONTEXT_FIELDS = ("previous_response_id", "conversation", "prompt")
+#: Built-in (server-side) tools of the Responses API: each call may bill a fee and adds
+#: its results to the input. `max_tool_calls` bounds them; tokenfuse sets it when absent.
+BUILTIN_TOOL_PREFIXES = ("web_search", "file_search", "code_interpreter", "image_generation",
+                         "computer_use", "mcp")
+DEFAULT_TOOL_CALLS = 5
+# Upper bounds of one call's fee, nano-USD (platform.openai.com/docs/pricing, "Built-in
+# tools", checked 2026-12): web search $25 per 1,000 calls on gpt-4o / gpt-4.1 search, $10
+# on reasoning models; file search $2.50 per 1,000; code interpreter $0.03 per container
+# (charged per call: a bound); image generation at most ~$0.25 per image (gpt-image-1, high
+# quality, largest size).
+_TOOL_FEES = {"web_search": 25_000_000, "file_search": 2_500_000,
+              "code_interpreter": 30_000_000, "image_generation": 250_000_000}
+_REASONING_WEB_SEARCH_NANO = 10_000_000
+
+
+def _tool_call_fee(kind: str, model: str) -> int:
+    for prefix, fee in _TOOL_FEES.items():
+        if kind.startswith(prefix):
+            if prefix == "web_search" and model.startswith(("o", "gpt-5")):
+                return _REASONING_WEB_SEARCH_NANO
+            return fee
+    return 0
+
+
+def _tool_fees(payload: dict[str, Any]) -> int:
+    """Fees of the built-in tool calls in a Responses object (or its stream event)."""
+    response = payload.get("response") if isinstance(payload.get("response"), dict) \
+        else payload
+    output = response.get("output")
+    if not isinstance(output, list):
+        return 0
+    model = str(response.get("model", ""))
+    return sum(_tool_call_fee(str(item.get("type", "")).removesuffix("_call"), model)
+               for item in output if isinstance(item, dict)
+               and str(item.get("type", "")).endswith("_call"))
 
 # Image input tokens (base for low detail, largest for high/auto) per model family, from
 # OpenAI's vision pricing rules: tiles models bill base + per-512px-tile tokens for at
