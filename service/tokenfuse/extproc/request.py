@@ -56,6 +56,9 @@ class RequestPhase:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self._reserver = Reserver(runtime)
+        # One large body at a time off the loop: each holds the interpreter for long C calls
+        # (JSON), and the loop must still get its turns for every other request.
+        self._large_bodies = asyncio.Semaphore(1)
         self._vkey_cache: dict[str, tuple[str | None, float]] = {}
 
     async def on_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
@@ -116,22 +119,19 @@ class RequestPhase:
         rt, provider = self._rt, ex.provider
         assert provider is not None
         if len(raw) > LARGE_BODY_BYTES:
-            parsed = await asyncio.to_thread(self._understand, ex, provider, raw)
+            async with self._large_bodies:
+                parsed = await asyncio.to_thread(self._understand, ex, provider, raw)
         else:
             parsed = self._understand(ex, provider, raw)
         if isinstance(parsed, pb.ProcessingResponse):
             return parsed
-        body, call, price, plan = parsed
+        body, call, price, plan, fp, repeated = parsed
         if price is None or plan is None:
             metrics.DECISIONS.labels("allowed", "free_endpoint", ex.provider_name).inc()
             return CONTINUE_REQUEST_BODY
-        history = call.messages or call.prompt_parts
-        tool_loop = self._tool_loop(ex, call, history)
+        tool_loop = self._tool_loop(ex, call, repeated)
         if tool_loop is not None:
             return tool_loop
-        loop = rt.settings.loop
-        fp = fingerprint(ex.caller, call.model, history, loop.normalize) \
-            if loop.max_hits > 0 else None
         ex.input_nano, ex.output_cap = plan.input_nano, plan.output_cap
         result = await self._reserver.reserve(ex, plan, fp)
         if isinstance(result, pb.ProcessingResponse):
@@ -176,8 +176,11 @@ class RequestPhase:
 
     def _understand(self, ex: Exchange, provider: Provider, raw: bytes
                     ) -> pb.ProcessingResponse | tuple[
-                        dict, Call, ModelPrice | None, reservation.Plan | None]:
-        """Parse, price and bound the request (pure; off the loop for large bodies)."""
+                        dict, Call, ModelPrice | None, reservation.Plan | None, str | None,
+                        tuple[str, int] | None]:
+        """Parse, price, bound and fingerprint the request: (body, call, price, plan,
+        loop fingerprint, most repeated tool call). Pure, so large bodies run it on a
+        worker thread."""
         rt = self._rt
         try:
             body = parse(raw)
@@ -191,7 +194,7 @@ class RequestPhase:
                                                exc.code, exc.message))
         ex.call = call
         if not call.priced:
-            return body, call, None, None
+            return body, call, None, None, None, None
         price = reservation.price_for(rt.prices, call.model, rt.settings.estimate)
         if price is None:
             return rt.send(ex, refusals.unknown_model(provider, call.model))
@@ -199,8 +202,14 @@ class RequestPhase:
         call.hidden_output = call.hidden_output or (price.reasoning
                                                     and provider.reasoning_by_model)
         ex.hidden_output = call.hidden_output
-        return body, call, price, reservation.plan(call, price, rt.settings.estimate,
-                                                   rt.settings.streams, provider)
+        loop = rt.settings.loop
+        history = call.messages or call.prompt_parts
+        fp = fingerprint(ex.caller, call.model, history, loop.normalize) \
+            if loop.max_hits > 0 else None
+        repeated = repeated_tool_call(history) if loop.max_tool_repeats > 0 else None
+        return (body, call, price, reservation.plan(call, price, rt.settings.estimate,
+                                                    rt.settings.streams, provider),
+                fp, repeated)
 
     async def _bind_pool(self, ex: Exchange) -> pb.ProcessingResponse | None:
         """A gateway key: find its pool (cached briefly), or refuse it."""
@@ -226,11 +235,8 @@ class RequestPhase:
         return None
 
     def _tool_loop(self, ex: Exchange, call: Call,
-                   history: list[object]) -> pb.ProcessingResponse | None:
+                   repeated: tuple[str, int] | None) -> pb.ProcessingResponse | None:
         loop = self._rt.settings.loop
-        if loop.max_tool_repeats <= 0:
-            return None
-        repeated = repeated_tool_call(history)
         if repeated is None or repeated[1] <= loop.max_tool_repeats:
             return None
         name, times = repeated

@@ -84,19 +84,20 @@ def text_bound(text: str) -> int:
                 _SHORT_COUNTS[text] = count
         return count
     if len(text) > LONG_TEXT_CHARS:
-        return len(text.encode("utf-8", "surrogatepass"))
+        # ASCII: one byte a character (a fast C scan), else its UTF-8 length.
+        return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
     return count_text(text)
 
 
 def bound_input(parts: list[Any], messages: list[Any], margin_percent: int,
-                media: MediaBound = _flat_media) -> InputBound:
+                media: MediaBound = _flat_media, extra_tokens: int = 0) -> InputBound:
     """Upper bound of the input tokens of a request: every string of it (object keys
     too: tool schemas are tokenized with their property names), numbers as text, media
     blocks by the provider's bound, per-message framing, and the margin.
 
     `parts`: everything of the body but the conversation; `messages`: the conversation,
     each message adding framing overhead. Iterative, so any nesting depth is safe."""
-    tokens = PER_REQUEST_TOKENS + PER_MESSAGE_TOKENS * len(messages)
+    tokens = PER_REQUEST_TOKENS + PER_MESSAGE_TOKENS * len(messages) + extra_tokens
     unbounded = False
     stack: list[Any] = [parts, messages]
     while stack:
@@ -106,7 +107,8 @@ def bound_input(parts: list[Any], messages: list[Any], margin_percent: int,
         elif isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
-            if node.get("type") in MEDIA_BLOCK_TYPES:
+            kind = node.get("type")  # a schema property may be named "type": not a str
+            if isinstance(kind, str) and kind in MEDIA_BLOCK_TYPES:
                 bound = media(node)
                 if bound is None:
                     unbounded = True

@@ -60,7 +60,15 @@ def _message_text(message: Any) -> str:
     return text
 
 
+#: Longer texts are fingerprinted as they are: normalising megabytes (regexes, case,
+#: whitespace) holds the interpreter for seconds, while hashing them does not (hashlib
+#: releases the GIL). A document that differs only in case or numbers is another request.
+VOLATILE_MAX_CHARS = 20_000
+
+
 def normalise(text: str, volatile: bool) -> str:
+    if len(text) > VOLATILE_MAX_CHARS:
+        return text
     text = text.lower()
     if volatile:
         for pattern in _VOLATILE:

@@ -20,6 +20,11 @@ from tokenfuse.providers.base import (
 )
 
 API_VERSION = "2023-06-01"
+#: The system prompt Anthropic adds when a request has tools (346 tokens for tool_choice
+#: auto/none, 313 for any/tool: docs.anthropic.com, "Tool use" pricing), and a bound of the
+#: framing around each tool definition.
+TOOL_SYSTEM_PROMPT_TOKENS = 346
+PER_TOOL_TOKENS = 10
 #: Largest image input: images over 1568 px on the long edge or ~1,600 tokens are scaled
 #: down first (docs.anthropic.com, "Vision": tokens = width * height / 750).
 IMAGE_MAX_TOKENS = 1600
@@ -63,6 +68,7 @@ class Anthropic(ProviderBase):
                                     or uses),
                 server_tool_uses=uses,
                 server_tool_fee_nano=WEB_SEARCH_NANO if uses else 0,
+                framing_tokens=_tool_framing(body),
             )
             if tools is not None:
                 call.new_body = {**body, "tools": tools}
@@ -185,3 +191,8 @@ class Anthropic(ProviderBase):
 
     def probe(self, secret: str) -> tuple[str, dict[str, str]]:
         return "/v1/models", {"x-api-key": secret, "anthropic-version": API_VERSION}
+
+
+def _tool_framing(body: dict[str, Any]) -> int:
+    tools = as_list(body.get("tools"))
+    return TOOL_SYSTEM_PROMPT_TOKENS + PER_TOOL_TOKENS * len(tools) if tools else 0

@@ -55,6 +55,7 @@ class Call:
     server_context: bool = False  # input refers to server-side content of unknown size
     server_tool_uses: int = 0  # most server-tool uses the request allows (web search, ...)
     server_tool_fee_nano: int = 0  # the largest fee one of those uses can bill
+    framing_tokens: int = 0  # input the provider adds around what the request shows
 
 
 @dataclass(frozen=True)

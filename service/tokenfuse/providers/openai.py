@@ -42,12 +42,14 @@ class OpenAI(ProviderBase):
                 prompt_parts=[_rest(body, "messages")],
                 messages=as_list(body.get("messages")),
                 hidden_output="reasoning_effort" in body,
+                framing_tokens=_tool_framing(body),
             ))
         if endpoint.endswith("/completions"):
             best_of = int_field(body, "best_of") or 1
             return _with_stream_usage(body, Call(
                 endpoint="completions", model=model, stream=stream,
-                choices=max(choices, best_of),
+                # every prompt of a batch gets its own n (or best_of) completions
+                choices=max(choices, best_of) * _prompt_count(body.get("prompt")),
                 max_output_tokens=int_field(body, "max_tokens") or 16,
                 prompt_parts=[_rest(body)],
             ))
@@ -68,6 +70,7 @@ class OpenAI(ProviderBase):
                 prompt_parts=[_rest(body, "input")],
                 messages=as_list(body.get("input")),
                 hidden_output="reasoning" in body,
+                framing_tokens=_tool_framing(body),
                 # Server-side conversation state, tool results: sizes not in the request.
                 server_context=any(body.get(k) for k in SERVER_CONTEXT_FIELDS) or bool(uses),
                 server_tool_uses=uses,
@@ -241,6 +244,23 @@ def _image_tokens(model: str) -> tuple[int, int]:
         if model.startswith(prefix):
             return tokens
     return _IMAGE_TOKENS_UNKNOWN
+
+
+#: A bound of the framing OpenAI adds around each tool / function definition.
+PER_TOOL_TOKENS = 10
+
+
+def _tool_framing(body: dict[str, Any]) -> int:
+    return PER_TOOL_TOKENS * (len(as_list(body.get("tools")))
+                              + len(as_list(body.get("functions"))))
+
+
+def _prompt_count(prompt: Any) -> int:
+    """Prompts in a completions request: a string or a token list is one; a list of
+    strings or of token lists is a batch."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        return len(prompt)
+    return 1
 
 
 def _rest(body: dict[str, Any], *conversation: str) -> dict[str, Any]:
