@@ -52,6 +52,15 @@ def _tcp_open(port: int) -> bool:
         return False
 
 
+class ServiceFailed(RuntimeError):
+    """A service exited while it was starting (its log is in the message)."""
+
+
+#: Ports a stack picks for itself (free_port can race with another process's ephemeral
+#: port between the pick and the bind: such a start is retried on fresh ports).
+STACK_PORTS = ("TOKENFUSE_METRICS_PORT", "TOKENFUSE_LISTEN_PORT", "TOKENFUSE_ENVOY_ADMIN_PORT")
+
+
 class Service:
     """A subprocess with a log file."""
 
@@ -143,9 +152,11 @@ class Processor(Service):
         self._spawn([sys.executable, "-m", "tokenfuse.server"], self.env)
         # With TOKENFUSE_PROCESSES > 1, the supervisor opens the metrics port (the sum of
         # every worker's metrics) once all workers listen.
-        wait_until(lambda: _tcp_open(self.metrics_port)
-                   and all(path.exists() for path in self.sockets),
+        wait_until(lambda: not self.running() or (
+            _tcp_open(self.metrics_port) and all(path.exists() for path in self.sockets)),
                    what="tokenfuse processor")
+        if not self.running():
+            raise ServiceFailed(f"the processor exited while starting:\n{self.log_text()}")
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -167,7 +178,9 @@ class Envoy(Service):
         envoy = shutil.which("envoy", path=str(VENV_BIN)) or "envoy"
         self._spawn([envoy, "-c", str(self.config), "--concurrency", "2", "--log-level",
                      "warn", "--base-id", str(self.admin_port)], self.env)
-        wait_until(self._ready, what="envoy")
+        wait_until(lambda: not self.running() or self._ready(), what="envoy")
+        if not self.running():
+            raise ServiceFailed(f"envoy exited while starting:\n{self.log_text()}")
 
     def _ready(self) -> bool:
         try:
@@ -212,13 +225,26 @@ class Stack:
         })
         env.update(extra_env or {})
         self.env = env
+        self._own_ports = [name for name in STACK_PORTS if name not in (extra_env or {})]
         self.processor = Processor(self.workdir, env)
         self.envoy = Envoy(self.workdir, env)
 
     def start(self) -> Stack:
         self.redis.start()
-        self.processor.start()
-        self.envoy.start()
+        for attempt in range(3):
+            try:
+                self.processor.start()
+                self.envoy.start()
+                return self
+            except ServiceFailed as failed:
+                self.envoy.stop()
+                self.processor.stop()
+                if "address already in use" not in str(failed).lower() or attempt == 2:
+                    raise
+                for name in self._own_ports:  # lost a port race: fresh ports, once more
+                    self.env[name] = str(free_port())
+                self.processor = Processor(self.workdir, self.env)
+                self.envoy = Envoy(self.workdir, self.env)
         return self
 
     def stop(self) -> None:
