@@ -69,9 +69,12 @@ def test_processor_and_cli_start_from_the_installed_package(installed: Path,
                                      stderr=subprocess.STDOUT)
         log.close()
         socket = tmp_path / "processor.sock"
-        wait_until(lambda: socket.exists() or processor.poll() is not None,
+        log_path = tmp_path / "processor.log"
+        # Listening is logged right after the socket is bound.
+        wait_until(lambda: processor.poll() is not None
+                   or (socket.exists() and "listening" in log_path.read_text()),
                    what="the installed processor")
-        text = (tmp_path / "processor.log").read_text()
+        text = log_path.read_text()
         assert processor.poll() is None, text
         assert "model prices" in text
     finally:
