@@ -17,14 +17,13 @@ import stat
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.support.harness import free_port, wait_until
+from tests.support.harness import envoy_ready, free_port, wait_until
 from tokenfuse.config import ConfigError, load_settings
 
 
@@ -101,12 +100,7 @@ class RunningStack:
     def envoy_ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"stack exited with {self.proc.returncode}:\n{self.logs()}")
-        try:
-            url = f"http://127.0.0.1:{self.admin_port}/ready"
-            with urllib.request.urlopen(url, timeout=0.5) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return envoy_ready(self.admin_port)
 
     def interrupt(self) -> int:
         """Ctrl-C: SIGINT to the stack process alone; it stops its children."""

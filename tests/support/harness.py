@@ -52,6 +52,16 @@ def _tcp_open(port: int) -> bool:
         return False
 
 
+def envoy_ready(admin_port: int) -> bool:
+    """Envoy's admin /ready answers 200."""
+    try:
+        url = f"http://127.0.0.1:{admin_port}/ready"
+        with urllib.request.urlopen(url, timeout=0.5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
 class ServiceFailed(RuntimeError):
     """A service exited while it was starting (its log is in the message)."""
 
@@ -183,12 +193,7 @@ class Envoy(Service):
             raise ServiceFailed(f"envoy exited while starting:\n{self.log_text()}")
 
     def _ready(self) -> bool:
-        try:
-            url = f"http://127.0.0.1:{self.admin_port}/ready"
-            with urllib.request.urlopen(url, timeout=0.5) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return envoy_ready(self.admin_port)
 
     @property
     def base_url(self) -> str:
