@@ -53,3 +53,12 @@ def test_strict_json_accepts_deep_enough_bodies() -> None:
     nested = b'{"a": ' + b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1) + b"}"
     assert parse(nested)["a"]
     assert parse(b'{"model": "m", "tools": [{"a": 1}, {"a": 2}]}')["tools"][1]["a"] == 2
+
+
+def test_two_cap_fields_are_priced_at_the_larger_and_both_clamped() -> None:
+    body = {"model": "gpt-4o", "messages": [], "max_completion_tokens": 10,
+            "max_tokens": 100_000}
+    call = OPENAI.parse_request("/v1/chat/completions", body)
+    assert call.max_output_tokens == 100_000
+    clamped = OPENAI.with_output_cap(body, call, 50)
+    assert (clamped["max_completion_tokens"], clamped["max_tokens"]) == (50, 50)

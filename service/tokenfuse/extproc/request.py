@@ -140,7 +140,7 @@ class RequestPhase:
             return self._refuse_loop(ex, result, fp or "", call.model)
         if isinstance(result, Refusal) and result.reason == "duplicate_reservation":
             log.error("reservation id %s already open; refused", ex.request_id)
-            return rt.store_unavailable(ex, "duplicate_reservation", KeyError(ex.request_id))
+            return rt.send(ex, refusals.store_unavailable(provider))
         if isinstance(result, Refusal):
             return self._refuse_budget(ex, result, plan.desired_nano)
         ex.reserved_nano = result.granted_nano
@@ -149,7 +149,9 @@ class RequestPhase:
             # Envoy has answered 503 already (its per-message bound passed): nothing will
             # be forwarded, so nothing may stay reserved.
             await self._reserver.release(ex, "late")
-            return rt.store_unavailable(ex, "late_decision", TimeoutError())
+            log.warning("decision later than Envoy's bound (rid=%s): released",
+                        ex.request_id)
+            return rt.send(ex, refusals.store_unavailable(provider))
         new_body = call.new_body
         cap = reservation.clamp(plan, call, ex.reserved_nano, price)
         if cap is not None:

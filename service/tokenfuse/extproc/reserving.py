@@ -43,7 +43,6 @@ class Reserver:
             if finished.cancelled() or finished.exception() is not None:
                 return
             if isinstance(finished.result(), Reservation):
-                ex.open_reservation = True
                 release = asyncio.ensure_future(self.release(ex, "abandoned"))
                 self._pending.add(release)
                 release.add_done_callback(self._pending.discard)

@@ -38,7 +38,7 @@ class OpenAI(ProviderBase):
         if endpoint.endswith("/chat/completions"):
             return _with_stream_usage(body, Call(
                 endpoint="chat.completions", model=model, stream=stream, choices=choices,
-                max_output_tokens=int_field(body, "max_completion_tokens", "max_tokens"),
+                max_output_tokens=_largest_cap(body, "max_completion_tokens", "max_tokens"),
                 prompt_parts=[_rest(body, "messages")],
                 messages=as_list(body.get("messages")),
                 hidden_output="reasoning_effort" in body,
@@ -96,11 +96,12 @@ class OpenAI(ProviderBase):
     def with_output_cap(self, body: dict[str, Any], call: Call, cap: int) -> dict[str, Any]:
         if call.endpoint == "responses":
             return {**body, "max_output_tokens": cap}
-        if call.endpoint == "chat.completions" and "max_tokens" in body \
-                and "max_completion_tokens" not in body:
-            return {**body, "max_tokens": cap}
-        field = "max_completion_tokens" if call.endpoint == "chat.completions" else "max_tokens"
-        return {**body, field: cap}
+        if call.endpoint == "chat.completions":
+            # Every cap field the request sent (whichever the provider honours), else the
+            # current one.
+            sent = [f for f in ("max_completion_tokens", "max_tokens") if f in body]
+            return {**body, **dict.fromkeys(sent or ["max_completion_tokens"], cap)}
+        return {**body, "max_tokens": cap}
 
     def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
         """Chat `tool_calls` of an assistant message; a Responses `function_call` item."""
@@ -253,6 +254,13 @@ PER_TOOL_TOKENS = 10
 def _tool_framing(body: dict[str, Any]) -> int:
     return PER_TOOL_TOKENS * (len(as_list(body.get("tools")))
                               + len(as_list(body.get("functions"))))
+
+
+def _largest_cap(body: dict[str, Any], *names: str) -> int | None:
+    """The largest of the cap fields present: a request with two bounds is priced at the
+    one that lets the provider write more."""
+    caps = [c for name in names if (c := int_field(body, name)) is not None]
+    return max(caps) if caps else None
 
 
 def _prompt_count(prompt: Any) -> int:
