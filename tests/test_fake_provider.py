@@ -90,10 +90,12 @@ def ant(fake: FakeProvider) -> anthropic.Anthropic:
 def raw_stream(
     fake: FakeProvider, path: str, body: dict[str, Any], headers: dict[str, str]
 ) -> list[bytes]:
-    """POST and return the body exactly as the reads delivered it."""
+    """POST and return the body exactly as the reads delivered it (uncompressed: the
+    fake compresses when the client accepts it, see test_compression.py)."""
     with (
         httpx.Client(timeout=10) as client,
-        client.stream("POST", fake.base_url + path, json=body, headers=headers) as resp,
+        client.stream("POST", fake.base_url + path, json=body,
+                      headers={"accept-encoding": "identity", **headers}) as resp,
     ):
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")

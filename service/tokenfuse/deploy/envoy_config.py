@@ -80,8 +80,8 @@ def _local_replies() -> dict[str, Any]:
                     "op": "EQ", "value": {"default_value": 413, "runtime_key": "tf_413"}}}},
                 "body_format_override": _unavailable_body(
                     "request_too_large",
-                    "request body larger than TOKENFUSE_MAX_REQUEST_BYTES; nothing was "
-                    "forwarded"),
+                    "request body larger than TOKENFUSE_MAX_REQUEST_BYTES (decoded, if it "
+                    "was compressed); nothing was forwarded"),
             },
             {
                 "filter": {"response_flag_filter": {
@@ -158,6 +158,49 @@ def _gateway_key_matches(provider: Provider) -> list[dict[str, Any]]:
         matches.append({"name": credential.header,
                         "string_match": {"safe_regex": {"regex": regex}}})
     return matches
+
+
+COMPRESSOR = "type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor"
+#: Content codings Envoy compresses responses with toward the client, and their libraries;
+#: gzip first (what the providers send; chosen when the client ranks several equally).
+CODINGS = (
+    ("gzip", "type.googleapis.com/envoy.extensions.compression.gzip.compressor.v3.Gzip"),
+    ("br", "type.googleapis.com/envoy.extensions.compression.brotli.compressor.v3.Brotli"),
+    ("zstd", "type.googleapis.com/envoy.extensions.compression.zstd.compressor.v3.Zstd"),
+)
+#: Responses compressed toward the client: JSON, event streams, text (errors included).
+COMPRESSED_TYPES = [{"prefix": "application/json"}, {"prefix": "text/event-stream"},
+                    {"prefix": "text/plain"}]
+#: What the provider is asked for: identity (RFC 9110: no accept-encoding would allow any).
+UPSTREAM_ACCEPT_ENCODING = {"header": {"key": "accept-encoding", "value": "identity"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def compressors() -> list[dict[str, Any]]:
+    """Compressor filters, placed before ext_proc: a response goes router → ext_proc
+    (reads identity bytes, meters, cuts, appends its own events) → compressor (per the
+    client's accept-encoding; every chunk is flushed, so a stream stays a stream). The last
+    one removes accept-encoding (each has read it by then); the route asks the provider for
+    identity. Request bodies are decoded by the processor itself (bounded, priced,
+    forwarded decoded). Envoy's decompressor filter is not used: it turns the end of a
+    response into trailers that a full-duplex ext_proc never receives (measured on 1.40:
+    the response hangs), so a provider that compresses anyway is decoded by the processor
+    (tokenfuse.metering.response_coding)."""
+    filters = []
+    for index, (coding, library) in enumerate(CODINGS):
+        response: dict[str, Any] = {"common_config": {
+            "min_content_length": 30, "content_type_matcher": COMPRESSED_TYPES}}
+        if index == len(CODINGS) - 1:
+            response["remove_accept_encoding_header"] = True
+        filters.append({"name": f"tokenfuse.compressor.{coding}", "typed_config": {
+            "@type": COMPRESSOR,
+            "compressor_library": {"name": coding, "typed_config": {"@type": library}},
+            "response_direction_config": response,
+            "request_direction_config": {"common_config": {"enabled": {
+                "default_value": False, "runtime_key": f"tf_compress_request_{coding}"}}},
+            **({"choose_first": True} if index == 0 else {}),
+        }})
+    return filters
 
 
 def _pooled_cluster(cluster: dict[str, Any], grpc_timeout: str,
@@ -285,9 +328,11 @@ def render(settings: Settings) -> dict[str, Any]:
         "request_timeout": "0s",
         "local_reply_config": _local_replies(),
         "route_config": {"name": "providers", "virtual_hosts": [
-            {"name": "all", "domains": ["*"], "routes": routes}]},
-        "http_filters": [ext_proc, {"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+            {"name": "all", "domains": ["*"], "routes": routes,
+             "request_headers_to_add": [UPSTREAM_ACCEPT_ENCODING]}]},
+        "http_filters": [*compressors(), ext_proc, {
+            "name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
     max_connections = envoy.max_connections
     return {

@@ -72,13 +72,15 @@ def stream_chunk(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
     )
 
 
-def continue_request(body: bytes) -> pb.ProcessingResponse:
+def continue_request(body: bytes, remove_headers: tuple[str, ...] = ()
+                     ) -> pb.ProcessingResponse:
     """Continue with a rewritten request body (and its content-length)."""
     return pb.ProcessingResponse(
         request_body=pb.BodyResponse(
             response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(
-                    set_headers=[header_option("content-length", str(len(body)))]),
+                    set_headers=[header_option("content-length", str(len(body)))],
+                    remove_headers=list(remove_headers)),
                 body_mutation=pb.BodyMutation(body=body),
             )
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenfuse.metering.response_coding import Transcoder
 from tokenfuse.metering.stream import StreamMeter
 from tokenfuse.pricing import ModelPrice, TokenUsage
 from tokenfuse.providers import Call, Provider
@@ -36,3 +37,8 @@ class Exchange:
     response_started: bool = False  # the first response message has been seen
     forwarded: bool = False  # the request body went on to the provider
     hidden_output: bool = False  # output may be billed without being streamed
+    content_codings: list[str] = field(default_factory=list)  # the request body's encoding
+    decoded_body: bytes | None = None  # the request body decoded (forwarded instead)
+    response_coding: str | None = None  # the upstream compressed anyway ("" no; None: unknown)
+    response_head: bytes = b""  # first response bytes, held until the coding is known
+    transcoder: Transcoder | None = None  # decodes/re-encodes such a stream

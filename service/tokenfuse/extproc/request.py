@@ -26,6 +26,7 @@ from tokenfuse.identity import PREFIX_CHARS, VIRTUAL_KEY_PREFIX, key_id
 from tokenfuse.policy import refusals, reservation
 from tokenfuse.policy.loopguard import fingerprint, repeated_tool_call
 from tokenfuse.policy.request_body import BodyRejected, parse
+from tokenfuse.policy.request_encoding import EncodingRejected, decode, encodings
 from tokenfuse.pricing import ModelPrice
 from tokenfuse.providers import (
     PROVIDERS,
@@ -72,6 +73,7 @@ class RequestPhase:
         # Ids in Redis are tokenfuse's own: a client's x-request-id is for correlation only.
         ex.request_id = uuid.uuid4().hex
         ex.client_request_id = headers.get("x-request-id", "")
+        ex.content_codings = encodings(values.get("content-encoding", []))
         api_key, problem = caller_credential(provider, values)
         if problem is not None:
             return self._rt.send(ex, refusals.refuse(provider, 400, "invalid_request", problem,
@@ -118,7 +120,7 @@ class RequestPhase:
     async def _decide(self, ex: Exchange, raw: bytes, started: float) -> pb.ProcessingResponse:
         rt, provider = self._rt, ex.provider
         assert provider is not None
-        if len(raw) > LARGE_BODY_BYTES:
+        if len(raw) > (LARGE_BODY_BYTES // 16 if ex.content_codings else LARGE_BODY_BYTES):
             async with self._large_bodies:
                 parsed = await asyncio.to_thread(self._understand, ex, provider, raw)
         else:
@@ -128,7 +130,7 @@ class RequestPhase:
         body, call, price, plan, fp, repeated = parsed
         if price is None or plan is None:
             metrics.DECISIONS.labels("allowed", "free_endpoint", ex.provider_name).inc()
-            return CONTINUE_REQUEST_BODY
+            return self._forward(ex, None)
         tool_loop = self._tool_loop(ex, call, repeated)
         if tool_loop is not None:
             return tool_loop
@@ -172,9 +174,19 @@ class RequestPhase:
         log.debug("reserved caller=%s rid=%s client_rid=%s nano=%d output_allowance=%d "
                   "cap=%s", ex.caller[:PREFIX_CHARS], ex.request_id, ex.client_request_id,
                   ex.reserved_nano, ex.output_allowance, cap)
-        if new_body is None:
-            return CONTINUE_REQUEST_BODY
-        return continue_request(json.dumps(new_body).encode())
+        return self._forward(ex, new_body)
+
+    @staticmethod
+    def _forward(ex: Exchange, new_body: dict | None) -> pb.ProcessingResponse:
+        """Continue with the body as received, rewritten, or decoded: a compressed body is
+        forwarded as the identity bytes that were priced (no second decoder can differ)."""
+        encoded = ("content-encoding",) if ex.content_codings else ()
+        if new_body is not None:
+            return continue_request(json.dumps(new_body).encode(), encoded)
+        if ex.decoded_body is not None:
+            decoded, ex.decoded_body = ex.decoded_body, None
+            return continue_request(decoded, encoded)
+        return CONTINUE_REQUEST_BODY
 
     def _understand(self, ex: Exchange, provider: Provider, raw: bytes
                     ) -> pb.ProcessingResponse | tuple[
@@ -184,6 +196,13 @@ class RequestPhase:
         loop fingerprint, most repeated tool call). Pure, so large bodies run it on a
         worker thread."""
         rt = self._rt
+        if ex.content_codings:
+            try:
+                raw = ex.decoded_body = decode(raw, ex.content_codings,
+                                               rt.settings.envoy.max_request_bytes)
+            except EncodingRejected as exc:
+                return rt.send(ex, refusals.refuse(provider, exc.status, "invalid_request",
+                                                   exc.code, exc.message))
         try:
             body = parse(raw)
         except BodyRejected as exc:

@@ -23,6 +23,7 @@ from tokenfuse.extproc.answers import (
 from tokenfuse.extproc.exchange import Exchange
 from tokenfuse.extproc.runtime import Runtime, log
 from tokenfuse.extproc.settlement import Settlement, may_be_success
+from tokenfuse.metering.response_coding import CorruptBody, Transcoder, decode_whole, sniff
 from tokenfuse.metering.stream import StreamMeter
 from tokenfuse.policy import refusals, reservation
 from tokenfuse.state.connection import REDIS_FAILURES
@@ -51,33 +52,62 @@ class ResponsePhase:
 
     def start(self, ex: Exchange, message: pb.ProcessingRequest) -> None:
         """First response message: its status (an attribute, as response headers are not
-        sent) and whether it is an event stream to meter."""
+        sent)."""
         ex.response_started = True
         if not ex.status:
             ex.status = _response_code(message)
             if ex.pool:  # the gateway-key route match in the Envoy config missed this key
                 log.warning("gateway-key response without headers; its pool key is unknown "
                             "(rid=%s)", ex.request_id)
-        if (ex.open_reservation and ex.call is not None and ex.call.stream
-                and ex.provider is not None and may_be_success(ex.status)
-                and ex.provider.is_event_stream(message.response_body.body)):
-            ex.meter = StreamMeter(ex.provider_name, ex.call.hide_usage_chunk)
+
+    def _begin(self, ex: Exchange, first: bytes) -> None:
+        """The first bytes are known: is the body compressed, and is it an event stream to
+        meter?"""
+        coding = ex.response_coding
+        if coding and ex.open_reservation:
+            log.warning("%s compressed its response (%s) although asked for identity; "
+                        "decoded to meter it (rid=%s)", ex.provider_name, coding,
+                        ex.request_id)
+        if not (ex.open_reservation and ex.call is not None and ex.call.stream
+                and ex.provider is not None and may_be_success(ex.status)):
+            return
+        if coding:
+            ex.transcoder = Transcoder(coding)
+        elif not ex.provider.is_event_stream(first):
+            return
+        ex.meter = StreamMeter(ex.provider_name, ex.call.hide_usage_chunk)
 
     async def on_body(self, ex: Exchange, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if ex.ended:
             return []  # the processor already ended this response
+        body, end = msg.body, msg.end_of_stream
+        if ex.response_coding is None:
+            head = ex.response_head + body
+            coding = sniff(head)
+            if coding is None and not end:
+                ex.response_head = head  # a byte or two: wait for the magic number
+                return []
+            body, ex.response_head, ex.response_coding = head, b"", coding or ""
+            self._begin(ex, body)
         if ex.meter is None:
             if ex.open_reservation:
-                ex.body_chunks.append(msg.body)
-                if msg.end_of_stream:
+                ex.body_chunks.append(body)
+                if end:
                     self._read_json(ex, b"".join(ex.body_chunks))
                     await self._settlement.settle_from(ex)
-            return [stream_chunk(msg.body, msg.end_of_stream)]
-        return await self._meter_stream(ex, ex.meter, msg)
+            return [stream_chunk(body, end)]
+        return await self._meter_stream(ex, ex.meter, body, end)
 
     def _read_json(self, ex: Exchange, raw: bytes) -> None:
         if not may_be_success(ex.status) or ex.provider is None:
             return
+        if ex.response_coding:
+            try:
+                raw = decode_whole(raw, ex.response_coding, JSON_RESPONSE_LIMIT)
+            except CorruptBody as exc:
+                log.warning("undecodable response from %s (rid=%s): %s", ex.provider_name,
+                            ex.request_id, exc)
+                return
         try:
             payload = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -87,10 +117,18 @@ class ResponsePhase:
         if isinstance(payload, dict):
             ex.usage = ex.provider.usage(payload)
 
-    async def _meter_stream(self, ex: Exchange, meter: StreamMeter,
-                            msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
+    async def _meter_stream(self, ex: Exchange, meter: StreamMeter, body: bytes,
+                            end: bool) -> list[pb.ProcessingResponse]:
         assert ex.provider is not None
         out = bytearray()
+        if ex.transcoder is not None:
+            try:
+                body = ex.transcoder.decode(body)
+            except CorruptBody as exc:
+                # Nothing more can be read: deliver what was, end, settle from the count.
+                log.warning("undecodable stream from %s (rid=%s): %s", ex.provider_name,
+                            ex.request_id, exc)
+                body, end, ex.ended = b"", True, True
         control = self._rt.control
         if control is not None and control.version(ex.caller) != ex.control_version:
             # An operator changed this caller (kill switch, lower budget): re-check now.
@@ -98,10 +136,10 @@ class ResponsePhase:
             refusal = await self._recheck(ex)
             if refusal is not None:
                 # Nothing of this chunk is delivered; its tokens were generated all the same.
-                events = meter.feed(msg.body, msg.end_of_stream)
+                events = meter.feed(body, end)
                 ex.counted_output += sum(e.output_tokens for e in events)
                 return await self._end_stream(ex, out, refusal)
-        for event in meter.feed(msg.body, msg.end_of_stream):
+        for event in meter.feed(body, end):
             if event.usage is not None:
                 ex.usage = ex.provider.merge_usage(ex.usage, event.usage)
             if event.output_tokens:
@@ -118,15 +156,15 @@ class ResponsePhase:
                 # Settled before the client gets the last event: when the SDK's call
                 # returns, the budget already shows what the call cost.
                 await self._settlement.settle_from(ex)
-        if msg.end_of_stream:
+        if end:
             out += meter.rest()
             await self._settlement.settle_from(ex)
         else:
             # Forward every complete event; keep a partial one until it completes.
             out += meter.take(meter.complete_end)
-        if not out and not msg.end_of_stream:
+        if not out and not end:
             return []
-        return [stream_chunk(bytes(out), msg.end_of_stream)]
+        return [stream_chunk(_wire(ex, bytes(out), end), end)]
 
     async def _end_stream(self, ex: Exchange, out: bytearray,
                           refusal: Refusal) -> list[pb.ProcessingResponse]:
@@ -138,7 +176,7 @@ class ResponsePhase:
         out += refusals.cut_event(ex.provider, refusal, ex.counted_output)
         ex.ended = True
         await self._settlement.settle_unfinished(ex)
-        return [stream_chunk(bytes(out), True)]
+        return [stream_chunk(_wire(ex, bytes(out), True), True)]
 
     async def _recheck(self, ex: Exchange) -> Refusal | None:
         """Is this stream still allowed (not killed, not over a lowered limit)?"""
@@ -182,6 +220,15 @@ class ResponsePhase:
         log.debug("extended rid=%s by %d nano to %d output tokens", ex.request_id, granted,
                   ex.output_allowance)
         return None
+
+
+#: Largest compressed JSON response decoded for its usage (larger: settled as unreadable).
+JSON_RESPONSE_LIMIT = 64 << 20
+
+
+def _wire(ex: Exchange, plain: bytes, end: bool) -> bytes:
+    """What the client gets: the plain bytes, in the upstream's coding if it used one."""
+    return plain if ex.transcoder is None else ex.transcoder.encode(plain, end)
 
 
 def _response_code(message: pb.ProcessingRequest) -> int:
