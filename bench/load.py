@@ -53,7 +53,7 @@ request = function()
   counter = counter + 1
   local body = template:gsub("WORDS", spell(counter) .. " " .. spell(tag or 0))
   return wrk.format("POST", nil, {["Content-Type"] = "application/json",
-                                  ["Authorization"] = "Bearer AUTHKEY"}, body)
+                                  ["Authorization"] = "Bearer AUTHKEY"ACCEPT}, body)
 end
 DELAY
 done = function(summary, latency, requests)
@@ -114,17 +114,19 @@ class UpstreamEnvoy(Envoy):
 
 
 def wrk(url: str, workdir: Path, duration_s: int, connections: int, api_key: str,
-        delay_ms: int = 0) -> dict[str, float]:
+        delay_ms: int = 0, accept_encoding: str = "") -> dict[str, float]:
     """One wrk run with fresh prompts. `delay_ms` > 0: each connection waits a random time
-    of that mean after every answer (an offered rate of about connections / delay)."""
+    of that mean after every answer (an offered rate of about connections / delay);
+    `accept_encoding`: the clients ask for compressed answers."""
     script = workdir / f"wrk-{uuid.uuid4().hex}.lua"
     body = json.dumps(REQUEST).replace("RUNTAG", spell(uuid.uuid4().int))
     # Exponential waits (mean delay_ms): connections do not fall into lockstep, so the
     # arrivals approximate a Poisson stream rather than bursts of every connection at once.
     delay = (f"delay = function() return math.floor(-math.log(1 - math.random()) * "
              f"{delay_ms}) end") if delay_ms else ""
+    accept = f', ["Accept-Encoding"] = "{accept_encoding}"' if accept_encoding else ""
     script.write_text(WRK_SCRIPT.replace("BODY", body).replace("AUTHKEY", api_key)
-                      .replace("DELAY", delay))
+                      .replace("DELAY", delay).replace("ACCEPT", accept))
     try:
         out = subprocess.run(
             ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d",

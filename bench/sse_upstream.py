@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import zlib
 
 EVENT = (b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini",'
          b'"choices":[{"index":0,"delta":{"content":" tok"}}],"ts":%d}\n\n')
@@ -19,6 +20,10 @@ USAGE = (b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini
          b'"total_tokens":%d}}\n\ndata: [DONE]\n\n')
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
         b"transfer-encoding: chunked\r\n\r\n")
+
+
+HEAD_GZIP = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+             b"content-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n")
 
 
 def _chunk(data: bytes) -> bytes:
@@ -38,13 +43,24 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 await reader.readexactly(length)
             events = int(headers.get(b"x-events", b"100"))
             interval = int(headers.get(b"x-interval-us", b"0")) / 1e6
-            writer.write(HEAD)
+            # `x-compress: gzip`: gzip the stream, flushed per event, even though tokenfuse
+            # asks for identity (an upstream that compresses anyway).
+            gz = (zlib.compressobj(6, zlib.DEFLATED, 31)
+                  if headers.get(b"x-compress") == b"gzip" else None)
+
+            def encode(data: bytes, final: bool = False, gz=gz) -> bytes:
+                if gz is None:
+                    return data
+                return gz.compress(data) + gz.flush(zlib.Z_FINISH if final
+                                                    else zlib.Z_SYNC_FLUSH)
+
+            writer.write(HEAD_GZIP if gz is not None else HEAD)
             for _ in range(events):
-                writer.write(_chunk(EVENT % time.monotonic_ns()))
+                writer.write(_chunk(encode(EVENT % time.monotonic_ns())))
                 await writer.drain()
                 if interval:
                     await asyncio.sleep(interval)
-            writer.write(_chunk(USAGE % (events, events + 10)) + b"0\r\n\r\n")
+            writer.write(_chunk(encode(USAGE % (events, events + 10), True)) + b"0\r\n\r\n")
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass

@@ -5,6 +5,7 @@ metering, reservation extensions) vs Envoy alone, side by side on the same Envoy
   the upstream's send stamp in the event. Added latency = tokenfuse p50/p99 minus direct.
 - throughput: 32 concurrent streams of 2,000 events sent as fast as possible; chunks/s
   received in total.
+- each in three modes (MODES): plain, the client asking gzip, the upstream gzipping anyway.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,26 +37,60 @@ def request_body() -> bytes:
                        "messages": [{"role": "user", "content": f"bench {words}"}]}).encode()
 
 
+#: Streaming variants: plain; the client asks for gzip (Envoy compresses toward it); the
+#: upstream gzips although asked for identity (the processor decodes and re-encodes).
+MODES = {"plain": "", "client_gzip": " (client asks gzip)",
+         "upstream_gzip": " (upstream gzips anyway)"}
+MODE_HEADERS = {"plain": b"", "client_gzip": b"accept-encoding: gzip\r\n",
+                "upstream_gzip": b"accept-encoding: gzip\r\nx-compress: gzip\r\n"}
+
+
+class Dechunker:
+    """HTTP/1.1 chunked framing removed from a byte stream, as it arrives."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> bytes:
+        self._buf += data
+        out = b""
+        while True:
+            line_end = self._buf.find(b"\r\n")
+            if line_end < 0:
+                return out
+            size = int(self._buf[:line_end].split(b";")[0] or b"0", 16)
+            if len(self._buf) < line_end + 2 + size + 2:
+                return out
+            out += self._buf[line_end + 2:line_end + 2 + size]
+            self._buf = self._buf[line_end + 2 + size + 2:]
+
+
 async def one_stream(port: int, path: str, events: int, interval_us: int,
-                     latencies: list[float] | None) -> int:
+                     latencies: list[float] | None, mode: str = "plain") -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     body = request_body()
     writer.write(b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-                 b"authorization: Bearer sk-bench-stream\r\nx-events: %d\r\n"
+                 b"authorization: Bearer sk-bench-stream\r\nx-events: %d\r\n%s"
                  b"x-interval-us: %d\r\ncontent-length: %d\r\n\r\n"
-                 % (path.encode(), events, interval_us, len(body)) + body)
+                 % (path.encode(), events, MODE_HEADERS[mode], interval_us, len(body)) + body)
     await writer.drain()
-    status = await reader.readline()
-    if b" 200 " not in status:
-        head = status + await reader.read(2000)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n")[0]:
+        head += await reader.read(2000)
         writer.close()
         raise RuntimeError(f"bench stream refused on {path}: {head[:600]!r}")
+    gzipped = b"content-encoding: gzip" in head.lower()
+    if mode != "plain" and not gzipped:
+        writer.close()
+        raise RuntimeError(f"bench stream on {path} ({mode}) came back uncompressed")
+    dechunk, gunzip = Dechunker(), zlib.decompressobj(31)
     seen, tail = 0, b""
     while True:
-        data = await reader.read(65536)
-        if not data:
+        raw = await reader.read(65536)
+        if not raw:
             break
         now = time.monotonic_ns()
+        data = gunzip.decompress(dechunk.feed(raw)) if gzipped else raw
         buf = tail + data
         last = 0
         for match in STAMP.finditer(buf):
@@ -63,23 +99,25 @@ async def one_stream(port: int, path: str, events: int, interval_us: int,
             if latencies is not None:
                 latencies.append((now - int(match.group(1))) / 1e6)
         tail = buf[last:][-200:]
-        if b"[DONE]" in buf or b"0\r\n\r\n" in buf[-7:]:
+        if b"[DONE]" in buf or raw.endswith(b"0\r\n\r\n"):
             break
     writer.close()
     return seen
 
 
-async def latency_run(port: int, path: str) -> list[float]:
+async def latency_run(port: int, path: str, mode: str) -> list[float]:
     latencies: list[float] = []
     await asyncio.wait_for(asyncio.gather(
-        *(one_stream(port, path, 400, 5000, latencies) for _ in range(8))), STREAMS_TIMEOUT_S)
+        *(one_stream(port, path, 400, 5000, latencies, mode) for _ in range(8))),
+        STREAMS_TIMEOUT_S)
     return latencies
 
 
-async def throughput_run(port: int, path: str) -> float:
+async def throughput_run(port: int, path: str, mode: str) -> float:
     started = time.perf_counter()
     counts = await asyncio.wait_for(asyncio.gather(
-        *(one_stream(port, path, 2000, 0, None) for _ in range(32))), STREAMS_TIMEOUT_S)
+        *(one_stream(port, path, 2000, 0, None, mode) for _ in range(32))),
+        STREAMS_TIMEOUT_S)
     return sum(counts) / (time.perf_counter() - started)
 
 
@@ -87,15 +125,18 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1]
 
 
-def run(port: int, rounds: int) -> dict[str, dict[str, float]]:
+def run(port: int, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Per mode, per path: p50/p99 per-chunk latency and chunks/s (rounds interleaved)."""
     paths = {"envoy_alone": "/direct/openai/v1/chat/completions",
              "tokenfuse": "/openai/v1/chat/completions"}
-    lat: dict[str, list[float]] = {n: [] for n in paths}
-    rate: dict[str, list[float]] = {n: [] for n in paths}
+    lat = {m: {n: [] for n in paths} for m in MODES}
+    rate: dict[str, dict[str, list[float]]] = {m: {n: [] for n in paths} for m in MODES}
     for _ in range(rounds):
-        for name, path in paths.items():
-            lat[name] += asyncio.run(latency_run(port, path))
-            rate[name].append(asyncio.run(throughput_run(port, path)))
-    return {n: {"p50_ms": pct(lat[n], 50), "p99_ms": pct(lat[n], 99),
-                "chunks_per_s": statistics.median(rate[n]), "samples": len(lat[n])}
-            for n in paths}
+        for mode in MODES:
+            for name, path in paths.items():
+                lat[mode][name] += asyncio.run(latency_run(port, path, mode))
+                rate[mode][name].append(asyncio.run(throughput_run(port, path, mode)))
+    return {m: {n: {"p50_ms": pct(lat[m][n], 50), "p99_ms": pct(lat[m][n], 99),
+                    "chunks_per_s": statistics.median(rate[m][n]),
+                    "samples": len(lat[m][n])} for n in paths}
+            for m in MODES}
