@@ -473,7 +473,7 @@ def test_client_disconnect_mid_stream(fake: FakeProvider, provider: str) -> None
         body = {"model": CLAUDE, "messages": ANTHROPIC_MESSAGES}
         input_tokens = ANTHROPIC_INPUT - tok(SYSTEM)
     body.update(max_tokens=1000, stream=True)
-    headers = {**auth, "x-fake-chunk-delay-ms": "5"}
+    headers = {**auth, "x-fake-chunk-delay-ms": "5", "accept-encoding": "identity"}
     received = b""
     with (
         httpx.Client(timeout=10) as client,
@@ -818,7 +818,8 @@ def test_count_tokens_is_free_and_in_flight_is_tracked(fake: FakeProvider) -> No
         httpx.Client(timeout=10) as client,
         client.stream("POST", fake.base_url + "/v1/chat/completions", json={
             "model": GPT, "max_tokens": 200, "stream": True, "messages": OPENAI_MESSAGES},
-            headers={**OPENAI_AUTH, "x-fake-chunk-delay-ms": "5"}) as resp,
+            headers={**OPENAI_AUTH, "x-fake-chunk-delay-ms": "5",
+                     "accept-encoding": "identity"}) as resp,
     ):
         chunks = resp.iter_raw()
         next(chunks)

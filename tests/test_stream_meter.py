@@ -15,7 +15,8 @@ from tokenfuse.metering.stream import MeteredEvent, StreamMeter
 
 
 def _raw_stream(fake: FakeProvider, provider: str, crlf: bool, garbage: bool = False) -> bytes:
-    headers = {"authorization": "Bearer sk-meter", "anthropic-version": "2023-06-01"}
+    headers = {"authorization": "Bearer sk-meter", "anthropic-version": "2023-06-01",
+               "accept-encoding": "identity"}  # the wire bytes the processor meets
     if crlf:
         headers["x-fake-crlf"] = "1"
     if garbage:
