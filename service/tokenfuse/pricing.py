@@ -51,11 +51,6 @@ class ModelPrice:
     def reasoning_rate(self) -> int:
         return self.output if self.reasoning_output is None else self.reasoning_output
 
-    @property
-    def highest_input_rate(self) -> int:
-        """The most one input token can cost at this price (any cache lifetime)."""
-        return max(self.input, self.cache_write, self.write_1h, self.cache_read)
-
     def at_input(self, input_tokens: int) -> ModelPrice:
         """The flat price (no tiers) of a call with this much input in all (cache reads
         and writes included): the highest tier whose threshold it exceeds, else the base."""
