@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import openai
 import pytest
 
 from tests.conftest import anthropic_client, openai_client
@@ -123,3 +124,15 @@ def test_long_context_tier_counts_cached_input(stack: Stack, fake: FakeProvider,
                    + 1000 * 1_000_000) // 1000)
     assert spent(stack, api_key) == billed_for(fake, api_key) == expected
     _settled(stack, api_key)
+
+
+def test_an_unpriced_model_is_refused_with_the_reason(stack: Stack, fake: FakeProvider,
+                                                      api_key: str) -> None:
+    before = len(fake.records)
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client(stack, api_key).chat.completions.create(
+            model="o1-preview", max_completion_tokens=5,
+            messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.code == "unknown_model"
+    assert "retired: shut down 2025-07-28" in caught.value.message
+    assert len(fake.records) == before  # never forwarded

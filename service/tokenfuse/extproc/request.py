@@ -201,7 +201,8 @@ class RequestPhase:
             return body, call, None, None, None, None
         price = reservation.price_for(rt.prices, call.model, rt.settings.estimate)
         if price is None:
-            return rt.send(ex, refusals.unknown_model(provider, call.model))
+            return rt.send(ex, refusals.unknown_model(provider, call.model,
+                                                      rt.prices.unpriced_reason(call.model)))
         ex.price = price
         call.hidden_output = call.hidden_output or (price.reasoning
                                                     and provider.reasoning_by_model)
