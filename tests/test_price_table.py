@@ -128,7 +128,8 @@ def test_refresh_command_writes_a_loadable_table_and_keeps_hand_written_reasons(
     output = tmp_path / "prices.json"
     output.write_text(json.dumps({"models": {}, "unpriced": {
         "claude-retired": {"provider": "anthropic", "reason": "retired 2025-01-01"},
-        "gpt-y": {"provider": "openai", "reason": "was not in the dataset"}}}))
+        "gpt-y": {"provider": "openai", "reason": "was not in the dataset"}},
+        "adjustments": {"gpt-y": {"context_window": 2000000, "why": "per request, not input"}}}))
     code = cli.main(["prices", "refresh", "--source", str(source), "--output", str(output),
                      "--version", "abc1234", "--date", "2026-11-20"])
     assert code == 0
@@ -140,6 +141,10 @@ def test_refresh_command_writes_a_loadable_table_and_keeps_hand_written_reasons(
     assert doc["models"]["gpt-y"]["source"]["date"] == "2026-11-20"
     assert "gpt-y" not in doc["unpriced"]  # priced now
     assert doc["unpriced"]["claude-retired"]["reason"] == "retired 2025-01-01"
+    # A hand-written correction is applied again, with its reason, and kept.
+    assert doc["models"]["gpt-y"]["context_window"] == 2000000
+    assert doc["models"]["gpt-y"]["adjusted"] == {"context_window": "per request, not input"}
+    assert "gpt-y" in doc["adjustments"]
     table = PriceTable.load(output)
     assert table.lookup("claude-retired") is None
     assert table.unpriced_reason("claude-retired") == "retired 2025-01-01"
@@ -170,6 +175,11 @@ def test_every_shipped_entry_is_exact_and_names_its_source() -> None:
     for name, note in doc["unpriced"].items():
         assert note["reason"], name
         assert name not in doc["models"]
+    for name, fix in doc["adjustments"].items():
+        assert fix["why"] and doc["models"][name]["adjusted"], name
+    # Embeddings: 8,191 tokens per input, 300,000 per request (what the bound needs).
+    embedding = TABLE.lookup("text-embedding-3-small")
+    assert embedding is not None and embedding.context_window == 300_000
 
 
 def _literals(alias: Any) -> list[str]:

@@ -9,7 +9,8 @@ left unpriced, with the reason in the table. Only the providers tokenfuse routes
 (each provider names its dataset providers: `Provider.price_dataset_providers`), and only
 the modes tokenfuse prices. Every entry records its source (dataset, URL, version, date).
 Entries the dataset does not price are kept from the previous table's `unpriced` section
-(hand-written reasons: retired, not a text model, ...).
+(hand-written reasons: retired, not a text model, ...), and its `adjustments` (a dataset
+field corrected for the bound, with the reason) are applied again.
 """
 
 from __future__ import annotations
@@ -130,8 +131,12 @@ def dataset_providers() -> dict[str, str]:
 
 def convert(data: dict[str, Any], source: Source,
             providers: dict[str, str] | None = None,
-            previous_unpriced: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The price table document (what `pricing.PriceTable` loads) for the dataset."""
+            previous_unpriced: dict[str, Any] | None = None,
+            adjustments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The price table document (what `pricing.PriceTable` loads) for the dataset.
+    `adjustments` (hand-written, kept across refreshes) correct a dataset field for the
+    bound, each with its reason: e.g. OpenAI embeddings take 8,191 tokens per input (the
+    dataset's `max_input_tokens`) but 300,000 per request."""
     providers = dataset_providers() if providers is None else providers
     models: dict[str, Any] = {}
     unpriced: dict[str, Any] = {}
@@ -148,6 +153,11 @@ def convert(data: dict[str, Any], source: Source,
         except InexactPrice as exc:
             unpriced[name] = {"provider": provider, "reason": f"not priced: {exc}",
                               "source": source.record()}
+    for name, fix in (adjustments or {}).items():
+        if name in models:
+            fields = {k: v for k, v in fix.items() if k != "why"}
+            models[name].update(fields)
+            models[name]["adjusted"] = {k: str(fix.get("why", "")) for k in fields}
     for name, note in (previous_unpriced or {}).items():
         if name not in models and name not in unpriced:
             unpriced[name] = note
@@ -157,6 +167,7 @@ def convert(data: dict[str, Any], source: Source,
         "source": source.record(),
         "models": models,
         "unpriced": dict(sorted(unpriced.items())),
+        "adjustments": dict(sorted((adjustments or {}).items())),
     }
 
 
@@ -231,10 +242,9 @@ def refresh(source: str, output: Path = BUILTIN_PRICES, version: str | None = No
             date: str | None = None) -> dict[str, Any]:
     """Regenerate the table at `output` from `source`; returns the new document."""
     data, info = load_dataset(source, version, date)
-    previous: dict[str, Any] = {}
-    if output.exists():
-        previous = json.loads(output.read_text()).get("unpriced", {})
-    document = convert(data, info, previous_unpriced=previous)
+    previous: dict[str, Any] = json.loads(output.read_text()) if output.exists() else {}
+    document = convert(data, info, previous_unpriced=previous.get("unpriced", {}),
+                       adjustments=previous.get("adjustments", {}))
     output.write_text(json.dumps(document, indent=2) + "\n")
     return document
 
