@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench envoy-config clean
+.PHONY: setup run test lint bench envoy-config prices clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,20 @@ bench: setup
 
 envoy-config: setup
 	$(PY) -m tokenfuse.deploy.envoy_config -
+
+# Regenerate service/tokenfuse/data/prices.json from the newest litellm wheel's bundled
+# price dataset (downloaded to a temporary directory, not installed); review and commit.
+# PRICES_SOURCE=file.json|https://... uses another copy; PRICES_ARGS adds --version/--date.
+PRICES_SOURCE ?=
+PRICES_ARGS ?=
+prices: setup
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	source="$(PRICES_SOURCE)" && \
+	if [ -z "$$source" ]; then \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: litellm -d "$$tmp" && \
+	  source=$$(ls "$$tmp"/litellm-*.whl); \
+	fi && \
+	$(VENV)/bin/tokenfuse prices refresh --source "$$source" $(PRICES_ARGS)
 
 clean:
 	rm -rf $(VENV) .tokenfuse .pytest_cache .ruff_cache

@@ -47,8 +47,10 @@ def test_builtin_table_is_integer_and_covers_both_providers() -> None:
 
 def test_lookup_aliases_and_dated_ids() -> None:
     table = PriceTable.load()
-    haiku = table.lookup("claude-3-5-haiku-20241022")
-    assert haiku is not None and haiku.model == "claude-3-5-haiku"
+    haiku = table.lookup("claude-haiku-4-5-20251001")  # its own entry in the dataset
+    assert haiku is not None and haiku.model == "claude-haiku-4-5-20251001"
+    sonnet = table.lookup("claude-sonnet-5-20991231")  # a dated id falls back to its family
+    assert sonnet is not None and sonnet.model == "claude-sonnet-5"
     dated = table.lookup("gpt-4o-mini-2099-01-01")
     assert dated is not None and dated.model == "gpt-4o-mini"
     assert table.lookup("no-such-model") is None
@@ -80,8 +82,8 @@ def test_cost_rounds_up_once() -> None:
 @given(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6),
        st.integers(0, 10**6))
 def test_cost_is_monotonic(a: int, b: int, c: int, d: int) -> None:
-    price = PriceTable.load().lookup("claude-3-5-haiku")
-    assert price is not None
+    price = PriceTable.load().lookup("claude-haiku-5-5")  # tiered above 100k input
+    assert price is not None and price.tiers
     small = cost_nano(price, TokenUsage(a, b, c, d))
     assert cost_nano(price, TokenUsage(a + 1, b, c, d)) >= small
     assert cost_nano(price, TokenUsage(a, b + 1, c, d)) >= small

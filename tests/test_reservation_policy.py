@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tokenfuse.config import EstimateSettings, StreamSettings
 from tokenfuse.policy import reservation
-from tokenfuse.pricing import ModelPrice, TokenUsage, cost_nano
+from tokenfuse.pricing import ModelPrice, PriceTable, TokenUsage, cost_nano
 from tokenfuse.providers import PROVIDERS, Call
 
 OPENAI = PROVIDERS["openai"]
@@ -81,10 +81,19 @@ def test_server_tools_are_bounded_and_capped() -> None:
     done = {"model": "gpt-4.1", "output": [{"type": "web_search_call"}, {"type": "message"}],
             "usage": {"input_tokens": 10, "output_tokens": 2}}
     usage = OPENAI.usage(done)
-    assert usage is not None and usage.tool_fees_nano == 25_000_000
+    # One search, at the dataset's per-call price for gpt-4.1 ($25 / 1,000).
+    assert usage is not None and (usage.web_searches, usage.tool_fees_nano) == (1, 0)
+    table = PriceTable.load()
+    gpt41 = table.lookup("gpt-4.1")
+    assert gpt41 is not None and gpt41.web_search == 25_000_000
+    assert cost_nano(gpt41, usage) == cost_nano(gpt41, TokenUsage(10, 2)) + 25_000_000
     searched = anthropic.usage({"usage": {"input_tokens": 5, "output_tokens": 1,
                                           "server_tool_use": {"web_search_requests": 3}}})
-    assert searched is not None and searched.tool_fees_nano == 30_000_000
+    assert searched is not None and searched.web_searches == 3
+    # claude-haiku-4-5 has no per-call price in the dataset: the documented $10 / 1,000.
+    haiku = table.lookup("claude-haiku-4-5")
+    assert haiku is not None and haiku.web_search == 0
+    assert cost_nano(haiku, searched) == cost_nano(haiku, TokenUsage(5, 1)) + 30_000_000
 
 
 def test_default_output_is_capped_at_the_model_maximum() -> None:

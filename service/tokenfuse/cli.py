@@ -1,4 +1,5 @@
-"""Operator CLI: `tokenfuse budget set|status|clear --key …`, `tokenfuse kill --key …`.
+"""Operator CLI: `tokenfuse budget set|status|clear --key …`, `tokenfuse kill --key …`,
+`tokenfuse prices refresh --source …`.
 
 `--key` takes the API key itself; only its keyed hash (HMAC with the server secret)
 reaches Redis, so the CLI needs the same TOKENFUSE_SECRET / secret file as the processor.
@@ -10,13 +11,16 @@ import argparse
 import csv
 import json
 import sys
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tokenfuse import price_refresh
 from tokenfuse.config import WINDOWS, ConfigError, Settings, load_secret, load_settings
 from tokenfuse.identity import PREFIX_CHARS, key_id
 from tokenfuse.money import nano_to_usd, usd_to_nano
 from tokenfuse.pools.secrets import PoolError, PoolSecrets, parse_pool_csv
+from tokenfuse.pricing import BUILTIN_PRICES
 from tokenfuse.providers import DEFAULT_PROVIDER, PROVIDERS
 from tokenfuse.state.admin import BudgetAdmin, BudgetStatus
 from tokenfuse.state.connection import REDIS_FAILURES, sync_client
@@ -84,7 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
                                           "its in-flight streams within one chunk")
     kill.add_argument("--key", required=True)
     kill.add_argument("--lift", action="store_true", help="lift the kill switch")
+
+    prices = groups.add_parser("prices", help="the model price table")
+    price_actions = prices.add_subparsers(dest="action", required=True)
+    refresh = price_actions.add_parser(
+        "refresh", help="regenerate the table from LiteLLM's price dataset (exact)")
+    refresh.add_argument("--source", required=True,
+                         help="model_prices_and_context_window.json, a litellm wheel, or URL")
+    refresh.add_argument("--output", type=Path, default=BUILTIN_PRICES,
+                         help="the table to write (default: the shipped one)")
+    refresh.add_argument("--version", help="the dataset's version or commit (default: the "
+                                           "wheel's version, else the file's sha256)")
+    refresh.add_argument("--date", help="the dataset's date, YYYY-MM-DD (default: today)")
     return parser
+
+
+def _prices_command(args: argparse.Namespace) -> int:
+    """`prices refresh`: no Redis, no secret."""
+    try:
+        document = price_refresh.refresh(args.source, args.output, args.version, args.date)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        print(f"tokenfuse: cannot refresh prices from {args.source}: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output} ({document['source']['version']}, "
+          f"{document['source']['date']})")
+    print(price_refresh.summary(document))
+    for name, note in document["unpriced"].items():
+        if isinstance(note, dict) and str(note.get("reason", "")).startswith("not priced:"):
+            print(f"tokenfuse: {name}: {note['reason']}", file=sys.stderr)
+    return 0
 
 
 def status_document(key_prefix: str, status: BudgetStatus) -> dict[str, object]:
@@ -138,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.group == "prices":
+        return _prices_command(args)
     try:
         settings = load_settings()
         secret = load_secret(settings)

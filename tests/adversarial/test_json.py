@@ -33,7 +33,7 @@ DUPLICATES = {
     "nested-content": ("openai", '{"model": "gpt-4o-mini", "max_tokens": 5, "messages": '
                        '[{"role": "user", "content": "' + "expensive " * 2000
                        + '", "content": "cheap"}]}'),
-    "anthropic-model": ("anthropic", '{"model": "claude-opus-4-1", "max_tokens": 3000, '
+    "anthropic-model": ("anthropic", '{"model": "claude-fable-5", "max_tokens": 3000, '
                         '"messages": ' + MESSAGES + ', "model": "' + HAIKU + '"}'),
 }
 PATHS = {"openai": "/openai/v1/chat/completions", "anthropic": "/anthropic/v1/messages"}

@@ -26,8 +26,8 @@ from tokenfuse.config import load_settings
 SETTINGS = load_settings()
 OPENAI_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "gpt-5", "gpt-5-mini",
                  "o3", "o4-mini", "gpt-5-chat-latest"]
-ANTHROPIC_MODELS = ["claude-haiku-4-5", "claude-sonnet-4-6", "claude-opus-4-1",
-                    "claude-3-5-haiku"]
+ANTHROPIC_MODELS = ["claude-haiku-4-5", "claude-sonnet-4-6", "claude-opus-4-7",
+                    "claude-haiku-5-5"]
 #: Property names a naive estimator may skip as binary fields.
 NAMES = st.sampled_from(["data", "url", "source", "type", "file_data", "image_url", "text",
                          "description", "name"]) | st.text(min_size=1, max_size=40)

@@ -6,25 +6,50 @@ from collections.abc import Mapping
 from typing import Any
 
 from tests.support.fake_provider import FakeProvider, RequestRecord, Usage, billed_key
-from tokenfuse.pricing import PriceTable, TokenUsage, cost_nano
+from tokenfuse.pricing import ModelPrice, PriceTable
 
 PRICES = PriceTable.load()
 #: Anthropic web search: $10 per 1,000 searches (docs.anthropic.com/en/docs/agents-and-tools/
-#: tool-use/web-search-tool#usage-and-pricing), on top of the tokens.
+#: tool-use/web-search-tool#usage-and-pricing), on top of the tokens; the price table's
+#: per-call price (from the dataset) where it has one.
 WEB_SEARCH_NANO = 10_000_000
 
 
+def _tier(price: ModelPrice, total_input: int) -> ModelPrice:
+    """The provider's long-context rule, written out independently of tokenfuse's: when
+    the call's input (cache reads and writes included: platform.claude.com/docs/en/
+    build-with-claude/context-windows; OpenAI counts cached tokens in prompt_tokens)
+    exceeds a tier's threshold, the whole call is billed at that tier."""
+    chosen = price
+    for tier in price.tiers:
+        if total_input > tier.above_tokens:
+            chosen = tier.price
+    return chosen
+
+
 def usage_cost(usage: Usage) -> int:
+    """What the provider bills for this usage, to the nano-dollar (rounded up once)."""
     price = PRICES.lookup(usage.model)
     assert price is not None, usage.model
+    searches = usage.web_search_requests * (price.web_search or WEB_SEARCH_NANO)
     if usage.provider == "openai":
-        tokens = TokenUsage(input=usage.input_tokens - usage.cached_input_tokens,
-                            output=usage.output_tokens, cache_read=usage.cached_input_tokens)
+        # prompt_tokens include the cached ones; reasoning is inside completion_tokens.
+        rate = _tier(price, usage.input_tokens)
+        micro = ((usage.input_tokens - usage.cached_input_tokens) * rate.input
+                 + usage.cached_input_tokens * rate.cache_read
+                 + usage.output_tokens * rate.output)
     else:
-        tokens = TokenUsage(input=usage.input_tokens, output=usage.output_tokens,
-                            cache_read=usage.cached_input_tokens,
-                            cache_write=usage.cache_creation_input_tokens)
-    return cost_nano(price, tokens) + usage.web_search_requests * WEB_SEARCH_NANO
+        # input_tokens exclude cache reads and both kinds of cache writes.
+        total = (usage.input_tokens + usage.cached_input_tokens
+                 + usage.cache_creation_input_tokens + usage.cache_creation_1h_input_tokens)
+        rate = _tier(price, total)
+        one_hour = rate.cache_write if rate.cache_write_1h is None else rate.cache_write_1h
+        micro = (usage.input_tokens * rate.input
+                 + usage.cached_input_tokens * rate.cache_read
+                 + usage.cache_creation_input_tokens * rate.cache_write
+                 + usage.cache_creation_1h_input_tokens * one_hour
+                 + usage.output_tokens * rate.output)
+    return -(-micro // 1_000_000) + searches
 
 
 def key_of(request: RequestRecord | Mapping[str, str], provider: str | None = None) -> str:

@@ -139,6 +139,8 @@ _OPENAI_SPECS: dict[str, ModelSpec] = {
     "gpt-5-nano": ModelSpec(128000, 400000, reasoning=True, image_patch_multiplier=2.46),
     "gpt-5-pro": ModelSpec(272000, 400000, reasoning=True, image_tiles=(70, 140)),
     "gpt-5-chat-latest": ModelSpec(16384, 128000, image_tiles=(70, 140)),
+    "gpt-5.4": ModelSpec(128000, 1050000, reasoning=True, image_tiles=(70, 140)),
+    "gpt-5.4-mini": ModelSpec(128000, 400000, reasoning=True, image_tiles=(70, 140)),
     "o1": ModelSpec(100000, 200000, reasoning=True, image_tiles=(75, 150)),
     "o1-pro": ModelSpec(100000, 200000, reasoning=True, image_tiles=(75, 150)),
     "o3": ModelSpec(100000, 200000, reasoning=True, image_tiles=(75, 150)),
@@ -162,6 +164,9 @@ _ANTHROPIC_SPECS: dict[str, ModelSpec] = {
     "claude-opus-4-1": ModelSpec(32000, 200000),
     "claude-opus-4-5": ModelSpec(64000, 200000),
     "claude-opus-4-6": ModelSpec(128000, 200000),
+    "claude-opus-4-7": ModelSpec(128000, 1000000),
+    "claude-sonnet-5": ModelSpec(128000, 1000000),
+    "claude-haiku-5-5": ModelSpec(128000, 1000000),
 }
 #: A model the fake does not know: generous limits, no reasoning.
 _DEFAULT_SPEC = ModelSpec(16384, 200000)
@@ -656,6 +661,16 @@ def embedding_input_tokens(inp: Any) -> int:
     return 0
 
 
+def _asks_1h_cache(node: Any) -> bool:
+    """A ``cache_control`` anywhere in the request with ``"ttl": "1h"``."""
+    if isinstance(node, dict):
+        control = node.get("cache_control")
+        if isinstance(control, dict) and control.get("ttl") == "1h":
+            return True
+        return any(_asks_1h_cache(v) for v in node.values())
+    return isinstance(node, list) and any(_asks_1h_cache(v) for v in node)
+
+
 def _is_web_search(tool: Any) -> bool:
     return isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search_")
 
@@ -684,9 +699,10 @@ class Usage:
     input_tokens: int
     output_tokens: int
     cached_input_tokens: int = 0
-    cache_creation_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0  # Anthropic: 5-minute cache writes
     reasoning_tokens: int = 0  # hidden reasoning / thinking, included in output_tokens
     web_search_requests: int = 0  # Anthropic web search uses, billed per use
+    cache_creation_1h_input_tokens: int = 0  # Anthropic: 1-hour cache writes (2x input)
 
 
 #: Searches the web search tool makes when the request sets no ``max_uses``.
@@ -709,7 +725,9 @@ class Controls:
     - ``x-fake-reasoning-tokens``: hidden reasoning / thinking per answer (default: three
       quarters of the cap for OpenAI reasoning models, ``budget_tokens`` for Anthropic);
     - ``x-fake-cached-tokens`` (OpenAI), ``x-fake-cache-read`` / ``x-fake-cache-creation``
-      (Anthropic): prompt tokens read from / written to the cache;
+      (Anthropic): prompt tokens read from / written to the cache; ``x-fake-cache-creation-1h``
+      (Anthropic) written with the 1-hour lifetime, only when the request asks for it
+      (a ``cache_control`` with ``"ttl": "1h"``), as the real API does;
     - ``x-fake-web-searches``, ``x-fake-search-result-tokens``: Anthropic web search.
     """
 
@@ -719,6 +737,7 @@ class Controls:
     cached_tokens: int = 0
     cache_read: int = 0
     cache_creation: int = 0
+    cache_creation_1h: int = 0
     web_searches: int | None = None
     search_result_tokens: int = DEFAULT_SEARCH_RESULT_TOKENS
 
@@ -741,6 +760,7 @@ class Controls:
             cached_tokens=max(number("x-fake-cached-tokens") or 0, 0),
             cache_read=max(number("x-fake-cache-read") or 0, 0),
             cache_creation=max(number("x-fake-cache-creation") or 0, 0),
+            cache_creation_1h=max(number("x-fake-cache-creation-1h") or 0, 0),
             web_searches=number("x-fake-web-searches"),
             search_result_tokens=max(number("x-fake-search-result-tokens")
                                      or DEFAULT_SEARCH_RESULT_TOKENS, 0),
@@ -779,6 +799,7 @@ class Bill:
     cached_tokens: int = 0  # OpenAI cached prompt tokens
     cache_read: int = 0
     cache_creation: int = 0
+    cache_creation_1h: int = 0
     web_searches: int = 0
     search_input_tokens: int = 0  # search results added to the input
     search_queries: list[str] = field(default_factory=list)
@@ -800,7 +821,7 @@ class Bill:
         """Input as reported: OpenAI counts cached tokens in it, Anthropic does not."""
         if self.provider == "anthropic":
             return (self.prompt_tokens + self.search_input_tokens - self.cache_read
-                    - self.cache_creation)
+                    - self.cache_creation - self.cache_creation_1h)
         return self.prompt_tokens
 
     @property
@@ -814,7 +835,8 @@ class Bill:
             return Usage("anthropic", self.model, self.input_tokens, self.output_tokens,
                          self.cache_read, self.cache_creation,
                          reasoning_tokens=self.reasoning_tokens,
-                         web_search_requests=self.web_searches)
+                         web_search_requests=self.web_searches,
+                         cache_creation_1h_input_tokens=self.cache_creation_1h)
         return Usage("openai", self.model, self.prompt_tokens, self.output_tokens,
                      cached_input_tokens=self.cached_tokens,
                      reasoning_tokens=self.reasoning_tokens)
@@ -1032,8 +1054,13 @@ def _bill_messages(body: dict[str, Any], model: str, spec: ModelSpec,
                              thinking_shown=min(generation.reasoning, SHOWN_THINKING_TOKENS))
     cache_read = min(controls.cache_read, prompt)
     cache_write = min(controls.cache_creation, prompt - cache_read)
+    # 1-hour writes only where a cache_control asks for them (platform.claude.com prompt
+    # caching: "ttl": "1h"); usage.cache_creation splits the writes by lifetime.
+    cache_write_1h = min(controls.cache_creation_1h, prompt - cache_read - cache_write) \
+        if _asks_1h_cache(body) else 0
     return Bill("anthropic", "messages", model, prompt, [generation], 1, cap,
-                cache_read=cache_read, cache_creation=cache_write, web_searches=len(queries),
+                cache_read=cache_read, cache_creation=cache_write,
+                cache_creation_1h=cache_write_1h, web_searches=len(queries),
                 search_input_tokens=len(queries) * controls.search_result_tokens,
                 search_queries=queries)
 
@@ -1778,8 +1805,10 @@ class FakeProvider:
         stop_reason = "max_tokens" if g.hit_max else "end_turn"
         usage_json: dict[str, Any] = {
             "input_tokens": bill.input_tokens,
-            "cache_creation_input_tokens": bill.cache_creation,
+            "cache_creation_input_tokens": bill.cache_creation + bill.cache_creation_1h,
             "cache_read_input_tokens": bill.cache_read,
+            "cache_creation": {"ephemeral_5m_input_tokens": bill.cache_creation,
+                               "ephemeral_1h_input_tokens": bill.cache_creation_1h},
             "output_tokens": bill.output_tokens,
         }
         if bill.web_searches:
@@ -1871,7 +1900,9 @@ class FakeProvider:
             yield event({"type": "content_block_stop", "index": index}), 0, 0
             end = {"stop_reason": stop_reason, "stop_sequence": None}
             # message_delta's usage is cumulative (anthropic-sdk-python MessageDeltaUsage).
-            final_usage = {k: v for k, v in usage_json.items() if k != "output_tokens_details"}
+            # It has no cache_creation split (MessageDeltaUsage): message_start has it.
+            final_usage = {k: v for k, v in usage_json.items()
+                           if k not in ("output_tokens_details", "cache_creation")}
             yield event({"type": "message_delta", "delta": end, "usage": final_usage}), 0, 0
             yield event({"type": "message_stop"}), 0, 0
 

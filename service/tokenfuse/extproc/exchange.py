@@ -20,6 +20,7 @@ class Exchange:
     client_request_id: str = ""  # the x-request-id Envoy forwards: logs and the pool grant
     call: Call | None = None
     price: ModelPrice | None = None
+    bound_price: ModelPrice | None = None  # the long-context tier the reservation used
     input_nano: int = 0  # estimated input cost inside the reservation
     reserved_nano: int = 0
     open_reservation: bool = False

@@ -135,6 +135,7 @@ class RequestPhase:
         if tool_loop is not None:
             return tool_loop
         ex.input_nano, ex.output_cap = plan.input_nano, plan.output_cap
+        ex.bound_price = plan.price
         result = await self._reserver.reserve(ex, plan, fp)
         if isinstance(result, pb.ProcessingResponse):
             return result
@@ -165,7 +166,8 @@ class RequestPhase:
                                                    exc.message))
             ex.output_cap = cap * call.choices
             metrics.CLAMPS.inc()
-        ex.output_allowance = reservation.allowance(ex.reserved_nano, ex.input_nano, price)
+        ex.output_allowance = reservation.allowance(ex.reserved_nano, ex.input_nano,
+                                                    plan.price or price)
         for window in result.crossed_threshold:
             rt.emit(ex, "budget.threshold", {
                 "window": window, "threshold_percent": rt.settings.budgets.threshold_percent,
@@ -218,7 +220,8 @@ class RequestPhase:
             return body, call, None, None, None, None
         price = reservation.price_for(rt.prices, call.model, rt.settings.estimate)
         if price is None:
-            return rt.send(ex, refusals.unknown_model(provider, call.model))
+            return rt.send(ex, refusals.unknown_model(provider, call.model,
+                                                      rt.prices.unpriced_reason(call.model)))
         ex.price = price
         call.hidden_output = call.hidden_output or (price.reasoning
                                                     and provider.reasoning_by_model)

@@ -199,8 +199,9 @@ class ResponsePhase:
             return None
         if not ex.open_reservation or ex.price is None:
             return Refusal("reservation_gone", "total", 0, 0, 0)
+        bound = ex.bound_price or ex.price  # the tier the reservation was priced at
         step = reservation.extension(ex.counted_output, tokens, ex.output_cap,
-                                     ex.reserved_nano, ex.input_nano, ex.price, streams)
+                                     ex.reserved_nano, ex.input_nano, bound, streams)
         if step is None:
             return None
         try:
@@ -216,7 +217,7 @@ class ResponsePhase:
             return granted
         metrics.EXTENSIONS.inc()
         ex.reserved_nano += granted
-        ex.output_allowance = reservation.allowance(ex.reserved_nano, ex.input_nano, ex.price)
+        ex.output_allowance = reservation.allowance(ex.reserved_nano, ex.input_nano, bound)
         log.debug("extended rid=%s by %d nano to %d output tokens", ex.request_id, granted,
                   ex.output_allowance)
         return None

@@ -42,9 +42,11 @@ def store_unavailable(provider: Provider) -> Reply:
                   headers=(("retry-after", "1"),))
 
 
-def unknown_model(provider: Provider, model: str) -> Reply:
+def unknown_model(provider: Provider, model: str, why: str | None = None) -> Reply:
+    """`why`: the price table's reason for leaving the model unpriced, if it has one."""
     return refuse(provider, 400, "invalid_request", "unknown_model",
-                  f"model '{model}' has no price in tokenfuse; refused (set "
+                  f"model '{model}' has no price in tokenfuse"
+                  + (f" ({why})" if why else "") + "; refused (set "
                   "TOKENFUSE_UNKNOWN_MODEL=price or add it to TOKENFUSE_PRICES_FILE)")
 
 

@@ -18,7 +18,7 @@ sound pre-call bound"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tokenfuse.config import EstimateSettings, Settings, StreamSettings
@@ -64,13 +64,29 @@ def input_tokens(call: Call, price: ModelPrice, margin_percent: int,
     return min(bound.tokens, window)  # a longer request is refused, not billed
 
 
-def input_cost(call: Call, price: ModelPrice, margin_percent: int, provider: Provider) -> int:
-    """Input tokens at the highest input rate (it may be billed as cache writes), plus
-    the fees of the server-tool uses the request allows."""
+def bound_price(call: Call, price: ModelPrice, margin_percent: int,
+                provider: Provider) -> tuple[int, ModelPrice]:
+    """(the input bound, the flat price of the tier that bound selects). A long-context
+    tier prices the whole call higher, so a bound above its threshold is priced there
+    (never under the bill: the provider's tier is chosen by the actual input, at most
+    the bound)."""
     tokens = input_tokens(call, price, margin_percent, provider)
-    rate_usage = (TokenUsage(cache_write=tokens) if price.cache_write > price.input
-                  else TokenUsage(input=tokens))
-    return cost_nano(price, rate_usage) + call.server_tool_uses * call.server_tool_fee_nano
+    return tokens, price.at_input(tokens)
+
+
+def input_cost(call: Call, price: ModelPrice, margin_percent: int, provider: Provider) -> int:
+    """Input tokens at the highest input rate of the tier (it may be billed as cache
+    writes; at the 1-hour rate when the request asks for that lifetime), plus the fees of
+    the server-tool uses the request allows."""
+    tokens, flat = bound_price(call, price, margin_percent, provider)
+    return _input_nano(call, tokens, flat)
+
+
+def _input_nano(call: Call, tokens: int, flat: ModelPrice) -> int:
+    rate = max(flat.input, flat.cache_write, flat.cache_read,
+               flat.write_1h if call.long_cache_writes else 0)
+    fee = max(call.server_tool_fee_nano, flat.web_search)
+    return -(-tokens * rate // TOKENS_PER_PRICE_UNIT) + call.server_tool_uses * fee
 
 
 def output_cap(call: Call, price: ModelPrice, default_output_tokens: int) -> int:
@@ -84,9 +100,9 @@ def output_cap(call: Call, price: ModelPrice, default_output_tokens: int) -> int
 def estimate(call: Call, price: ModelPrice, settings: EstimateSettings,
              provider: Provider) -> int:
     """Upper bound of a call's cost with its whole output cap."""
-    output = output_cap(call, price, settings.default_output_tokens) * call.choices
-    return (input_cost(call, price, settings.input_margin_percent, provider)
-            + cost_nano(price, TokenUsage(output=output)))
+    tokens, flat = bound_price(call, price, settings.input_margin_percent, provider)
+    output = output_cap(call, flat, settings.default_output_tokens) * call.choices
+    return _input_nano(call, tokens, flat) + cost_nano(flat, TokenUsage(output=output))
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,9 @@ class Plan:
     minimum_nano: int
     output_cap: int | None  # the call's total output limit (cap x choices)
     whole: bool = True  # the whole output is reserved up front (clamped to the grant)
+    #: The flat price (long-context tier) the bound used: extensions and allowances of
+    #: this call use it too; settlement prices the provider's usage at its own tier.
+    price: ModelPrice | None = None
 
 
 def plan(call: Call, price: ModelPrice, settings: EstimateSettings,
@@ -105,16 +124,18 @@ def plan(call: Call, price: ModelPrice, settings: EstimateSettings,
     """Calls whose output may not be seen reserve it whole (at least a minimum, then
     clamped to what was granted); visible streams start with an allowance (or what fits,
     down to the grace) and extend."""
-    input_nano = input_cost(call, price, settings.input_margin_percent, provider)
-    per_choice = output_cap(call, price, settings.default_output_tokens)
+    tokens, flat = bound_price(call, price, settings.input_margin_percent, provider)
+    input_nano = _input_nano(call, tokens, flat)
+    per_choice = output_cap(call, flat, settings.default_output_tokens)
     cap = per_choice * call.choices
     if not call.stream or call.hidden_output:
         least = min(per_choice, MIN_CLAMPED_OUTPUT_TOKENS) * call.choices
-        return Plan(input_nano, input_nano + cost_nano(price, TokenUsage(output=cap)),
-                    input_nano + cost_nano(price, TokenUsage(output=least)), cap)
+        return Plan(input_nano, input_nano + cost_nano(flat, TokenUsage(output=cap)),
+                    input_nano + cost_nano(flat, TokenUsage(output=least)), cap, price=flat)
     initial, minimum = min(streams.initial_tokens, cap), min(streams.grace_tokens + 1, cap)
-    return Plan(input_nano, input_nano + cost_nano(price, TokenUsage(output=initial)),
-                input_nano + cost_nano(price, TokenUsage(output=minimum)), cap, whole=False)
+    return Plan(input_nano, input_nano + cost_nano(flat, TokenUsage(output=initial)),
+                input_nano + cost_nano(flat, TokenUsage(output=minimum)), cap, whole=False,
+                price=flat)
 
 
 def clamp(plan: Plan, call: Call, granted_nano: int, price: ModelPrice) -> int | None:
@@ -122,7 +143,7 @@ def clamp(plan: Plan, call: Call, granted_nano: int, price: ModelPrice) -> int |
     beyond the grant, or None when the request's own cap is already within it."""
     if not plan.whole:
         return None
-    covered = allowance(granted_nano, plan.input_nano, price) // call.choices
+    covered = allowance(granted_nano, plan.input_nano, plan.price or price) // call.choices
     per_choice = (plan.output_cap or 0) // call.choices
     if call.max_output_tokens is not None and covered >= per_choice:
         return None
@@ -174,9 +195,8 @@ def unfinished_cost(counted: int, cap: int | None, known: TokenUsage | None,
     output = counted + grace
     if cap is not None:
         output = min(output, cap)
-    if known is not None and (known.input or known.cache_read or known.cache_write):
-        actual = cost_nano(price, TokenUsage(known.input, max(known.output, output),
-                                             known.cache_read, known.cache_write))
+    if known is not None and known.total_input:
+        actual = cost_nano(price, replace(known, output=max(known.output, output)))
     else:
         actual = input_nano + cost_nano(price, TokenUsage(output=output))
     return min(actual, reserved_nano)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -37,8 +38,12 @@ SERVER_TOOL_PREFIXES = ("web_search_", "web_fetch_")
 #: unlimited, which no reservation can cover).
 DEFAULT_SERVER_TOOL_USES = 5
 #: Web search: $10 per 1,000 searches (docs.anthropic.com pricing, checked 2026-12); web
-#: fetch has no fee of its own.
+#: fetch has no fee of its own. The price table's `web_search_per_call` (from the dataset)
+#: takes precedence; this is the fee of a model whose entry has none.
 WEB_SEARCH_NANO = 10_000_000
+#: 1-hour cache writes cost 2x base input, 5-minute ones 1.25x (platform.claude.com/docs/
+#: en/build-with-claude/prompt-caching#pricing).
+CACHE_WRITE_1H_INPUT_MULTIPLE = 2
 
 
 class Anthropic(ProviderBase):
@@ -48,6 +53,8 @@ class Anthropic(ProviderBase):
         **ProviderBase.error_types, "budget": "billing_error", "stream_cut": "budget_exceeded"}
     credentials = (Credential("x-api-key"), Credential("authorization", "bearer"))
     media_block_types = frozenset({"image", "document", "container_upload"})
+    price_dataset_providers = ("anthropic",)
+    cache_write_1h_input_multiple = CACHE_WRITE_1H_INPUT_MULTIPLE
 
     def parse_request(self, path: str, body: dict[str, Any]) -> Call:
         endpoint = endpoint_of(path)
@@ -69,6 +76,7 @@ class Anthropic(ProviderBase):
                 server_tool_uses=uses,
                 server_tool_fee_nano=WEB_SEARCH_NANO if uses else 0,
                 framing_tokens=_tool_framing(body),
+                long_cache_writes=_asks_1h_cache(body),
             )
             if tools is not None:
                 call.new_body = {**body, "tools": tools}
@@ -140,13 +148,31 @@ class Anthropic(ProviderBase):
                 return None
         server = usage.get("server_tool_use")
         searches = server.get("web_search_requests") if isinstance(server, dict) else 0
+        writes = _count(usage, "cache_creation_input_tokens")
+        by_ttl = usage.get("cache_creation")
+        writes_1h = _count(by_ttl, "ephemeral_1h_input_tokens") if isinstance(by_ttl, dict) \
+            else 0
+        writes_5m = max(writes - writes_1h, _count(by_ttl, "ephemeral_5m_input_tokens")
+                        if isinstance(by_ttl, dict) else 0)
         return TokenUsage(
-            input=usage.get("input_tokens") or 0,
-            output=usage.get("output_tokens") or 0,
-            cache_read=usage.get("cache_read_input_tokens") or 0,
-            cache_write=usage.get("cache_creation_input_tokens") or 0,
-            tool_fees_nano=(searches if isinstance(searches, int) else 0) * WEB_SEARCH_NANO,
+            input=_count(usage, "input_tokens"),
+            output=_count(usage, "output_tokens"),
+            cache_read=_count(usage, "cache_read_input_tokens"),
+            cache_write=writes_5m,
+            cache_write_1h=writes_1h,
+            web_searches=searches if isinstance(searches, int) else 0,
+            web_search_nano=WEB_SEARCH_NANO,
         )
+
+    def merge_usage(self, old: TokenUsage | None, new: TokenUsage) -> TokenUsage:
+        """Cumulative counts; only `message_start` splits cache writes by lifetime
+        (`message_delta` gives their total), so the total is kept and the 1-hour part
+        taken from whichever event split it."""
+        merged = super().merge_usage(old, new)
+        if old is None:
+            return merged
+        writes = max(old.cache_write + old.cache_write_1h, new.cache_write + new.cache_write_1h)
+        return replace(merged, cache_write=writes - merged.cache_write_1h)
 
     def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:
         """Generated text of a content_block_delta: text, tool input JSON, thinking."""
@@ -191,6 +217,27 @@ class Anthropic(ProviderBase):
 
     def probe(self, secret: str) -> tuple[str, dict[str, str]]:
         return "/v1/models", {"x-api-key": secret, "anthropic-version": API_VERSION}
+
+
+def _count(usage: dict[str, Any], name: str) -> int:
+    value = usage.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _asks_1h_cache(body: dict[str, Any]) -> bool:
+    """Whether any `cache_control` of the request (top level, system, tools, message
+    blocks) asks for the 1-hour lifetime: only then may writes bill at the 1-hour rate."""
+    pending: list[Any] = [body]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            control = node.get("cache_control")
+            if isinstance(control, dict) and control.get("ttl") == "1h":
+                return True
+            pending.extend(v for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            pending.extend(v for v in node if isinstance(v, dict | list))
+    return False
 
 
 def _tool_framing(body: dict[str, Any]) -> int:

@@ -56,6 +56,7 @@ class Call:
     server_tool_uses: int = 0  # most server-tool uses the request allows (web search, ...)
     server_tool_fee_nano: int = 0  # the largest fee one of those uses can bill
     framing_tokens: int = 0  # input the provider adds around what the request shows
+    long_cache_writes: bool = False  # may write cache at the 1-hour rate (asked for it)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,12 @@ class Provider(Protocol):
     credentials: tuple[Credential, ...]  # where the caller's key is read, in precedence
     media_block_types: frozenset[str]  # content parts whose tokens are not their text
     reasoning_by_model: bool  # a reasoning model thinks unasked (else only when asked)
+    #: `litellm_provider` names of the public price dataset whose entries are this
+    #: provider's models (`tokenfuse prices refresh`).
+    price_dataset_providers: tuple[str, ...]
+    #: 1-hour cache writes cost this many times input where the dataset has no price for
+    #: them (0: the provider has no such cache lifetime).
+    cache_write_1h_input_multiple: int
 
     # -- requests
     def parse_request(self, path: str, body: dict[str, Any]) -> Call: ...
@@ -172,6 +179,8 @@ class ProviderBase:
     error_types: ClassVar[dict[str, str]] = COMMON_ERROR_TYPES
     media_block_types: frozenset[str] = frozenset()
     reasoning_by_model = False
+    price_dataset_providers: tuple[str, ...] = ()
+    cache_write_1h_input_multiple = 0
 
     def media_bound(self, block: dict[str, Any], model: str) -> Any:
         return None
@@ -189,6 +198,10 @@ class ProviderBase:
             cache_read=max(old.cache_read, new.cache_read),
             cache_write=max(old.cache_write, new.cache_write),
             tool_fees_nano=max(old.tool_fees_nano, new.tool_fees_nano),
+            cache_write_1h=max(old.cache_write_1h, new.cache_write_1h),
+            reasoning=max(old.reasoning, new.reasoning),
+            web_searches=max(old.web_searches, new.web_searches),
+            web_search_nano=max(old.web_search_nano, new.web_search_nano),
         )
 
     def is_event_stream(self, first_chunk: bytes) -> bool:

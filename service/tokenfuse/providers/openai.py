@@ -29,6 +29,7 @@ class OpenAI(ProviderBase):
     # Content parts whose tokens are not their text.
     media_block_types = frozenset({"image_url", "input_image", "input_file", "file"})
     reasoning_by_model = True  # o-series and gpt-5 reason whether asked or not
+    price_dataset_providers = ("openai",)
 
     def parse_request(self, path: str, body: dict[str, Any]) -> Call:
         endpoint = endpoint_of(path)
@@ -128,8 +129,9 @@ class OpenAI(ProviderBase):
         output = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         cached = min(prompt, details.get("cached_tokens") or 0)
+        fees, searches, search_fee = _tool_fees(payload)  # reasoning is inside `output`
         return TokenUsage(input=prompt - cached, output=output, cache_read=cached,
-                          tool_fees_nano=_tool_fees(payload))
+                          tool_fees_nano=fees, web_searches=searches, web_search_nano=search_fee)
 
     def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:
         """Generated text of one stream event: content, refusals, reasoning, tool calls."""
@@ -209,17 +211,20 @@ def _tool_call_fee(kind: str, model: str) -> int:
     return 0
 
 
-def _tool_fees(payload: dict[str, Any]) -> int:
-    """Fees of the built-in tool calls in a Responses object (or its stream event)."""
+def _tool_fees(payload: dict[str, Any]) -> tuple[int, int, int]:
+    """Built-in tool calls of a Responses object (or its stream event): (fees of the
+    tools but web search, web searches, the fee of one search where the price table has
+    no `web_search_per_call`)."""
     response = payload.get("response") if isinstance(payload.get("response"), dict) \
         else payload
     output = response.get("output")
-    if not isinstance(output, list):
-        return 0
+    kinds = [str(item.get("type", "")).removesuffix("_call") for item in output
+             if isinstance(item, dict) and str(item.get("type", "")).endswith("_call")] \
+        if isinstance(output, list) else []
     model = str(response.get("model", ""))
-    return sum(_tool_call_fee(str(item.get("type", "")).removesuffix("_call"), model)
-               for item in output if isinstance(item, dict)
-               and str(item.get("type", "")).endswith("_call"))
+    searches = sum(1 for kind in kinds if kind.startswith("web_search"))
+    return (sum(_tool_call_fee(k, model) for k in kinds if not k.startswith("web_search")),
+            searches, _tool_call_fee("web_search", model))
 
 # Image input tokens (base for low detail, largest for high/auto) per model family, from
 # OpenAI's vision pricing rules: tiles models bill base + per-512px-tile tokens for at
