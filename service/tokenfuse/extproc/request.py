@@ -1,5 +1,6 @@
 """The request phases: headers identify the caller and the provider; the body is priced,
-loop-checked and reserved in one Lua call, or refused."""
+loop-checked and reserved in one Lua call, or refused. (The whole decision, from the
+first header to the forwarded body, reads top to bottom in one class; hence its length.)"""
 
 from __future__ import annotations
 
