@@ -113,6 +113,16 @@ def count_tokens(text: str, encoding_of: str | None = None) -> int:
     return len(encoding(name).encode(text, disallowed_special=()))
 
 
+@contextlib.contextmanager
+def counting_for(provider: str, model: str) -> Iterator[None]:
+    """Within it, ``count_tokens`` (and every input counter) counts in the model's encoding."""
+    token = _BILLING_ENCODING.set(encoding_name(provider, model))
+    try:
+        yield
+    finally:
+        _BILLING_ENCODING.reset(token)
+
+
 @functools.cache
 def output_text(name: str) -> str:
     """One of the ``OUTPUT_TEXTS``."""
@@ -977,12 +987,8 @@ def bill_for(provider: str, path: str, body: Any, controls: Controls | None = No
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ProviderError(400, "model: Field required")
-    # Everything of this request is counted in its model's encoding.
-    token = _BILLING_ENCODING.set(encoding_name(provider, model))
-    try:
+    with counting_for(provider, model):  # everything of it in its model's encoding
         return _bill_for(provider, endpoint, body, model, controls, contexts)
-    finally:
-        _BILLING_ENCODING.reset(token)
 
 
 def _bill_for(provider: str, endpoint: str, body: dict[str, Any], model: str,
