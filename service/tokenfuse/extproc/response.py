@@ -75,7 +75,8 @@ class ResponsePhase:
             ex.transcoder = Transcoder(coding)
         elif not ex.provider.is_event_stream(first):
             return
-        ex.meter = StreamMeter(ex.provider_name, ex.call.hide_usage_chunk)
+        ex.meter = StreamMeter(ex.provider_name, ex.call.hide_usage_chunk,
+                               ex.provider.tokenizer(ex.call.model))
 
     async def on_body(self, ex: Exchange, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if ex.ended:
@@ -153,6 +154,7 @@ class ResponsePhase:
                 out += meter.take(event.start)
                 meter.drop(event.end)
             if event.final:
+                ex.final_seen = True
                 # Settled before the client gets the last event: when the SDK's call
                 # returns, the budget already shows what the call cost.
                 await self._settlement.settle_from(ex)

@@ -1,7 +1,7 @@
 """Settlement: replace a call's reservation by what it cost, once, and credit the pool key
-that served it. Provider usage when the call finished; what was counted (plus the grace)
-for a stream that did not; the whole reservation when nothing is known; zero for a
-provider error."""
+that served it. Provider usage when the call finished (always: it is the bill; tokenfuse's
+own counts only decide mid-stream); what was counted (plus the grace) for a stream that
+did not; the whole reservation when nothing is known; zero for a provider error."""
 
 from __future__ import annotations
 
@@ -32,10 +32,14 @@ class Settlement:
         if not may_be_success(ex.status):
             await self._settle(ex, 0, "failed")
         elif ex.usage is not None and ex.price is not None and (
-                ex.meter is None or ex.usage.output >= ex.counted_output):
+                ex.meter is None or ex.final_seen):
+            # The provider's usage of a call that completed is its bill, whatever tokenfuse
+            # counted (its tokenizer may differ: docs/design.md, "Tokenizers").
             await self._settle_usage(ex, ex.usage)
         else:
-            log.warning("no usage in response (rid=%s)", ex.request_id)
+            log.warning("no usage in response%s (rid=%s)",
+                        "" if ex.meter is None else " before the stream's last event",
+                        ex.request_id)
             await self.settle_unfinished(ex)
 
     async def settle_unfinished(self, ex: Exchange) -> None:

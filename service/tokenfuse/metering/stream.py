@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from tokenfuse.metering.tokens import count_text
 from tokenfuse.pricing import TokenUsage
 from tokenfuse.providers import PROVIDERS
+from tokenfuse.providers.base import DEFAULT_TOKENIZER, Tokenizer
 from tokenfuse.providers.sse import SseEvent
 
 log = logging.getLogger("tokenfuse.streaming")
@@ -30,8 +31,16 @@ class MeteredEvent:
 
 
 class StreamMeter:
-    def __init__(self, provider: str, hide_usage_chunk: bool) -> None:
+    """`tokenizer`: how the model's tokens are counted (`Provider.tokenizer`). A scaled
+    tokenizer scales the running total, not each delta, so rounding up does not add a
+    token per delta."""
+
+    def __init__(self, provider: str, hide_usage_chunk: bool,
+                 tokenizer: Tokenizer = DEFAULT_TOKENIZER) -> None:
         self._provider = PROVIDERS[provider]
+        self._tokenizer = tokenizer
+        self._raw_tokens = 0  # output tokens of the encoding so far
+        self._scaled_tokens = 0  # ... scaled: what the events reported so far
         self._hide_usage_chunk = hide_usage_chunk
         self._parser = self._provider.stream_decoder()  # the provider's framing
         self._pending = bytearray()
@@ -81,11 +90,22 @@ class StreamMeter:
             # one token so accounting stays conservative, and logged.
             self.malformed_events += 1
             log.warning("unparseable SSE event from upstream (%d bytes)", len(data))
-            return MeteredEvent(start, event.end, 1, None, False)
+            return MeteredEvent(start, event.end, self._scaled(1), None, False)
         if not isinstance(payload, dict):
             return MeteredEvent(start, event.end, 0, None, False)
-        tokens = sum(max(1, count_text(t)) for t in
-                     self._provider.stream_output(event.event, payload) if t)
+        encoding = self._tokenizer.encoding
+        raw = sum(max(1, count_text(t, encoding)) for t in
+                  self._provider.stream_output(event.event, payload) if t)
+        tokens = self._scaled(raw)
         usage = self._provider.usage(payload) if "usage" in data else None
         hidden = self._hide_usage_chunk and self._provider.is_usage_only_chunk(payload)
         return MeteredEvent(start, event.end, tokens, usage, hidden, final)
+
+    def _scaled(self, raw: int) -> int:
+        """The scaled count of `raw` more tokens: the growth of the scaled running total."""
+        if not raw:
+            return 0
+        self._raw_tokens += raw
+        total = self._tokenizer.scale(self._raw_tokens)
+        tokens, self._scaled_tokens = total - self._scaled_tokens, total
+        return tokens

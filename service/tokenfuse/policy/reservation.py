@@ -54,7 +54,8 @@ def input_tokens(call: Call, price: ModelPrice, margin_percent: int,
     """Upper bound of the input tokens the provider can bill for the call."""
     model = call.model
     bound = bound_input(call.prompt_parts, call.messages, margin_percent,
-                        lambda block: provider.media_bound(block, model), call.framing_tokens)
+                        lambda block: provider.media_bound(block, model), call.framing_tokens,
+                        provider.tokenizer(model))
     window = price.context_window or FALLBACK_CONTEXT_WINDOW
     if call.server_tool_uses:
         # Each server-tool use samples again over a context of at most one window.

@@ -11,9 +11,11 @@ from typing import Any
 from tokenfuse.identity import VIRTUAL_KEY_PREFIX
 from tokenfuse.providers.anthropic import Anthropic
 from tokenfuse.providers.base import Call, Provider, RequestRejected
-from tokenfuse.providers.openai import OpenAI
+from tokenfuse.providers.openai import ENCODINGS_PACKAGE, OpenAI
 
 PROVIDERS: dict[str, Provider] = {"openai": OpenAI(), "anthropic": Anthropic()}
+#: Where the offline tokenizer's encoding files are (a package located, never imported).
+ENCODING_DATA_PACKAGE = ENCODINGS_PACKAGE
 #: Whose error shape answers a request that no provider is routed for.
 DEFAULT_PROVIDER = "openai"
 
@@ -85,6 +87,6 @@ def pooled_provider(headers: dict[str, str]) -> str | None:
     return None
 
 
-__all__ = ["CREDENTIAL_HEADERS", "DEFAULT_PROVIDER", "MEDIA_BLOCK_TYPES", "PROVIDERS", "Call",
-           "Provider", "RequestRejected", "caller_credential", "pooled_provider",
-           "provider_for_path", "tool_calls", "unrouted_error_body"]
+__all__ = ["CREDENTIAL_HEADERS", "DEFAULT_PROVIDER", "ENCODING_DATA_PACKAGE", "MEDIA_BLOCK_TYPES",
+           "PROVIDERS", "Call", "Provider", "RequestRejected", "caller_credential",
+           "pooled_provider", "provider_for_path", "tool_calls", "unrouted_error_body"]

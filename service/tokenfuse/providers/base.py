@@ -27,6 +27,23 @@ COMMON_ERROR_TYPES: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class Tokenizer:
+    """How tokenfuse counts one model's tokens: with an offline `encoding` (tiktoken's
+    name; `tokenfuse.metering.tokens.ENCODINGS` are shipped), its counts times `percent` /
+    100, rounded up. 100 where the encoding is the model's own; above where the
+    provider's tokenizer is not public and the encoding only bounds it."""
+
+    encoding: str = "o200k_base"
+    percent: int = 100
+
+    def scale(self, tokens: int) -> int:
+        return -(-tokens * self.percent // 100)
+
+
+DEFAULT_TOKENIZER = Tokenizer()
+
+
 class RequestRejected(Exception):
     """The request cannot be priced; it is refused with this status and code."""
 
@@ -120,6 +137,10 @@ class Provider(Protocol):
         node to count as text instead, or None when the request does not show its size."""
         ...
 
+    def tokenizer(self, model: str) -> Tokenizer:
+        """How the model's tokens are counted, input and output (an upper bound)."""
+        ...
+
     def with_output_cap(self, body: dict[str, Any], call: Call, cap: int) -> dict[str, Any]:
         """The body with its output cap set to `cap` tokens per choice (the provider then
         enforces the bound); raises RequestRejected when no valid request has that cap."""
@@ -184,6 +205,9 @@ class ProviderBase:
 
     def media_bound(self, block: dict[str, Any], model: str) -> Any:
         return None
+
+    def tokenizer(self, model: str) -> Tokenizer:
+        return DEFAULT_TOKENIZER
 
     def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
         return []

@@ -1,8 +1,13 @@
-"""OpenAI: chat completions, legacy completions, embeddings and the Responses API."""
+"""OpenAI: chat completions, legacy completions, embeddings and the Responses API, and
+which encoding counts each model's tokens. Four endpoints with their own caps, tools and
+usage shapes, hence its length."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, ClassVar
+
+from tiktoken.model import encoding_name_for_model
 
 from tokenfuse.pricing import TokenUsage
 from tokenfuse.providers.base import (
@@ -10,6 +15,7 @@ from tokenfuse.providers.base import (
     Credential,
     ErrorKind,
     ProviderBase,
+    Tokenizer,
     as_list,
     endpoint_of,
     int_field,
@@ -93,6 +99,9 @@ class OpenAI(ProviderBase):
             or block.get("detail") or "auto"
         base, largest = _image_tokens(model)
         return base if detail == "low" else largest
+
+    def tokenizer(self, model: str) -> Tokenizer:
+        return _tokenizer(model)
 
     def with_output_cap(self, body: dict[str, Any], call: Call, cap: int) -> dict[str, Any]:
         if call.endpoint == "responses":
@@ -186,6 +195,27 @@ class OpenAI(ProviderBase):
 
 
 #: Responses API fields that bring server-side content into the input.
+#: The package that ships OpenAI's encoding files (`<package>/data/<name>.tiktoken.gz`).
+ENCODINGS_PACKAGE = "bpe_openai"
+#: The encodings tiktoken names for OpenAI models that tokenfuse counts with another one:
+#: gpt-oss's harmony is o200k plus chat special tokens; the r50k/p50k models are retired.
+_ENCODING_STANDS_IN = {"o200k_harmony": "o200k_base", "p50k_base": "cl100k_base",
+                       "p50k_edit": "cl100k_base", "r50k_base": "cl100k_base",
+                       "gpt2": "cl100k_base"}
+
+
+@lru_cache(maxsize=1024)
+def _tokenizer(model: str) -> Tokenizer:
+    """OpenAI's own encoding of the model, by tiktoken's maintained model table (o200k for
+    gpt-4o, gpt-4.1, gpt-4.5, gpt-5, the o-series; cl100k for gpt-4, gpt-4-turbo,
+    gpt-3.5, the embeddings); a model it does not know yet is a newer one: o200k."""
+    try:
+        name = encoding_name_for_model(model)
+    except KeyError:
+        name = "o200k_base"
+    return Tokenizer(_ENCODING_STANDS_IN.get(name, name))
+
+
 SERVER_CONTEXT_FIELDS = ("previous_response_id", "conversation", "prompt")
 #: Built-in (server-side) tools of the Responses API: each call may bill a fee and adds
 #: its results to the input. `max_tool_calls` bounds them; tokenfuse sets it when absent.
