@@ -228,3 +228,17 @@ def test_the_reservation_covers_the_providers_bill(request: tuple[str, str, dict
         return
     billed = usage_cost(bill.usage)
     assert bound >= billed, (bound, billed, bill)
+
+
+def test_a_structured_output_schema_is_framed_like_a_tool() -> None:
+    """Found by the property above: a Responses request whose whole input is an empty
+    string and a `text.format` json_schema was bounded one token under the bill (the
+    schema's framing was not counted)."""
+    from tokenfuse.policy.reservation import upper_bound_nano
+
+    body = {"model": "gpt-5", "input": "", "max_output_tokens": 16,
+            "text": {"format": {"type": "json_schema", "name": "x",
+                                "schema": {"type": "string"}}}}
+    bill = bill_for("openai", "/v1/responses", body, WORST_CASE, {})
+    bound = upper_bound_nano("openai", "/v1/responses", body, PRICES, SETTINGS)
+    assert bound is not None and bound >= usage_cost(bill.usage)

@@ -287,8 +287,14 @@ PER_TOOL_TOKENS = 10
 
 
 def _tool_framing(body: dict[str, Any]) -> int:
+    """Framing of every tool definition and of a structured-output schema (`response_format`
+    / Responses `text.format`: the schema is framed like a tool's)."""
+    text = body.get("text")
+    formats = (body.get("response_format"), text.get("format") if isinstance(text, dict)
+               else None)
+    schemas = sum(1 for f in formats if isinstance(f, dict) and f.get("type") != "text")
     return PER_TOOL_TOKENS * (len(as_list(body.get("tools")))
-                              + len(as_list(body.get("functions"))))
+                              + len(as_list(body.get("functions"))) + schemas)
 
 
 def _largest_cap(body: dict[str, Any], *names: str) -> int | None:
