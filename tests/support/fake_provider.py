@@ -112,7 +112,28 @@ def count_tokens(text: str, encoding_of: str | None = None) -> int:
     """Tokens of ``text`` (special-token text counts as plain text) in ``encoding_of``, by
     default the billed model's (cl100k outside ``bill_for``)."""
     name = encoding_of or _BILLING_ENCODING.get()
-    return len(encoding(name).encode(text, disallowed_special=()))
+    enc = encoding(name)
+    return sum(len(enc.encode(piece, disallowed_special=())) for piece in _pieces_of(text))
+
+
+#: bpe-openai refuses strings of 1M characters or more ("Input too long to encode safely").
+_COUNT_CHUNK_CHARS = 400_000
+
+
+def _pieces_of(text: str) -> Iterator[str]:
+    """``text`` in pieces short enough to encode, split before a space that follows a
+    non-space (where the pre-tokenizer starts a new word anyway, so counts add up)."""
+    start = 0
+    while len(text) - start > _COUNT_CHUNK_CHARS:
+        cut = start + _COUNT_CHUNK_CHARS
+        while cut > start + 1 and not (text[cut] == " " and not text[cut - 1].isspace()
+                                       and not text[cut + 1:cut + 2].isspace()):
+            cut -= 1
+        if cut <= start + 1:  # no word boundary: a bound is better than a crash
+            cut = start + _COUNT_CHUNK_CHARS
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 @contextlib.contextmanager

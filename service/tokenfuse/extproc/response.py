@@ -66,7 +66,7 @@ class ResponsePhase:
         coding = ex.response_coding
         if coding and ex.open_reservation:
             log.warning("%s compressed its response (%s) although asked for identity; "
-                        "decoded to meter it (rid=%s)", ex.provider_name, coding,
+                        "decoded to count its tokens (rid=%s)", ex.provider_name, coding,
                         ex.request_id)
         if not (ex.open_reservation and ex.call is not None and ex.call.stream
                 and ex.provider is not None and may_be_success(ex.status)):
