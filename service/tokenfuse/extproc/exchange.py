@@ -36,3 +36,5 @@ class Exchange:
     response_started: bool = False  # the first response message has been seen
     forwarded: bool = False  # the request body went on to the provider
     hidden_output: bool = False  # output may be billed without being streamed
+    near_fingerprint: str | None = None  # the near-duplicate loop tier's, when it is on
+    answer: str = ""  # fingerprint of a whole (non-streamed) answer, for that tier

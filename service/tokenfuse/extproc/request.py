@@ -24,7 +24,7 @@ from tokenfuse.extproc.reserving import Reserver
 from tokenfuse.extproc.runtime import Runtime, log
 from tokenfuse.identity import PREFIX_CHARS, VIRTUAL_KEY_PREFIX, key_id
 from tokenfuse.policy import refusals, reservation
-from tokenfuse.policy.loopguard import fingerprint, repeated_tool_call
+from tokenfuse.policy.loopguard import fingerprints, repeated_tool_call
 from tokenfuse.policy.request_body import BodyRejected, parse
 from tokenfuse.pricing import ModelPrice
 from tokenfuse.providers import (
@@ -206,8 +206,11 @@ class RequestPhase:
         ex.hidden_output = call.hidden_output
         loop = rt.settings.loop
         history = call.messages or call.prompt_parts
-        fp = fingerprint(ex.caller, call.model, history, loop.normalize) \
-            if loop.max_hits > 0 else None
+        fp = None
+        near = loop.near_duplicate and loop.near_max_hits > 0
+        if loop.max_hits > 0 or near:
+            exact, ex.near_fingerprint = fingerprints(ex.caller, call.model, history, near)
+            fp = exact if loop.max_hits > 0 else None
         repeated = repeated_tool_call(history) if loop.max_tool_repeats > 0 else None
         return (body, call, price, reservation.plan(call, price, rt.settings.estimate,
                                                     rt.settings.streams, provider),
@@ -259,6 +262,8 @@ class RequestPhase:
             metrics.LOOPS.labels("velocity").inc()
             return self._rt.send(ex, refusals.velocity(ex.provider, refusal,
                                                        loop.velocity_max_per_minute))
+        if refusal.kind == "near_loop":
+            return self._refuse_near_loop(ex, refusal, model)
         metrics.LOOPS.labels("recursive_loop").inc()
         detail = refusals.loop_detail(refusal, fp, loop.window_seconds, loop.cooldown_seconds)
         log.info("loop detected caller=%s fingerprint=%s hits=%d", ex.caller[:PREFIX_CHARS],
@@ -269,6 +274,22 @@ class RequestPhase:
                 "hit_count": refusal.hit_count, "model": model,
                 "cooldown_seconds": loop.cooldown_seconds})
         return self._rt.send(ex, refusals.loop(ex.provider, refusal, detail))
+
+    def _refuse_near_loop(self, ex: Exchange, refusal: LoopRefusal,
+                          model: str) -> pb.ProcessingResponse:
+        loop = self._rt.settings.loop
+        assert ex.provider is not None and ex.near_fingerprint is not None
+        metrics.LOOPS.labels("near_duplicate_loop").inc()
+        detail = refusals.near_loop_detail(refusal, ex.near_fingerprint,
+                                           loop.near_window_seconds, loop.near_cooldown_seconds)
+        log.info("near-duplicate loop detected caller=%s fingerprint=%s hits=%d",
+                 ex.caller[:PREFIX_CHARS], ex.near_fingerprint[:12], refusal.hit_count)
+        if refusal.hit_count == loop.near_max_hits + 1:  # the block starts now
+            self._rt.emit(ex, "loop.detected", {
+                "kind": "near_duplicate_loop", "fingerprint": detail["fingerprint"],
+                "hit_count": refusal.hit_count, "model": model,
+                "cooldown_seconds": loop.near_cooldown_seconds})
+        return self._rt.send(ex, refusals.near_loop(ex.provider, refusal, detail))
 
     def _refuse_budget(self, ex: Exchange, refusal: Refusal,
                        estimate: int) -> pb.ProcessingResponse:

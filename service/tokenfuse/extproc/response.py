@@ -25,6 +25,7 @@ from tokenfuse.extproc.runtime import Runtime, log
 from tokenfuse.extproc.settlement import Settlement, may_be_success
 from tokenfuse.metering.stream import StreamMeter
 from tokenfuse.policy import refusals, reservation
+from tokenfuse.policy.loopguard import answer_fingerprint
 from tokenfuse.state.connection import REDIS_FAILURES
 from tokenfuse.state.results import Refusal
 
@@ -86,6 +87,8 @@ class ResponsePhase:
             return
         if isinstance(payload, dict):
             ex.usage = ex.provider.usage(payload)
+            if ex.near_fingerprint is not None:
+                ex.answer = answer_fingerprint(ex.provider.response_output(payload))
 
     async def _meter_stream(self, ex: Exchange, meter: StreamMeter,
                             msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
