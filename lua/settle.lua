@@ -3,12 +3,13 @@
 -- (their counters are gone; writing would recreate them without an expiry).
 --
 -- The same call records the answer for the near-duplicate loop tier: when `answer` (the
--- fingerprint of the generated text) is given, it is compared with the last answer for
--- this near-duplicate fingerprint; the same answer extends the streak (near_hits gets
--- this call), another starts a new one (near_hits holds only this call). reserve.lua
--- refuses the fingerprint once the streak within the window is full.
+-- fingerprint of the generated text) is given, it is compared with the answer of the
+-- current streak for this near-duplicate fingerprint (near_hits: a ZSET of
+-- "<answer>|<rid>" scored by settle time; every member carries the streak's answer). The
+-- same answer extends the streak, another starts a new one (near_hits then holds only this
+-- call). reserve.lua refuses the fingerprint once the streak within the window is full.
 --
---- KEYS: reservations near_answer near_hits
+--- KEYS: reservations near_hits
 --- ARGV: prefix rid actual answer near_window_ms
 -- actual: the cost (nano-USD, integer >= 0); answer: "" = none to record (a failed, cut
 -- or released call, or the tier is off): the streak is left as it is.
@@ -24,12 +25,12 @@ amount = tonumber(amount)
 release(A.prefix, ids, amount, actual)
 
 if A.answer ~= '' then
-  local window = tonumber(A.near_window_ms)
-  if redis.call('GET', K.near_answer) ~= A.answer then
+  local tag = A.answer .. '|'
+  local last = redis.call('ZRANGE', K.near_hits, -1, -1)[1]
+  if last and string.sub(last, 1, #tag) ~= tag then
     redis.call('DEL', K.near_hits)
   end
-  redis.call('SET', K.near_answer, A.answer, 'PX', window)
-  redis.call('ZADD', K.near_hits, now_ms(), rid)
-  redis.call('PEXPIRE', K.near_hits, window)
+  redis.call('ZADD', K.near_hits, now_ms(), tag .. rid)
+  redis.call('PEXPIRE', K.near_hits, A.near_window_ms)
 end
 return {1, amount}

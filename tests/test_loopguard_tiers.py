@@ -139,6 +139,10 @@ def test_near_duplicate_streak_in_the_scripts(redis_server: RedisServer) -> None
     async def scenario() -> list[object]:
         store = BudgetStore.from_url(redis_server.url, 1000, [-1] * len(WINDOWS), POLICY)
         out = [await call(store, f"r{i}", a) for i, a in enumerate("AABAAA")]
+        streak = redis_server.client().zrange(caller_keys("c", "-", NEAR)["near_hits"], 0, -1)
+        assert [m.split(b"|")[1] for m in streak] == [b"r3", b"r4", b"r5"]  # A after B
+        assert 0 < redis_server.client().pttl(caller_keys("c", "-", NEAR)["near_hits"]) \
+            <= 60_000
         out.append(await call(store, "r6", "C"))  # refused: the streak of A is full
         out.append(await call(store, "r7", "C"))  # in the cooldown
         # a late settle (already settled) records nothing
@@ -153,10 +157,10 @@ def test_near_duplicate_streak_in_the_scripts(redis_server: RedisServer) -> None
     client = redis_server.client()
     keys = {k.decode() for k in client.scan_iter("*")}
     near_keys = {k for k in keys if k.endswith(NEAR)}
-    # The block emptied the streak; the last answer stays for the window; every key of
-    # the tier expires, and all share the caller's hash tag (one Redis Cluster slot).
-    assert near_keys == {settle_keys("c", NEAR)["near_answer"],
-                         caller_keys("c", "-", NEAR)["near_cooldown"]}
+    # The block emptied the streak (only its cooldown is left); every key of the tiers
+    # expires, and all share the caller's hash tag (one Redis Cluster slot).
+    assert near_keys == {caller_keys("c", "-", NEAR)["near_cooldown"]}
+    assert settle_keys("c", NEAR)["near_hits"] == caller_keys("c", "-", NEAR)["near_hits"]
     for key in near_keys | {k for k in keys if ":lp:" in k}:
         assert 0 < client.pttl(key) <= 60_000, key
     assert all(k.startswith("tf:{c}:") for k in keys)
@@ -178,7 +182,7 @@ def test_an_answer_is_recorded_only_with_a_fingerprint(redis_server: RedisServer
 
     run(scenario())
     assert not [k for k in redis_server.client().scan_iter("*")
-                if any(part in k for part in (b":na:", b":nd:", b":nc:"))]
+                if any(part in k for part in (b":nd:", b":nc:"))]
 
 
 def run(coro):

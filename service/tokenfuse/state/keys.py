@@ -10,9 +10,8 @@ Lua scripts get the prefix as an argument and the suffixes below through the pre
     tf:{<id>}:rs         open reservations: rid -> "amount|touched_ms|window ids"
     tf:{<id>}:lp:<fp>    loop guard: ZSET of forwarded requests with this fingerprint
     tf:{<id>}:lc:<fp>    loop guard: cooldown after a block (hit count, PX = cooldown)
-    tf:{<id>}:na:<nfp>   near-duplicate tier: the last answer's fingerprint (PX = window)
-    tf:{<id>}:nd:<nfp>   near-duplicate tier: ZSET of the settled calls of the current
-                         streak of identical answers (score = ms, PX = window)
+    tf:{<id>}:nd:<nfp>   near-duplicate tier: ZSET "<answer fp>|<rid>" of the settled calls
+                         of the current streak of identical answers (score = ms, PX = window)
     tf:{<id>}:nc:<nfp>   near-duplicate tier: cooldown after a block (hit count, PX)
     tf:{<id>}:vel        velocity breaker: ZSET of forwarded requests, last minute
     tf:{<id>}:wt:<w>     threshold alert sent for window w (expires with it)
@@ -34,7 +33,6 @@ CALLER = {
     "window": ":u:",
     "loop_hits": ":lp:",
     "loop_cooldown": ":lc:",
-    "near_answer": ":na:",
     "near_hits": ":nd:",
     "near_cooldown": ":nc:",
     "velocity": ":vel",
@@ -95,7 +93,6 @@ def settle_keys(caller: str, near_fingerprint: str) -> dict[str, str]:
     prefix = caller_prefix(caller)
     return {
         "reservations": prefix + CALLER["reservations"],
-        "near_answer": prefix + CALLER["near_answer"] + near_fingerprint,
         "near_hits": prefix + CALLER["near_hits"] + near_fingerprint,
     }
 
