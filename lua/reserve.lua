@@ -65,8 +65,8 @@ if near_max > 0 then
   if cooling > 0 then
     return {0, 'near_loop', redis.call('INCR', K.near_cooldown), cooling}
   end
-  redis.call('ZREMRANGEBYSCORE', K.near_hits, '-inf', now - tonumber(A.near_window_ms))
-  local hits = redis.call('ZCARD', K.near_hits) + 1
+  -- settle.lua trims the streak when it grows; here only the calls in the window count
+  local hits = redis.call('ZCOUNT', K.near_hits, now - tonumber(A.near_window_ms), '+inf') + 1
   if hits > near_max then
     local near_cooldown_ms = tonumber(A.near_cooldown_ms)
     redis.call('SET', K.near_cooldown, hits, 'PX', near_cooldown_ms)

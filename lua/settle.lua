@@ -26,11 +26,14 @@ release(A.prefix, ids, amount, actual)
 
 if A.answer ~= '' then
   local tag = A.answer .. '|'
+  local now = now_ms()
   local last = redis.call('ZRANGE', K.near_hits, -1, -1)[1]
   if last and string.sub(last, 1, #tag) ~= tag then
     redis.call('DEL', K.near_hits)
+  elseif last then  -- the streak goes on: calls older than the window leave it
+    redis.call('ZREMRANGEBYSCORE', K.near_hits, '-inf', now - tonumber(A.near_window_ms))
   end
-  redis.call('ZADD', K.near_hits, now_ms(), tag .. rid)
+  redis.call('ZADD', K.near_hits, now, tag .. rid)
   redis.call('PEXPIRE', K.near_hits, A.near_window_ms)
 end
 return {1, amount}
