@@ -263,33 +263,21 @@ class RequestPhase:
             return self._rt.send(ex, refusals.velocity(ex.provider, refusal,
                                                        loop.velocity_max_per_minute))
         if refusal.kind == "near_loop":
-            return self._refuse_near_loop(ex, refusal, model)
-        metrics.LOOPS.labels("recursive_loop").inc()
-        detail = refusals.loop_detail(refusal, fp, loop.window_seconds, loop.cooldown_seconds)
-        log.info("loop detected caller=%s fingerprint=%s hits=%d", ex.caller[:PREFIX_CHARS],
-                 fp[:12], refusal.hit_count)
-        if refusal.hit_count == loop.max_hits + 1:  # the block starts now
+            kind, fp, limit = "near_duplicate_loop", ex.near_fingerprint or "", loop.near_max_hits
+            cooldown, reply = loop.near_cooldown_seconds, refusals.near_loop
+            detail = refusals.near_loop_detail(refusal, fp, loop.near_window_seconds, cooldown)
+        else:
+            kind, limit, cooldown, reply = ("recursive_loop", loop.max_hits,
+                                            loop.cooldown_seconds, refusals.loop)
+            detail = refusals.loop_detail(refusal, fp, loop.window_seconds, cooldown)
+        metrics.LOOPS.labels(kind).inc()
+        log.info("%s detected caller=%s fingerprint=%s hits=%d", kind,
+                 ex.caller[:PREFIX_CHARS], fp[:12], refusal.hit_count)
+        if refusal.hit_count == limit + 1:  # the block starts now
             self._rt.emit(ex, "loop.detected", {
-                "kind": "recursive_loop", "fingerprint": detail["fingerprint"],
-                "hit_count": refusal.hit_count, "model": model,
-                "cooldown_seconds": loop.cooldown_seconds})
-        return self._rt.send(ex, refusals.loop(ex.provider, refusal, detail))
-
-    def _refuse_near_loop(self, ex: Exchange, refusal: LoopRefusal,
-                          model: str) -> pb.ProcessingResponse:
-        loop = self._rt.settings.loop
-        assert ex.provider is not None and ex.near_fingerprint is not None
-        metrics.LOOPS.labels("near_duplicate_loop").inc()
-        detail = refusals.near_loop_detail(refusal, ex.near_fingerprint,
-                                           loop.near_window_seconds, loop.near_cooldown_seconds)
-        log.info("near-duplicate loop detected caller=%s fingerprint=%s hits=%d",
-                 ex.caller[:PREFIX_CHARS], ex.near_fingerprint[:12], refusal.hit_count)
-        if refusal.hit_count == loop.near_max_hits + 1:  # the block starts now
-            self._rt.emit(ex, "loop.detected", {
-                "kind": "near_duplicate_loop", "fingerprint": detail["fingerprint"],
-                "hit_count": refusal.hit_count, "model": model,
-                "cooldown_seconds": loop.near_cooldown_seconds})
-        return self._rt.send(ex, refusals.near_loop(ex.provider, refusal, detail))
+                "kind": kind, "fingerprint": detail["fingerprint"],
+                "hit_count": refusal.hit_count, "model": model, "cooldown_seconds": cooldown})
+        return self._rt.send(ex, reply(ex.provider, refusal, detail))
 
     def _refuse_budget(self, ex: Exchange, refusal: Refusal,
                        estimate: int) -> pb.ProcessingResponse:

@@ -1,4 +1,8 @@
-"""OpenAI: chat completions, legacy completions, embeddings and the Responses API."""
+"""OpenAI: chat completions, legacy completions, embeddings and the Responses API.
+
+(Longer than most modules: four endpoints' request, response and stream shapes, hence its
+length.)
+"""
 
 from __future__ import annotations
 
