@@ -1,18 +1,25 @@
--- Pre-call decision, all in one atomic call: kill switch, loop guard (cooldown + true
--- sliding window per request fingerprint), velocity breaker, then every budget window.
--- Only a request that passes everything is counted (loop hit, velocity) and reserved.
+-- Pre-call decision, all in one atomic call: kill switch, loop guard (exact tier: cooldown
+-- + true sliding window per request fingerprint; near-duplicate tier: cooldown + the streak
+-- of identical answers settle.lua recorded for the near-duplicate fingerprint), velocity
+-- breaker, then every budget window. Only a request that passes everything is counted
+-- (loop hit, velocity) and reserved. A block (either tier) empties both tiers' counts of
+-- this request, so after the cooldown it starts from zero (retry-after is the truth).
 -- The grant is the desired amount, or less when the budget cannot cover it but can cover
 -- the minimum (streams start with what fits and extend).
 --
---- KEYS: limits reservations loop_hits loop_cooldown velocity
---- ARGV: prefix rid desired minimum default_minute default_hour default_day default_week default_month default_total loop_max_hits loop_window_ms loop_cooldown_ms velocity_max threshold_percent
+--- KEYS: limits reservations loop_hits loop_cooldown near_hits near_cooldown velocity
+--- ARGV: prefix rid desired minimum default_minute default_hour default_day default_week default_month default_total loop_max_hits loop_window_ms loop_cooldown_ms near_max_hits near_window_ms near_cooldown_ms velocity_max threshold_percent
 -- limits        limits hash (minute..total nano-USD, 'killed')
 -- reservations  open reservations: rid -> "amount|touched_ms|window ids"
 -- loop_hits     ZSET of this fingerprint's forwarded requests (score = ms)
 -- loop_cooldown cooldown after a loop block (hit count, PEXPIRE = cooldown)
+-- near_hits     ZSET of the settled calls of the near-duplicate fingerprint whose answers
+--               repeated the streak's answer (settle.lua; score = ms)
+-- near_cooldown cooldown after a near-duplicate block
 -- velocity      ZSET of the caller's forwarded requests in the last minute
 -- prefix: the caller's key prefix; default_*: limits for a caller without its own
--- (-1 = none); loop_max_hits 0 = loop guard off; velocity_max 0 = off;
+-- (-1 = none); loop_max_hits 0 = exact tier off; near_max_hits 0 = near-duplicate tier
+-- off; velocity_max 0 = off;
 -- threshold_percent 0 = no threshold alerts.
 --
 -- Returns one of
@@ -21,11 +28,13 @@
 --   {0, 'budget_exceeded', window, limit, used, reset_epoch_s, first_in_window(0/1)}
 --   {0, 'killed', 'total', 0, 0, 0, 0}
 --   {0, 'duplicate_reservation', 'total', 0, 0, 0, 0}   rid is already open: never overwritten
---   {0, 'loop', hit_count, retry_after_ms}     {0, 'velocity', count, retry_after_ms}
+--   {0, 'loop', hit_count, retry_after_ms}     {0, 'near_loop', hit_count, retry_after_ms}
+--   {0, 'velocity', count, retry_after_ms}
 local prefix, rid = A.prefix, A.rid
 local desired, minimum = tonumber(A.desired), tonumber(A.minimum)
 local max_hits, window_ms = tonumber(A.loop_max_hits), tonumber(A.loop_window_ms)
 local cooldown_ms = tonumber(A.loop_cooldown_ms)
+local near_max = tonumber(A.near_max_hits)
 local velocity_max, threshold = tonumber(A.velocity_max), tonumber(A.threshold_percent)
 local now = now_ms()
 
@@ -46,7 +55,23 @@ if max_hits > 0 then
   local hits = redis.call('ZCARD', K.loop_hits) + 1
   if hits > max_hits then
     redis.call('SET', K.loop_cooldown, hits, 'PX', cooldown_ms)
+    redis.call('DEL', K.loop_hits, K.near_hits)
     return {0, 'loop', hits, cooldown_ms}
+  end
+end
+
+if near_max > 0 then
+  local cooling = redis.call('PTTL', K.near_cooldown)
+  if cooling > 0 then
+    return {0, 'near_loop', redis.call('INCR', K.near_cooldown), cooling}
+  end
+  -- settle.lua trims the streak when it grows; here only the calls in the window count
+  local hits = redis.call('ZCOUNT', K.near_hits, now - tonumber(A.near_window_ms), '+inf') + 1
+  if hits > near_max then
+    local near_cooldown_ms = tonumber(A.near_cooldown_ms)
+    redis.call('SET', K.near_cooldown, hits, 'PX', near_cooldown_ms)
+    redis.call('DEL', K.near_hits, K.loop_hits)
+    return {0, 'near_loop', hits, near_cooldown_ms}
   end
 end
 

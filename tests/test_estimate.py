@@ -121,19 +121,19 @@ def test_estimate_uses_max_tokens_times_n_and_the_models_maximum(
         + cost_nano(unknown, TokenUsage(output=1000))
 
 
-def test_fingerprint_normalisation_switch() -> None:
-    from tokenfuse.policy.loopguard import fingerprint
+def test_fingerprint_tiers() -> None:
+    from tokenfuse.policy.loopguard import fingerprint, near_duplicate_fingerprint
 
     a = [{"role": "user", "content": "Retry 3 of 5 at 2026-11-21T10:00:00Z"}]
     b = [{"role": "user", "content": "retry 4 of 5   at 2026-11-21T10:00:09Z"}]
-    assert fingerprint("k" * 32, "m", a, volatile=True) == fingerprint("k" * 32, "m", b, True)
-    assert fingerprint("k" * 32, "m", a, volatile=False) != fingerprint("k" * 32, "m", b, False)
+    assert near_duplicate_fingerprint("k" * 32, "m", a) == near_duplicate_fingerprint(
+        "k" * 32, "m", b)
+    assert fingerprint("k" * 32, "m", a) != fingerprint("k" * 32, "m", b)
     # Only the last 3 messages count; case and whitespace never do.
     last3 = [{"role": "user", "content": f"recent {c}"} for c in "xyz"]
     older_a = [{"role": "user", "content": "ancient history"}, *last3]
     older_b = [{"role": "user", "content": "something else long ago"}, *last3]
-    assert fingerprint("k" * 32, "m", older_a, False) == fingerprint("k" * 32, "m", older_b,
-                                                                     False)
+    assert fingerprint("k" * 32, "m", older_a) == fingerprint("k" * 32, "m", older_b)
     upper = [{"role": "user", "content": "RETRY 3 OF 5  AT 2026-11-21T10:00:00Z"}]
-    assert fingerprint("k" * 32, "m", upper, False) == fingerprint("k" * 32, "m", a, False)
-    assert fingerprint("k" * 32, "m", a, False) != fingerprint("j" * 32, "m", a, False)
+    assert fingerprint("k" * 32, "m", upper) == fingerprint("k" * 32, "m", a)
+    assert fingerprint("k" * 32, "m", a) != fingerprint("j" * 32, "m", a)

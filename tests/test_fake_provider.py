@@ -72,6 +72,7 @@ ANTHROPIC_INPUT = tok(SYSTEM) + (3 + tok(USER)) + 3
 @pytest.fixture(scope="module")
 def server() -> Iterator[FakeProvider]:
     fake = FakeProvider()
+    fake.answers_by_input = False  # these tests read the output cycle (text_of)
     fake.start()
     yield fake
     fake.stop()

@@ -31,7 +31,8 @@ OPENAI_KEYS = [f"sk-proj-pool-secret-{i}-{'y' * 20}" for i in range(2)]
 def pool_stack(fake: FakeProvider) -> Iterator[Stack]:
     s = Stack(fake.base_url, {"TOKENFUSE_POOL_PROBE_INTERVAL_MS": "300",
                               "TOKENFUSE_POOL_COOLDOWN_MS": "1000",
-                              "LOOP_GUARD_MAX_HITS": "0"})
+                              "LOOP_GUARD_MAX_HITS": "0",
+                              "LOOP_GUARD_NEAR_DUPLICATE": "0"})
     pools = s.workdir / "pools"
     pools.mkdir()
     (pools / "claude-main.csv").write_text(

@@ -135,6 +135,30 @@ def test_loop_detected_is_signed_and_complete(hooked: Stack, receiver: Receiver,
     assert sum(e["key_id_prefix"] == prefix for e in receiver.of("loop.detected")) == 1
 
 
+def test_near_duplicate_loop_detected_once_per_block(hooked: Stack, receiver: Receiver,
+                                                    api_key: str) -> None:
+    client = openai_client(hooked, api_key)
+
+    def attempt(n: int) -> None:  # a stuck agent: new attempt number, the same answer
+        client.chat.completions.create(
+            model="gpt-4o-mini", max_tokens=3, extra_headers={"x-fake-answer-seed": "same"},
+            messages=[{"role": "user", "content": f"poll job (attempt {n})"}])
+
+    for n in range(5):
+        attempt(n)
+    for n in range(5, 7):
+        with pytest.raises(openai.RateLimitError):
+            attempt(n)
+    prefix = key_id(hooked.secret.encode(), api_key)[:PREFIX_CHARS]
+    wait_until(lambda: any(e["key_id_prefix"] == prefix for e in receiver.of("loop.detected")),
+               what="loop.detected webhook")
+    events = [e for e in receiver.of("loop.detected") if e["key_id_prefix"] == prefix]
+    assert len(events) == 1
+    data = events[0]["data"]
+    assert (data["kind"], data["hit_count"], data["cooldown_seconds"]) == (
+        "near_duplicate_loop", 6, 60)
+
+
 def test_budget_threshold_and_exceeded_once_per_window(hooked: Stack, receiver: Receiver,
                                                        api_key: str) -> None:
     prefix = key_id(hooked.secret.encode(), api_key)[:PREFIX_CHARS]

@@ -137,10 +137,13 @@ class StreamSettings:
 
 @dataclass(frozen=True)
 class LoopGuardSettings:
-    max_hits: int = 5  # 0 = off
+    max_hits: int = 5  # exact tier; 0 = off
     window_seconds: int = 60
     cooldown_seconds: int = 30
-    normalize: bool = True
+    near_duplicate: bool = True  # the near-duplicate tier (counted only on repeated answers)
+    near_max_hits: int = 5
+    near_window_seconds: int = 120
+    near_cooldown_seconds: int = 60
     max_tool_repeats: int = 5  # 0 = off
     velocity_max_per_minute: int = 0  # 0 = off
 
@@ -249,7 +252,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             max_hits=env.int("LOOP_GUARD_MAX_HITS", 5),
             window_seconds=env.int("LOOP_GUARD_WINDOW_SECONDS", 60),
             cooldown_seconds=env.int("LOOP_GUARD_COOLDOWN_SECONDS", 30),
-            normalize=env.flag("LOOP_GUARD_NORMALIZE", True),
+            near_duplicate=_near_duplicate_switch(env),
+            near_max_hits=env.int("LOOP_GUARD_NEAR_DUPLICATE_MAX_HITS", 5, minimum=1),
+            near_window_seconds=env.int("LOOP_GUARD_NEAR_DUPLICATE_WINDOW_SECONDS", 120,
+                                        minimum=1),
+            near_cooldown_seconds=env.int("LOOP_GUARD_NEAR_DUPLICATE_COOLDOWN_SECONDS", 60,
+                                          minimum=1),
             max_tool_repeats=env.int("LOOP_GUARD_MAX_TOOL_REPEATS", 5),
             velocity_max_per_minute=env.int("TOKENFUSE_VELOCITY_MAX_PER_MINUTE", 0),
         ),
@@ -285,6 +293,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         secret_file=Path(env.text("TOKENFUSE_SECRET_FILE", str(state_dir / "secret"))),
         log_level=env.text("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
     )
+
+
+def _near_duplicate_switch(env: _Env) -> bool:
+    """LOOP_GUARD_NEAR_DUPLICATE; the removed LOOP_GUARD_NORMALIZE is refused by name (it
+    merged near-duplicates into the exact count: its meaning changed, so no silent map)."""
+    if env.raw("LOOP_GUARD_NORMALIZE").strip():
+        raise ConfigError(
+            "LOOP_GUARD_NORMALIZE was removed: the exact loop guard never normalises; "
+            "near-duplicates (numbers, UUIDs, timestamps, ids) are their own tier, counted "
+            "only when the answer repeats too: set LOOP_GUARD_NEAR_DUPLICATE=1 (default) or "
+            "0, and unset LOOP_GUARD_NORMALIZE")
+    return env.flag("LOOP_GUARD_NEAR_DUPLICATE", True)
 
 
 def local_redis_url(port: int, password_file: Path) -> str:

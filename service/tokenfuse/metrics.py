@@ -79,7 +79,8 @@ REAPER_RUNS = Counter(
 )
 LOOPS = Counter(
     "tokenfuse_loops_detected_total",
-    "Requests refused by the loop guard, by kind (recursive_loop, tool_loop, velocity).",
+    "Requests refused by the loop guard, by kind (recursive_loop, "
+    "near_duplicate_loop, tool_loop, velocity).",
     ["kind"],
     registry=REGISTRY,
 )

@@ -33,6 +33,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import contextvars
 import functools
 import hashlib
 import itertools
@@ -183,14 +184,38 @@ def _check_pieces() -> None:
         for piece in PIECES:
             if count_tokens(piece, name) != 1:
                 raise RuntimeError(f"piece {piece!r} is not exactly one {name} token")
-        for k in range(1, 2 * len(PIECES) + 1):
-            if count_tokens(generate_text(k), name) != k:
-                raise RuntimeError(f"generated text of {k} pieces is not {k} {name} tokens")
+        for seed in (0, *range(1, 40)):
+            token = _ANSWER_SEED.set(seed)
+            for k in range(1, 2 * len(PIECES) + 1):
+                if count_tokens(generate_text(k), name) != k:
+                    raise RuntimeError(f"generated text of {k} pieces does not encode to {k} "
+                                       f"{name} tokens (seed {seed})")
+            _ANSWER_SEED.reset(token)
+
+
+#: The seed of the answer being generated (per request task; 0 = the plain cycle). A real
+#: model answers different inputs differently and, at temperature 0, the same input the
+#: same way (an agent loop gets its answer back): the seed is the request's content, or
+#: ``x-fake-answer-seed`` (the same value, the same answer, whatever the prompt says).
+_ANSWER_SEED: contextvars.ContextVar[int] = contextvars.ContextVar("answer_seed", default=0)
+CONTENT_FIELDS = ("system", "instructions", "messages", "input", "prompt")
+
+
+def answer_seed(body: Mapping[str, Any], headers: Mapping[str, str]) -> int:
+    given = headers.get("x-fake-answer-seed")
+    basis = given if given is not None else _dumps({k: body[k] for k in CONTENT_FIELDS
+                                                   if k in body})
+    return int.from_bytes(hashlib.sha256(basis.encode()).digest()[:8], "big") or 1
 
 
 def generate_pieces(n: int) -> list[str]:
-    """The first ``n`` pieces of the output cycle (one token each)."""
-    return [PIECES[i % len(PIECES)] for i in range(n)]
+    """The ``n`` pieces (one token each) of the answer: the output cycle, or with an answer
+    seed a sequence of pieces drawn by it (every sequence encodes to one token per piece)."""
+    seed = _ANSWER_SEED.get()
+    if not seed:
+        return [PIECES[i % len(PIECES)] for i in range(n)]
+    rng = random.Random(seed)
+    return [PIECES[rng.randrange(len(PIECES))] for _ in range(n)]
 
 
 def generate_text(n: int) -> str:
@@ -827,7 +852,8 @@ class Controls:
       (a ``cache_control`` with ``"ttl": "1h"``), as the real API does;
     - ``x-fake-web-searches``, ``x-fake-search-result-tokens``: Anthropic web search;
     - ``x-fake-output-text``: answer with that real text (``OUTPUT_TEXTS``: English,
-      Russian, Hindi, ...) instead of the one-token piece cycle.
+      Russian, Hindi, ...) instead of the one-token piece cycle;
+    - ``x-fake-answer-seed``: what the answer's text depends on (``answer_seed``).
     """
 
     output_tokens: int | None = None  # None: up to the request's cap, else the default below
@@ -1406,6 +1432,8 @@ class FakeProvider:
         self.key_failures: dict[str, tuple[int, int]] = {}
         #: Visible tokens of an answer when the request does not say (x-fake-output-tokens).
         self.default_output_tokens = DEFAULT_OUTPUT_TOKENS
+        #: Answers depend on the input (``answer_seed``); False: always the output cycle.
+        self.answers_by_input = True
         #: Stored Responses contexts: response id -> tokens it holds (input + output).
         self.contexts: dict[str, int] = {}
         self._billed: list[Usage] = []
@@ -1602,6 +1630,8 @@ class FakeProvider:
             raise _Abort(error_response(provider, 413, "Request exceeds the maximum size"))
         data = self._json(record)
         controls = Controls.from_headers(request.headers, self.default_output_tokens)
+        if self.answers_by_input:
+            _ANSWER_SEED.set(answer_seed(data, request.headers))
         with self._lock:
             contexts = dict(self.contexts)
         try:

@@ -44,3 +44,5 @@ class Exchange:
     response_coding: str | None = None  # the upstream compressed anyway ("" no; None: unknown)
     response_head: bytes = b""  # first response bytes, held until the coding is known
     transcoder: Transcoder | None = None  # decodes/re-encodes such a stream
+    near_fingerprint: str | None = None  # the near-duplicate loop tier's, when it is on
+    answer: str = ""  # fingerprint of a whole (non-streamed) answer, for that tier

@@ -25,7 +25,7 @@ from tokenfuse.extproc.reserving import Reserver
 from tokenfuse.extproc.runtime import Runtime, log
 from tokenfuse.identity import PREFIX_CHARS, VIRTUAL_KEY_PREFIX, key_id
 from tokenfuse.policy import refusals, reservation
-from tokenfuse.policy.loopguard import fingerprint, repeated_tool_call
+from tokenfuse.policy.loopguard import fingerprints, repeated_tool_call
 from tokenfuse.policy.request_body import BodyRejected, parse
 from tokenfuse.policy.request_encoding import EncodingRejected, decode, encodings
 from tokenfuse.pricing import ModelPrice
@@ -229,8 +229,11 @@ class RequestPhase:
         ex.hidden_output = call.hidden_output
         loop = rt.settings.loop
         history = call.messages or call.prompt_parts
-        fp = fingerprint(ex.caller, call.model, history, loop.normalize) \
-            if loop.max_hits > 0 else None
+        fp = None
+        near = loop.near_duplicate and loop.near_max_hits > 0
+        if loop.max_hits > 0 or near:
+            exact, ex.near_fingerprint = fingerprints(ex.caller, call.model, history, near)
+            fp = exact if loop.max_hits > 0 else None
         repeated = repeated_tool_call(history) if loop.max_tool_repeats > 0 else None
         return (body, call, price, reservation.plan(call, price, rt.settings.estimate,
                                                     rt.settings.streams, provider),
@@ -282,16 +285,22 @@ class RequestPhase:
             metrics.LOOPS.labels("velocity").inc()
             return self._rt.send(ex, refusals.velocity(ex.provider, refusal,
                                                        loop.velocity_max_per_minute))
-        metrics.LOOPS.labels("recursive_loop").inc()
-        detail = refusals.loop_detail(refusal, fp, loop.window_seconds, loop.cooldown_seconds)
-        log.info("loop detected caller=%s fingerprint=%s hits=%d", ex.caller[:PREFIX_CHARS],
-                 fp[:12], refusal.hit_count)
-        if refusal.hit_count == loop.max_hits + 1:  # the block starts now
+        if refusal.kind == "near_loop":
+            kind, fp, limit = "near_duplicate_loop", ex.near_fingerprint or "", loop.near_max_hits
+            cooldown, reply = loop.near_cooldown_seconds, refusals.near_loop
+            detail = refusals.near_loop_detail(refusal, fp, loop.near_window_seconds, cooldown)
+        else:
+            kind, limit, cooldown, reply = ("recursive_loop", loop.max_hits,
+                                            loop.cooldown_seconds, refusals.loop)
+            detail = refusals.loop_detail(refusal, fp, loop.window_seconds, cooldown)
+        metrics.LOOPS.labels(kind).inc()
+        log.info("%s detected caller=%s fingerprint=%s hits=%d", kind,
+                 ex.caller[:PREFIX_CHARS], fp[:12], refusal.hit_count)
+        if refusal.hit_count == limit + 1:  # the block starts now
             self._rt.emit(ex, "loop.detected", {
-                "kind": "recursive_loop", "fingerprint": detail["fingerprint"],
-                "hit_count": refusal.hit_count, "model": model,
-                "cooldown_seconds": loop.cooldown_seconds})
-        return self._rt.send(ex, refusals.loop(ex.provider, refusal, detail))
+                "kind": kind, "fingerprint": detail["fingerprint"],
+                "hit_count": refusal.hit_count, "model": model, "cooldown_seconds": cooldown})
+        return self._rt.send(ex, reply(ex.provider, refusal, detail))
 
     def _refuse_budget(self, ex: Exchange, refusal: Refusal,
                        estimate: int) -> pb.ProcessingResponse:

@@ -27,7 +27,8 @@ class Reserver:
         is released: a request that was never forwarded is never charged."""
         rt = self._rt
         task = asyncio.ensure_future(rt.store.reserve(
-            ex.caller, ex.request_id, plan.desired_nano, plan.minimum_nano, fp))
+            ex.caller, ex.request_id, plan.desired_nano, plan.minimum_nano, fp,
+            ex.near_fingerprint))
         try:
             async with asyncio.timeout(rt.redis_timeout):
                 return await asyncio.shield(task)

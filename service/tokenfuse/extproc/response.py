@@ -26,6 +26,7 @@ from tokenfuse.extproc.settlement import Settlement, may_be_success
 from tokenfuse.metering.response_coding import CorruptBody, Transcoder, decode_whole, sniff
 from tokenfuse.metering.stream import StreamMeter
 from tokenfuse.policy import refusals, reservation
+from tokenfuse.policy.loopguard import answer_fingerprint
 from tokenfuse.state.connection import REDIS_FAILURES
 from tokenfuse.state.results import Refusal
 
@@ -117,6 +118,8 @@ class ResponsePhase:
             return
         if isinstance(payload, dict):
             ex.usage = ex.provider.usage(payload)
+            if ex.near_fingerprint is not None:
+                ex.answer = answer_fingerprint(ex.provider.response_output(payload))
 
     async def _meter_stream(self, ex: Exchange, meter: StreamMeter, body: bytes,
                             end: bool) -> list[pb.ProcessingResponse]:

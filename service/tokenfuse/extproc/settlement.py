@@ -59,7 +59,9 @@ class Settlement:
     async def _settle_usage(self, ex: Exchange, usage: TokenUsage) -> None:
         assert ex.price is not None
         actual = cost_nano(ex.price, usage)
-        if await self._settle(ex, actual, "usage"):
+        # A completed answer: the near-duplicate loop tier records what it said.
+        answer = ex.meter.answer_fingerprint if ex.meter is not None else ex.answer
+        if await self._settle(ex, actual, "usage", answer):
             model = ex.price.model
             metrics.SPEND_NANO.labels(ex.provider_name, model).inc(actual)
             for kind in ("input", "output", "cache_read", "cache_write"):
@@ -67,14 +69,16 @@ class Settlement:
                 if count:
                     metrics.TOKENS.labels(ex.provider_name, model, kind).inc(count)
 
-    async def _settle(self, ex: Exchange, actual_nano: int, basis: str) -> bool:
+    async def _settle(self, ex: Exchange, actual_nano: int, basis: str,
+                      answer: str = "") -> bool:
         rt = self._rt
         ex.open_reservation = False
         if ex.pool_key and 200 <= ex.status < 300:
             await self._credit_pool_key(ex, actual_nano)
         try:
             async with asyncio.timeout(rt.redis_timeout * 4):
-                await rt.store.settle(ex.caller, ex.request_id, actual_nano)
+                await rt.store.settle(ex.caller, ex.request_id, actual_nano,
+                                      ex.near_fingerprint, answer)
         except REDIS_FAILURES as exc:
             # The reservation stays counted against the budget: the wallet is protected.
             metrics.REDIS_ERRORS.labels("settle").inc()

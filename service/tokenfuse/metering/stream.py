@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from tokenfuse.metering.tokens import count_text
+from tokenfuse.policy.loopguard import answer_digest
 from tokenfuse.pricing import TokenUsage
 from tokenfuse.providers import PROVIDERS
 from tokenfuse.providers.base import DEFAULT_TOKENIZER, Tokenizer
@@ -47,6 +48,13 @@ class StreamMeter:
         self._pending_start = 0  # absolute offset of self._pending[0]
         self._last_end = 0
         self.malformed_events = 0
+        self._answer = answer_digest()  # the generated text so far (the loop guard's)
+        self._answered = False
+
+    @property
+    def answer_fingerprint(self) -> str:
+        """Fingerprint of the text generated so far ("" before any)."""
+        return self._answer.hexdigest() if self._answered else ""
 
     def feed(self, chunk: bytes, end_of_stream: bool = False) -> list[MeteredEvent]:
         """Take one chunk; return the events it completed, in order."""
@@ -94,9 +102,11 @@ class StreamMeter:
         if not isinstance(payload, dict):
             return MeteredEvent(start, event.end, 0, None, False)
         encoding = self._tokenizer.encoding
-        raw = sum(max(1, count_text(t, encoding)) for t in
-                  self._provider.stream_output(event.event, payload) if t)
-        tokens = self._scaled(raw)
+        texts = [t for t in self._provider.stream_output(event.event, payload) if t]
+        for text in texts:
+            self._answer.update(text.encode())
+            self._answered = True
+        tokens = self._scaled(sum(max(1, count_text(t, encoding)) for t in texts))
         usage = self._provider.usage(payload) if "usage" in data else None
         hidden = self._hide_usage_chunk and self._provider.is_usage_only_chunk(payload)
         return MeteredEvent(start, event.end, tokens, usage, hidden, final)

@@ -1,13 +1,18 @@
-"""Recursive-loop detection: request fingerprints and tool-call repetition.
+"""Recursive-loop detection: request fingerprints, answer fingerprints and tool-call
+repetition.
 
-Fingerprint = SHA-256 over the caller's key-id prefix, the model and the contents of the
-last 3 messages, lower-cased and whitespace-collapsed. With normalisation on (default),
-volatile tokens are replaced first, so prompts that differ only in counters, timestamps,
-UUIDs, request ids or retry numbers ("attempt 3 of 5") are the same loop.
+Two tiers, each with its own fingerprint:
 
-The counting (true sliding window, cooldown) happens in Redis, inside the same Lua call
-as the budget decision (lua/reserve.lua). Tool-call loops need no state: the request's
-own history shows the repetition.
+- exact: SHA-256 over the caller's key-id prefix, the model and the contents of the last
+  3 messages, lower-cased and whitespace-collapsed (nothing else is normalised);
+- near-duplicate: the same, after volatile tokens are replaced, so prompts that differ only
+  in counters, timestamps, UUIDs, request ids or retry numbers ("attempt 3 of 5") share
+  it. Templated batches share it too, so this tier counts a request only when its answer
+  repeated as well (`answer_fingerprint`, recorded at settlement).
+
+The counting (sliding windows, cooldowns, the answer streak) happens in Redis, inside the
+Lua calls that reserve and settle (lua/reserve.lua, lua/settle.lua). Tool-call loops need
+no state: the request's own history shows the repetition.
 """
 
 from __future__ import annotations
@@ -66,23 +71,71 @@ def _message_text(message: Any) -> str:
 VOLATILE_MAX_CHARS = 20_000
 
 
-def normalise(text: str, volatile: bool) -> str:
+def normalise(text: str) -> str:
+    """Lower-cased, whitespace runs collapsed to one space, trimmed (the exact tier)."""
     if len(text) > VOLATILE_MAX_CHARS:
         return text
-    text = text.lower()
-    if volatile:
-        for pattern in _VOLATILE:
-            text = pattern.sub("#", text)
-    return _WHITESPACE.sub(" ", text).strip()
+    return _WHITESPACE.sub(" ", text.lower()).strip()
 
 
-def fingerprint(caller: str, model: str, messages: list[Any], volatile: bool) -> str:
-    """Hex SHA-256 identifying 'the same request' for loop detection."""
-    digest = hashlib.sha256()
+def without_volatile(normalised: str) -> str:
+    """A normalised text with numbers, UUIDs, timestamps and ids replaced by `#`."""
+    if len(normalised) > VOLATILE_MAX_CHARS:
+        return normalised
+    for pattern in _VOLATILE:
+        normalised = pattern.sub("#", normalised)
+    return normalised
+
+
+def _digest(caller: str, model: str, texts: list[str], tier: bytes) -> str:
+    digest = hashlib.sha256(tier)
     digest.update(caller[:PREFIX_CHARS].encode())
     digest.update(b"\0" + model.encode())
-    for message in messages[-LAST_MESSAGES:]:
-        digest.update(b"\0" + normalise(_message_text(message), volatile).encode())
+    for text in texts:
+        digest.update(b"\0" + text.encode())
+    return digest.hexdigest()
+
+
+def fingerprints(caller: str, model: str, messages: list[Any],
+                 near_duplicates: bool = True) -> tuple[str, str | None]:
+    """(exact fingerprint, near-duplicate fingerprint or None): hex SHA-256s identifying
+    'the same request' and 'the same request but for its volatile tokens'."""
+    texts = [normalise(_message_text(m)) for m in messages[-LAST_MESSAGES:]]
+    exact = _digest(caller, model, texts, b"")
+    if not near_duplicates:
+        return exact, None
+    return exact, _digest(caller, model, [without_volatile(t) for t in texts], b"near\0")
+
+
+def fingerprint(caller: str, model: str, messages: list[Any]) -> str:
+    """The exact tier's fingerprint (the documented one)."""
+    return fingerprints(caller, model, messages, near_duplicates=False)[0]
+
+
+def near_duplicate_fingerprint(caller: str, model: str, messages: list[Any]) -> str:
+    near = fingerprints(caller, model, messages)[1]
+    assert near is not None
+    return near
+
+
+#: Answer fingerprints: 64 bits of BLAKE2b over the answer's generated text, in order (the
+#: same bytes whether the answer came whole or as stream deltas).
+ANSWER_DIGEST_BYTES = 8
+
+
+def answer_digest() -> Any:
+    """An incremental answer fingerprint: `update(text.encode())`, then `hexdigest()`."""
+    return hashlib.blake2b(digest_size=ANSWER_DIGEST_BYTES)
+
+
+def answer_fingerprint(texts: list[str]) -> str:
+    """The fingerprint of an answer given whole (its text pieces, in order); "" for an
+    answer without generated text (nothing to compare)."""
+    if not any(texts):
+        return ""
+    digest = answer_digest()
+    for text in texts:
+        digest.update(text.encode())
     return digest.hexdigest()
 
 

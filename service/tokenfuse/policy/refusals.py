@@ -120,6 +120,22 @@ def loop(provider: Provider, refusal: LoopRefusal, detail: dict[str, Any]) -> Re
                          retry_after_seconds(refusal))
 
 
+def near_loop_detail(refusal: LoopRefusal, fingerprint: str, window_seconds: int,
+                     cooldown_seconds: int) -> dict[str, Any]:
+    message = (f"Blocked: near-identical request sent {refusal.hit_count} times in "
+               f"{window_seconds} seconds, answered identically each time (the prompts differ "
+               "only in numbers, ids or timestamps). This usually indicates an agent loop "
+               "that is not making progress.")
+    return {"error": "near_duplicate_loop_detected", "message": message,
+            "fingerprint": fingerprint[:12] + "...", "hit_count": refusal.hit_count,
+            "cooldown_seconds": cooldown_seconds}
+
+
+def near_loop(provider: Provider, refusal: LoopRefusal, detail: dict[str, Any]) -> Reply:
+    return _rate_limited(provider, "near_duplicate_loop_detected", detail["message"], detail,
+                         retry_after_seconds(refusal))
+
+
 def cut_event(provider: Provider, refusal: Refusal, delivered_tokens: int) -> bytes:
     """The provider-native in-stream error that ends a stream tokenfuse cuts."""
     if refusal.reason == "killed":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -195,6 +196,19 @@ class Anthropic(ProviderBase):
             return []
         return [v for k in ("text", "partial_json", "thinking")
                 if isinstance(v := delta.get(k), str)]
+
+    def response_output(self, payload: dict[str, Any]) -> list[str]:
+        """`text` blocks and `tool_use` blocks (name, input as JSON) of a message."""
+        out: list[str] = []
+        for block in as_list(payload.get("content")):
+            if not isinstance(block, dict):
+                continue
+            if isinstance(block.get("text"), str):
+                out.append(block["text"])
+            elif block.get("type") == "tool_use":
+                out += [str(block.get("name")),
+                        json.dumps(block.get("input"), separators=(",", ":"))]
+        return out
 
     def is_final_event(self, event: str, data: str) -> bool:
         return event == "message_stop"

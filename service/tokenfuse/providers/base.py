@@ -162,6 +162,11 @@ class Provider(Protocol):
 
     def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]: ...
 
+    def response_output(self, payload: dict[str, Any]) -> list[str]:
+        """Generated text of a whole (non-streamed) response, in order: what the client
+        sees (text, refusals, tool calls with their arguments), for the loop guard."""
+        ...
+
     def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool: ...
 
     def is_final_event(self, event: str, data: str) -> bool: ...
@@ -236,6 +241,9 @@ class ProviderBase:
 
     def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool:
         return False
+
+    def response_output(self, payload: dict[str, Any]) -> list[str]:
+        return []
 
     def error_type(self, kind: ErrorKind) -> str:
         return self.error_types[kind]

@@ -170,6 +170,30 @@ class OpenAI(ProviderBase):
                 out.append(delta)
         return out
 
+    def response_output(self, payload: dict[str, Any]) -> list[str]:
+        """Chat `message` content, refusal and tool calls; completions `text`; Responses
+        `output` items (message text, function calls)."""
+        out: list[str] = []
+        for choice in as_list(payload.get("choices")):
+            if not isinstance(choice, dict):
+                continue
+            message = choice.get("message")
+            parts = [choice.get("text")]
+            if isinstance(message, dict):
+                parts += [message.get("content"), message.get("refusal")]
+                for name, arguments in self.tool_calls(message):
+                    parts += [name, arguments]
+            out += [p for p in parts if isinstance(p, str)]
+        for item in as_list(payload.get("output")):
+            if not isinstance(item, dict):
+                continue
+            for part in as_list(item.get("content")):
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    out.append(part["text"])
+            out += [v for name, args in self.tool_calls(item) for v in (name, args)
+                    if isinstance(v, str)]
+        return out
+
     def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool:
         return payload.get("choices") == [] and isinstance(payload.get("usage"), dict)
 

@@ -11,12 +11,14 @@ import redis.asyncio as aioredis
 from tokenfuse.state import scripts
 from tokenfuse.state.connection import async_client, decisions_client, text
 from tokenfuse.state.keys import (
+    NO_FINGERPRINT,
     RESERVATIONS_PATTERN,
     caller_keys,
     caller_prefix,
     limits_key,
     prefix_of_reservations,
     reservations_key,
+    settle_keys,
 )
 from tokenfuse.state.redis_pipe import PipelinedRedis
 from tokenfuse.state.results import LoopRefusal, Refusal, Reservation
@@ -26,17 +28,23 @@ __all__ = ["BudgetStore", "GuardPolicy", "LoopRefusal", "Refusal", "Reservation"
 
 @dataclass(frozen=True)
 class GuardPolicy:
-    """Loop guard, velocity breaker and alert threshold, passed to reserve.lua."""
+    """Loop guard tiers, velocity breaker and alert threshold, passed to reserve.lua (and
+    the near-duplicate window to settle.lua)."""
 
-    loop_max_hits: int = 0  # 0 = loop guard off
+    loop_max_hits: int = 0  # exact tier; 0 = off
     loop_window_ms: int = 60_000
     loop_cooldown_ms: int = 30_000
+    near_max_hits: int = 0  # near-duplicate tier (identical answers in a row); 0 = off
+    near_window_ms: int = 120_000
+    near_cooldown_ms: int = 60_000
     velocity_max_per_minute: int = 0  # 0 = off
     threshold_percent: int = 0  # 0 = no threshold alerts
 
     def args(self) -> dict[str, int]:
         return {"loop_max_hits": self.loop_max_hits, "loop_window_ms": self.loop_window_ms,
                 "loop_cooldown_ms": self.loop_cooldown_ms,
+                "near_max_hits": self.near_max_hits, "near_window_ms": self.near_window_ms,
+                "near_cooldown_ms": self.near_cooldown_ms,
                 "velocity_max": self.velocity_max_per_minute,
                 "threshold_percent": self.threshold_percent}
 
@@ -50,9 +58,13 @@ class BudgetStore:
         self._redis = client
         self._decisions = decisions
         self._defaults = scripts.default_limits(default_limits)
-        policy_args = (policy or GuardPolicy()).args()
-        self._guarded = {**self._defaults, **policy_args}
-        self._unguarded = {**self._guarded, "loop_max_hits": 0}
+        self._policy = policy or GuardPolicy()
+        guarded = {**self._defaults, **self._policy.args()}
+        # By which tiers apply to a call: (exact fingerprint given, near fingerprint given).
+        self._tiers = {(exact, near): {**guarded,
+                                       **({} if exact else {"loop_max_hits": 0}),
+                                       **({} if near else {"near_max_hits": 0})}
+                       for exact in (False, True) for near in (False, True)}
         self._reserve = scripts.load("reserve")
         self._settle = scripts.load("settle")
         self._extend = scripts.load("extend")
@@ -76,20 +88,23 @@ class BudgetStore:
 
     async def reserve(self, caller: str, rid: str, desired_nano: int,
                       minimum_nano: int | None = None,
-                      fingerprint: str | None = None) -> Reservation | Refusal | LoopRefusal:
-        """Loop guard, velocity and budget in one call; reserve between `minimum`
-        (default: all) and `desired` in every window, or say why not."""
+                      fingerprint: str | None = None, near_fingerprint: str | None = None
+                      ) -> Reservation | Refusal | LoopRefusal:
+        """Loop guard tiers, velocity and budget in one call; reserve between `minimum`
+        (default: all) and `desired` in every window, or say why not. A tier whose
+        fingerprint is None is not checked."""
         minimum = desired_nano if minimum_nano is None else minimum_nano
-        fixed = self._guarded if fingerprint else self._unguarded
+        fixed = self._tiers[bool(fingerprint), bool(near_fingerprint)]
         keys, args = self._reserve.bind(
-            caller_keys(caller, fingerprint or "-"),
+            caller_keys(caller, fingerprint or NO_FINGERPRINT,
+                        near_fingerprint or NO_FINGERPRINT),
             {**fixed, "prefix": caller_prefix(caller), "rid": rid, "desired": desired_nano,
              "minimum": minimum})
         result: list[Any] = await self._decisions.evalsha(self._reserve, keys, args)
         if int(result[0]) == 1:
             crossed = text(result[3])
             return Reservation(int(result[1]), tuple(crossed.split(",")) if crossed else ())
-        if text(result[1]) in ("loop", "velocity"):
+        if text(result[1]) in ("loop", "near_loop", "velocity"):
             return LoopRefusal(text(result[1]), int(result[2]), int(result[3]))
         return refusal_of(result)
 
@@ -105,11 +120,17 @@ class BudgetStore:
             return int(result[1])
         return refusal_of(result)
 
-    async def settle(self, caller: str, rid: str, actual_nano: int) -> bool:
-        """Replace a reservation by the actual cost. False when it was already settled."""
+    async def settle(self, caller: str, rid: str, actual_nano: int,
+                     near_fingerprint: str | None = None, answer: str = "") -> bool:
+        """Replace a reservation by the actual cost. False when it was already settled.
+        With a near-duplicate fingerprint and the answer's fingerprint, the same call
+        records the answer for the near-duplicate loop tier."""
+        if not (near_fingerprint and answer and self._policy.near_max_hits):
+            near_fingerprint, answer = NO_FINGERPRINT, ""
         keys, args = self._settle.bind(
-            {"reservations": reservations_key(caller)},
-            {"prefix": caller_prefix(caller), "rid": rid, "actual": actual_nano})
+            settle_keys(caller, near_fingerprint),
+            {"prefix": caller_prefix(caller), "rid": rid, "actual": actual_nano,
+             "answer": answer, "near_window_ms": self._policy.near_window_ms})
         result = await self._decisions.evalsha(self._settle, keys, args)
         return int(result[0]) == 1
 

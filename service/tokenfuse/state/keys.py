@@ -10,6 +10,9 @@ Lua scripts get the prefix as an argument and the suffixes below through the pre
     tf:{<id>}:rs         open reservations: rid -> "amount|touched_ms|window ids"
     tf:{<id>}:lp:<fp>    loop guard: ZSET of forwarded requests with this fingerprint
     tf:{<id>}:lc:<fp>    loop guard: cooldown after a block (hit count, PX = cooldown)
+    tf:{<id>}:nd:<nfp>   near-duplicate tier: ZSET "<answer fp>|<rid>" of the settled calls
+                         of the current streak of identical answers (score = ms, PX = window)
+    tf:{<id>}:nc:<nfp>   near-duplicate tier: cooldown after a block (hit count, PX)
     tf:{<id>}:vel        velocity breaker: ZSET of forwarded requests, last minute
     tf:{<id>}:wt:<w>     threshold alert sent for window w (expires with it)
     tf:{<id>}:wx:<w>     budget.exceeded alert sent for window w (expires with it)
@@ -30,6 +33,8 @@ CALLER = {
     "window": ":u:",
     "loop_hits": ":lp:",
     "loop_cooldown": ":lc:",
+    "near_hits": ":nd:",
+    "near_cooldown": ":nc:",
     "velocity": ":vel",
     "threshold_mark": ":wt:",
     "exceeded_mark": ":wx:",
@@ -64,7 +69,11 @@ def prefix_of_reservations(key: str) -> str:
     return key.removesuffix(CALLER["reservations"])
 
 
-def caller_keys(caller: str, fingerprint: str) -> dict[str, str]:
+#: Stands for a fingerprint when a tier is off for a call (its keys are then not touched).
+NO_FINGERPRINT = "-"
+
+
+def caller_keys(caller: str, fingerprint: str, near_fingerprint: str) -> dict[str, str]:
     """Every key the pre-call decision touches (reserve.lua's KEYS)."""
     prefix = caller_prefix(caller)
     return {
@@ -72,7 +81,19 @@ def caller_keys(caller: str, fingerprint: str) -> dict[str, str]:
         "reservations": prefix + CALLER["reservations"],
         "loop_hits": prefix + CALLER["loop_hits"] + fingerprint,
         "loop_cooldown": prefix + CALLER["loop_cooldown"] + fingerprint,
+        "near_hits": prefix + CALLER["near_hits"] + near_fingerprint,
+        "near_cooldown": prefix + CALLER["near_cooldown"] + near_fingerprint,
         "velocity": prefix + CALLER["velocity"],
+    }
+
+
+def settle_keys(caller: str, near_fingerprint: str) -> dict[str, str]:
+    """Every key settlement touches (settle.lua's KEYS): the reservation and the
+    near-duplicate tier's answer streak."""
+    prefix = caller_prefix(caller)
+    return {
+        "reservations": prefix + CALLER["reservations"],
+        "near_hits": prefix + CALLER["near_hits"] + near_fingerprint,
     }
 
 

@@ -17,7 +17,7 @@ class Refusal:
 
 @dataclass(frozen=True)
 class LoopRefusal:
-    kind: str  # loop | velocity
+    kind: str  # loop | near_loop | velocity
     hit_count: int
     retry_after_ms: int
 
