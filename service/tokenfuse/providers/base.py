@@ -2,6 +2,8 @@
 
 A provider module implements `Provider` and is listed once in `tokenfuse.providers`
 (the registry). Nothing outside this package names a provider or one of its headers.
+(The interface, its shared values and the common base in one place, so a new provider is
+written against one file; hence its length.)
 """
 
 from __future__ import annotations
