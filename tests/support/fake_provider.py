@@ -2117,9 +2117,12 @@ class FakeProvider:
                 sent += tokens
                 billed += tokens
                 record.output_tokens_sent = sent
-            if encoder.coding:
-                await resp.write(encoder.finish())
-            await resp.write_eof()
+            try:
+                if encoder.coding:  # the coding's trailer: every event is out already
+                    await resp.write(encoder.finish())
+                await resp.write_eof()
+            except ConnectionError:
+                pass  # the client had its last event and hung up: the call is complete
         except (ConnectionError, asyncio.CancelledError) as exc:
             record.output_tokens_sent = sent
             if isinstance(exc, asyncio.CancelledError):
