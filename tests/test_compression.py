@@ -328,3 +328,19 @@ def test_stream_encoder_flushes_every_event() -> None:
     decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
     for event in (b"event: a\ndata: {}\n\n", b"event: b\ndata: {}\n\n"):
         assert decoder.decompress(encoder.encode(event)) == event
+
+
+def test_official_sdks_get_compressed_answers_by_default(stack: Stack, fake: FakeProvider,
+                                                         api_key: str) -> None:
+    """The SDKs' own accept-encoding: every call of this suite through Envoy is answered
+    compressed, and settles exactly."""
+    raw = openai_client(stack, api_key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["content-encoding"] in CODINGS
+    assert raw.parse().usage is not None
+    with anthropic_client(stack, api_key).messages.with_streaming_response.create(
+            model=HAIKU, max_tokens=40, stream=True,
+            messages=[{"role": "user", "content": "hi"}]) as streamed:
+        assert streamed.headers["content-encoding"] in CODINGS
+        assert b"message_stop" in b"".join(streamed.iter_bytes())
+    settled_exactly(stack, fake, api_key, 2)
