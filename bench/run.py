@@ -226,6 +226,9 @@ def report(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append((f"streaming{label}: added per chunk",
                      f"p50 +{chunk50:.3f} ms, p99 +{chunk99:.3f} ms", "",
                      f"p50 <= 0.5 ms: {_mark(chunk50 <= 0.5)}"))
+        if mode == "plain" and st["tokenfuse"].get("refused_streams"):
+            rows.append(("streaming, all modes: streams refused 503 (state store late)",
+                         f"{st['tokenfuse']['refused_streams']:.0f}", "", ""))
         rows.append((f"streaming{label} chunks/s (Envoy alone | tokenfuse)",
                      f"{st['envoy_alone']['chunks_per_s']:,.0f} | "
                      f"{st['tokenfuse']['chunks_per_s']:,.0f}",

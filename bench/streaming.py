@@ -45,6 +45,10 @@ MODE_HEADERS = {"plain": b"", "client_gzip": b"accept-encoding: gzip\r\n",
                 "upstream_gzip": b"accept-encoding: gzip\r\nx-compress: gzip\r\n"}
 
 
+#: Streams answered 503 (per path) in this run.
+REFUSED: dict[str, int] = {}
+
+
 class Dechunker:
     """HTTP/1.1 chunked framing removed from a byte stream, as it arrives."""
 
@@ -75,6 +79,10 @@ async def one_stream(port: int, path: str, events: int, interval_us: int,
                  % (path.encode(), events, MODE_HEADERS[mode], interval_us, len(body)) + body)
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
+    if b" 503 " in head.split(b"\r\n")[0]:
+        writer.close()  # fail-closed under overload (state store late): counted, not fatal
+        REFUSED[path] = REFUSED.get(path, 0) + 1
+        return 0
     if b" 200 " not in head.split(b"\r\n")[0]:
         head += await reader.read(2000)
         writer.close()
@@ -136,7 +144,11 @@ def run(port: int, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
             for name, path in paths.items():
                 lat[mode][name] += asyncio.run(latency_run(port, path, mode))
                 rate[mode][name].append(asyncio.run(throughput_run(port, path, mode)))
-    return {m: {n: {"p50_ms": pct(lat[m][n], 50), "p99_ms": pct(lat[m][n], 99),
-                    "chunks_per_s": statistics.median(rate[m][n]),
-                    "samples": len(lat[m][n])} for n in paths}
-            for m in MODES}
+    results: dict[str, dict[str, dict[str, float]]] = {
+        m: {n: {"p50_ms": pct(lat[m][n], 50), "p99_ms": pct(lat[m][n], 99),
+                "chunks_per_s": statistics.median(rate[m][n]),
+                "samples": len(lat[m][n])} for n in paths}
+        for m in MODES}
+    for name, path in paths.items():
+        results["plain"][name]["refused_streams"] = REFUSED.get(path, 0)
+    return results
