@@ -13,13 +13,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import anthropic
+import brotli
+import httpx
 import openai
 import pytest
+import zstandard
 
 from tests.conftest import anthropic_client, openai_client
 from tests.support.harness import Stack, wait_until
@@ -253,6 +257,24 @@ def test_recorded_response_is_billed_exactly(replay_stack: Stack, upstream: Repl
     assert window["spent_nano_usd"] == bill.nano(price), (bill, window)
 
 
+def test_usage_chunk_tokenfuse_asked_for_is_hidden(replay_stack: Stack,
+                                                   upstream: ReplayUpstream,
+                                                   api_key: str) -> None:
+    """A client that did not ask for stream usage: tokenfuse asks, and removes the real
+    usage-only chunk (`choices: []` after chunks that all carry `"usage": null`) from
+    what the client sees, billing it all the same."""
+    rec = load("openai_chat_stream_usage")
+    body = {k: v for k, v in request_of(rec).items() if k != "stream_options"}
+    chunks = list(openai_client(replay_stack, api_key).chat.completions.create(
+        **body, extra_headers={"x-replay": rec.name}))
+    assert chunks and all(c.choices and c.usage is None for c in chunks)
+    assert upstream.for_fixture(rec.name)[-1].json()["stream_options"] == {
+        "include_usage": True}
+    price = PRICES.lookup(model_for(rec))
+    assert price is not None
+    assert day(replay_stack, api_key)["spent_nano_usd"] == recorded_bill(rec).nano(price)
+
+
 # ---------------------------------------------------------------------------------- cuts
 def estimate_of(stack: Stack, key: str, rec: Recording) -> int:
     """tokenfuse's estimate for the recorded request (input + the output it reserves
@@ -326,10 +348,21 @@ def _find(doc: Any, key: str) -> int:
     raise KeyError(key)
 
 
-@pytest.mark.parametrize("name", ["anthropic_stream_gzip_tool_search",
-                                  "anthropic_stream_cache_write"])
+def usd(nano: int) -> str:
+    return f"{nano // 10**9}.{nano % 10**9:09d}"
+
+
+CUT_CASES = [("anthropic_stream_gzip_tool_search", "recorded"),
+             ("anthropic_stream_cache_write", "recorded"),
+             ("anthropic_stream_cache_write", "gzip"),
+             ("openai_chat_stream_cached", "recorded"),
+             ("openai_chat_stream_cached", "gzip")]
+
+
+@pytest.mark.parametrize(("name", "upstream_coding"), CUT_CASES)
 def test_recorded_stream_is_cut_at_the_budget(replay_stack: Stack, upstream: ReplayUpstream,
-                                              api_key: str, name: str) -> None:
+                                              api_key: str, name: str,
+                                              upstream_coding: str) -> None:
     """A budget worth the input and a few output tokens beyond the grace: the SDK raises
     mid-stream, the upstream is disconnected, and the spend stays within the budget."""
     rec = load(name)
@@ -338,9 +371,12 @@ def test_recorded_stream_is_cut_at_the_budget(replay_stack: Stack, upstream: Rep
     budget = input_nano_of(replay_stack, api_key, rec) + cost_nano(
         price, TokenUsage(output=GRACE + 6))
     assert replay_stack.cli("budget", "set", "--key", api_key, "--daily",
-                            f"{budget / 1e9:.9f}").returncode == 0
-    with pytest.raises(anthropic.APIStatusError) as raised:
-        call_sdk(replay_stack, api_key, rec, {"x-replay": name, "x-replay-delay-ms": "20"})
+                            usd(budget)).returncode == 0
+    headers = {"x-replay": name, "x-replay-delay-ms": "20"}
+    if upstream_coding == "gzip":
+        headers["x-replay-gzip"] = "1"
+    with pytest.raises((anthropic.APIStatusError, openai.APIError)) as raised:
+        call_sdk(replay_stack, api_key, rec, headers)
     assert "budget exhausted" in str(raised.value)
     seen = upstream.for_fixture(name)[-1]
     wait_until(lambda: seen.disconnected or seen.completed, what="the upstream's end")
@@ -349,8 +385,8 @@ def test_recorded_stream_is_cut_at_the_budget(replay_stack: Stack, upstream: Rep
                what="the cut stream's settlement")
     window = day(replay_stack, api_key)
     assert 0 < window["spent_nano_usd"] <= budget
-    print(f"\n{name}: {seen.pieces_sent} of {seen.pieces_total} pieces sent, spent "
-          f"{window['spent_nano_usd']} of {budget}", end=" ")
+    print(f"\n{name}-{upstream_coding}: {seen.pieces_sent} of {seen.pieces_total} pieces "
+          f"sent, spent {window['spent_nano_usd']} of {budget}", end=" ")
 
 
 def test_unknown_fixture_is_an_upstream_404(replay_stack: Stack, api_key: str) -> None:
@@ -361,3 +397,49 @@ def test_unknown_fixture_is_an_upstream_404(replay_stack: Stack, api_key: str) -
             model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
             extra_headers={"x-replay": "no-such-recording"})
     assert day(replay_stack, api_key)["spent_nano_usd"] == 0
+
+
+# ------------------------------------------------------------------ bytes to the client
+def decode(raw: bytes, coding: str) -> bytes:
+    if coding == "gzip":
+        return zlib.decompress(raw, 16 + zlib.MAX_WBITS)
+    if coding == "br":
+        return brotli.decompress(raw)
+    if coding == "zstd":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    assert coding in ("", "identity"), coding
+    return raw
+
+
+def raw_post(stack: Stack, key: str, rec: Recording, accept: str) -> tuple[str, bytes]:
+    """POST the recorded request as it was sent; (content-encoding, raw body bytes)."""
+    uri = rec.meta["request"]["uri"]
+    if rec.meta["provider"] == "anthropic":
+        path = "/anthropic" + uri.split("api.anthropic.com", 1)[1]
+        auth = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    else:
+        path = "/openai" + uri.split("api.openai.com", 1)[1]
+        auth = {"authorization": f"Bearer {key}"}
+    with httpx.stream("POST", stack.envoy.base_url + path, json=request_of(rec), timeout=30,
+                      headers={**auth, "accept-encoding": accept,
+                               "x-replay": rec.name}) as response:
+        assert response.status_code == 200
+        return response.headers.get("content-encoding", ""), b"".join(response.iter_raw())
+
+
+@pytest.mark.parametrize("accept", ["gzip", "br", "identity"])
+@pytest.mark.parametrize("name", names())
+def test_recorded_bytes_reach_the_client_unchanged(replay_stack: Stack, api_key: str,
+                                                   name: str, accept: str) -> None:
+    """Whatever the provider's coding and the client's, the client's `content-encoding`
+    is true of its bytes and they decode to the recorded body, unaltered by metering."""
+    rec = load(name)
+    coding, raw = raw_post(replay_stack, api_key, rec, accept)
+    if rec.coding:
+        # Compressed although tokenfuse asked for identity: re-encoded in the provider's
+        # coding (README, "Compression"), whatever the client accepts.
+        assert coding == rec.coding
+    else:
+        assert coding == ("" if accept == "identity" else accept)
+    assert decode(raw, coding) == rec.decoded
+    assert day(replay_stack, api_key)["reserved_nano_usd"] == 0
