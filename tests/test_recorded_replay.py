@@ -257,6 +257,38 @@ def test_recorded_response_is_billed_exactly(replay_stack: Stack, upstream: Repl
     assert window["spent_nano_usd"] == bill.nano(price), (bill, window)
 
 
+def settlements(stack: Stack) -> dict[str, float]:
+    """tokenfuse_settlements_total by basis, from the processor's metrics."""
+    out: dict[str, float] = {}
+    for line in stack.processor.metrics().splitlines():
+        if line.startswith("tokenfuse_settlements_total{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('basis="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
+
+
+#: 100 gpt-4o deltas that cl100k counts as 102 (o200k: 100, the bill): a count above the
+#: usage makes settlement ignore the usage (issue 12, "The wrong tokenizer"). The bill comes
+#: out right only because the count is capped at max_tokens (100).
+OVER_COUNTED = pytest.mark.xfail(
+    strict=True, reason="gpt-4o stream counted with cl100k: 102 > 100 billed, settled "
+                        "from the count instead of the usage")
+STREAMS = [pytest.param(n, marks=[OVER_COUNTED]) if n == "openai_chat_stream_cached"
+           else n for n in names() if load(n).is_stream]
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_completed_recorded_stream_settles_to_its_usage(replay_stack: Stack,
+                                                        api_key: str, name: str) -> None:
+    """A recorded stream that reached its end is settled to its usage, not to a count."""
+    before = settlements(replay_stack)
+    call_sdk(replay_stack, api_key, load(name), {"x-replay": name})
+    after = settlements(replay_stack)
+    grew = {basis: after[basis] - before.get(basis, 0) for basis in after
+            if after[basis] != before.get(basis, 0)}
+    assert grew == {"usage": 1}
+
+
 def test_usage_chunk_tokenfuse_asked_for_is_hidden(replay_stack: Stack,
                                                    upstream: ReplayUpstream,
                                                    api_key: str) -> None:
