@@ -31,6 +31,7 @@ from tests.support.replay_upstream import Recording, ReplayUpstream, load, names
 from tokenfuse.pricing import ModelPrice, PriceTable, TokenUsage, cost_nano
 
 PRICES = PriceTable.load()
+RESPONSES_ENDS = ("response.completed", "response.incomplete")
 GRACE = 32  # TOKENFUSE_STREAM_GRACE_TOKENS default
 #: Anthropic web search: $10 per 1,000 searches (docs.anthropic.com, web search tool pricing).
 WEB_SEARCH_NANO = 10_000_000
@@ -97,7 +98,7 @@ def recorded_bill(rec: Recording) -> Bill:
                 usage.update({k: v for k, v in event["usage"].items() if v is not None})
         return anthropic_bill(usage)
     if rec.meta["request"]["uri"].endswith("/responses"):
-        done = [json.loads(d) for n, d in sse_events(raw) if n == "response.completed"]
+        done = [json.loads(d) for n, d in sse_events(raw) if n in RESPONSES_ENDS]
         usage = done[-1]["response"]["usage"]
         cached = usage["input_tokens_details"]["cached_tokens"]
         return Bill(input=usage["input_tokens"] - cached, output=usage["output_tokens"],
@@ -190,7 +191,7 @@ def call_sdk(stack: Stack, key: str, rec: Recording, headers: dict[str, str]) ->
     client_o = openai_client(stack, key)
     if rec.meta["request"]["uri"].endswith("/responses"):
         events = list(sdk_call(client_o.responses.create, body, headers))
-        assert events[-1].type == "response.completed"
+        assert events[-1].type in RESPONSES_ENDS
         return events[-1].response
     if rec.is_stream:
         return list(sdk_call(client_o.chat.completions.create, body, headers))
@@ -207,8 +208,11 @@ def parsed_usage(rec: Recording, answer: Any) -> tuple[int, int]:
     return usage.prompt_tokens, usage.completion_tokens
 
 
-CASES = [pytest.param(name, "recorded", id=f"{name}-recorded") for name in names()] + [
-    pytest.param(name, "gzip", id=f"{name}-gzip") for name in names() if not load(name).coding]
+#: Recordings whose reported usage is not a bill (see the test of each).
+NOT_A_BILL = {"openai_responses_stream_incomplete"}
+BILLED = [name for name in names() if name not in NOT_A_BILL]
+CASES = [pytest.param(name, "recorded", id=f"{name}-recorded") for name in BILLED] + [
+    pytest.param(name, "gzip", id=f"{name}-gzip") for name in BILLED if not load(name).coding]
 
 
 @pytest.mark.parametrize(("name", "upstream_coding"), CASES)
@@ -254,7 +258,7 @@ def settlements(stack: Stack) -> dict[str, float]:
 
 #: The recorded gpt-4o stream is the case of issue 12 "Provider usage is the bill" in
 #: English: its 100 deltas are 102 cl100k tokens (100 in o200k, the bill).
-STREAMS = [n for n in names() if load(n).is_stream]
+STREAMS = [n for n in BILLED if load(n).is_stream]
 
 
 @pytest.mark.parametrize("name", STREAMS)
@@ -285,6 +289,25 @@ def test_usage_chunk_tokenfuse_asked_for_is_hidden(replay_stack: Stack,
     price = PRICES.lookup(model_for(rec))
     assert price is not None
     assert day(replay_stack, api_key)["spent_nano_usd"] == recorded_bill(rec).nano(price)
+
+
+def test_zero_usage_of_an_incomplete_response_is_not_its_bill(
+        replay_stack: Stack, upstream: ReplayUpstream, api_key: str) -> None:
+    """Recorded (gpt-4o, July 2025): a Responses stream stopped by `max_output_tokens` 16
+    streams 16 deltas, then `response.incomplete` with usage input 0, output 0. A response
+    cut by its output cap generated that output: the zeros are no bill, so the stream is
+    charged what was counted (at least those 16 tokens), not nothing."""
+    rec = load("openai_responses_stream_incomplete")
+    assert recorded_bill(rec) == Bill()  # what the provider reported
+    answer = call_sdk(replay_stack, api_key, rec, {"x-replay": rec.name})
+    assert answer.status == "incomplete"
+    assert upstream.for_fixture(rec.name)[-1].completed
+    price = PRICES.lookup(model_for(rec))
+    assert price is not None
+    window = day(replay_stack, api_key)
+    assert window["reserved_nano_usd"] == 0
+    assert window["spent_nano_usd"] >= cost_nano(price, TokenUsage(output=16))
+    print(f"\ncharged {window['spent_nano_usd']} nano-USD (the recorded usage: 0)", end=" ")
 
 
 # ---------------------------------------------------------------------------------- cuts
