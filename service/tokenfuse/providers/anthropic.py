@@ -36,6 +36,10 @@ MIN_THINKING_BUDGET = 1024
 #: Server tools that bill per use (web search: $10 per 1,000 searches) or whose results
 #: grow the input (web fetch); `max_uses` bounds both.
 SERVER_TOOL_PREFIXES = ("web_search_", "web_fetch_")
+#: Server tools that sample again over a context the request does not show, with no
+#: `max_uses`: tool search loads deferred tool definitions and answers again (recorded:
+#: input_tokens 727 in message_start, 1595 in message_delta; tests/fixtures/recorded).
+SERVER_CONTEXT_TOOL_PREFIXES = ("tool_search_tool_",)
 #: `max_uses` tokenfuse sets on a server tool that has none (Anthropic's own default is
 #: unlimited, which no reservation can cover).
 DEFAULT_SERVER_TOOL_USES = 5
@@ -82,7 +86,7 @@ class Anthropic(ProviderBase):
                 messages=as_list(body.get("messages")),
                 hidden_output=isinstance(thinking, dict) and thinking.get("type") != "disabled",
                 server_context=bool(body.get("mcp_servers") or body.get("container")
-                                    or uses),
+                                    or uses or _has_tool(body, SERVER_CONTEXT_TOOL_PREFIXES)),
                 server_tool_uses=uses,
                 server_tool_fee_nano=WEB_SEARCH_NANO if uses else 0,
                 framing_tokens=_tool_framing(body),
@@ -264,6 +268,11 @@ def _asks_1h_cache(body: dict[str, Any]) -> bool:
         elif isinstance(node, list):
             pending.extend(v for v in node if isinstance(v, dict | list))
     return False
+
+
+def _has_tool(body: dict[str, Any], prefixes: tuple[str, ...]) -> bool:
+    return any(isinstance(tool, dict) and str(tool.get("type", "")).startswith(prefixes)
+               for tool in as_list(body.get("tools")))
 
 
 def _tool_framing(body: dict[str, Any]) -> int:

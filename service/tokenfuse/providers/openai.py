@@ -127,15 +127,21 @@ class OpenAI(ProviderBase):
         return calls
 
     def usage(self, payload: dict[str, Any]) -> TokenUsage | None:
-        """Usage from a response object or a stream chunk (None when absent)."""
+        """Usage from a response object or a stream chunk (None when absent, or when it
+        cannot be the bill)."""
+        holder: Any = payload
         usage = payload.get("usage")
         if not isinstance(usage, dict):
-            response = payload.get("response")  # Responses API stream events
-            usage = response.get("usage") if isinstance(response, dict) else None
+            holder = payload.get("response")  # Responses API stream events
+            usage = holder.get("usage") if isinstance(holder, dict) else None
             if not isinstance(usage, dict):
                 return None
         prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
         output = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
+        if output == 0 and _cut_by_output_cap(holder):
+            # Recorded (gpt-4o, 2025-07): `response.incomplete` after 16 deltas, usage all
+            # zero. A response stopped by its output cap generated output: no bill.
+            return None
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         cached = min(prompt, details.get("cached_tokens") or 0)
         fees, searches, search_fee = _tool_fees(payload)  # reasoning is inside `output`
@@ -355,3 +361,9 @@ def _with_stream_usage(body: dict[str, Any], call: Call) -> Call:
     return call
 
 
+def _cut_by_output_cap(response: Any) -> bool:
+    """A Responses object that ended `incomplete` because it reached `max_output_tokens`."""
+    if not isinstance(response, dict) or response.get("status") != "incomplete":
+        return False
+    details = response.get("incomplete_details")
+    return isinstance(details, dict) and details.get("reason") == "max_output_tokens"
