@@ -340,17 +340,12 @@ def output_reserved(rec: Recording, price: ModelPrice) -> int:
     return min(256, cap) if rec.is_stream else cap
 
 
-#: Recorded with claude-sonnet-4: a system prompt of 1,029 words that cl100k counts as
-#: 1,031 tokens was billed 1,031 tokens as "goodbye goodbye ..." but 2,056 (2,055 read back)
-#: as "farewell farewell ...": Claude's tokenizer takes two tokens where cl100k takes one,
-#: above the cl100k x 1.65 bound (issue 12, "The wrong tokenizer"; docs/design.md,
-#: "Tokenizers"): the estimate, at the 1-hour write rate, is 11,748,000 nano-USD for an
-#: input billed 12,387,000.
-UNDER_COUNTED = pytest.mark.xfail(
-    strict=True, reason="Claude counts ' farewell' as 2 tokens, cl100k as 1 (2,056 billed "
-                        "vs 1,031 counted): above the cl100k x 1.65 bound")
-ESTIMATE_CASES = [pytest.param(n, marks=[UNDER_COUNTED]) if n.endswith("cache_write_1h")
-                  else n for n in names()]
+#: The 1-hour recording (claude-sonnet-4): a system prompt of 1,029 words that cl100k
+#: counts as 1,031 tokens was billed 2,056 as "farewell farewell ..." (1,031 as "goodbye
+#: goodbye ..."): Claude takes two tokens where cl100k takes one. It set Claude's factor
+#: (cl100k x 2.05, docs/design.md "Tokenizers"); at the first choice, 1.65, the estimate
+#: was 11,748,000 nano-USD for an input billed 12,387,000.
+ESTIMATE_CASES = list(names())
 
 
 @pytest.mark.parametrize("name", ESTIMATE_CASES)

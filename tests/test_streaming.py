@@ -23,7 +23,7 @@ GRACE = 32  # TOKENFUSE_STREAM_GRACE_TOKENS default
 # gpt-4o-mini output: 600 nano-USD per token; claude-haiku-4-5: 5,000.
 OUTPUT_NANO = {"gpt-4o-mini": 600, HAIKU: 5000}
 #: How many tokens tokenfuse counts per token billed, in percent: Claude's tokenizer is not
-#: public, its count is a bound (cl100k x 1.65; the fake's Claude bills cl100k).
+#: public, its count is a bound (cl100k x 2.05; the fake's Claude bills cl100k).
 COUNT_PERCENT = {"gpt-4o-mini": 100, HAIKU: PROVIDERS["anthropic"].tokenizer(HAIKU).percent}
 
 
