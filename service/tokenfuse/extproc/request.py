@@ -121,7 +121,9 @@ class RequestPhase:
     async def _decide(self, ex: Exchange, raw: bytes, started: float) -> pb.ProcessingResponse:
         rt, provider = self._rt, ex.provider
         assert provider is not None
-        if len(raw) > (LARGE_BODY_BYTES // 16 if ex.content_codings else LARGE_BODY_BYTES):
+        # A compressed body is decoded off the loop whatever its size: a few kB can decode
+        # to TOKENFUSE_MAX_REQUEST_BYTES.
+        if ex.content_codings or len(raw) > LARGE_BODY_BYTES:
             async with self._large_bodies:
                 parsed = await asyncio.to_thread(self._understand, ex, provider, raw)
         else:
