@@ -21,6 +21,7 @@ class Exchange:
     call: Call | None = None
     price: ModelPrice | None = None
     bound_price: ModelPrice | None = None  # the long-context tier the reservation used
+    input_exact: bool = False  # input_nano is the provider's reported input, not the bound
     input_nano: int = 0  # estimated input cost inside the reservation
     reserved_nano: int = 0
     open_reservation: bool = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
@@ -27,6 +28,7 @@ from tokenfuse.metering.response_coding import CorruptBody, Transcoder, decode_w
 from tokenfuse.metering.stream import StreamMeter
 from tokenfuse.policy import refusals, reservation
 from tokenfuse.policy.loopguard import answer_fingerprint
+from tokenfuse.pricing import cost_nano
 from tokenfuse.state.connection import REDIS_FAILURES
 from tokenfuse.state.results import Refusal
 
@@ -146,6 +148,7 @@ class ResponsePhase:
         for event in meter.feed(body, end):
             if event.usage is not None:
                 ex.usage = ex.provider.merge_usage(ex.usage, event.usage)
+                _input_reported(ex)
             if event.output_tokens:
                 refusal = await self._cover(ex, event.output_tokens)
                 if refusal is not None:
@@ -227,6 +230,28 @@ class ResponsePhase:
                   ex.output_allowance)
         return None
 
+
+def _input_reported(ex: Exchange) -> None:
+    """The provider reported the input before the output (Anthropic `message_start`): the
+    reservation's output allowance is what is left after the real input, not after its
+    bound (Claude's is cl100k x 2.05), so a stream is not cut early for the bound's sake.
+    Not when server-side work (tools, stored context) can still add input."""
+    call, usage = ex.call, ex.usage
+    if (ex.input_exact or call is None or ex.price is None or usage is None
+            or not usage.total_input or usage.output > FIRST_OUTPUT_TOKENS
+            or call.server_context or call.server_tool_uses):
+        return
+    ex.input_exact = True
+    actual = cost_nano(ex.price, replace(usage, output=0, reasoning=0))
+    if actual < ex.input_nano:
+        ex.input_nano = actual
+        ex.output_allowance = reservation.allowance(ex.reserved_nano, ex.input_nano,
+                                                    ex.bound_price or ex.price)
+
+
+#: A usage whose output is at most this is a start-of-stream report (Anthropic's
+#: `message_start` says 1), not a final one.
+FIRST_OUTPUT_TOKENS = 1
 
 #: Largest compressed JSON response decoded for its usage (larger: settled as unreadable).
 JSON_RESPONSE_LIMIT = 64 << 20
