@@ -384,8 +384,6 @@ def usd(nano: int) -> str:
 
 
 CUT_CASES = [("anthropic_stream_gzip_tool_search", "recorded"),
-             ("anthropic_stream_cache_write", "recorded"),
-             ("anthropic_stream_cache_write", "gzip"),
              ("openai_chat_stream_cached", "recorded"),
              ("openai_chat_stream_cached", "gzip")]
 
@@ -418,6 +416,35 @@ def test_recorded_stream_is_cut_at_the_budget(replay_stack: Stack, upstream: Rep
     assert 0 < window["spent_nano_usd"] <= budget
     print(f"\n{name}-{upstream_coding}: {seen.pieces_sent} of {seen.pieces_total} pieces "
           f"sent, spent {window['spent_nano_usd']} of {budget}", end=" ")
+
+
+@pytest.mark.parametrize("upstream_coding", ["recorded", "gzip"])
+def test_recorded_claude_stream_that_fits_is_not_cut(replay_stack: Stack,
+                                                     upstream: ReplayUpstream, api_key: str,
+                                                     upstream_coding: str) -> None:
+    """The same budget as above (the input *bound* and a few output tokens) on a Claude
+    stream whose real cost fits in it: once `message_start` reports the real input, the
+    allowance is what that leaves, so the stream completes, billed exactly, within the
+    budget (before, Claude's input bound cut it after 5 of 14 pieces)."""
+    name = "anthropic_stream_cache_write"
+    rec = load(name)
+    price = PRICES.lookup(model_for(rec))
+    assert price is not None
+    budget = input_nano_of(replay_stack, api_key, rec) + cost_nano(
+        price, TokenUsage(output=GRACE + 6))
+    bill = recorded_bill(rec).nano(price)
+    assert bill <= budget  # the premise: its real cost fits
+    assert replay_stack.cli("budget", "set", "--key", api_key, "--daily",
+                            usd(budget)).returncode == 0
+    headers = {"x-replay": name, "x-replay-delay-ms": "20"}
+    if upstream_coding == "gzip":
+        headers["x-replay-gzip"] = "1"
+    call_sdk(replay_stack, api_key, rec, headers)  # no exception: not cut
+    seen = upstream.for_fixture(name)[-1]
+    wait_until(lambda: seen.completed, what="the upstream's end")
+    window = day(replay_stack, api_key)
+    assert window["reserved_nano_usd"] == 0
+    assert window["spent_nano_usd"] == bill <= budget
 
 
 def test_unknown_fixture_is_an_upstream_404(replay_stack: Stack, api_key: str) -> None:
