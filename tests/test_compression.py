@@ -84,6 +84,8 @@ def test_fake_provider_compresses_when_accepted(fake: FakeProvider, api_key: str
             model=HAIKU, max_tokens=30,
             messages=[{"role": "user", "content": "hi"}]) as stream:
         assert stream.get_final_text()
+    # The fake's bookkeeping may trail the last byte the client read: wait for both.
+    wait_until(lambda: len(records_for(fake, api_key)) == 2, what="the fake's records")
     encodings = [r.response_encoding for r in records_for(fake, api_key)]
     assert encodings == ["gzip", "gzip"]
 
@@ -126,6 +128,7 @@ def test_upstream_compressing_regardless_is_decoded_before_metering(
         events = b"".join(response.iter_bytes())
     assert events.count(b"event: content_block_delta") > 5
     assert events.rstrip().endswith(b'data: {"type":"message_stop"}')
+    wait_until(lambda: len(records_for(fake, api_key)) == 2, what="the fake's records")
     assert [r.response_encoding for r in records_for(fake, api_key)] == [coding, coding]
     settled_exactly(stack, fake, api_key, 2)
 
