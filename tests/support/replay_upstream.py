@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from tests.support.background_server import BackgroundServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "recorded"
 SYNC_FLUSH = b"\x00\x00\xff\xff"
@@ -100,61 +101,21 @@ class Replayed:
         return json.loads(self.body)
 
 
-class ReplayUpstream:
+class ReplayUpstream(BackgroundServer):
     """The replay server, in a background thread (like the fake provider)."""
 
+    thread_name = "replay-upstream"
+
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self.host, self.port = host, 0
+        super().__init__(host)
         self.requests: list[Replayed] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> ReplayUpstream:
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True,
-                                        name="replay-upstream")
-        self._thread.start()
-        ready.wait(10)
-        if not self.port:
-            raise RuntimeError("the replay upstream did not start")
+    def start(self) -> ReplayUpstream:  # type: ignore[override]
+        super().start()
         return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-        self._loop = self._thread = None
 
     def for_fixture(self, name: str) -> list[Replayed]:
         return [r for r in list(self.requests) if r.fixture == name]
-
-    def _run(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._listen())
-            self._loop = loop
-        finally:
-            ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            if self._runner is not None:
-                loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-    async def _listen(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        self.port = self._runner.addresses[0][1]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         name = request.headers.get("x-replay", "")

@@ -289,11 +289,10 @@ class RequestPhase:
                                                        loop.velocity_max_per_minute))
         if refusal.kind == "near_loop":
             kind, fp, limit = "near_duplicate_loop", ex.near_fingerprint or "", loop.near_max_hits
-            cooldown, reply = loop.near_cooldown_seconds, refusals.near_loop
+            cooldown = loop.near_cooldown_seconds
             detail = refusals.near_loop_detail(refusal, fp, loop.near_window_seconds, cooldown)
         else:
-            kind, limit, cooldown, reply = ("recursive_loop", loop.max_hits,
-                                            loop.cooldown_seconds, refusals.loop)
+            kind, limit, cooldown = "recursive_loop", loop.max_hits, loop.cooldown_seconds
             detail = refusals.loop_detail(refusal, fp, loop.window_seconds, cooldown)
         metrics.LOOPS.labels(kind).inc()
         log.info("%s detected caller=%s fingerprint=%s hits=%d", kind,
@@ -302,7 +301,7 @@ class RequestPhase:
             self._rt.emit(ex, "loop.detected", {
                 "kind": kind, "fingerprint": detail["fingerprint"],
                 "hit_count": refusal.hit_count, "model": model, "cooldown_seconds": cooldown})
-        return self._rt.send(ex, reply(ex.provider, refusal, detail))
+        return self._rt.send(ex, refusals.loop(ex.provider, refusal, detail))
 
     def _refuse_budget(self, ex: Exchange, refusal: Refusal,
                        estimate: int) -> pb.ProcessingResponse:

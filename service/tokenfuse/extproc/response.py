@@ -79,7 +79,8 @@ class ResponsePhase:
         elif not ex.provider.is_event_stream(first):
             return
         ex.meter = StreamMeter(ex.provider_name, ex.call.hide_usage_chunk,
-                               ex.provider.tokenizer(ex.call.model))
+                               ex.provider.tokenizer(ex.call.model),
+                               hash_answer=ex.near_fingerprint is not None)
 
     async def on_body(self, ex: Exchange, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if ex.ended:

@@ -34,10 +34,11 @@ class MeteredEvent:
 class StreamMeter:
     """`tokenizer`: how the model's tokens are counted (`Provider.tokenizer`). A scaled
     tokenizer scales the running total, not each delta, so rounding up does not add a
-    token per delta."""
+    token per delta. `hash_answer`: keep the fingerprint of the generated text (only the
+    near-duplicate loop tier reads it)."""
 
     def __init__(self, provider: str, hide_usage_chunk: bool,
-                 tokenizer: Tokenizer = DEFAULT_TOKENIZER) -> None:
+                 tokenizer: Tokenizer = DEFAULT_TOKENIZER, hash_answer: bool = True) -> None:
         self._provider = PROVIDERS[provider]
         self._tokenizer = tokenizer
         self._raw_tokens = 0  # output tokens of the encoding so far
@@ -48,13 +49,14 @@ class StreamMeter:
         self._pending_start = 0  # absolute offset of self._pending[0]
         self._last_end = 0
         self.malformed_events = 0
-        self._answer = answer_digest()  # the generated text so far (the loop guard's)
+        # the generated text so far (the loop guard's), when it is wanted
+        self._answer = answer_digest() if hash_answer else None
         self._answered = False
 
     @property
     def answer_fingerprint(self) -> str:
         """Fingerprint of the text generated so far ("" before any)."""
-        return self._answer.hexdigest() if self._answered else ""
+        return self._answer.hexdigest() if self._answer is not None and self._answered else ""
 
     def feed(self, chunk: bytes, end_of_stream: bool = False) -> list[MeteredEvent]:
         """Take one chunk; return the events it completed, in order."""
@@ -103,9 +105,10 @@ class StreamMeter:
             return MeteredEvent(start, event.end, 0, None, False)
         encoding = self._tokenizer.encoding
         texts = [t for t in self._provider.stream_output(event.event, payload) if t]
-        for text in texts:
-            self._answer.update(text.encode())
-            self._answered = True
+        if self._answer is not None:
+            for text in texts:
+                self._answer.update(text.encode())
+                self._answered = True
         tokens = self._scaled(sum(max(1, count_text(t, encoding)) for t in texts))
         usage = self._provider.usage(payload) if "usage" in data else None
         hidden = self._hide_usage_chunk and self._provider.is_usage_only_chunk(payload)

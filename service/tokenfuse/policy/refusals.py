@@ -105,19 +105,20 @@ def velocity(provider: Provider, refusal: LoopRefusal, limit: int) -> Reply:
     return _rate_limited(provider, "velocity_limit_exceeded", message, detail, retry_after)
 
 
+def _loop_detail(code: str, message: str, refusal: LoopRefusal, fingerprint: str,
+                 cooldown_seconds: int) -> dict[str, Any]:
+    return {"error": code, "message": message,
+            "fingerprint": fingerprint[:12] + "...", "hit_count": refusal.hit_count,
+            "cooldown_seconds": cooldown_seconds}
+
+
 def loop_detail(refusal: LoopRefusal, fingerprint: str, window_seconds: int,
                 cooldown_seconds: int) -> dict[str, Any]:
     message = (f"Blocked: identical request sent {refusal.hit_count} times in "
                f"{window_seconds} seconds. This usually indicates an agent retry loop, "
                "infinite recursion, or misconfigured automation.")
-    return {"error": "recursive_loop_detected", "message": message,
-            "fingerprint": fingerprint[:12] + "...", "hit_count": refusal.hit_count,
-            "cooldown_seconds": cooldown_seconds}
-
-
-def loop(provider: Provider, refusal: LoopRefusal, detail: dict[str, Any]) -> Reply:
-    return _rate_limited(provider, "recursive_loop_detected", detail["message"], detail,
-                         retry_after_seconds(refusal))
+    return _loop_detail("recursive_loop_detected", message, refusal, fingerprint,
+                        cooldown_seconds)
 
 
 def near_loop_detail(refusal: LoopRefusal, fingerprint: str, window_seconds: int,
@@ -126,13 +127,13 @@ def near_loop_detail(refusal: LoopRefusal, fingerprint: str, window_seconds: int
                f"{window_seconds} seconds, answered identically each time (the prompts differ "
                "only in numbers, ids or timestamps). This usually indicates an agent loop "
                "that is not making progress.")
-    return {"error": "near_duplicate_loop_detected", "message": message,
-            "fingerprint": fingerprint[:12] + "...", "hit_count": refusal.hit_count,
-            "cooldown_seconds": cooldown_seconds}
+    return _loop_detail("near_duplicate_loop_detected", message, refusal, fingerprint,
+                        cooldown_seconds)
 
 
-def near_loop(provider: Provider, refusal: LoopRefusal, detail: dict[str, Any]) -> Reply:
-    return _rate_limited(provider, "near_duplicate_loop_detected", detail["message"], detail,
+def loop(provider: Provider, refusal: LoopRefusal, detail: dict[str, Any]) -> Reply:
+    """Either loop tier's refusal: its code is the detail's."""
+    return _rate_limited(provider, detail["error"], detail["message"], detail,
                          retry_after_seconds(refusal))
 
 
