@@ -17,9 +17,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tokenfuse.money import usd_to_nano
-from tokenfuse.providers import PROVIDERS
+from tokenfuse.providers import PROVIDERS, declare
 
 WINDOWS = ("minute", "hour", "day", "week", "month", "total")
 # Environment names of the default per-window budgets (for keys without their own).
@@ -205,6 +206,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("TOKENFUSE_WEBHOOK_URLS is set but TOKENFUSE_WEBHOOK_SECRET is not "
                           "(webhooks are always signed)")
     prices_file = env.raw("TOKENFUSE_PRICES_FILE").strip()
+    compatible = _name_map(env, "TOKENFUSE_OPENAI_COMPATIBLE", "vllm=http://10.0.0.5:8000")
+    for name, url in compatible.items():
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"TOKENFUSE_OPENAI_COMPATIBLE: the URL of '{name}' must be "
+                              f"http(s)://host[:port][/path], got {url!r}")
+    try:
+        declare(compatible, _name_map(env, "TOKENFUSE_AZURE_DEPLOYMENTS", "prod-4o=gpt-4o",
+                                      lower=False))
+    except ValueError as exc:
+        raise ConfigError(f"TOKENFUSE_OPENAI_COMPATIBLE: {exc}") from None
     return Settings(
         state_dir=state_dir,
         redis=RedisSettings(
@@ -285,14 +297,35 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             max_connections=env.int("TOKENFUSE_MAX_CONNECTIONS", 50000, minimum=1),
             ca_bundle=env.text("TOKENFUSE_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"),
             bench_routes=env.text("TOKENFUSE_BENCH_ROUTES", "0") == "1",
-            upstreams={name: env.text(f"TOKENFUSE_UPSTREAM_{name.upper()}",
-                                      provider.default_upstream)
-                       for name, provider in PROVIDERS.items()},
+            upstreams={name: compatible.get(name) or env.text(
+                upstream_variable(name), provider.default_upstream)
+                for name, provider in PROVIDERS.items()},
         ),
         secret_value=env.raw("TOKENFUSE_SECRET"),
         secret_file=Path(env.text("TOKENFUSE_SECRET_FILE", str(state_dir / "secret"))),
         log_level=env.text("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
     )
+
+
+def _name_map(env: _Env, name: str, example: str, lower: bool = True) -> dict[str, str]:
+    """`a=x,b=y` → {"a": "x", "b": "y"} (names lowercased unless `lower` is False); a bad
+    item is a ConfigError."""
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in env.raw(name).split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip().lower() if lower else key.strip(), value.strip()
+        if not sep or not key or not value or key in out:
+            raise ConfigError(f"{name}: '{item}' is not name=value (e.g. {name}=\"{example}\"), "
+                              "or names something twice")
+        out[key] = value
+    return out
+
+
+def upstream_variable(provider: str) -> str:
+    """The variable naming a provider's upstream: TOKENFUSE_UPSTREAM_<NAME>."""
+    return f"TOKENFUSE_UPSTREAM_{provider.upper().replace('-', '_')}"
 
 
 def _near_duplicate_switch(env: _Env) -> bool:

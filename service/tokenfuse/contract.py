@@ -26,6 +26,9 @@ POOL_KEY_HEADER = "x-tokenfuse-pool-key"
 #: gRPC metadata on the streams of the pooled clusters' upstream filter.
 STAGE_METADATA = "x-tokenfuse-stage"
 UPSTREAM_STAGE = "upstream"
+#: ... and the provider of the pooled cluster (a retried attempt carries no routing header,
+#: and many providers share the `authorization` header).
+PROVIDER_METADATA = "x-tokenfuse-provider"
 
 #: The status arrives with the first response body message as this attribute, so the
 #: response headers are not sent at all (one round trip fewer per request).

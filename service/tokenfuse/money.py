@@ -25,6 +25,19 @@ def usd_to_nano(text: str) -> int:
     return int(nano)
 
 
+def reported_usd_to_nano(value: int | Decimal | str) -> int:
+    """A USD amount a provider reports (a JSON number read as Decimal, never a float),
+    rounded up to a whole nano-USD. Raises ValueError when it is not a non-negative
+    amount."""
+    try:
+        amount = value if isinstance(value, Decimal) else Decimal(str(value).strip())
+    except InvalidOperation as exc:
+        raise ValueError(f"not a USD amount: {value!r}") from exc
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"not a non-negative USD amount: {value!r}")
+    return int(-(-amount * NANO_PER_USD // 1))
+
+
 def nano_to_usd(nano: int) -> str:
     """Format nano-USD as a decimal string, trailing zeros trimmed to cents."""
     sign = "-" if nano < 0 else ""

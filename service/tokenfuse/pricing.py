@@ -83,6 +83,9 @@ class TokenUsage:
     reasoning: int = 0  # reasoning reported apart from `output` (not included in it)
     web_searches: int = 0  # web-search uses, priced at the model's `web_search`
     web_search_nano: int = 0  # the provider's documented fee, for a price without one
+    #: The provider's own bill of the call, when its usage reports one (OpenRouter's
+    #: `cost`, Perplexity's `cost.total_cost`): the settled cost, whatever the table says.
+    billed_nano: int | None = None
 
     @property
     def total_input(self) -> int:
@@ -93,6 +96,8 @@ class TokenUsage:
 def cost_nano(price: ModelPrice, usage: TokenUsage) -> int:
     """Cost of `usage` at `price` (at the tier its input selects), rounded up to a whole
     nano-USD."""
+    if usage.billed_nano is not None:
+        return usage.billed_nano
     if price.tiers:
         price = price.at_input(usage.total_input)
     total = (
@@ -124,17 +129,24 @@ class PriceTable:
                         if m not in more}
         return cls(prices, unpriced)
 
-    def lookup(self, model: str) -> ModelPrice | None:
-        """Exact id or alias, else the id without a date/`-latest` suffix."""
+    def lookup(self, model: str, namespace: str | None = None) -> ModelPrice | None:
+        """Exact id or alias, else the id without a date/`-latest` suffix. A provider
+        with a `namespace` has its own ids, `<namespace>/<model>` (the same model id costs
+        another price at another vendor); never a bare id."""
+        if namespace:
+            model = f"{namespace}/{model}"
         found = self._prices.get(model)
         if found is None and model not in self._unpriced:
             found = self._prices.get(_DATE_SUFFIX.sub("", model))
+        if found is None and namespace:
+            # An operator's price for every model of a self-hosted upstream.
+            found = self._prices.get(f"{namespace}/*")
         return found
 
-    def unpriced_reason(self, model: str) -> str | None:
+    def unpriced_reason(self, model: str, namespace: str | None = None) -> str | None:
         """Why the table deliberately has no price for this model (retired, not a text
         model, not in the dataset), or None."""
-        return self._unpriced.get(model)
+        return self._unpriced.get(f"{namespace}/{model}" if namespace else model)
 
     def models(self) -> list[str]:
         return sorted(self._prices)

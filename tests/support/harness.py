@@ -20,7 +20,8 @@ from pathlib import Path
 
 import redis
 
-from tokenfuse.config import worker_sockets
+from tokenfuse.config import upstream_variable, worker_sockets
+from tokenfuse.providers import BUILTIN
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -225,6 +226,10 @@ class Stack:
             "TOKENFUSE_ENVOY_ADMIN_PORT": str(free_port()),
             "TOKENFUSE_UPSTREAM_OPENAI": upstream_url,
             "TOKENFUSE_UPSTREAM_ANTHROPIC": upstream_url,
+            # Every other vendor at the fake under its own prefix (the fake speaks each
+            # vendor's dialect at /<vendor>/...).
+            **{upstream_variable(name): f"{upstream_url.rstrip('/')}/{name}"
+               for name in BUILTIN if name not in ("openai", "anthropic")},
             "TOKENFUSE_LOG_LEVEL": "DEBUG",
             "TOKENFUSE_MAX_REQUEST_BYTES": str(4 * 1024 * 1024),
         })

@@ -23,6 +23,7 @@ from tokenfuse.contract import (
     GATEWAY_KEY_PROCESSING_MODE,
     POOL_HEADER,
     PROCESSING_MODE,
+    PROVIDER_METADATA,
     RESPONSE_ATTRIBUTES,
     RETRY_HEADER,
     STAGE_METADATA,
@@ -203,7 +204,7 @@ def compressors() -> list[dict[str, Any]]:
     return filters
 
 
-def _pooled_cluster(cluster: dict[str, Any], grpc_timeout: str,
+def _pooled_cluster(cluster: dict[str, Any], provider: str, grpc_timeout: str,
                     message_timeout: str) -> dict[str, Any]:
     """The provider cluster with ext_proc in its upstream filter chain (one call per
     attempt: request headers to set the key, response headers to judge it)."""
@@ -216,8 +217,9 @@ def _pooled_cluster(cluster: dict[str, Any], grpc_timeout: str,
             "@type": EXT_PROC,
             "grpc_service": {"envoy_grpc": {"cluster_name": "tokenfuse_processor"},
                              "timeout": grpc_timeout,
-                             "initial_metadata": [{"key": STAGE_METADATA,
-                                                   "value": UPSTREAM_STAGE}]},
+                             "initial_metadata": [
+                                 {"key": STAGE_METADATA, "value": UPSTREAM_STAGE},
+                                 {"key": PROVIDER_METADATA, "value": provider}]},
             "failure_mode_allow": False,
             "message_timeout": message_timeout,
             "processing_mode": UPSTREAM_PROCESSING_MODE,
@@ -274,6 +276,8 @@ def render(settings: Settings) -> dict[str, Any]:
             "@type": EXT_PROC_ROUTE, "disabled": True}},
     }]
     for provider, spec in PROVIDERS.items():
+        if not envoy.upstreams.get(provider):
+            continue  # not configured: the processor refuses its path (404), never forwards
         cluster, host_header, base_path = _cluster(f"upstream_{provider}",
                                                    envoy.upstreams[provider], ca_bundle)
         clusters.append(cluster)
@@ -284,7 +288,7 @@ def render(settings: Settings) -> dict[str, Any]:
             "timeout": "0s",
             "idle_timeout": "300s",
         }
-        pooled = _pooled_cluster(cluster, grpc_timeout, message_timeout)
+        pooled = _pooled_cluster(cluster, provider, grpc_timeout, message_timeout)
         clusters.append(pooled)
         routes.append({
             "match": {"prefix": f"/{provider}/",

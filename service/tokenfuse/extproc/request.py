@@ -12,6 +12,7 @@ import uuid
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from tokenfuse import metrics
+from tokenfuse.config import upstream_variable
 from tokenfuse.contract import GRANT_HEADER, INTERNAL_HEADER_PREFIX, POOL_HEADER, grant
 from tokenfuse.extproc.answers import (
     CONTINUE_REQUEST_BODY,
@@ -71,6 +72,9 @@ class RequestPhase:
             return self._rt.send(ex, refusals.unknown_route())
         ex.provider_name, ex.path = routed
         ex.provider = provider = PROVIDERS[ex.provider_name]
+        if not self._rt.settings.envoy.upstreams.get(ex.provider_name):
+            return self._rt.send(ex, refusals.provider_not_configured(
+                provider, upstream_variable(ex.provider_name)))
         # Ids in Redis are tokenfuse's own: a client's x-request-id is for correlation only.
         ex.request_id = uuid.uuid4().hex
         ex.client_request_id = headers.get("x-request-id", "")
@@ -221,10 +225,12 @@ class RequestPhase:
         ex.call = call
         if not call.priced:
             return body, call, None, None, None, None
-        price = reservation.price_for(rt.prices, call.model, rt.settings.estimate)
+        price = reservation.price_for(rt.prices, call.model, rt.settings.estimate,
+                                      provider)
         if price is None:
             return rt.send(ex, refusals.unknown_model(provider, call.model,
-                                                      rt.prices.unpriced_reason(call.model)))
+                                                      rt.prices.unpriced_reason(
+                                                          call.model, provider.price_namespace)))
         ex.price = price
         call.hidden_output = call.hidden_output or (price.reasoning
                                                     and provider.reasoning_by_model)

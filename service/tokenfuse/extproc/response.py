@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
+from decimal import Decimal
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
@@ -114,7 +115,7 @@ class ResponsePhase:
                             ex.request_id, exc)
                 return
         try:
-            payload = json.loads(raw)
+            payload = json.loads(raw, parse_float=Decimal)
         except (ValueError, UnicodeDecodeError):
             log.warning("unparseable JSON response from %s (rid=%s)", ex.provider_name,
                         ex.request_id)

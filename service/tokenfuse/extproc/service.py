@@ -14,7 +14,7 @@ from typing import Any
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from tokenfuse.contract import STAGE_METADATA, UPSTREAM_STAGE
+from tokenfuse.contract import PROVIDER_METADATA, STAGE_METADATA, UPSTREAM_STAGE
 from tokenfuse.extproc.answers import CONTINUE
 from tokenfuse.extproc.exchange import Exchange
 from tokenfuse.extproc.request import RequestPhase
@@ -38,7 +38,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
         if self._attempts is not None and _is_upstream_stage(context):
-            async for answer in self._attempts.process(request_iterator):
+            async for answer in self._attempts.process(request_iterator,
+                                                       _metadata(context, PROVIDER_METADATA)):
                 yield answer
             return
         ex = Exchange()
@@ -76,5 +77,10 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
 
 def _is_upstream_stage(context: Any) -> bool:
     """Streams from the pooled clusters' upstream filter carry this gRPC metadata."""
-    return any(item[0] == STAGE_METADATA and item[1] == UPSTREAM_STAGE
-               for item in (context.invocation_metadata() or ()))
+    return _metadata(context, STAGE_METADATA) == UPSTREAM_STAGE
+
+
+def _metadata(context: Any, key: str) -> str:
+    """One gRPC metadata value Envoy's config sets on the stream ("" when absent)."""
+    return next((item[1] for item in (context.invocation_metadata() or ())
+                 if item[0] == key), "")

@@ -31,7 +31,7 @@ from tokenfuse.contract import GRANT_HEADER, POOL_HEADER, POOL_KEY_HEADER, RETRY
 from tokenfuse.extproc.answers import CONTINUE, header_mutation_response, headers_of, immediate
 from tokenfuse.identity import PREFIX_CHARS, key_id
 from tokenfuse.pools.secrets import PoolSecrets
-from tokenfuse.providers import DEFAULT_PROVIDER, PROVIDERS, pooled_provider
+from tokenfuse.providers import DEFAULT_PROVIDER, PROVIDERS
 from tokenfuse.state.connection import REDIS_FAILURES
 from tokenfuse.state.pools import PoolStore
 
@@ -51,14 +51,16 @@ class PoolAttempts:
         self._pool_secrets = pool_secrets
         self._timeout = redis_timeout_s
 
-    async def process(self, messages: AsyncIterator[pb.ProcessingRequest]
-                      ) -> AsyncIterator[pb.ProcessingResponse]:
+    async def process(self, messages: AsyncIterator[pb.ProcessingRequest],
+                      cluster_provider: str = "") -> AsyncIterator[pb.ProcessingResponse]:
+        """`cluster_provider`: the provider of the pooled cluster, from the stream's
+        metadata (set by Envoy's config, not by a client)."""
         pool, provider, key = "", DEFAULT_PROVIDER, ""
         async for message in messages:
             kind = message.WhichOneof("request")
             if kind == "request_headers":
                 headers = headers_of(message.request_headers)
-                provider, pool = self._route(headers)
+                provider, pool = self._route(headers, cluster_provider)
                 answer, key = await self._choose(provider, pool)
                 yield answer
             elif kind == "response_headers":
@@ -67,7 +69,7 @@ class PoolAttempts:
             elif kind in CONTINUE:  # not asked for by the processing mode
                 yield CONTINUE[kind]
 
-    def _route(self, headers: dict[str, str]) -> tuple[str, str]:
+    def _route(self, headers: dict[str, str], cluster_provider: str) -> tuple[str, str]:
         """(provider, pool) of this attempt; pool "" when it was not routed by tokenfuse.
 
         The first attempt carries the routing headers and their grant. Envoy replays a
@@ -79,8 +81,10 @@ class PoolAttempts:
             if not hmac.compare_digest(expected, headers.get(GRANT_HEADER, "")):
                 return DEFAULT_PROVIDER, ""
             provider, _, pool = route.partition(":")
-            return (provider, pool) if provider in PROVIDERS else (DEFAULT_PROVIDER, "")
-        provider = pooled_provider(headers)
+            if provider not in PROVIDERS or provider != (cluster_provider or provider):
+                return DEFAULT_PROVIDER, ""
+            return provider, pool
+        provider = cluster_provider if cluster_provider in PROVIDERS else None
         credential = PROVIDERS[provider].caller_key(headers) if provider else None
         pool = self._pool_secrets.pool_of(key_id(self._secret, credential)) \
             if credential else None

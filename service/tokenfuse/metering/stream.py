@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from decimal import Decimal
 
 from tokenfuse.metering.tokens import count_text
 from tokenfuse.policy.loopguard import answer_digest
@@ -94,7 +95,7 @@ class StreamMeter:
         if not data.startswith("{"):
             return MeteredEvent(start, event.end, 0, None, False, final)
         try:
-            payload = json.loads(data)
+            payload = json.loads(data, parse_float=Decimal)
         except ValueError:
             # Garbage from upstream: forwarded untouched (the client decides), counted as
             # one token so accounting stays conservative, and logged.

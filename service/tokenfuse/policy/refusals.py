@@ -36,6 +36,14 @@ def unknown_route() -> Reply:
     return Reply(404, code, unrouted_error_body(code, "no provider is routed at this path"))
 
 
+def provider_not_configured(provider: Provider, variable: str) -> Reply:
+    """A provider tokenfuse knows whose upstream the operator did not set (Azure: a
+    resource's own host). Nothing is forwarded."""
+    return refuse(provider, 404, "invalid_request", "provider_not_configured",
+                  f"{provider.name} is not configured on this gateway: the operator sets "
+                  f"{variable} to enable /{provider.name}/")
+
+
 def store_unavailable(provider: Provider) -> Reply:
     return refuse(provider, 503, "unavailable", "state_store_unavailable",
                   "tokenfuse cannot reach its state store; nothing was forwarded",

@@ -33,10 +33,12 @@ FALLBACK_CONTEXT_WINDOW = 2_000_000
 MIN_CLAMPED_OUTPUT_TOKENS = 16
 
 
-def price_for(prices: PriceTable, model: str, settings: EstimateSettings) -> ModelPrice | None:
-    """The model's price; an unknown model gets the configured prices under
-    TOKENFUSE_UNKNOWN_MODEL=price, else None (refused)."""
-    price = prices.lookup(model)
+def price_for(prices: PriceTable, model: str, settings: EstimateSettings,
+              provider: Provider | None = None) -> ModelPrice | None:
+    """The model's price (at `provider`'s own ids, when it has a namespace); an unknown
+    model gets the configured prices under TOKENFUSE_UNKNOWN_MODEL=price, else None
+    (refused)."""
+    price = prices.lookup(model, provider.price_namespace if provider else None)
     if price is None and settings.unknown_model_policy == "price":
         price = ModelPrice(
             model=model,
@@ -87,7 +89,8 @@ def _input_nano(call: Call, tokens: int, flat: ModelPrice) -> int:
     rate = max(flat.input, flat.cache_write, flat.cache_read,
                flat.write_1h if call.long_cache_writes else 0)
     fee = max(call.server_tool_fee_nano, flat.web_search)
-    return -(-tokens * rate // TOKENS_PER_PRICE_UNIT) + call.server_tool_uses * fee
+    return (-(-tokens * rate // TOKENS_PER_PRICE_UNIT) + call.server_tool_uses * fee
+            + call.request_fee_nano)
 
 
 def output_cap(call: Call, price: ModelPrice, default_output_tokens: int) -> int:
@@ -209,7 +212,7 @@ def upper_bound_nano(provider_name: str, path: str, body: dict[str, Any],
     it refuses the request (unknown model, unpriced endpoint)."""
     provider = PROVIDERS[provider_name]
     call = provider.parse_request(path, body)
-    price = price_for(prices, call.model, settings.estimate)
+    price = price_for(prices, call.model, settings.estimate, provider)
     if price is None or not call.priced:
         return None
     call.hidden_output = call.hidden_output or (price.reasoning and provider.reasoning_by_model)

@@ -6,14 +6,34 @@ fixtures in the fake provider.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from tokenfuse.identity import VIRTUAL_KEY_PREFIX
 from tokenfuse.providers.anthropic import Anthropic
+from tokenfuse.providers.azure import Azure
 from tokenfuse.providers.base import Call, Provider, RequestRejected
+from tokenfuse.providers.compatible import VENDORS, Dialect, OpenAICompatible, declared
 from tokenfuse.providers.openai import ENCODINGS_PACKAGE, OpenAI
 
-PROVIDERS: dict[str, Provider] = {"openai": OpenAI(), "anthropic": Anthropic()}
+_AZURE = Azure()
+#: The providers tokenfuse ships, by route name.
+BUILTIN: dict[str, Provider] = {
+    "openai": OpenAI(), "anthropic": Anthropic(), "azure": _AZURE,
+    **{vendor.name: vendor for vendor in VENDORS},
+    # Ollama's OpenAI-compatible API (github.com/ollama/ollama docs/openai.md): no key
+    # needed by Ollama itself, but tokenfuse identifies the caller by one.
+    "ollama": OpenAICompatible("ollama", "http://127.0.0.1:11434", "/v1",
+                               Dialect(probe_path="/api/tags"), ("ollama", "ollama_chat")),
+}
+#: Every provider a route may name: the built-in ones, then those the operator declares
+#: (`declare`, from TOKENFUSE_OPENAI_COMPATIBLE when the settings are read).
+PROVIDERS: dict[str, Provider] = dict(BUILTIN)
+#: What a declared name must look like (it names an Envoy cluster and a path segment).
+DECLARED_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+#: Route names that are not providers.
+RESERVED_NAMES = frozenset({"direct", "healthz", "api", "admin"})
 #: Where the offline tokenizer's encoding files are (a package located, never imported).
 ENCODING_DATA_PACKAGE = ENCODINGS_PACKAGE
 #: Whose error shape answers a request that no provider is routed for.
@@ -26,6 +46,21 @@ MEDIA_BLOCK_TYPES: frozenset[str] = frozenset().union(
 #: Every header any provider reads a key from: a request must carry exactly one key.
 CREDENTIAL_HEADERS: tuple[str, ...] = tuple(dict.fromkeys(
     c.header for p in PROVIDERS.values() for c in p.credentials))
+
+
+def declare(compatible: Mapping[str, str], azure_deployments: Mapping[str, str]) -> None:
+    """The operator's part of the registry: OpenAI-compatible upstreams by name (their
+    URLs are the settings' business), and Azure's deployment → model map. Replaces any
+    earlier declaration. Raises ValueError for a name that cannot be a route."""
+    for name in [n for n in PROVIDERS if n not in BUILTIN]:
+        del PROVIDERS[name]
+    for name in compatible:
+        if name in BUILTIN or name in RESERVED_NAMES or not DECLARED_NAME.match(name):
+            raise ValueError(f"'{name}' cannot name an OpenAI-compatible upstream: use "
+                             "lowercase letters, digits, '-' or '_', not a built-in "
+                             f"provider ({', '.join(sorted(BUILTIN))})")
+        PROVIDERS[name] = declared(name)
+    _AZURE.deployments = dict(azure_deployments)
 
 
 def provider_for_path(path: str) -> tuple[str, str] | None:
@@ -76,17 +111,7 @@ def tool_calls(message: Any) -> list[tuple[str, Any]]:
     return [call for provider in PROVIDERS.values() for call in provider.tool_calls(message)]
 
 
-def pooled_provider(headers: dict[str, str]) -> str | None:
-    """The provider a retried pooled attempt is for: the one whose pooled credential header
-    the first attempt set (it removed the others)."""
-    for name, provider in PROVIDERS.items():
-        header = provider.pooled_credential("")[0][0]
-        others = {p.pooled_credential("")[0][0] for n, p in PROVIDERS.items() if n != name}
-        if header in headers and not others & headers.keys():
-            return name
-    return None
-
-
-__all__ = ["CREDENTIAL_HEADERS", "DEFAULT_PROVIDER", "ENCODING_DATA_PACKAGE", "MEDIA_BLOCK_TYPES",
-           "PROVIDERS", "Call", "Provider", "RequestRejected", "caller_credential",
-           "pooled_provider", "provider_for_path", "tool_calls", "unrouted_error_body"]
+__all__ = ["BUILTIN", "CREDENTIAL_HEADERS", "DEFAULT_PROVIDER", "ENCODING_DATA_PACKAGE",
+           "MEDIA_BLOCK_TYPES", "PROVIDERS", "Call", "Provider", "RequestRejected",
+           "caller_credential", "declare", "provider_for_path", "tool_calls",
+           "unrouted_error_body"]

@@ -76,6 +76,7 @@ class Call:
     server_tool_fee_nano: int = 0  # the largest fee one of those uses can bill
     framing_tokens: int = 0  # input the provider adds around what the request shows
     long_cache_writes: bool = False  # may write cache at the 1-hour rate (asked for it)
+    request_fee_nano: int = 0  # a fee per request the provider bills beside tokens (bound)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class Provider(Protocol):
     #: 1-hour cache writes cost this many times input where the dataset has no price for
     #: them (0: the provider has no such cache lifetime).
     cache_write_1h_input_multiple: int
+    #: Prices of this provider's models are `<namespace>/<model>` (None: bare model ids).
+    price_namespace: str | None
 
     # -- requests
     def parse_request(self, path: str, body: dict[str, Any]) -> Call: ...
@@ -209,6 +212,8 @@ class ProviderBase:
     reasoning_by_model = False
     price_dataset_providers: tuple[str, ...] = ()
     cache_write_1h_input_multiple = 0
+    #: Prices of this provider's models are `<namespace>/<model>` (None: bare model ids).
+    price_namespace: str | None = None
 
     def media_bound(self, block: dict[str, Any], model: str) -> Any:
         return None
@@ -233,6 +238,9 @@ class ProviderBase:
             reasoning=max(old.reasoning, new.reasoning),
             web_searches=max(old.web_searches, new.web_searches),
             web_search_nano=max(old.web_search_nano, new.web_search_nano),
+            billed_nano=new.billed_nano if old.billed_nano is None or (
+                new.billed_nano is not None and new.billed_nano > old.billed_nano)
+            else old.billed_nano,
         )
 
     def is_event_stream(self, first_chunk: bytes) -> bool:

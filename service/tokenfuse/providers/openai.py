@@ -36,6 +36,9 @@ class OpenAI(ProviderBase):
     media_block_types = frozenset({"image_url", "input_image", "input_file", "file"})
     reasoning_by_model = True  # o-series and gpt-5 reason whether asked or not
     price_dataset_providers = ("openai",)
+    #: Stream usage comes only when `stream_options.include_usage` asks for it: tokenfuse
+    #: asks (and hides the extra chunk from a client that did not).
+    asks_stream_usage = True
 
     def parse_request(self, path: str, body: dict[str, Any]) -> Call:
         endpoint = endpoint_of(path)
@@ -43,7 +46,7 @@ class OpenAI(ProviderBase):
         stream = body.get("stream") is True
         choices = int_field(body, "n") or 1
         if endpoint.endswith("/chat/completions"):
-            return _with_stream_usage(body, Call(
+            return self._with_stream_usage(body, Call(
                 endpoint="chat.completions", model=model, stream=stream, choices=choices,
                 max_output_tokens=_largest_cap(body, "max_completion_tokens", "max_tokens"),
                 prompt_parts=[_rest(body, "messages")],
@@ -53,7 +56,7 @@ class OpenAI(ProviderBase):
             ))
         if endpoint.endswith("/completions"):
             best_of = int_field(body, "best_of") or 1
-            return _with_stream_usage(body, Call(
+            return self._with_stream_usage(body, Call(
                 endpoint="completions", model=model, stream=stream,
                 # every prompt of a batch gets its own n (or best_of) completions
                 choices=max(choices, best_of) * _prompt_count(body.get("prompt")),
@@ -87,6 +90,19 @@ class OpenAI(ProviderBase):
                 call.new_body = {**body, "max_tool_calls": uses}
             return call
         raise unsupported(endpoint)
+
+    def _with_stream_usage(self, body: dict[str, Any], call: Call) -> Call:
+        """OpenAI reports stream usage only when asked: ask, and hide the answer from a
+        client that did not ask (settlement needs the provider's own count)."""
+        if not call.stream or not self.asks_stream_usage:
+            return call
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return call
+        call.new_body = {**body, "stream_options": {
+            **(options if isinstance(options, dict) else {}), "include_usage": True}}
+        call.hide_usage_chunk = True
+        return call
 
     def media_bound(self, block: dict[str, Any], model: str) -> Any:
         """Images by OpenAI's vision rules at their largest (the request may not show the
@@ -345,20 +361,6 @@ def _prompt_count(prompt: Any) -> int:
 def _rest(body: dict[str, Any], *conversation: str) -> dict[str, Any]:
     """Everything the provider may tokenize besides the conversation."""
     return {k: v for k, v in body.items() if k not in conversation}
-
-
-def _with_stream_usage(body: dict[str, Any], call: Call) -> Call:
-    """OpenAI reports stream usage only when asked: ask, and hide the answer from a client
-    that did not ask (settlement needs the provider's own count)."""
-    if not call.stream:
-        return call
-    options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return call
-    call.new_body = {**body, "stream_options": {**(options if isinstance(options, dict)
-                                                   else {}), "include_usage": True}}
-    call.hide_usage_chunk = True
-    return call
 
 
 def _cut_by_output_cap(response: Any) -> bool:

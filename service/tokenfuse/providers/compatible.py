@@ -1,0 +1,249 @@
+"""The OpenAI-compatible family: vendors (and self-hosted servers) that speak OpenAI's chat
+completions wire format with quirks of their own: where stream usage arrives, whether they
+accept `stream_options`, what their usage holds (cache hits, reasoning, a reported cost),
+which reset headers they send.
+
+One class, `OpenAICompatible`, configured per vendor by a `Dialect`; the few vendors whose
+usage needs more than the dialect say so in a subclass. Facts are checked against each
+vendor's public API reference and SDK (source and date next to each dialect).
+(One dialect per vendor with its sources, hence its length.)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any
+
+from tokenfuse.money import reported_usd_to_nano
+from tokenfuse.pricing import TokenUsage
+from tokenfuse.providers.base import Call, Credential, ErrorKind, Tokenizer
+from tokenfuse.providers.openai import OpenAI
+
+#: Open-weight models' tokenizers (Llama, Mistral, Qwen, DeepSeek, Gemma: vocabularies of
+#: 32k to 256k) are not shipped: cl100k times this bounds them. A 32k SentencePiece vocabulary
+#: (Llama 2, Mistral 7B) needs up to ~1.4x cl100k's tokens on English and code; the 128k+
+#: vocabularies need fewer. Settlement uses the provider's own count; this only bounds the
+#: estimate and the mid-stream count.
+OPEN_WEIGHT_TOKENIZER = Tokenizer("cl100k_base", 150)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between OpenAI-compatible vendors."""
+
+    #: "ask": the vendor reports stream usage only when `stream_options.include_usage` is
+    #: set (tokenfuse sets it and hides the extra chunk); "always": the vendor reports it
+    #: unasked (on its last chunk) and may reject `stream_options`: never injected.
+    stream_usage: str = "ask"
+    #: The vendor's models may bill reasoning they do not stream.
+    reasoning_by_model: bool = False
+    #: Reset headers the vendor sends with a 429, in precedence: (header, format) where
+    #: format is "seconds", "duration" (`1m30.5s`, `250ms`) or "epoch" (unix seconds).
+    reset_headers: tuple[tuple[str, str], ...] = (("retry-after", "seconds"),)
+    #: The cheapest authenticated request that proves a key (path relative to the upstream).
+    probe_path: str = "/v1/models"
+    tokenizer: Tokenizer = OPEN_WEIGHT_TOKENIZER
+    #: A fixed fee per request the vendor bills on top of tokens (bound, nano-USD).
+    request_fee_nano: int = 0
+
+
+class OpenAICompatible(OpenAI):
+    """An OpenAI-compatible vendor or server, routed at `/<name>/<its own path>`."""
+
+    credentials = (Credential("authorization", "bearer"),)
+
+    def __init__(self, name: str, default_upstream: str, sdk_base_path: str,
+                 dialect: Dialect, price_dataset_providers: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.default_upstream = default_upstream
+        self.sdk_base_path = sdk_base_path
+        self.dialect = dialect
+        self.reasoning_by_model = dialect.reasoning_by_model
+        self.asks_stream_usage = dialect.stream_usage == "ask"
+        self.price_dataset_providers = price_dataset_providers
+        #: Prices are looked up as `<name>/<model>` (a model id means another price at
+        #: another vendor).
+        self.price_namespace = name
+
+    def parse_request(self, path: str, body: dict[str, Any]) -> Call:
+        call = super().parse_request(path, body)
+        call.request_fee_nano = self.dialect.request_fee_nano if call.priced else 0
+        return call
+
+    def tokenizer(self, model: str) -> Tokenizer:
+        return self.dialect.tokenizer
+
+    def media_bound(self, block: dict[str, Any], model: str) -> Any:
+        return None  # another vendor's vision rules are not OpenAI's: size unknown
+
+    def usage(self, payload: dict[str, Any]) -> TokenUsage | None:
+        usage = super().usage(_with_usage_lifted(payload))
+        if usage is None:
+            return None
+        raw = _usage_object(payload) or {}
+        cached = _int(raw.get("prompt_cache_hit_tokens"))  # DeepSeek's name for cache reads
+        if cached and not usage.cache_read:
+            total = usage.input + usage.cache_read
+            usage = TokenUsage(input=max(0, total - cached), output=usage.output,
+                               cache_read=min(total, cached))
+        billed = reported_cost(raw)
+        if billed is not None:
+            usage = replace(usage, billed_nano=billed)
+        return usage
+
+    def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:
+        out = super().stream_output(event, payload)
+        for choice in payload.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict) and isinstance(delta.get("content"), list):
+                out.extend(_texts(delta["content"]))  # Mistral's content chunks
+        return out
+
+    def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool:
+        return super().is_usage_only_chunk(_with_usage_lifted(payload))
+
+    def error_document(self, kind: ErrorKind, code: str, message: str) -> dict[str, Any]:
+        return {"error": {"message": message, "type": self.error_type(kind), "code": code,
+                          "param": None}}
+
+    def retry_after_ms(self, headers: dict[str, str]) -> int:
+        for header, form in self.dialect.reset_headers:
+            value = headers.get(header, "").strip()
+            ms = _reset_ms(value, form) if value else -1
+            if ms >= 0:
+                return ms
+        return -1
+
+    def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
+        return ("authorization", f"Bearer {secret}"), ()
+
+    def probe(self, secret: str) -> tuple[str, dict[str, str]]:
+        return self.dialect.probe_path, {"authorization": f"Bearer {secret}"}
+
+
+def _usage_object(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The usage object of a response or chunk: top level, or Groq's `x_groq.usage` (its
+    stream reports usage there, on the last chunk: console.groq.com/docs/api-reference)."""
+    usage = payload.get("usage")
+    if isinstance(usage, dict):
+        return usage
+    extra = payload.get("x_groq")
+    usage = extra.get("usage") if isinstance(extra, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+def _with_usage_lifted(payload: dict[str, Any]) -> dict[str, Any]:
+    usage = _usage_object(payload)
+    if usage is None or payload.get("usage") is usage:
+        return payload
+    return {**payload, "usage": usage}
+
+
+def reported_cost(usage: dict[str, Any]) -> int | None:
+    """The bill a vendor reports in its usage, nano-USD rounded up: OpenRouter's `cost`
+    (credits, USD: openrouter.ai/docs/use-cases/usage-accounting), Perplexity's
+    `cost.total_cost` (docs.perplexity.ai/api-reference/chat-completions-post)."""
+    cost = usage.get("cost")
+    if isinstance(cost, dict):
+        cost = cost.get("total_cost")
+    if isinstance(cost, bool) or not isinstance(cost, int | Decimal | str):
+        return None
+    try:
+        return reported_usd_to_nano(cost)
+    except ValueError:
+        return None
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _texts(node: Any) -> list[str]:
+    """Every `text` / `thinking` string inside a list of content chunks."""
+    out: list[str] = []
+    if isinstance(node, list):
+        for item in node:
+            out.extend(_texts(item))
+    elif isinstance(node, dict):
+        for key in ("text", "thinking"):
+            value = node.get(key)
+            if isinstance(value, str):
+                out.append(value)
+            elif isinstance(value, list):
+                out.extend(_texts(value))
+    return out
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?"
+                       r"(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$")
+
+
+def _reset_ms(value: str, form: str) -> int:
+    """A reset header's wait in ms (-1 when unreadable). `duration` is the Go-style form
+    OpenAI and Groq send in `x-ratelimit-reset-*` (`6m0s`, `1.5s`, `250ms`)."""
+    try:
+        if form == "seconds":
+            return int(Decimal(value) * 1000) if Decimal(value) >= 0 else -1
+        if form == "epoch":
+            return -1  # needs the clock: not a pure decision (left to the cooldown)
+        match = _DURATION.match(value)
+        if match is None or not any(match.groups()):
+            return -1
+        h, m, s, ms = (Decimal(g) if g else Decimal(0) for g in match.groups())
+        return int(((h * 60 + m) * 60 + s) * 1000 + ms)
+    except ArithmeticError:
+        return -1
+
+
+OPENAI_RESETS = (("retry-after", "seconds"), ("x-ratelimit-reset-requests", "duration"),
+                 ("x-ratelimit-reset-tokens", "duration"))
+
+#: The vendors tokenfuse knows, with the path their SDK (or OpenAI's SDK with `base_url`)
+#: puts after the upstream. Sources checked 2026-12 (see docs/providers.md).
+VENDORS: tuple[OpenAICompatible, ...] = (
+    # docs.mistral.ai/api: usage on the last chunk unasked; unknown body fields are a 422.
+    OpenAICompatible("mistral", "https://api.mistral.ai", "/v1",
+                     Dialect(stream_usage="always"), ("mistral",)),
+    # console.groq.com/docs/api-reference: stream usage in `x_groq.usage` on the last chunk;
+    # 429s carry retry-after and x-ratelimit-reset-* (console.groq.com/docs/rate-limits).
+    OpenAICompatible("groq", "https://api.groq.com", "/openai/v1",
+                     Dialect(stream_usage="always", reset_headers=OPENAI_RESETS,
+                             probe_path="/openai/v1/models"), ("groq",)),
+    # api-docs.deepseek.com: include_usage supported; prompt_cache_hit/miss_tokens;
+    # deepseek-reasoner streams its reasoning as `reasoning_content`.
+    OpenAICompatible("deepseek", "https://api.deepseek.com", "/v1",
+                     Dialect(probe_path="/models"), ("deepseek",)),
+    # docs.x.ai/docs/api-reference: include_usage supported; grok-4 reasons unstreamed.
+    OpenAICompatible("xai", "https://api.x.ai", "/v1",
+                     Dialect(reasoning_by_model=True, reset_headers=OPENAI_RESETS), ("xai",)),
+    # openrouter.ai/docs: usage (with `cost`) on the last chunk unasked; `: OPENROUTER
+    # PROCESSING` comments; errors mid-stream as a chunk with `error`.
+    OpenAICompatible("openrouter", "https://openrouter.ai", "/api/v1",
+                     Dialect(stream_usage="always", reasoning_by_model=True,
+                             probe_path="/api/v1/key"), ("openrouter",)),
+    # docs.together.ai: usage on the last chunk; include_usage accepted.
+    OpenAICompatible("together", "https://api.together.xyz", "/v1",
+                     Dialect(stream_usage="always"), ("together_ai",)),
+    # docs.fireworks.ai: usage on the last chunk; include_usage accepted.
+    OpenAICompatible("fireworks", "https://api.fireworks.ai", "/inference/v1",
+                     Dialect(stream_usage="always", probe_path="/inference/v1/models"),
+                     ("fireworks_ai",)),
+    # inference-docs.cerebras.ai: usage on the last chunk.
+    OpenAICompatible("cerebras", "https://api.cerebras.ai", "/v1",
+                     Dialect(stream_usage="always"), ("cerebras",)),
+    # docs.perplexity.ai: usage (with `cost`) on the chunks unasked; a request fee by
+    # search context size, at most $14 per 1,000 requests (sonar-pro, high).
+    OpenAICompatible("perplexity", "https://api.perplexity.ai", "",
+                     Dialect(stream_usage="always", reasoning_by_model=True,
+                             probe_path="/models", request_fee_nano=14_000_000),
+                     ("perplexity",)),
+)
+
+
+def declared(name: str) -> OpenAICompatible:
+    """An upstream the operator declares (`TOKENFUSE_OPENAI_COMPATIBLE`): vLLM, LM Studio,
+    an internal gateway. Asked for stream usage (vLLM, LM Studio and LiteLLM accept
+    `stream_options`); priced only from the operator's price file (`<name>/<model>`)."""
+    return OpenAICompatible(name, "", "/v1", Dialect(reasoning_by_model=True))
