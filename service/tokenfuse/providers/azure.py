@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 from typing import Any
+from urllib.parse import parse_qs
 
 from tokenfuse.providers.base import Call, Credential, RequestRejected, endpoint_of
 from tokenfuse.providers.openai import OpenAI
@@ -53,6 +54,8 @@ class Azure(OpenAI):
                                   f"tokenfuse does not price {endpoint}; refused (fail-closed)")
         model = self.model_of_deployment(deployment)
         call = super().parse_request(rest, {**body, "model": model})
+        if call.hide_usage_chunk and not _accepts_stream_options(path, parts):
+            call.new_body, call.hide_usage_chunk = None, False  # an older api-version: 400
         if call.new_body is not None:  # what tokenfuse rewrites keeps the client's model
             if "model" in body:
                 call.new_body["model"] = body["model"]
@@ -78,6 +81,19 @@ class Azure(OpenAI):
 
     def probe(self, secret: str) -> tuple[str, dict[str, str]]:
         return "/openai/models?api-version=2024-10-21", {"api-key": secret}
+
+
+#: The first api-version that accepts `stream_options.include_usage` (older ones answer 400:
+#: openai/openai-python#1469; supported from 2024-09-01-preview and GA 2024-10-21).
+STREAM_OPTIONS_SINCE = "2024-09-01"
+
+
+def _accepts_stream_options(path: str, parts: list[str]) -> bool:
+    if parts[:2] == ["openai", "v1"]:
+        return True  # the v1 API: no api-version, OpenAI's current surface
+    query = parse_qs(path.partition("?")[2])
+    version = (query.get("api-version") or [""])[0]
+    return version[:10] >= STREAM_OPTIONS_SINCE
 
 
 def _entra_identity(token: str) -> str | None:

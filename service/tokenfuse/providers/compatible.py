@@ -18,7 +18,7 @@ from typing import Any
 
 from tokenfuse.money import reported_usd_to_nano
 from tokenfuse.pricing import TokenUsage
-from tokenfuse.providers.base import Call, Credential, ErrorKind, Tokenizer
+from tokenfuse.providers.base import Call, Credential, ErrorKind, Tokenizer, int_field
 from tokenfuse.providers.openai import OpenAI
 
 #: Open-weight models' tokenizers (Llama, Mistral, Qwen, DeepSeek, Gemma: vocabularies of
@@ -39,9 +39,13 @@ class Dialect:
     stream_usage: str = "ask"
     #: The vendor's models may bill reasoning they do not stream.
     reasoning_by_model: bool = False
-    #: Reset headers the vendor sends with a 429, in precedence: (header, format) where
-    #: format is "seconds", "duration" (`1m30.5s`, `250ms`) or "epoch" (unix seconds).
-    reset_headers: tuple[tuple[str, str], ...] = (("retry-after", "seconds"),)
+    #: Output cap fields the vendor honours, the one tokenfuse writes first (a field it
+    #: ignores bounds nothing: Ollama ignores `max_completion_tokens`, Mistral refuses it).
+    cap_fields: tuple[str, ...] = ("max_tokens",)
+    #: When the vendor says a key may be used again: `retry-after` (seconds) or
+    #: `retry-after-ms` first, else the reset header of a limit whose remaining count is 0:
+    #: (remaining header, reset header, format "seconds" | "duration" (`2m59.56s`)).
+    reset_headers: tuple[tuple[str, str, str], ...] = ()
     #: The cheapest authenticated request that proves a key (path relative to the upstream).
     probe_path: str = "/v1/models"
     tokenizer: Tokenizer = OPEN_WEIGHT_TOKENIZER
@@ -69,8 +73,24 @@ class OpenAICompatible(OpenAI):
 
     def parse_request(self, path: str, body: dict[str, Any]) -> Call:
         call = super().parse_request(path, body)
+        if call.endpoint == "chat.completions":
+            honoured = [c for f in self.dialect.cap_fields
+                        if (c := int_field(body, f)) is not None]
+            call.max_output_tokens = max(honoured) if honoured else None
         call.request_fee_nano = self.dialect.request_fee_nano if call.priced else 0
+        # Reasoning asked to be billed but not shown: Groq `reasoning_format: hidden` /
+        # `include_reasoning: false`, OpenRouter `reasoning.exclude`.
+        reasoning = body.get("reasoning")
+        call.hidden_output = call.hidden_output or body.get("reasoning_format") == "hidden" \
+            or body.get("include_reasoning") is False \
+            or (isinstance(reasoning, dict) and reasoning.get("exclude") is True)
         return call
+
+    def with_output_cap(self, body: dict[str, Any], call: Call, cap: int) -> dict[str, Any]:
+        if call.endpoint != "chat.completions":
+            return super().with_output_cap(body, call, cap)
+        fields = self.dialect.cap_fields
+        return {**body, **dict.fromkeys([f for f in fields if f in body] or fields[:1], cap)}
 
     def tokenizer(self, model: str) -> Tokenizer:
         return self.dialect.tokenizer
@@ -109,12 +129,15 @@ class OpenAICompatible(OpenAI):
                           "param": None}}
 
     def retry_after_ms(self, headers: dict[str, str]) -> int:
-        for header, form in self.dialect.reset_headers:
-            value = headers.get(header, "").strip()
-            ms = _reset_ms(value, form) if value else -1
-            if ms >= 0:
-                return ms
-        return -1
+        said = _reset_ms(headers.get("retry-after-ms", ""), "ms")
+        if said < 0:
+            said = _reset_ms(headers.get("retry-after", ""), "seconds")
+        if said >= 0:
+            return said
+        resets = [_reset_ms(headers.get(reset, ""), form)
+                  for remaining, reset, form in self.dialect.reset_headers
+                  if headers.get(remaining, "").strip() == "0"]
+        return max(resets, default=-1)
 
     def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
         return ("authorization", f"Bearer {secret}"), ()
@@ -181,69 +204,104 @@ _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?"
 
 
 def _reset_ms(value: str, form: str) -> int:
-    """A reset header's wait in ms (-1 when unreadable). `duration` is the Go-style form
-    OpenAI and Groq send in `x-ratelimit-reset-*` (`6m0s`, `1.5s`, `250ms`)."""
+    """A reset header's wait in ms, rounded up (-1 when absent or unreadable). `duration`
+    is the Go-style form Groq sends in `x-ratelimit-reset-*` (`2m59.56s`, `7.66s`,
+    `250ms`); `seconds` may be fractional (Cerebras: `11.382867097854614`)."""
+    value = value.strip()
+    if not value:
+        return -1
     try:
-        if form == "seconds":
-            return int(Decimal(value) * 1000) if Decimal(value) >= 0 else -1
-        if form == "epoch":
-            return -1  # needs the clock: not a pure decision (left to the cooldown)
+        if form in ("seconds", "ms"):
+            amount = Decimal(value) * (1000 if form == "seconds" else 1)
+            return int(-(-amount // 1)) if amount.is_finite() and amount >= 0 else -1
         match = _DURATION.match(value)
         if match is None or not any(match.groups()):
             return -1
         h, m, s, ms = (Decimal(g) if g else Decimal(0) for g in match.groups())
-        return int(((h * 60 + m) * 60 + s) * 1000 + ms)
+        return int(-(-(((h * 60 + m) * 60 + s) * 1000 + ms) // 1))
     except ArithmeticError:
         return -1
 
 
-OPENAI_RESETS = (("retry-after", "seconds"), ("x-ratelimit-reset-requests", "duration"),
-                 ("x-ratelimit-reset-tokens", "duration"))
+#: Groq's limits (console.groq.com/docs/rate-limits): requests per day, tokens per minute.
+GROQ_RESETS = (("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "duration"),
+               ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", "duration"))
+#: Cerebras's (inference-docs.cerebras.ai/support/rate-limits), in seconds.
+CEREBRAS_RESETS = (
+    ("x-ratelimit-remaining-tokens-minute", "x-ratelimit-reset-tokens-minute", "seconds"),
+    ("x-ratelimit-remaining-requests-day", "x-ratelimit-reset-requests-day", "seconds"))
+
+
+class XAI(OpenAICompatible):
+    """xAI counts chat reasoning apart from `completion_tokens` (total = prompt +
+    completion + reasoning) and reports the exact bill as `cost_in_usd_ticks`
+    (10^10 ticks per USD: docs.x.ai/developers/cost-tracking)."""
+
+    def usage(self, payload: dict[str, Any]) -> TokenUsage | None:
+        usage = super().usage(payload)
+        raw = _usage_object(payload)
+        if usage is None or raw is None:
+            return usage
+        details = raw.get("completion_tokens_details")
+        reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+        prompt, completion = _int(raw.get("prompt_tokens")), _int(raw.get("completion_tokens"))
+        if reasoning and _int(raw.get("total_tokens")) == prompt + completion + reasoning:
+            usage = replace(usage, reasoning=reasoning)
+        ticks = raw.get("cost_in_usd_ticks")
+        if isinstance(ticks, int) and not isinstance(ticks, bool) and ticks >= 0:
+            usage = replace(usage, billed_nano=-(-ticks // 10))
+        return usage
+
 
 #: The vendors tokenfuse knows, with the path their SDK (or OpenAI's SDK with `base_url`)
-#: puts after the upstream. Sources checked 2026-12 (see docs/providers.md).
+#: puts after the upstream. Sources checked 2026-12 (docs/providers.md has them all).
 VENDORS: tuple[OpenAICompatible, ...] = (
-    # docs.mistral.ai/api: usage on the last chunk unasked; unknown body fields are a 422.
+    # docs.mistral.ai/api: usage on the last chunk unasked; unknown body fields (also
+    # `stream_options`, `max_completion_tokens`) are a 422.
     OpenAICompatible("mistral", "https://api.mistral.ai", "/v1",
                      Dialect(stream_usage="always"), ("mistral",)),
-    # console.groq.com/docs/api-reference: stream usage in `x_groq.usage` on the last chunk;
-    # 429s carry retry-after and x-ratelimit-reset-* (console.groq.com/docs/rate-limits).
+    # console.groq.com/docs/api-reference: stream usage in `x_groq.usage` on the last chunk
+    # unasked; unknown body fields are a 400.
     OpenAICompatible("groq", "https://api.groq.com", "/openai/v1",
-                     Dialect(stream_usage="always", reset_headers=OPENAI_RESETS,
+                     Dialect(stream_usage="always", reset_headers=GROQ_RESETS,
+                             cap_fields=("max_completion_tokens", "max_tokens"),
                              probe_path="/openai/v1/models"), ("groq",)),
-    # api-docs.deepseek.com: include_usage supported; prompt_cache_hit/miss_tokens;
-    # deepseek-reasoner streams its reasoning as `reasoning_content`.
-    OpenAICompatible("deepseek", "https://api.deepseek.com", "/v1",
+    # api-docs.deepseek.com: `stream_options` documented (usage on the last chunk);
+    # prompt_cache_hit/miss_tokens; deepseek-reasoner streams `reasoning_content`.
+    OpenAICompatible("deepseek", "https://api.deepseek.com", "",
                      Dialect(probe_path="/models"), ("deepseek",)),
-    # docs.x.ai/docs/api-reference: include_usage supported; grok-4 reasons unstreamed.
-    OpenAICompatible("xai", "https://api.x.ai", "/v1",
-                     Dialect(reasoning_by_model=True, reset_headers=OPENAI_RESETS), ("xai",)),
-    # openrouter.ai/docs: usage (with `cost`) on the last chunk unasked; `: OPENROUTER
-    # PROCESSING` comments; errors mid-stream as a chunk with `error`.
+    # docs.x.ai: cumulative usage on every chunk unasked; grok-4 reasons unstreamed.
+    XAI("xai", "https://api.x.ai", "/v1",
+        Dialect(stream_usage="always", reasoning_by_model=True,
+                cap_fields=("max_completion_tokens", "max_tokens")), ("xai",)),
+    # openrouter.ai/docs/use-cases/usage-accounting: usage (with `cost`) on the last chunk
+    # always (`stream_options` has no effect); `: OPENROUTER PROCESSING` comments; errors
+    # mid-stream as a chunk with `error`.
     OpenAICompatible("openrouter", "https://openrouter.ai", "/api/v1",
                      Dialect(stream_usage="always", reasoning_by_model=True,
+                             cap_fields=("max_tokens", "max_completion_tokens"),
                              probe_path="/api/v1/key"), ("openrouter",)),
-    # docs.together.ai: usage on the last chunk; include_usage accepted.
+    # docs.together.ai: usage on the last chunk unasked.
     OpenAICompatible("together", "https://api.together.xyz", "/v1",
                      Dialect(stream_usage="always"), ("together_ai",)),
-    # docs.fireworks.ai: usage on the last chunk; include_usage accepted.
+    # docs.fireworks.ai: `stream_options.include_usage` supported (LiteLLM sets it).
     OpenAICompatible("fireworks", "https://api.fireworks.ai", "/inference/v1",
-                     Dialect(stream_usage="always", probe_path="/inference/v1/models"),
-                     ("fireworks_ai",)),
-    # inference-docs.cerebras.ai: usage on the last chunk.
+                     Dialect(probe_path="/inference/v1/models"), ("fireworks_ai",)),
+    # inference-docs.cerebras.ai: usage (and time_info) on the last chunk.
     OpenAICompatible("cerebras", "https://api.cerebras.ai", "/v1",
-                     Dialect(stream_usage="always"), ("cerebras",)),
-    # docs.perplexity.ai: usage (with `cost`) on the chunks unasked; a request fee by
-    # search context size, at most $14 per 1,000 requests (sonar-pro, high).
+                     Dialect(stream_usage="always", reset_headers=CEREBRAS_RESETS,
+                             cap_fields=("max_completion_tokens", "max_tokens")),
+                     ("cerebras",)),
+    # docs.perplexity.ai: cumulative usage (with `cost`) on the chunks unasked; a request
+    # fee by search context size, at most $14 per 1,000 requests (sonar-pro, high).
     OpenAICompatible("perplexity", "https://api.perplexity.ai", "",
                      Dialect(stream_usage="always", reasoning_by_model=True,
                              probe_path="/models", request_fee_nano=14_000_000),
                      ("perplexity",)),
 )
-
-
 def declared(name: str) -> OpenAICompatible:
     """An upstream the operator declares (`TOKENFUSE_OPENAI_COMPATIBLE`): vLLM, LM Studio,
     an internal gateway. Asked for stream usage (vLLM, LM Studio and LiteLLM accept
     `stream_options`); priced only from the operator's price file (`<name>/<model>`)."""
-    return OpenAICompatible(name, "", "/v1", Dialect(reasoning_by_model=True))
+    return OpenAICompatible(name, "", "/v1", Dialect(
+        reasoning_by_model=True, cap_fields=("max_tokens", "max_completion_tokens")))
