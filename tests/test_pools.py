@@ -326,3 +326,16 @@ def test_pool_secrets_appear_nowhere(pool_stack: Stack) -> None:
                                 ("metrics", pool_stack.processor.metrics()),
                                 ("keys list", listing)):
             assert secret not in haystack, f"a pool secret leaked into {where}"
+
+
+def test_pool_serves_only_its_provider(pool_stack: Stack, fake: FakeProvider,
+                                       claude_vkey: str) -> None:
+    """A pool of Claude keys is never presented to another provider's route."""
+    before = len(fake.records)
+    client = openai_client(pool_stack, claude_vkey)
+    with pytest.raises(openai.PermissionDeniedError) as raised:
+        client.chat.completions.create(model="gpt-4o-mini",
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.code == "pool_provider_mismatch"
+    assert "/anthropic/" in str(raised.value)
+    assert len(fake.records) == before

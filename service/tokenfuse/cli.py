@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     key_actions = keys.add_subparsers(dest="action", required=True)
     imp = key_actions.add_parser("import", help="register a pool CSV (key,label,weight)")
     imp.add_argument("--pool", required=True)
-    imp.add_argument("--provider", choices=sorted(PROVIDERS), default=DEFAULT_PROVIDER)
+    imp.add_argument("--provider", default=DEFAULT_PROVIDER,
+                     help=f"the provider the pool's keys are for: {', '.join(PROVIDERS)}, or a "
+                          "name declared in TOKENFUSE_OPENAI_COMPATIBLE")
     imp.add_argument("csv_file")
     for name, text in (("list", "keys with health, cooldown, last error, usage"),
                        ("export", "CSV of ids, labels, weights and health")):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 NANO_PER_USD = 1_000_000_000
 
@@ -35,7 +35,8 @@ def reported_usd_to_nano(value: int | Decimal | str) -> int:
         raise ValueError(f"not a USD amount: {value!r}") from exc
     if not amount.is_finite() or amount < 0:
         raise ValueError(f"not a non-negative USD amount: {value!r}")
-    return int(-(-amount * NANO_PER_USD // 1))
+    # Decimal's // truncates toward zero: round up explicitly.
+    return int((amount * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
 
 
 def nano_to_usd(nano: int) -> str:

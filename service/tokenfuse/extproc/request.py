@@ -62,7 +62,7 @@ class RequestPhase:
         # One large body at a time off the loop: each holds the interpreter for long C calls
         # (JSON), and the loop must still get its turns for every other request.
         self._large_bodies = asyncio.Semaphore(1)
-        self._vkey_cache: dict[str, tuple[str | None, float]] = {}
+        self._vkey_cache: dict[str, tuple[tuple[str, str] | None, float]] = {}
 
     async def on_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         values = header_values(msg)
@@ -254,19 +254,26 @@ class RequestPhase:
             return None
         cached = self._vkey_cache.get(ex.caller)
         if cached is not None and cached[1] > time.monotonic():
-            pool = cached[0]
+            bound = cached[0]
         else:
             try:
                 async with asyncio.timeout(rt.redis_timeout):
-                    pool = await rt.pools.virtual_key_pool(ex.caller)
+                    bound = await rt.pools.virtual_key_pool(ex.caller)
             except REDIS_FAILURES as exc:
                 return rt.store_unavailable(ex, "vkey", exc)
-            self._vkey_cache[ex.caller] = (pool, time.monotonic() + VKEY_CACHE_SECONDS)
-        if pool is None:
-            assert ex.provider is not None
+            self._vkey_cache[ex.caller] = (bound, time.monotonic() + VKEY_CACHE_SECONDS)
+        assert ex.provider is not None
+        if bound is None:
             return rt.send(ex, refusals.refuse(ex.provider, 401, "authentication",
                                                "invalid_virtual_key",
                                                "unknown tokenfuse gateway key"))
+        pool, pool_provider = bound
+        if pool_provider != ex.provider_name:
+            # A pool holds one provider's keys: never present them to another provider.
+            return rt.send(ex, refusals.refuse(
+                ex.provider, 403, "permission", "pool_provider_mismatch",
+                f"this gateway key's pool '{pool}' holds {pool_provider or 'no'} keys; "
+                f"call it at /{pool_provider}/, not /{ex.provider_name}/"))
         ex.pool = pool
         return None
 

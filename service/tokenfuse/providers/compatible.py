@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from tokenfuse.money import reported_usd_to_nano
@@ -203,6 +203,10 @@ _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?"
                        r"(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$")
 
 
+def _ceil(amount: Decimal) -> int:
+    return int(amount.to_integral_value(rounding=ROUND_CEILING))
+
+
 def _reset_ms(value: str, form: str) -> int:
     """A reset header's wait in ms, rounded up (-1 when absent or unreadable). `duration`
     is the Go-style form Groq sends in `x-ratelimit-reset-*` (`2m59.56s`, `7.66s`,
@@ -213,12 +217,12 @@ def _reset_ms(value: str, form: str) -> int:
     try:
         if form in ("seconds", "ms"):
             amount = Decimal(value) * (1000 if form == "seconds" else 1)
-            return int(-(-amount // 1)) if amount.is_finite() and amount >= 0 else -1
+            return _ceil(amount) if amount.is_finite() and amount >= 0 else -1
         match = _DURATION.match(value)
         if match is None or not any(match.groups()):
             return -1
         h, m, s, ms = (Decimal(g) if g else Decimal(0) for g in match.groups())
-        return int(-(-(((h * 60 + m) * 60 + s) * 1000 + ms) // 1))
+        return _ceil(((h * 60 + m) * 60 + s) * 1000 + ms)
     except ArithmeticError:
         return -1
 

@@ -71,9 +71,14 @@ class PoolStore:
                 due.append(kid)
         return (provider.decode() if provider else None), due
 
-    async def virtual_key_pool(self, vkey_id: str) -> str | None:
+    async def virtual_key_pool(self, vkey_id: str) -> tuple[str, str] | None:
+        """(pool, the provider its keys are for) of a gateway key, or None."""
         pool = await self._redis.hget(vkey_key(vkey_id), "pool")
-        return pool.decode() if isinstance(pool, bytes) else pool
+        if pool is None:
+            return None
+        name = pool.decode() if isinstance(pool, bytes) else pool
+        provider = await self._redis.hget(pool_key(name, "meta"), "provider")
+        return name, provider.decode() if isinstance(provider, bytes) else (provider or "")
 
 
 class PoolAdmin:
