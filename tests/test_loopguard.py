@@ -86,6 +86,20 @@ def test_anthropic_sdk_surfaces_the_loop(stack: Stack, api_key: str) -> None:
     assert raised.value.response.json()["detail"]["error"] == "recursive_loop_detected"
 
 
+def test_sdk_default_retries_do_not_retry_the_loop(stack: Stack, api_key: str) -> None:
+    """The SDKs retry a 429 twice by default (after retry-after); tokenfuse says not to."""
+    client = openai.OpenAI(base_url=stack.envoy.base_url + "/openai/v1", api_key=api_key,
+                           timeout=30)  # max_retries: the SDK's default (2)
+    for _ in range(5):
+        client.chat.completions.create(model="gpt-4o-mini", max_tokens=3,
+                                       messages=[{"role": "user", "content": "retry me"}])
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="gpt-4o-mini", max_tokens=3,
+                                       messages=[{"role": "user", "content": "retry me"}])
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert raised.value.response.json()["detail"]["hit_count"] == 6  # asked once, not 3x
+
+
 def test_keys_and_models_count_separately(stack: Stack, api_key: str) -> None:
     other_key = api_key + "-other"
     for _ in range(5):

@@ -85,9 +85,13 @@ def budget(provider: Provider, refusal: Refusal, details: dict[str, Any]) -> Rep
 
 def _rate_limited(provider: Provider, code: str, message: str, detail: dict[str, Any],
                   retry_after: int) -> Reply:
+    """429 with retry-after, and `x-should-retry: false`: the Stainless SDKs (openai,
+    anthropic, groq) otherwise retry a 429 by themselves after retry-after, and an agent
+    loop retried by its SDK is still the loop."""
     doc = json.loads(provider.error_body("rate_limit", code, message))
     doc["detail"] = detail
-    return Reply(429, code, json.dumps(doc).encode(), (("retry-after", str(retry_after)),))
+    return Reply(429, code, json.dumps(doc).encode(),
+                 (("retry-after", str(retry_after)), ("x-should-retry", "false")))
 
 
 def tool_loop(provider: Provider, name: str, times: int, limit: int,

@@ -105,10 +105,15 @@ def unrouted_error_body(code: str, message: str) -> bytes:
     return PROVIDERS[DEFAULT_PROVIDER].error_body("invalid_request", code, message)
 
 
+#: One reader per tool-call shape (the OpenAI-compatible family shares OpenAI's): a call
+#: is counted once, whichever providers read its shape.
+_TOOL_CALL_READERS = tuple({type(p).tool_calls: p.tool_calls for p in BUILTIN.values()}.values())
+
+
 def tool_calls(message: Any) -> list[tuple[str, Any]]:
     """Tool calls recorded in one history message, in any provider's shape (an agent may
     replay another provider's history)."""
-    return [call for provider in PROVIDERS.values() for call in provider.tool_calls(message)]
+    return [call for read in _TOOL_CALL_READERS for call in read(message)]
 
 
 __all__ = ["BUILTIN", "CREDENTIAL_HEADERS", "DEFAULT_PROVIDER", "ENCODING_DATA_PACKAGE",
