@@ -73,6 +73,9 @@ def test_azure_is_unconfigured_until_its_upstream_is_set() -> None:
     assert load_settings(BASE_ENV).envoy.upstreams["azure"] == ""
     given = load_settings({**BASE_ENV, "TOKENFUSE_UPSTREAM_AZURE": "https://r.openai.azure.com"})
     assert given.envoy.upstreams["azure"] == "https://r.openai.azure.com"
+    assert given.envoy.upstreams["groq"] == "https://api.groq.com"
+    off = load_settings({**BASE_ENV, "TOKENFUSE_UPSTREAM_GROQ": ""})  # turned off
+    assert off.envoy.upstreams["groq"] == ""
 
 
 def test_azure_deployments_name_the_model() -> None:

@@ -49,6 +49,11 @@ class _Env:
     def raw(self, name: str) -> str:
         return self._environ.get(name, "")
 
+    def given(self, name: str, default: str) -> str:
+        """The value when the variable is set (even to ""), else the default."""
+        value = self._environ.get(name)
+        return default if value is None else value.strip()
+
     def text(self, name: str, default: str) -> str:
         return self._environ.get(name, "").strip() or default
 
@@ -297,7 +302,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             max_connections=env.int("TOKENFUSE_MAX_CONNECTIONS", 50000, minimum=1),
             ca_bundle=env.text("TOKENFUSE_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"),
             bench_routes=env.text("TOKENFUSE_BENCH_ROUTES", "0") == "1",
-            upstreams={name: compatible.get(name) or env.text(
+            # A variable set to "" turns its provider off (404 provider_not_configured).
+            upstreams={name: compatible.get(name) or env.given(
                 upstream_variable(name), provider.default_upstream)
                 for name, provider in PROVIDERS.items()},
         ),
