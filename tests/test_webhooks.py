@@ -124,7 +124,9 @@ def test_loop_detected_is_signed_and_complete(hooked: Stack, receiver: Receiver,
     assert headers["x-tokenfuse-signature"] == expected
     assert headers["x-tokenfuse-event"] == "loop.detected"
     payload = json.loads(body)
-    assert set(payload) == {"event", "timestamp", "request_id", "key_id_prefix", "data"}
+    assert set(payload) == {"event", "timestamp", "request_id", "key_id_prefix", "provider",
+                            "data"}
+    assert payload["provider"] == "openai"
     assert payload["timestamp"].endswith("Z") and payload["request_id"]
     data = payload["data"]
     assert data["hit_count"] == 6 and data["cooldown_seconds"] == 30

@@ -131,8 +131,10 @@ class WebhookSink:
     def enabled(self) -> bool:
         return bool(self._urls)
 
-    def emit(self, event: str, request_id: str, key_prefix: str, data: dict[str, Any]) -> None:
-        """Queue an event for every receiver; never blocks, never raises."""
+    def emit(self, event: str, request_id: str, key_prefix: str, data: dict[str, Any],
+             provider: str = "") -> None:
+        """Queue an event for every receiver; never blocks, never raises. `provider`: the
+        route's provider name ("" for events about no request)."""
         if not self._receivers:
             return
         body = json.dumps({
@@ -140,6 +142,7 @@ class WebhookSink:
             "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "request_id": request_id,
             "key_id_prefix": key_prefix,
+            "provider": provider,
             "data": data,
         }).encode()
         for receiver in self._receivers:

@@ -55,4 +55,5 @@ class Runtime:
 
     def emit(self, ex: Exchange, event: str, data: dict[str, Any]) -> None:
         if self.webhooks is not None:
-            self.webhooks.emit(event, ex.request_id, ex.caller[:PREFIX_CHARS], data)
+            self.webhooks.emit(event, ex.request_id, ex.caller[:PREFIX_CHARS], data,
+                               ex.provider_name)
