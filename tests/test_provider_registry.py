@@ -251,3 +251,19 @@ def test_declared_upstream_is_priced_from_the_operator_file(declared_stack: Stac
     assert {w["spent_nano_usd"] for w in windows.values()} == {expected}
     assert {w["reserved_nano_usd"] for w in windows.values()} == {0}
     assert requests_for(fake, key) == 1
+
+
+def test_openrouter_is_bounded_by_the_originating_vendors_price() -> None:
+    """No OpenRouter prices in the dataset: its resold first-party models reserve at the
+    originating vendor's list price (OpenRouter's `usage.cost` then settles the call)."""
+    from tokenfuse.config import EstimateSettings
+    from tokenfuse.policy.reservation import price_for
+
+    table, router = PriceTable.load(), PROVIDERS["openrouter"]
+    settings = EstimateSettings()
+    assert price_for(table, "openai/gpt-4o", settings, router) == table.lookup("gpt-4o")
+    claude = price_for(table, "anthropic/claude-haiku-4.5", settings, router)
+    assert claude is not None and claude == table.lookup("claude-haiku-4-5")
+    assert price_for(table, "openai/gpt-4o:nitro", settings, router) == table.lookup("gpt-4o")
+    assert price_for(table, "meta-llama/llama-3.3-70b-instruct", settings, router) is None
+    assert price_for(table, "gpt-4o", settings, router) is None  # no bare fallback

@@ -38,7 +38,9 @@ def price_for(prices: PriceTable, model: str, settings: EstimateSettings,
     """The model's price (at `provider`'s own ids, when it has a namespace); an unknown
     model gets the configured prices under TOKENFUSE_UNKNOWN_MODEL=price, else None
     (refused)."""
-    price = prices.lookup(model, provider.price_namespace if provider else None)
+    ids = provider.price_ids(model) if provider else ((None, model),)
+    price = next((p for namespace, name in ids
+                  if (p := prices.lookup(name, namespace)) is not None), None)
     if price is None and settings.unknown_model_policy == "price":
         price = ModelPrice(
             model=model,

@@ -133,6 +133,10 @@ class Provider(Protocol):
     # -- requests
     def parse_request(self, path: str, body: dict[str, Any]) -> Call: ...
 
+    def price_ids(self, model: str) -> tuple[tuple[str | None, str], ...]:
+        """Where the model's price is looked up, in order: (namespace, model id)."""
+        ...
+
     def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
         """(tool name, arguments) of every tool call recorded in one history message."""
         ...
@@ -217,6 +221,9 @@ class ProviderBase:
 
     def media_bound(self, block: dict[str, Any], model: str) -> Any:
         return None
+
+    def price_ids(self, model: str) -> tuple[tuple[str | None, str], ...]:
+        return ((self.price_namespace, model),)
 
     def tokenizer(self, model: str) -> Tokenizer:
         return DEFAULT_TOKENIZER

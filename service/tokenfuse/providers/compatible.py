@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 from tokenfuse.money import reported_usd_to_nano
 from tokenfuse.pricing import TokenUsage
@@ -257,6 +257,29 @@ class XAI(OpenAICompatible):
         return usage
 
 
+class OpenRouter(OpenAICompatible):
+    """OpenRouter resells other vendors' models (`openai/gpt-4o`, `anthropic/claude-…`) at
+    their list prices (openrouter.ai/docs/faq: no markup on inference) and reports the
+    bill as `usage.cost`, which settles the call. LiteLLM's dataset has no OpenRouter
+    entries, so without an `openrouter/<model>` price the reservation is bounded by the
+    originating vendor's own price."""
+
+    #: OpenRouter's vendor prefix → (tokenfuse price namespace, model id rewrite).
+    ORIGINS: ClassVar[dict[str, str | None]] = {
+        "openai": None, "anthropic": None, "mistralai": "mistral", "deepseek": "deepseek",
+        "x-ai": "xai"}
+
+    def price_ids(self, model: str) -> tuple[tuple[str | None, str], ...]:
+        ids: list[tuple[str | None, str]] = [(self.price_namespace, model)]
+        origin, sep, rest = model.partition("/")
+        if sep and origin in self.ORIGINS:
+            rest = rest.split(":", 1)[0]  # `:free`, `:nitro` variants
+            if origin == "anthropic":  # claude-sonnet-4.5 → claude-sonnet-4-5
+                rest = rest.replace(".", "-")
+            ids.append((self.ORIGINS[origin], rest))
+        return tuple(ids)
+
+
 #: The vendors tokenfuse knows, with the path their SDK (or OpenAI's SDK with `base_url`)
 #: puts after the upstream. Sources checked 2026-12 (docs/providers.md has them all).
 VENDORS: tuple[OpenAICompatible, ...] = (
@@ -281,10 +304,10 @@ VENDORS: tuple[OpenAICompatible, ...] = (
     # openrouter.ai/docs/use-cases/usage-accounting: usage (with `cost`) on the last chunk
     # always (`stream_options` has no effect); `: OPENROUTER PROCESSING` comments; errors
     # mid-stream as a chunk with `error`.
-    OpenAICompatible("openrouter", "https://openrouter.ai", "/api/v1",
+    OpenRouter("openrouter", "https://openrouter.ai", "/api/v1",
                      Dialect(stream_usage="always", reasoning_by_model=True,
-                             cap_fields=("max_tokens", "max_completion_tokens"),
-                             probe_path="/api/v1/key"), ("openrouter",)),
+               cap_fields=("max_tokens", "max_completion_tokens"),
+               probe_path="/api/v1/key"), ("openrouter",)),
     # docs.together.ai: usage on the last chunk unasked.
     OpenAICompatible("together", "https://api.together.xyz", "/v1",
                      Dialect(stream_usage="always"), ("together_ai",)),
