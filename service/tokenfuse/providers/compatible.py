@@ -229,7 +229,7 @@ VENDORS: tuple[OpenAICompatible, ...] = (
     # docs.fireworks.ai: usage on the last chunk; include_usage accepted.
     OpenAICompatible("fireworks", "https://api.fireworks.ai", "/inference/v1",
                      Dialect(stream_usage="always", probe_path="/inference/v1/models"),
-                     ("fireworks_ai",)),
+                     ("fireworks_ai", "fireworks_ai-embedding-models")),
     # inference-docs.cerebras.ai: usage on the last chunk.
     OpenAICompatible("cerebras", "https://api.cerebras.ai", "/v1",
                      Dialect(stream_usage="always"), ("cerebras",)),
