@@ -15,7 +15,7 @@ field corrected for the bound, with the reason) are applied again.
 A provider with a price namespace (every vendor but OpenAI and Anthropic) gets its entries
 under `<namespace>/<the model id its API takes>`: the dataset's `<litellm provider>/<id>`
 key with its prefix replaced, and the id put in the vendor's form where LiteLLM's differs
-(Fireworks' `accounts/fireworks/models/…`). (The key mapping per vendor, hence its length.)
+(`Provider.price_model_id`). (Fees, tiers and keys per vendor, hence its length.)
 """
 
 from __future__ import annotations
@@ -56,12 +56,6 @@ _FIELDS = {
     "output_cost_per_reasoning_token": "reasoning_output",
 }
 _TIER_FIELDS = ("input", "output", "cache_read", "cache_write", "cache_write_1h")
-#: The key prefix of a dataset provider whose entries are named after another's
-#: (`fireworks_ai/nomic-ai/…` for "fireworks_ai-embedding-models", `azure/…` for "azure_text").
-_KEY_PREFIX = {"fireworks_ai-embedding-models": "fireworks_ai", "azure_text": "azure"}
-#: LiteLLM's fallback prices by parameter count (`together-ai-4.1b-8b`,
-#: `fireworks-ai-default`): not model ids, never a vendor's model.
-_SIZE_BUCKET = re.compile(r"^(together|fireworks)-ai-")
 
 
 class InexactPrice(ValueError):
@@ -192,45 +186,25 @@ def convert(data: dict[str, Any], source: Source,
     }
 
 
-def table_key(name: str, spec: dict[str, Any], provider: str) -> tuple[int, str] | None:
+def table_key(name: str, spec: dict[str, Any], provider: str) -> tuple[str, int] | None:
     """The table key of a dataset entry and its rank (0: the dataset names the vendor's id
     exactly; 1: mapped or unprefixed, kept only where no rank-0 key names the model), or None
     for an entry that names no routed model."""
-    namespace = PROVIDERS[provider].price_namespace if provider in PROVIDERS else None
-    if namespace is None:  # bare ids: no provider-prefixed or fine-tune templates
+    routed = PROVIDERS.get(provider)
+    namespace = routed.price_namespace if routed else None
+    if routed is None or namespace is None:  # bare ids: no prefixed or fine-tune templates
         return None if "/" in name or name.startswith("ft:") else (name, 0)
     if "ft:" in name:
         return None
-    dataset = str(spec["litellm_provider"])
-    prefix = _KEY_PREFIX.get(dataset, dataset) + "/"
-    if name.startswith(prefix):
-        model, rank = name[len(prefix):], 0
-    elif "/" in name or _SIZE_BUCKET.match(name):
-        return None  # another provider's key form, or a size bucket
-    else:
-        model, rank = name, 1  # e.g. DeepSeek's `deepseek-chat` beside `deepseek/deepseek-chat`
-    if namespace == "fireworks" and spec.get("mode") != "embedding":
-        vendor = fireworks_resource_name(model)
-        model, rank = vendor, rank if vendor == model else 1
-    return (f"{namespace}/{model}", rank) if model else None
-
-
-def fireworks_resource_name(model: str) -> str:
-    """The id Fireworks' chat API takes for a LiteLLM model name: `accounts/<account>/
-    models|routers/<name>` (docs.fireworks.ai/api-reference/post-chatcompletions). LiteLLM's
-    own rule (litellm 1.110.2, litellm/llms/fireworks_ai/common_utils.py
-    `resolve_fireworks_resource_name`): `-fast` names and the `auto`/`auto-instant`/
-    `firerouter` routers are routers, the rest models. Embeddings keep their bare id
-    (`nomic-ai/nomic-embed-text-v1.5`: Fireworks' embeddings refuse the accounts/ form, per
-    litellm/llms/fireworks_ai/embed/)."""
-    if model.startswith(("accounts/", "FW-")) or "#" in model:
-        return model
-    if model.startswith(("routers/", "models/")):
-        return f"accounts/fireworks/{model}"
-    if model.endswith("-fast") or model in ("firerouter", "auto", "auto-instant") \
-            or model.startswith("firerouter/"):
-        return f"accounts/fireworks/routers/{model}"
-    return f"accounts/fireworks/models/{model}"
+    first, _, rest = name.partition("/")
+    prefixed = bool(rest) and first in routed.price_dataset_providers
+    if not prefixed and rest:
+        return None  # another provider's key form
+    model = rest if prefixed else name
+    vendor = routed.price_model_id(model, str(spec.get("mode")), prefixed)
+    if not vendor:
+        return None
+    return f"{namespace}/{vendor}", 0 if prefixed and vendor == model else 1
 
 
 def _entry(spec: dict[str, Any], provider: str, source: Source) -> dict[str, Any]:
