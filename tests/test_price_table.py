@@ -86,11 +86,86 @@ def test_convert_keeps_routed_providers_and_priced_modes_only() -> None:
     doc = convert(_dataset(DATASET), SOURCE)
     assert sorted(doc["models"]) == ["claude-no-1h", "claude-x", "gpt-y"]
     assert {e["provider"] for e in doc["models"].values()} == {"anthropic", "openai"}
-    # The filter comes from the provider registry: a new provider extends it.
-    assert price_refresh.dataset_providers() == {"openai": "openai", "anthropic": "anthropic"}
+    # The filter comes from the provider registry: a new provider extends it. The names are
+    # LiteLLM's `litellm_provider` values (litellm 1.110.2's dataset).
+    assert price_refresh.dataset_providers() == {
+        "openai": "openai", "anthropic": "anthropic", "azure": "azure", "azure_text": "azure",
+        "mistral": "mistral", "groq": "groq", "deepseek": "deepseek", "xai": "xai",
+        "openrouter": "openrouter", "together_ai": "together", "fireworks_ai": "fireworks",
+        "fireworks_ai-embedding-models": "fireworks", "cerebras": "cerebras",
+        "perplexity": "perplexity", "ollama": "ollama", "ollama_chat": "ollama"}
     wider = convert(_dataset(DATASET), SOURCE,
                     providers={"openai": "openai", "anthropic": "anthropic", "gemini": "openai"})
     assert "gemini-q" in wider["models"]
+
+
+VENDOR_DATASET = """{
+  "together_ai/meta-llama/Llama-3.3-70B-Instruct-Turbo": {"litellm_provider": "together_ai",
+    "mode": "chat", "input_cost_per_token": 8.8e-07, "output_cost_per_token": 8.8e-07},
+  "together-ai-4.1b-8b": {"litellm_provider": "together_ai", "mode": "chat",
+    "input_cost_per_token": 2e-07, "output_cost_per_token": 2e-07},
+  "fireworks_ai/accounts/fireworks/models/glm-5p1": {"litellm_provider": "fireworks_ai",
+    "mode": "chat", "input_cost_per_token": 1.4e-06, "output_cost_per_token": 4.4e-06},
+  "fireworks_ai/glm-5p1": {"litellm_provider": "fireworks_ai", "mode": "chat",
+    "input_cost_per_token": 9e-07, "output_cost_per_token": 9e-07},
+  "fireworks_ai/kimi-k3": {"litellm_provider": "fireworks_ai", "mode": "chat",
+    "input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05},
+  "fireworks_ai/kimi-k3-fast": {"litellm_provider": "fireworks_ai", "mode": "chat",
+    "input_cost_per_token": 6e-06, "output_cost_per_token": 3e-05},
+  "fireworks_ai/nomic-ai/nomic-embed-text-v1.5": {
+    "litellm_provider": "fireworks_ai-embedding-models", "mode": "embedding",
+    "input_cost_per_token": 8e-09, "output_cost_per_token": 0.0},
+  "deepseek-chat": {"litellm_provider": "deepseek", "mode": "chat",
+    "input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06},
+  "deepseek/deepseek-chat": {"litellm_provider": "deepseek", "mode": "chat",
+    "input_cost_per_token": 2.8e-07, "output_cost_per_token": 4.2e-07},
+  "deepseek-v9": {"litellm_provider": "deepseek", "mode": "chat",
+    "input_cost_per_token": 5e-07, "output_cost_per_token": 1e-06},
+  "azure/eu/gpt-4o": {"litellm_provider": "azure", "mode": "chat",
+    "input_cost_per_token": 2.75e-06, "output_cost_per_token": 1.1e-05},
+  "azure/gpt-35-turbo-instruct": {"litellm_provider": "azure_text", "mode": "completion",
+    "input_cost_per_token": 1.5e-06, "output_cost_per_token": 2e-06},
+  "azure_ai/grok-3": {"litellm_provider": "azure_ai", "mode": "chat",
+    "input_cost_per_token": 3e-06},
+  "perplexity/pplx-7b-online": {"litellm_provider": "perplexity", "mode": "chat",
+    "input_cost_per_token": 0.0, "output_cost_per_token": 2.8e-07,
+    "input_cost_per_request": 0.005},
+  "perplexity/sonar-deep-research": {"litellm_provider": "perplexity", "mode": "chat",
+    "input_cost_per_token": 2e-06, "output_cost_per_token": 8e-06,
+    "citation_cost_per_token": 2e-06, "output_cost_per_reasoning_token": 3e-06,
+    "search_context_cost_per_query": {"search_context_size_low": 0.005}},
+  "xai/grok-z": {"litellm_provider": "xai", "mode": "chat",
+    "input_cost_per_token": 2e-06, "output_cost_per_token": 6e-06,
+    "input_cost_per_token_above_200k_tokens": 4e-06,
+    "output_cost_per_token_above_200k_tokens": 1.2e-05},
+  "groq/whisper-large-v3": {"litellm_provider": "groq", "mode": "audio_transcription",
+    "input_cost_per_second": 3e-05}
+}"""
+
+
+def test_vendor_entries_are_keyed_by_the_id_the_vendors_api_takes() -> None:
+    doc = convert(_dataset(VENDOR_DATASET), SOURCE)
+    models = doc["models"]
+    assert sorted(models) == [
+        "azure/eu/gpt-4o", "azure/gpt-35-turbo-instruct", "deepseek/deepseek-chat",
+        "deepseek/deepseek-v9", "fireworks/accounts/fireworks/models/glm-5p1",
+        "fireworks/accounts/fireworks/models/kimi-k3",
+        "fireworks/accounts/fireworks/routers/kimi-k3-fast",
+        "fireworks/nomic-ai/nomic-embed-text-v1.5", "perplexity/pplx-7b-online",
+        "perplexity/sonar-deep-research", "together/meta-llama/Llama-3.3-70B-Instruct-Turbo",
+        "xai/grok-z"]
+    # The dataset's exact key wins over an unprefixed duplicate naming the same model.
+    assert (models["fireworks/accounts/fireworks/models/glm-5p1"]["input"],
+            models["deepseek/deepseek-chat"]["input"]) == ("1.40", "0.28")
+    assert models["fireworks/nomic-ai/nomic-embed-text-v1.5"]["provider"] == "fireworks"
+    assert models["azure/gpt-35-turbo-instruct"]["mode"] == "completion"
+    # Per-request and citation fees are carried, exactly.
+    assert models["perplexity/pplx-7b-online"]["request_fee_per_call"] == "0.005"
+    research = models["perplexity/sonar-deep-research"]
+    assert (research["citation"], research["reasoning_output"],
+            research["web_search_per_call"]) == ("2.00", "3.00", "0.005")
+    assert models["xai/grok-z"]["tiers"][0]["input"] == "4.00"
+    assert all(entry["source"] == SOURCE.record() for entry in models.values())
 
 
 def test_convert_records_source_tiers_1h_writes_and_web_search() -> None:
@@ -219,6 +294,115 @@ def test_current_models_are_priced() -> None:
     for model in ("gpt-5.4", "gpt-5.5", "gpt-5.4-mini", "claude-opus-4-7", "claude-sonnet-5",
                   "claude-haiku-4-5"):
         assert TABLE.lookup(model) is not None, model
+
+
+#: The dataset (litellm 1.110.2, 2026-11-20) has no `openrouter` entry: OpenRouter is priced
+#: only by the operator's file (it reports the bill in its usage, which settles).
+NOT_IN_DATASET = {"openrouter"}
+
+
+def test_every_vendor_with_dataset_names_has_prices_under_its_namespace() -> None:
+    doc = json.loads(BUILTIN_PRICES.read_text())
+    counts = {name: 0 for name in PROVIDERS}
+    for key, entry in doc["models"].items():
+        provider = PROVIDERS[entry["provider"]]
+        counts[provider.name] += 1
+        if provider.price_namespace:
+            assert key.startswith(provider.price_namespace + "/"), key
+        else:
+            assert "/" not in key, key  # a bare id is OpenAI's or Anthropic's
+    for name, provider in PROVIDERS.items():
+        if provider.price_dataset_providers and name not in NOT_IN_DATASET:
+            assert counts[name] > 0, f"{name}: no prices"
+    assert counts["openrouter"] == 0  # priced by a refresh? then drop it from NOT_IN_DATASET
+    assert counts["fireworks"] > 200 and counts["azure"] > 200 and counts["xai"] > 30
+
+
+# (provider, model as the client sends it, the dataset's key, its USD-per-token text:
+# input, output, cache read) copied from litellm 1.110.2's dataset.
+VENDOR_SAMPLES = [
+    ("mistral", "mistral-large-latest", "mistral/mistral-large-latest",
+     "5e-07", "1.5e-06", "5e-08"),
+    ("groq", "openai/gpt-oss-120b", "groq/openai/gpt-oss-120b", "1.5e-07", "6e-07", "7.5e-08"),
+    ("deepseek", "deepseek-v4-pro", "deepseek/deepseek-v4-pro", "1.32e-06", "3.96e-06",
+     "4.4e-08"),
+    ("xai", "grok-4.7", "xai/grok-4.7", "2e-06", "6e-06", "5e-07"),
+    ("together", "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+     "together_ai/meta-llama/Llama-3.3-70B-Instruct-Turbo", "1.04e-06", "1.04e-06", None),
+    ("fireworks", "accounts/fireworks/models/llama-v3p1-8b-instruct",
+     "fireworks_ai/accounts/fireworks/models/llama-v3p1-8b-instruct", "1e-07", "1e-07", None),
+    ("fireworks", "accounts/fireworks/models/glm-5p1", "fireworks_ai/glm-5p1",
+     "1.4e-06", "4.4e-06", "2.6e-07"),
+    ("cerebras", "gpt-oss-120b", "cerebras/gpt-oss-120b", "3.5e-07", "7.5e-07", None),
+    ("perplexity", "sonar-pro", "perplexity/sonar-pro", "3e-06", "1.5e-05", None),
+    ("azure", "gpt-4o", "azure/gpt-4o", "2.5e-06", "1e-05", "1.25e-06"),
+    ("azure", "eu/gpt-4o", "azure/eu/gpt-4o", "2.75e-06", "1.1e-05", "1.375e-06"),
+    ("ollama", "llama3", "ollama/llama3", "0.0", "0.0", None),
+]
+
+
+@pytest.mark.parametrize(("provider", "model", "dataset_key", "input_usd", "output_usd",
+                          "cache_read_usd"), VENDOR_SAMPLES)
+def test_a_vendor_price_is_the_dataset_value_converted_exactly(
+        provider: str, model: str, dataset_key: str, input_usd: str, output_usd: str,
+        cache_read_usd: str | None) -> None:
+    price = TABLE.lookup(model, PROVIDERS[provider].price_namespace)
+    assert price is not None, (provider, model)
+    expected = [nano_per_million(Decimal(v)) for v in (input_usd, output_usd)]
+    assert [price.input, price.output] == expected
+    # Without a cache price in the dataset, a cache read bills at the input price.
+    assert price.cache_read == nano_per_million(Decimal(cache_read_usd or input_usd))
+
+
+def test_sample_prices_in_nano_usd_per_million_tokens() -> None:
+    groq = TABLE.lookup("openai/gpt-oss-120b", "groq")
+    xai = TABLE.lookup("grok-4.7", "xai")
+    sonar = TABLE.lookup("sonar-pro", "perplexity")
+    assert groq is not None and (groq.input, groq.output, groq.cache_read) == (
+        150_000_000, 600_000_000, 75_000_000)
+    assert xai is not None and [(t.above_tokens, t.price.input) for t in xai.tiers] == [
+        (200_000, 4_000_000_000)]
+    assert sonar is not None and sonar.web_search == 14_000_000  # $0.014, high context
+
+
+def test_namespaced_lookups_never_fall_back_to_bare_ids() -> None:
+    assert TABLE.lookup("gpt-4o") is not None  # OpenAI's
+    for provider in ("groq", "mistral", "together", "openrouter", "cerebras", "ollama"):
+        assert TABLE.lookup("gpt-4o", provider) is None, provider
+        assert TABLE.lookup("gpt-4o-2024-08-06", provider) is None, provider
+    azure = TABLE.lookup("gpt-4o", "azure")
+    assert azure is not None and azure.model == "azure/gpt-4o"
+    # A vendor's id is not another vendor's: Groq's gpt-oss is not Fireworks' or Cerebras'.
+    assert TABLE.lookup("openai/gpt-oss-120b", "fireworks") is None
+    assert TABLE.lookup("openai/gpt-oss-120b", "openrouter") is None
+    # Nor does a namespaced key answer a bare lookup.
+    assert TABLE.lookup("deepseek-chat") is None and TABLE.lookup("grok-4.7") is None
+    # Listed by the vendor's SDK but not priced: refused with the reason, not guessed.
+    assert TABLE.lookup("llama-3.3-70b-versatile", "groq") is None
+    assert "groq SDK" in (TABLE.unpriced_reason("llama-3.3-70b-versatile", "groq") or "")
+
+
+def test_an_operator_wildcard_prices_every_model_of_a_self_hosted_upstream(
+        tmp_path: Path) -> None:
+    override = tmp_path / "prices.json"
+    override.write_text(json.dumps({"models": {
+        "vllm/*": {"input": "0", "output": "0"},
+        "ollama/*": {"input": "0", "output": "0"},
+        "groq/llama-3.3-70b-versatile": {"input": "0.59", "output": "0.79"}}}))
+    table = PriceTable.load(override)
+    vllm = table.lookup("meta-llama/Llama-3.1-8B-Instruct", "vllm")
+    assert vllm is not None and (vllm.input, vllm.output) == (0, 0)
+    assert cost_nano(vllm, TokenUsage(input=10_000, output=5_000)) == 0
+    # The shipped exact price still wins over the wildcard; other models take the wildcard.
+    exact = table.lookup("llama3", "ollama")
+    assert exact is not None and exact.model == "ollama/llama3"
+    assert table.lookup("qwen3:8b", "ollama") is not None
+    # A wildcard is its namespace's only: no other vendor, no bare id.
+    assert table.lookup("qwen3:8b", "groq") is None and table.lookup("qwen3:8b") is None
+    groq = table.lookup("llama-3.3-70b-versatile", "groq")
+    assert groq is not None and (groq.input, groq.output) == (590_000_000, 790_000_000)
+    assert table.unpriced_reason("llama-3.3-70b-versatile", "groq") is None
+    assert TABLE.lookup("anything", "vllm") is None  # no operator file: refused
 
 
 def _quick_start_models() -> list[str]:

@@ -11,6 +11,11 @@ the modes tokenfuse prices. Every entry records its source (dataset, URL, versio
 Entries the dataset does not price are kept from the previous table's `unpriced` section
 (hand-written reasons: retired, not a text model, ...), and its `adjustments` (a dataset
 field corrected for the bound, with the reason) are applied again.
+
+A provider with a price namespace (every vendor but OpenAI and Anthropic) gets its entries
+under `<namespace>/<the model id its API takes>`: the dataset's `<litellm provider>/<id>`
+key with its prefix replaced, and the id put in the vendor's form where LiteLLM's differs
+(`Provider.price_model_id`). (Fees, tiers and keys per vendor, hence its length.)
 """
 
 from __future__ import annotations
@@ -140,19 +145,29 @@ def convert(data: dict[str, Any], source: Source,
     providers = dataset_providers() if providers is None else providers
     models: dict[str, Any] = {}
     unpriced: dict[str, Any] = {}
+    chosen: dict[str, tuple[int, str]] = {}  # table key -> (rank, dataset key) kept
     for name, spec in sorted(data.items()):
         if not isinstance(spec, dict) or spec.get("litellm_provider") not in providers:
             continue
-        if "/" in name or name.startswith("ft:") or spec.get("mode") not in PRICED_MODES:
-            continue  # routed ids only: no provider-prefixed or fine-tune templates
-        if spec.get("input_cost_per_token") is None:
+        if spec.get("mode") not in PRICED_MODES or spec.get("input_cost_per_token") is None:
             continue
         provider = providers[spec["litellm_provider"]]
+        keyed = table_key(name, spec, provider)
+        if keyed is None:
+            continue
+        key, rank = keyed
+        if key in chosen and chosen[key] <= (rank, name):
+            continue  # another dataset key names the same model more exactly
+        chosen[key] = (rank, name)
+        models.pop(key, None)
+        unpriced.pop(key, None)
         try:
-            models[name] = _entry(spec, provider, source)
+            models[key] = _entry(spec, provider, source)
         except InexactPrice as exc:
-            unpriced[name] = {"provider": provider, "reason": f"not priced: {exc}",
-                              "source": source.record()}
+            unpriced[key] = {"provider": provider, "reason": f"not priced: {exc}",
+                             "source": source.record()}
+    # Bare ids first (OpenAI, Anthropic), then each namespace's keys: a stable, readable diff.
+    models = dict(sorted(models.items(), key=lambda item: ("/" in item[0], item[0])))
     for name, fix in (adjustments or {}).items():
         if name in models:
             fields = {k: v for k, v in fix.items() if k != "why"}
@@ -171,6 +186,27 @@ def convert(data: dict[str, Any], source: Source,
     }
 
 
+def table_key(name: str, spec: dict[str, Any], provider: str) -> tuple[str, int] | None:
+    """The table key of a dataset entry and its rank (0: the dataset names the vendor's id
+    exactly; 1: mapped or unprefixed, kept only where no rank-0 key names the model), or None
+    for an entry that names no routed model."""
+    routed = PROVIDERS.get(provider)
+    namespace = routed.price_namespace if routed else None
+    if routed is None or namespace is None:  # bare ids: no prefixed or fine-tune templates
+        return None if "/" in name or name.startswith("ft:") else (name, 0)
+    if "ft:" in name:
+        return None
+    first, _, rest = name.partition("/")
+    prefixed = bool(rest) and first in routed.price_dataset_providers
+    if not prefixed and rest:
+        return None  # another provider's key form
+    model = rest if prefixed else name
+    vendor = routed.price_model_id(model, str(spec.get("mode")), prefixed)
+    if not vendor:
+        return None
+    return f"{namespace}/{vendor}", 0 if prefixed and vendor == model else 1
+
+
 def _entry(spec: dict[str, Any], provider: str, source: Source) -> dict[str, Any]:
     nano = {field: nano_per_million(spec[key]) for key, field in _FIELDS.items()
             if spec.get(key) is not None}
@@ -183,6 +219,10 @@ def _entry(spec: dict[str, Any], provider: str, source: Source) -> dict[str, Any
     search = _web_search(spec.get("search_context_cost_per_query"))
     if search is not None:
         entry["web_search_per_call"] = nano_to_usd(search)
+    if spec.get("input_cost_per_request") is not None:  # a fee per request (Perplexity)
+        entry["request_fee_per_call"] = nano_to_usd(_per_call(spec["input_cost_per_request"]))
+    if spec.get("citation_cost_per_token") is not None:  # Perplexity's citation tokens
+        entry["citation"] = usd_per_million(nano_per_million(spec["citation_cost_per_token"]))
     entry["max_output_tokens"] = int(spec.get("max_output_tokens") or 0)
     entry["context_window"] = int(spec.get("max_input_tokens") or 0)
     entry["reasoning"] = spec.get("supports_reasoning") is True
@@ -199,15 +239,17 @@ def _web_search(cost: Any) -> int | None:
     """The largest per-query web-search price (any search context size), in nano-USD."""
     if not isinstance(cost, dict) or not cost:
         return None
-    values = []
-    for value in cost.values():
-        if isinstance(value, bool) or not isinstance(value, Decimal | int):
-            raise InexactPrice(f"web search price {value!r} is not a decimal number")
-        nano = Decimal(value) * NANO_PER_USD
-        if nano < 0 or nano != nano.to_integral_value():
-            raise InexactPrice(f"web search price {value} USD is finer than a nano-dollar")
-        values.append(int(nano))
-    return max(values)
+    return max(_per_call(value, "web search price") for value in cost.values())
+
+
+def _per_call(value: Any, what: str = "price per request") -> int:
+    """USD per call as integer nano-USD; InexactPrice unless exact."""
+    if isinstance(value, bool) or not isinstance(value, Decimal | int):
+        raise InexactPrice(f"{what} {value!r} is not a decimal number")
+    nano = Decimal(value) * NANO_PER_USD
+    if nano < 0 or nano != nano.to_integral_value():
+        raise InexactPrice(f"{what} {value} USD is finer than a nano-dollar")
+    return int(nano)
 
 
 def _tiers(spec: dict[str, Any], base: dict[str, int]) -> list[dict[str, Any]]:

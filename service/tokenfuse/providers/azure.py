@@ -29,7 +29,7 @@ class Azure(OpenAI):
     default_upstream = ""  # https://{resource}.openai.azure.com: the operator's own
     sdk_base_path = ""  # openai.AzureOpenAI(azure_endpoint=<gateway>/azure) adds /openai/…
     credentials = (Credential("api-key"), Credential("authorization", "bearer"))
-    price_dataset_providers = ("azure",)
+    price_dataset_providers = ("azure", "azure_text")  # azure_text: completions models
     price_namespace = "azure"
 
     def __init__(self) -> None:

@@ -130,6 +130,12 @@ class Provider(Protocol):
     #: Prices of this provider's models are `<namespace>/<model>` (None: bare model ids).
     price_namespace: str | None
 
+    def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:
+        """The id this provider's API takes for a dataset model name (its key without the
+        `<dataset provider>/` prefix; `prefixed` False: the key had none), or None: not one
+        of its models."""
+        ...
+
     # -- requests
     def parse_request(self, path: str, body: dict[str, Any]) -> Call: ...
 
@@ -218,6 +224,9 @@ class ProviderBase:
     cache_write_1h_input_multiple = 0
     #: Prices of this provider's models are `<namespace>/<model>` (None: bare model ids).
     price_namespace: str | None = None
+
+    def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:
+        return model
 
     def media_bound(self, block: dict[str, Any], model: str) -> Any:
         return None

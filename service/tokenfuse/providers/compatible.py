@@ -12,6 +12,7 @@ vendor's public API reference and SDK (source and date next to each dialect).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, ClassVar
@@ -59,7 +60,9 @@ class OpenAICompatible(OpenAI):
     credentials = (Credential("authorization", "bearer"),)
 
     def __init__(self, name: str, default_upstream: str, sdk_base_path: str,
-                 dialect: Dialect, price_dataset_providers: tuple[str, ...] = ()) -> None:
+                 dialect: Dialect, price_dataset_providers: tuple[str, ...] = (),
+                 dataset_model_id: Callable[[str, str, bool], str | None] | None = None,
+                 ) -> None:
         self.name = name
         self.default_upstream = default_upstream
         self.sdk_base_path = sdk_base_path
@@ -70,6 +73,11 @@ class OpenAICompatible(OpenAI):
         #: Prices are looked up as `<name>/<model>` (a model id means another price at
         #: another vendor).
         self.price_namespace = name
+        self._dataset_model_id = dataset_model_id
+
+    def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:
+        return (self._dataset_model_id(model, mode, prefixed) if self._dataset_model_id
+                else model)
 
     def parse_request(self, path: str, body: dict[str, Any]) -> Call:
         call = super().parse_request(path, body)
@@ -280,6 +288,34 @@ class OpenRouter(OpenAICompatible):
         return tuple(ids)
 
 
+def prefixed_only(model: str, mode: str, prefixed: bool) -> str | None:
+    """Together's dataset ids are `together_ai/<org>/<model>`, as its API takes them; its
+    unprefixed keys (`together-ai-4.1b-8b`) are LiteLLM's fallback prices by parameter
+    count, not models."""
+    return model if prefixed else None
+
+
+def fireworks_model_id(model: str, mode: str, prefixed: bool) -> str | None:
+    """The id Fireworks' chat API takes (docs.fireworks.ai/api-reference/post-chatcompletions:
+    `accounts/<account>/models|routers/<name>`) for a LiteLLM name, by LiteLLM's own rule
+    (litellm 1.110.2, litellm/llms/fireworks_ai/common_utils.py
+    `resolve_fireworks_resource_name`): `-fast` names and the `auto`/`auto-instant`/
+    `firerouter` routers are routers, the rest models. Embeddings keep their bare id
+    (`nomic-ai/nomic-embed-text-v1.5`: Fireworks' embeddings refuse the accounts/ form, per
+    litellm/llms/fireworks_ai/embed/). Unprefixed keys (`fireworks-ai-default`) are LiteLLM's
+    fallback prices by size, not models."""
+    if not prefixed:
+        return None
+    if mode == "embedding" or model.startswith(("accounts/", "FW-")) or "#" in model:
+        return model
+    if model.startswith(("routers/", "models/")):
+        return f"accounts/fireworks/{model}"
+    if model.endswith("-fast") or model in ("firerouter", "auto", "auto-instant") \
+            or model.startswith("firerouter/"):
+        return f"accounts/fireworks/routers/{model}"
+    return f"accounts/fireworks/models/{model}"
+
+
 #: The vendors tokenfuse knows, with the path their SDK (or OpenAI's SDK with `base_url`)
 #: puts after the upstream. Sources checked 2026-12 (docs/providers.md has them all).
 VENDORS: tuple[OpenAICompatible, ...] = (
@@ -310,10 +346,11 @@ VENDORS: tuple[OpenAICompatible, ...] = (
                probe_path="/api/v1/key"), ("openrouter",)),
     # docs.together.ai: usage on the last chunk unasked.
     OpenAICompatible("together", "https://api.together.xyz", "/v1",
-                     Dialect(stream_usage="always"), ("together_ai",)),
+                     Dialect(stream_usage="always"), ("together_ai",), prefixed_only),
     # docs.fireworks.ai: `stream_options.include_usage` supported (LiteLLM sets it).
     OpenAICompatible("fireworks", "https://api.fireworks.ai", "/inference/v1",
-                     Dialect(probe_path="/inference/v1/models"), ("fireworks_ai",)),
+                     Dialect(probe_path="/inference/v1/models"),
+                     ("fireworks_ai", "fireworks_ai-embedding-models"), fireworks_model_id),
     # inference-docs.cerebras.ai: usage (and time_info) on the last chunk.
     OpenAICompatible("cerebras", "https://api.cerebras.ai", "/v1",
                      Dialect(stream_usage="always", reset_headers=CEREBRAS_RESETS,
