@@ -50,8 +50,8 @@ async def _probe_pools(store: PoolStore, pool_secrets: PoolSecrets, upstreams: d
         except REDIS_FAILURES as exc:
             log.warning("probe: redis unavailable: %s", type(exc).__name__)
             return
-        if provider not in PROVIDERS:
-            continue
+        if provider not in PROVIDERS or not upstreams.get(provider):
+            continue  # a pool of a provider that is not routed (any more): nothing to probe
         for kid in due:
             path, headers = PROVIDERS[provider].probe(held[kid])
             url = upstreams[provider].rstrip("/") + path
