@@ -267,3 +267,42 @@ def test_openrouter_is_bounded_by_the_originating_vendors_price() -> None:
     assert price_for(table, "openai/gpt-4o:nitro", settings, router) == table.lookup("gpt-4o")
     assert price_for(table, "meta-llama/llama-3.3-70b-instruct", settings, router) is None
     assert price_for(table, "gpt-4o", settings, router) is None  # no bare fallback
+
+
+def _raw_post(stack: Stack, path: str, body: dict, headers: dict[str, str]) -> tuple[int, str]:
+    """POST with the path exactly as given (HTTP clients resolve dot segments first)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", stack.envoy.port, timeout=30)
+    try:
+        connection.request("POST", path, json.dumps(body),
+                           {"content-type": "application/json", **headers})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_the_path_priced_is_the_path_forwarded(stack: Stack, fake: FakeProvider) -> None:
+    """A deployment hidden behind dot segments is priced as the one the provider runs:
+    Envoy resolves the path before the processor reads it."""
+    key = f"az-{uuid.uuid4().hex}"
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    status, text = _raw_post(
+        stack, "/azure/openai/deployments/cheap/../prod-4o/chat/completions"
+               "?api-version=2024-10-21", body, {"api-key": key})
+    assert status == 400 and "deployment:prod-4o" in text  # unmapped here: refused as such
+    status, _ = _raw_post(stack, "/openai/v1/chat%2Fcompletions",
+                          {"model": "gpt-4o-mini", **body}, {"authorization": f"Bearer {key}"})
+    assert status == 400
+    assert requests_for(fake, key) == 0
+
+
+def test_ambiguous_paths_are_refused_by_the_processor_too() -> None:
+    from tokenfuse.extproc.request import _ambiguous_path
+
+    for path in ("/azure/openai/deployments/a/../b/chat/completions", "/openai/./v1/x",
+                 "/openai//v1/x", "/azure/openai/deployments/a%2F..%2Fb/chat", "/x/%2e%2e/y"):
+        assert _ambiguous_path(path), path
+    assert not _ambiguous_path("/openai/v1/chat/completions?a=../b")
+    assert not _ambiguous_path("/fireworks/inference/v1/chat/completions")

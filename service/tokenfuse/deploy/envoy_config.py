@@ -330,6 +330,13 @@ def render(settings: Settings) -> dict[str, Any]:
         "codec_type": "AUTO",
         "stream_idle_timeout": "300s",
         "request_timeout": "0s",
+        # One path for Envoy's route, the processor's pricing and the provider: dot
+        # segments resolved and slashes merged before anything reads it (an Azure
+        # deployment in the path must be the one the provider runs), an escaped slash
+        # refused.
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "local_reply_config": _local_replies(),
         "route_config": {"name": "providers", "virtual_hosts": [
             {"name": "all", "domains": ["*"], "routes": routes,

@@ -67,7 +67,10 @@ class RequestPhase:
     async def on_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         values = header_values(msg)
         headers = {name: sent[-1] for name, sent in values.items()}
-        routed = provider_for_path(headers.get(":path", ""))
+        path = headers.get(":path", "")
+        if _ambiguous_path(path):
+            return self._rt.send(ex, refusals.ambiguous_path())
+        routed = provider_for_path(path)
         if routed is None:
             return self._rt.send(ex, refusals.unknown_route())
         ex.provider_name, ex.path = routed
@@ -325,3 +328,12 @@ class RequestPhase:
                                         "request_estimate_nano_usd", "resets_at")})
         assert ex.provider is not None
         return self._rt.send(ex, refusals.budget(ex.provider, refusal, details))
+
+
+def _ambiguous_path(path: str) -> bool:
+    """A path the provider may read otherwise than tokenfuse: dot segments, empty segments,
+    escaped dots or slashes (Envoy normalises these first; this holds without it too)."""
+    route = path.split("?", 1)[0]
+    lowered = route.lower()
+    return ("%2e" in lowered or "%2f" in lowered or "%5c" in lowered or "\\" in route
+            or "//" in route or any(part in (".", "..") for part in route.split("/")))

@@ -36,6 +36,13 @@ def unknown_route() -> Reply:
     return Reply(404, code, unrouted_error_body(code, "no provider is routed at this path"))
 
 
+def ambiguous_path() -> Reply:
+    code = "ambiguous_path"
+    return Reply(400, code, unrouted_error_body(
+        code, "the path has dot segments, empty segments or escaped dots or slashes: a "
+              "provider could read it otherwise than tokenfuse prices it"))
+
+
 def provider_not_configured(provider: Provider, variable: str) -> Reply:
     """A provider tokenfuse knows whose upstream the operator did not set (Azure: a
     resource's own host). Nothing is forwarded."""
