@@ -306,3 +306,13 @@ def test_ambiguous_paths_are_refused_by_the_processor_too() -> None:
         assert _ambiguous_path(path), path
     assert not _ambiguous_path("/openai/v1/chat/completions?a=../b")
     assert not _ambiguous_path("/fireworks/inference/v1/chat/completions")
+
+
+def test_perplexity_bounds_its_fees() -> None:
+    plex = PROVIDERS["perplexity"]
+    sonar = plex.parse_request("/chat/completions", {"model": "sonar-pro", "messages": []})
+    assert sonar.request_fee_nano == 14_000_000  # $14 per 1,000 requests at most
+    deep = plex.parse_request("/chat/completions",
+                              {"model": "sonar-deep-research", "messages": []})
+    assert deep.server_context and deep.hidden_output  # citations, reasoning unseen
+    assert deep.request_fee_nano == 100 * 5_000_000

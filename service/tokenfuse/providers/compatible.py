@@ -265,6 +265,25 @@ class XAI(OpenAICompatible):
         return usage
 
 
+class Perplexity(OpenAICompatible):
+    """Sonar Deep Research also bills citation tokens (input the request does not show),
+    hidden reasoning and $5 per 1,000 search queries (docs.perplexity.ai/getting-started/
+    pricing): its input is bounded by the context window and its searches by
+    `DEEP_RESEARCH_MAX_SEARCHES`. `usage.cost.total_cost` settles it."""
+
+    #: A bound of the searches one deep-research call makes (it reports "dozens").
+    DEEP_RESEARCH_MAX_SEARCHES = 100
+    SEARCH_FEE_NANO = 5_000_000
+
+    def parse_request(self, path: str, body: dict[str, Any]) -> Call:
+        call = super().parse_request(path, body)
+        if "deep-research" in call.model:
+            call.server_context = True
+            call.hidden_output = True
+            call.request_fee_nano = self.DEEP_RESEARCH_MAX_SEARCHES * self.SEARCH_FEE_NANO
+        return call
+
+
 class OpenRouter(OpenAICompatible):
     """OpenRouter resells other vendors' models (`openai/gpt-4o`, `anthropic/claude-…`) at
     their list prices (openrouter.ai/docs/faq: no markup on inference) and reports the
@@ -358,10 +377,10 @@ VENDORS: tuple[OpenAICompatible, ...] = (
                      ("cerebras",)),
     # docs.perplexity.ai: cumulative usage (with `cost`) on the chunks unasked; a request
     # fee by search context size, at most $14 per 1,000 requests (sonar-pro, high).
-    OpenAICompatible("perplexity", "https://api.perplexity.ai", "",
-                     Dialect(stream_usage="always", reasoning_by_model=True,
-                             probe_path="/models", request_fee_nano=14_000_000),
-                     ("perplexity",)),
+    Perplexity("perplexity", "https://api.perplexity.ai", "",
+               Dialect(stream_usage="always", reasoning_by_model=True,
+                       probe_path="/models", request_fee_nano=14_000_000),
+               ("perplexity",)),
 )
 def declared(name: str) -> OpenAICompatible:
     """An upstream the operator declares (`TOKENFUSE_OPENAI_COMPATIBLE`): vLLM, LM Studio,
