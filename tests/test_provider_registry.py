@@ -316,3 +316,10 @@ def test_perplexity_bounds_its_fees() -> None:
                               {"model": "sonar-deep-research", "messages": []})
     assert deep.server_context and deep.hidden_output  # citations, reasoning unseen
     assert deep.request_fee_nano == 100 * 5_000_000
+
+
+def test_legacy_completions_default_is_not_assumed_elsewhere() -> None:
+    body = {"model": "m", "prompt": "def f():", "suffix": "return 1"}
+    assert PROVIDERS["openai"].parse_request("/v1/completions", body).max_output_tokens == 16
+    fim = PROVIDERS["mistral"].parse_request("/v1/fim/completions", body)
+    assert fim.endpoint == "completions" and fim.max_output_tokens is None

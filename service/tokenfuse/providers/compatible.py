@@ -85,6 +85,11 @@ class OpenAICompatible(OpenAI):
             honoured = [c for f in self.dialect.cap_fields
                         if (c := int_field(body, f)) is not None]
             call.max_output_tokens = max(honoured) if honoured else None
+        elif call.endpoint == "completions" and body.get("max_tokens") is None:
+            # OpenAI's legacy default of 16 is OpenAI's: another vendor's (Mistral FIM,
+            # Fireworks, Together) is not documented, so the model's maximum is reserved
+            # and written in.
+            call.max_output_tokens = None
         call.request_fee_nano = self.dialect.request_fee_nano if call.priced else 0
         # Reasoning asked to be billed but not shown: Groq `reasoning_format: hidden` /
         # `include_reasoning: false`, OpenRouter `reasoning.exclude`.
