@@ -143,6 +143,12 @@ def test_unfinished_cost_counts_plus_grace_and_never_exceeds_the_reservation() -
     assert reservation.unfinished_cost(100, None, known, 1_000, 10**9, PRICE, 32) \
         == cost_nano(PRICE, TokenUsage(50, 500, 10))
     assert reservation.unfinished_cost(100, None, None, 1_000, 5_000, PRICE, 32) == 5_000
+    # A running bill the provider reported (Perplexity, xAI): the tokens generated after
+    # it (counted + grace beyond what it covered) are priced on top, never dropped.
+    billed = TokenUsage(input=50, output=90, billed_nano=777_777)
+    assert reservation.unfinished_cost(100, None, billed, 1_000, 10**9, PRICE, 32) \
+        == 777_777 + 42 * 4000
+    assert reservation.unfinished_cost(10, None, billed, 1_000, 10**9, PRICE, 32) == 777_777
 
 
 def test_unknown_model_policy() -> None:

@@ -201,7 +201,12 @@ def unfinished_cost(counted: int, cap: int | None, known: TokenUsage | None,
     output = counted + grace
     if cap is not None:
         output = min(output, cap)
-    if known is not None and known.total_input:
+    if known is not None and known.billed_nano is not None:
+        # The provider's own running bill (Perplexity, xAI, OpenRouter) covers the tokens
+        # it had reported; what it generated after them is priced on top.
+        more = max(0, output - known.output)
+        actual = known.billed_nano + cost_nano(price, TokenUsage(output=more))
+    elif known is not None and known.total_input:
         actual = cost_nano(price, replace(known, output=max(known.output, output)))
     else:
         actual = input_nano + cost_nano(price, TokenUsage(output=output))
