@@ -129,6 +129,13 @@ class Provider(Protocol):
     cache_write_1h_input_multiple: int
     #: Prices of this provider's models are `<namespace>/<model>` (None: bare model ids).
     price_namespace: str | None
+    #: Text in every stream event that reports usage (the meter asks `usage` of no other).
+    usage_marker: str
+
+    def for_path(self, path: str) -> Provider:
+        """The wire format a path of this route speaks (itself, but for a route that
+        serves two APIs: Ollama's `/v1/*` and `/api/*`)."""
+        ...
 
     # -- requests
     def parse_request(self, path: str, body: dict[str, Any]) -> Call: ...
@@ -214,6 +221,10 @@ class ProviderBase:
     cache_write_1h_input_multiple = 0
     #: Prices of this provider's models are `<namespace>/<model>` (None: bare model ids).
     price_namespace: str | None = None
+    usage_marker = "usage"
+
+    def for_path(self, path: str) -> Provider:
+        return self
 
     def media_bound(self, block: dict[str, Any], model: str) -> Any:
         return None
