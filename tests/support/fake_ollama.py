@@ -195,7 +195,9 @@ async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.Reque
     if not isinstance(data, dict):
         return error(400, "invalid request body"), None, False
     if endpoint == "show":
-        return web.json_response({"modelfile": "", "details": {"family": "llama"}}), None, False
+        return web.json_response({"modelfile": "", "details": {"family": "llama"},
+                                  "model_info": {"general.architecture": "llama"},
+                                  "capabilities": ["completion"]}), None, False
     controls = fp.Controls.from_headers(request.headers, fake.default_output_tokens)
     if fake.answers_by_input:
         fp._ANSWER_SEED.set(fp.answer_seed(data, request.headers))

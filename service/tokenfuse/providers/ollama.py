@@ -192,11 +192,11 @@ def _rest(body: dict[str, Any], *conversation: str) -> dict[str, Any]:
 
 def _generated(payload: dict[str, Any]) -> list[str]:
     out = [v for v in (payload.get("response"), payload.get("thinking"))
-           if isinstance(v, str)]
+           if isinstance(v, str) and v]
     message = payload.get("message")
     if isinstance(message, dict):
         out += [v for v in (message.get("content"), message.get("thinking"))
-                if isinstance(v, str)]
+                if isinstance(v, str) and v]
         for call in as_list(message.get("tool_calls")):
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):
