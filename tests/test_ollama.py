@@ -211,7 +211,8 @@ def test_stream_cut_at_its_budget(ollama_stack: Stack, fake: FakeProvider, key: 
             delivered += bool(part.message.content)
     assert "budget exhausted" in str(raised.value) and raised.value.status_code == -1
     assert raised.value.error.startswith("stream ended: tokenfuse day budget exhausted")
-    assert 0 < delivered <= 150
+    assert 40 < delivered <= 150  # counted with the open-weight bound (cl100k x 1.5)
+    print(f"\nollama: delivered {delivered} of a 150-token budget", end=" ")
     wait_until(lambda: any(r.finished for r in records(fake, key)),
                what="the provider to see the disconnect")
     (record,) = records(fake, key)
