@@ -32,6 +32,8 @@ PRICES = {"unit": "USD per 1M tokens", "models": {
                         "context_window": 131072}
     for model in ("llama3.2", "qwen3", "nomic-embed-text")}}
 GRACE = 32  # TOKENFUSE_STREAM_GRACE_TOKENS default
+#: An operator's pool of keys for a hosted Ollama (ollama.com takes Bearer keys).
+POOL_KEYS = [f"ollama-pool-secret-{i}-{'z' * 20}" for i in range(2)]
 
 
 # ------------------------------------------------------------------ the provider alone
@@ -105,9 +107,20 @@ def test_native_responses() -> None:
 @pytest.fixture(scope="module")
 def ollama_stack(fake: FakeProvider, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[Stack]:
-    prices = tmp_path_factory.mktemp("ollama") / "prices.json"
+    workdir = tmp_path_factory.mktemp("ollama")
+    prices = workdir / "prices.json"
     prices.write_text(json.dumps(PRICES))
-    s = Stack(fake.base_url, {"TOKENFUSE_PRICES_FILE": str(prices)}).start()
+    pools = workdir / "pools"
+    pools.mkdir()
+    (pools / "ollama-main.csv").write_text(
+        "key,label\n" + "".join(f"{k},ol-{i}\n" for i, k in enumerate(POOL_KEYS)))
+    s = Stack(fake.base_url, {"TOKENFUSE_PRICES_FILE": str(prices),
+                              "TOKENFUSE_POOLS_DIR": str(pools),
+                              "TOKENFUSE_POOL_PROBE_INTERVAL_MS": "300",
+                              "TOKENFUSE_POOL_COOLDOWN_MS": "1000"}).start()
+    imported = s.cli("keys", "import", "--pool", "ollama-main", "--provider", "ollama",
+                     str(pools / "ollama-main.csv"))
+    assert imported.returncode == 0, imported.stderr
     yield s
     s.cleanup()
 
@@ -284,3 +297,32 @@ def test_streams_compressed_for_a_gzip_client(ollama_stack: Stack, fake: FakePro
     wait_until(lambda: any(r.finished for r in records(fake, key)), what="the fake's record")
     assert records(fake, key)[-1].response_encoding == ""  # the upstream was not asked to
     assert spent(ollama_stack, key)["spent_nano_usd"] == bill(fake, key)
+
+
+def test_pooled_key_fails_over(ollama_stack: Stack, fake: FakeProvider) -> None:
+    vkey = ollama_stack.cli("vkey", "create", "--name", "ollama-app", "--pool",
+                            "ollama-main").stdout.strip()
+    assert vkey.startswith("tfk-")
+    assert ollama_stack.cli("budget", "set", "--key", vkey, "--daily", "5").returncode == 0
+    failing, healthy = POOL_KEYS
+    fake.key_failures[failing] = (429, 30)
+    since = len(fake.records)
+    try:
+        c = client(ollama_stack, vkey, **{"x-fake-output-tokens": "4"})
+        answers = [c.chat(model="llama3.2", stream=False, messages=[
+            {"role": "user", "content": f"pooled question {word}"}]).message.content
+            for word in ("one", "two", "three")]
+        answers.append("".join(p.message.content or "" for p in c.chat(
+            model="llama3.2", stream=True,
+            messages=[{"role": "user", "content": "pooled stream"}])))
+    finally:
+        del fake.key_failures[failing]
+    assert all(answers)  # the client saw no error
+    posts = [r for r in list(fake.records)[since:] if r.method == "POST"]
+    assert [r.status for r in posts if r.api_key == failing] == [429]  # then cooled down
+    assert sum(1 for r in posts if r.api_key == healthy and r.status == 200) == 4
+    assert not any(r.api_key == vkey for r in posts)  # the gateway key never went upstream
+    billed = sum(r.usage.input_tokens * INPUT_NANO + r.usage.output_tokens * OUTPUT_NANO
+                 for r in posts if r.usage is not None and r.completed)
+    day = spent(ollama_stack, vkey)
+    assert day["spent_nano_usd"] == billed > 0 and day["reserved_nano_usd"] == 0
