@@ -102,7 +102,7 @@ class StreamMeter:
             # Garbage from upstream: forwarded untouched (the client decides), counted as
             # one token so accounting stays conservative, and logged.
             self.malformed_events += 1
-            log.warning("unparseable stream event from upstream (%d bytes)", len(data))
+            log.warning("unparseable SSE event from upstream (%d bytes)", len(data))
             return MeteredEvent(start, event.end, self._scaled(1), None, False)
         if not isinstance(payload, dict):
             return MeteredEvent(start, event.end, 0, None, False)
