@@ -14,9 +14,11 @@ main branch 2026-08) and ollama-python 0.6.3 (ollama/_client.py, _types.py):
   (`application/json`); after content, one more NDJSON line `{"error": "<message>"}`, and
   the stream ends. ollama-python raises `ResponseError(<message>)` on either (it shows a
   string `error` as is, a dict as its repr);
-- the output cap is `options.num_predict`; -1 (the default), any negative value and 0
-  mean "until a stop condition" (llm/llama_server.go boundedNumPredict; 0 is omitted
-  from the runner request, whose default is -1); floats are truncated (types.go FromMap);
+- the output cap is `options.num_predict`; -1 (the default) and any negative value mean
+  "until a stop condition" (llm/llama_server.go boundedNumPredict), and so may 0 (omitted
+  from one runner request, whose default is -1; the MLX runner reads <= 0 as its
+  maximum): tokenfuse reads 0 as no cap, the safe reading; floats are truncated
+  (api/types.go FromMap);
 - `/api/embed` reports `prompt_eval_count`; the legacy `/api/embeddings` reports nothing
   (settled at its reservation, the input bound);
 - the server never compresses responses (no gzip middleware in server/).
