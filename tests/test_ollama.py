@@ -271,6 +271,17 @@ def test_free_endpoints_cost_nothing(ollama_stack: Stack, fake: FakeProvider,
     assert spent(ollama_stack, key)["spent_nano_usd"] == bill(fake, key) > 0
 
 
+def test_legacy_embeddings_without_usage_charge_the_reservation(
+        ollama_stack: Stack, fake: FakeProvider, key: str) -> None:
+    """`/api/embeddings` reports no count (api/types.go EmbeddingResponse): the call is
+    charged its reservation, the input bound, never less than what was generated."""
+    assert client(ollama_stack, key).embeddings(model="nomic-embed-text",
+                                                prompt="a sentence").embedding
+    wait_until(lambda: any(r.finished for r in records(fake, key)), what="the fake's record")
+    day = spent(ollama_stack, key)
+    assert day["spent_nano_usd"] > bill(fake, key) > 0 and day["reserved_nano_usd"] == 0
+
+
 def test_loop_guard_refuses_the_sixth_identical_request(ollama_stack: Stack,
                                                        key: str) -> None:
     c = client(ollama_stack, key, **{"x-fake-output-tokens": "3"})
