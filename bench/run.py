@@ -6,9 +6,10 @@ run on this machine. Prints one table with ratios and targets; writes bench/resu
    `/openai/...`, once with the processor disabled on `/direct/openai/...`; the upstream is
    a second Envoy answering with `direct_response`. Rounds alternate so drift hits both.
 2. added latency at a fixed offered rate (BENCH_RATE, default 300 req/s) on both paths.
-3. streaming (bench/streaming.py): added latency per chunk, chunks/s flat out; plain, the
-   client asking gzip (Envoy compresses), and an upstream that gzips anyway (the
-   processor decodes to meter and re-encodes). 1 also runs with the clients asking gzip.
+3. streaming (bench/streaming.py): added latency per chunk, chunks/s flat out; SSE plain,
+   NDJSON (Ollama's native API, the second framing), SSE with the client asking gzip
+   (Envoy compresses), and an upstream that gzips anyway (the processor decodes to meter
+   and re-encodes). 1 also runs with the clients asking gzip.
 4. the peer: LiteLLM proxy (bench/litellm_peer.py, with PostgreSQL and a virtual key with
    max_budget, so its budget checks run) on the same upstream and workload; then the same
    1,000-request flood against a $0.01 budget through tokenfuse and through LiteLLM, with
@@ -125,6 +126,9 @@ def bench_streaming() -> dict[str, dict[str, float]]:
     sse = subprocess.Popen([sys.executable, str(ROOT / "bench" / "sse_upstream.py"), str(port)])
     stack = Stack(f"http://127.0.0.1:{port}",
                   {"TOKENFUSE_BENCH_ROUTES": "1", "TOKENFUSE_LOG_LEVEL": "WARNING"})
+    prices = stack.workdir / "ollama-prices.json"  # the NDJSON mode's model, priced
+    prices.write_text(json.dumps(streaming.NDJSON_PRICES))
+    stack.env["TOKENFUSE_PRICES_FILE"] = str(prices)
     try:
         stack.start()
         return streaming.run(stack.envoy.port, ROUNDS)

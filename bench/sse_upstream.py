@@ -1,9 +1,11 @@
-"""A minimal, fast SSE upstream for the streaming benchmark (not a test fake).
+"""A minimal, fast streaming upstream for the streaming benchmark (not a test fake).
 
-Answers every POST with an OpenAI chat-completion stream of `x-events` one-token events,
-each its own HTTP chunk, `x-interval-us` apart (0 = as fast as possible). Every event
-carries its send time (`"ts"`, CLOCK_MONOTONIC ns, system-wide) so the client can measure
-per-chunk latency. Runs in its own process: `python bench/sse_upstream.py PORT`.
+Answers every POST with an OpenAI chat-completion stream (SSE) of `x-events` one-token
+events, or, on a path of Ollama's native API (`.../api/chat`), with the same as Ollama's
+NDJSON lines; each event its own HTTP chunk, `x-interval-us` apart (0 = as fast as
+possible). Every event carries its send time (`"ts"`, CLOCK_MONOTONIC ns, system-wide) so
+the client can measure per-chunk latency. Runs in its own process:
+`python bench/sse_upstream.py PORT`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ USAGE = (b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini
          b'"total_tokens":%d}}\n\ndata: [DONE]\n\n')
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
         b"transfer-encoding: chunked\r\n\r\n")
+# Ollama's /api/chat stream (server/routes.go streamResponse: one JSON object per line).
+NDJSON_EVENT = (b'{"model":"llama3.2","created_at":"2026-12-01T00:00:00Z","message":'
+                b'{"role":"assistant","content":" tok"},"done":false,"ts":%d}\n')
+NDJSON_LAST = (b'{"model":"llama3.2","created_at":"2026-12-01T00:00:00Z","message":'
+               b'{"role":"assistant","content":""},"done":true,"done_reason":"stop",'
+               b'"prompt_eval_count":10,"eval_count":%d}\n')
+NDJSON_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+               b"transfer-encoding: chunked\r\n\r\n")
 
 
 HEAD_GZIP = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -54,13 +64,16 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 return gz.compress(data) + gz.flush(zlib.Z_FINISH if final
                                                     else zlib.Z_SYNC_FLUSH)
 
-            writer.write(HEAD_GZIP if gz is not None else HEAD)
+            ndjson = b"/api/" in head.split(b"\r\n", 1)[0]
+            event = NDJSON_EVENT if ndjson else EVENT
+            last = NDJSON_LAST % events if ndjson else USAGE % (events, events + 10)
+            writer.write(NDJSON_HEAD if ndjson else HEAD_GZIP if gz is not None else HEAD)
             for _ in range(events):
-                writer.write(_chunk(encode(EVENT % time.monotonic_ns())))
+                writer.write(_chunk(encode(event % time.monotonic_ns())))
                 await writer.drain()
                 if interval:
                     await asyncio.sleep(interval)
-            writer.write(_chunk(encode(USAGE % (events, events + 10), True)) + b"0\r\n\r\n")
+            writer.write(_chunk(encode(last, True)) + b"0\r\n\r\n")
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass

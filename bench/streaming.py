@@ -5,7 +5,9 @@ metering, reservation extensions) vs Envoy alone, side by side on the same Envoy
   the upstream's send stamp in the event. Added latency = tokenfuse p50/p99 minus direct.
 - throughput: 32 concurrent streams of 2,000 events sent as fast as possible; chunks/s
   received in total.
-- each in three modes (MODES): plain, the client asking gzip, the upstream gzipping anyway.
+- each in the modes of MODES: SSE plain; NDJSON (Ollama's native `/api/chat`: the second
+  framing, next to SSE in the same run); SSE with the client asking gzip; SSE with the
+  upstream gzipping anyway.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ _streams = itertools.count()
 STREAMS_TIMEOUT_S = 300  # a hung stream fails the bench instead of stalling it
 
 
-def request_body() -> bytes:
+def request_body(mode: str = "plain") -> bytes:
     """A distinct prompt per stream (spelled in letters: the loop guard ignores digits)."""
     words = spell(next(_streams))
+    if mode == "ndjson":  # Ollama's native chat: streams by default, no cap (metered)
+        return json.dumps({"model": "llama3.2", "messages": [
+            {"role": "user", "content": f"bench {words}"}]}).encode()
     return json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 1_000_000,
                        "stream_options": {"include_usage": True},
                        "messages": [{"role": "user", "content": f"bench {words}"}]}).encode()
@@ -39,10 +44,23 @@ def request_body() -> bytes:
 
 #: Streaming variants: plain; the client asks for gzip (Envoy compresses toward it); the
 #: upstream gzips although asked for identity (the processor decodes and re-encodes).
-MODES = {"plain": "", "client_gzip": " (client asks gzip)",
-         "upstream_gzip": " (upstream gzips anyway)"}
-MODE_HEADERS = {"plain": b"", "client_gzip": b"accept-encoding: gzip\r\n",
+MODES = {"plain": "", "ndjson": " NDJSON (Ollama /api/chat)",
+         "client_gzip": " (client asks gzip)", "upstream_gzip": " (upstream gzips anyway)"}
+MODE_HEADERS = {"plain": b"", "ndjson": b"", "client_gzip": b"accept-encoding: gzip\r\n",
                 "upstream_gzip": b"accept-encoding: gzip\r\nx-compress: gzip\r\n"}
+#: The paths each mode streams on: Envoy alone, tokenfuse.
+SSE_PATHS = {"envoy_alone": "/direct/openai/v1/chat/completions",
+             "tokenfuse": "/openai/v1/chat/completions"}
+NDJSON_PATHS = {"envoy_alone": "/direct/ollama/api/chat", "tokenfuse": "/ollama/api/chat"}
+#: What the bench's Ollama model costs (the operator's price file): gpt-4o-mini's price, so
+#: NDJSON streams reserve and extend as the SSE ones do.
+NDJSON_PRICES = {"models": {"ollama/llama3.2": {
+    "provider": "ollama", "mode": "chat", "input": "0.15", "output": "0.60",
+    "max_output_tokens": 16384, "context_window": 131072}}}
+
+
+def paths_of(mode: str) -> dict[str, str]:
+    return NDJSON_PATHS if mode == "ndjson" else SSE_PATHS
 
 
 #: Streams answered 503 (per path) in this run.
@@ -72,7 +90,7 @@ class Dechunker:
 async def one_stream(port: int, path: str, events: int, interval_us: int,
                      latencies: list[float] | None, mode: str = "plain") -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    body = request_body()
+    body = request_body(mode)
     writer.write(b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
                  b"authorization: Bearer sk-bench-stream\r\nx-events: %d\r\n%s"
                  b"x-interval-us: %d\r\ncontent-length: %d\r\n\r\n"
@@ -88,7 +106,7 @@ async def one_stream(port: int, path: str, events: int, interval_us: int,
         writer.close()
         raise RuntimeError(f"bench stream refused on {path}: {head[:600]!r}")
     gzipped = b"content-encoding: gzip" in head.lower()
-    if mode != "plain" and not gzipped:
+    if mode in ("client_gzip", "upstream_gzip") and not gzipped:
         writer.close()
         raise RuntimeError(f"bench stream on {path} ({mode}) came back uncompressed")
     dechunk, gunzip = Dechunker(), zlib.decompressobj(31)
@@ -107,7 +125,7 @@ async def one_stream(port: int, path: str, events: int, interval_us: int,
             if latencies is not None:
                 latencies.append((now - int(match.group(1))) / 1e6)
         tail = buf[last:][-200:]
-        if b"[DONE]" in buf or raw.endswith(b"0\r\n\r\n"):
+        if b"[DONE]" in buf or b'"done":true' in buf or raw.endswith(b"0\r\n\r\n"):
             break
     writer.close()
     return seen
@@ -135,13 +153,12 @@ def pct(values: list[float], q: float) -> float:
 
 def run(port: int, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
     """Per mode, per path: p50/p99 per-chunk latency and chunks/s (rounds interleaved)."""
-    paths = {"envoy_alone": "/direct/openai/v1/chat/completions",
-             "tokenfuse": "/openai/v1/chat/completions"}
+    paths = SSE_PATHS  # the names; NDJSON streams on its own paths under the same names
     lat = {m: {n: [] for n in paths} for m in MODES}
     rate: dict[str, dict[str, list[float]]] = {m: {n: [] for n in paths} for m in MODES}
     for _ in range(rounds):
         for mode in MODES:
-            for name, path in paths.items():
+            for name, path in paths_of(mode).items():
                 lat[mode][name] += asyncio.run(latency_run(port, path, mode))
                 rate[mode][name].append(asyncio.run(throughput_run(port, path, mode)))
     results: dict[str, dict[str, dict[str, float]]] = {
@@ -149,6 +166,7 @@ def run(port: int, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
                 "chunks_per_s": statistics.median(rate[m][n]),
                 "samples": len(lat[m][n])} for n in paths}
         for m in MODES}
-    for name, path in paths.items():
-        results["plain"][name]["refused_streams"] = REFUSED.get(path, 0)
+    for name in paths:
+        results["plain"][name]["refused_streams"] = sum(
+            REFUSED.get(paths_of(mode)[name], 0) for mode in ("plain", "ndjson"))
     return results

@@ -1508,7 +1508,9 @@ class FakeProvider(BackgroundServer):
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers.setdefault(name.lower(), value)  # the first of duplicated headers
-        if path.startswith("/v1/messages"):
+        if path.startswith("/ollama/api/"):  # Ollama's native API: tests/support/fake_ollama.py
+            provider = "ollama"
+        elif path.startswith("/v1/messages"):
             provider = "anthropic"
         elif path.startswith(("/v1/chat", "/v1/embeddings", "/v1/responses", "/v1/completions")):
             provider = "openai"
@@ -1551,6 +1553,9 @@ class FakeProvider(BackgroundServer):
     async def _dispatch(
         self, request: web.Request, record: RequestRecord
     ) -> tuple[web.StreamResponse, Usage | None, bool]:
+        if record.provider == "ollama":
+            from tests.support import fake_ollama
+            return await fake_ollama.dispatch(self, request, record)
         record.body = await request.read()
         record.request_encoding = request.headers.get("content-encoding", "")
         if record.request_encoding:

@@ -169,9 +169,10 @@ CODINGS = (
     ("br", "type.googleapis.com/envoy.extensions.compression.brotli.compressor.v3.Brotli"),
     ("zstd", "type.googleapis.com/envoy.extensions.compression.zstd.compressor.v3.Zstd"),
 )
-#: Responses compressed toward the client: JSON, event streams, text (errors included).
+#: Responses compressed toward the client: JSON, event streams (SSE, and NDJSON:
+#: Ollama's native streams), text (errors included). Envoy flushes each chunk.
 COMPRESSED_TYPES = [{"prefix": "application/json"}, {"prefix": "text/event-stream"},
-                    {"prefix": "text/plain"}]
+                    {"prefix": "application/x-ndjson"}, {"prefix": "text/plain"}]
 #: What the provider is asked for: identity (RFC 9110: no accept-encoding would allow any).
 UPSTREAM_ACCEPT_ENCODING = {"header": {"key": "accept-encoding", "value": "identity"},
                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}

@@ -74,7 +74,7 @@ class RequestPhase:
         if routed is None:
             return self._rt.send(ex, refusals.unknown_route())
         ex.provider_name, ex.path = routed
-        ex.provider = provider = PROVIDERS[ex.provider_name]
+        ex.provider = provider = PROVIDERS[ex.provider_name].for_path(ex.path)
         if not self._rt.settings.envoy.upstreams.get(ex.provider_name):
             return self._rt.send(ex, refusals.provider_not_configured(
                 provider, upstream_variable(ex.provider_name)))

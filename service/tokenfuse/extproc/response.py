@@ -79,7 +79,7 @@ class ResponsePhase:
             ex.transcoder = Transcoder(coding)
         elif not ex.provider.is_event_stream(first):
             return
-        ex.meter = StreamMeter(ex.provider_name, ex.call.hide_usage_chunk,
+        ex.meter = StreamMeter(ex.provider, ex.call.hide_usage_chunk,
                                ex.provider.tokenizer(ex.call.model),
                                hash_answer=ex.near_fingerprint is not None)
 

@@ -16,7 +16,7 @@ from tokenfuse.metering.tokens import count_text
 from tokenfuse.policy.loopguard import answer_digest
 from tokenfuse.pricing import TokenUsage
 from tokenfuse.providers import PROVIDERS
-from tokenfuse.providers.base import DEFAULT_TOKENIZER, Tokenizer
+from tokenfuse.providers.base import DEFAULT_TOKENIZER, Provider, Tokenizer
 from tokenfuse.providers.sse import SseEvent
 
 log = logging.getLogger("tokenfuse.streaming")
@@ -38,9 +38,11 @@ class StreamMeter:
     token per delta. `hash_answer`: keep the fingerprint of the generated text (only the
     near-duplicate loop tier reads it)."""
 
-    def __init__(self, provider: str, hide_usage_chunk: bool,
+    def __init__(self, provider: str | Provider, hide_usage_chunk: bool,
                  tokenizer: Tokenizer = DEFAULT_TOKENIZER, hash_answer: bool = True) -> None:
-        self._provider = PROVIDERS[provider]
+        # a name, or the wire format of the request's path (`Provider.for_path`)
+        self._provider = PROVIDERS[provider] if isinstance(provider, str) else provider
+        self._usage_marker = self._provider.usage_marker
         self._tokenizer = tokenizer
         self._raw_tokens = 0  # output tokens of the encoding so far
         self._scaled_tokens = 0  # ... scaled: what the events reported so far
@@ -111,7 +113,7 @@ class StreamMeter:
                 self._answer.update(text.encode())
                 self._answered = True
         tokens = self._scaled(sum(max(1, count_text(t, encoding)) for t in texts))
-        usage = self._provider.usage(payload) if "usage" in data else None
+        usage = self._provider.usage(payload) if self._usage_marker in data else None
         hidden = self._hide_usage_chunk and self._provider.is_usage_only_chunk(payload)
         return MeteredEvent(start, event.end, tokens, usage, hidden, final)
 

@@ -217,7 +217,7 @@ def upper_bound_nano(provider_name: str, path: str, body: dict[str, Any],
                      prices: PriceTable, settings: Settings) -> int | None:
     """What tokenfuse reserves for this request with an unlimited budget, or None when
     it refuses the request (unknown model, unpriced endpoint)."""
-    provider = PROVIDERS[provider_name]
+    provider = PROVIDERS[provider_name].for_path(path)
     call = provider.parse_request(path, body)
     price = price_for(prices, call.model, settings.estimate, provider)
     if price is None or not call.priced:

@@ -14,7 +14,8 @@ from tokenfuse.identity import VIRTUAL_KEY_PREFIX
 from tokenfuse.providers.anthropic import Anthropic
 from tokenfuse.providers.azure import Azure
 from tokenfuse.providers.base import Call, Provider, RequestRejected
-from tokenfuse.providers.compatible import VENDORS, Dialect, OpenAICompatible, declared
+from tokenfuse.providers.compatible import VENDORS, declared
+from tokenfuse.providers.ollama import ollama
 from tokenfuse.providers.openai import ENCODINGS_PACKAGE, OpenAI
 
 _AZURE = Azure()
@@ -22,10 +23,8 @@ _AZURE = Azure()
 BUILTIN: dict[str, Provider] = {
     "openai": OpenAI(), "anthropic": Anthropic(), "azure": _AZURE,
     **{vendor.name: vendor for vendor in VENDORS},
-    # Ollama's OpenAI-compatible API (github.com/ollama/ollama docs/openai.md): no key
-    # needed by Ollama itself, but tokenfuse identifies the caller by one.
-    "ollama": OpenAICompatible("ollama", "http://127.0.0.1:11434", "/v1",
-                               Dialect(probe_path="/api/tags"), ("ollama", "ollama_chat")),
+    # Ollama's OpenAI-compatible API (/v1/*) and its native NDJSON API (/api/*).
+    "ollama": ollama(),
 }
 #: Every provider a route may name: the built-in ones, then those the operator declares
 #: (`declare`, from TOKENFUSE_OPENAI_COMPATIBLE when the settings are read).

@@ -129,6 +129,13 @@ class Provider(Protocol):
     cache_write_1h_input_multiple: int
     #: Prices of this provider's models are `<namespace>/<model>` (None: bare model ids).
     price_namespace: str | None
+    #: Text in every stream event that reports usage (the meter asks `usage` of no other).
+    usage_marker: str
+
+    def for_path(self, path: str) -> Provider:
+        """The wire format a path of this route speaks (itself, but for a route that
+        serves two APIs: Ollama's `/v1/*` and `/api/*`)."""
+        ...
 
     def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:
         """The id this provider's API takes for a dataset model name (its key without the
@@ -224,6 +231,10 @@ class ProviderBase:
     cache_write_1h_input_multiple = 0
     #: Prices of this provider's models are `<namespace>/<model>` (None: bare model ids).
     price_namespace: str | None = None
+    usage_marker = "usage"
+
+    def for_path(self, path: str) -> Provider:
+        return self
 
     def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:
         return model
