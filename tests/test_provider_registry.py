@@ -323,3 +323,14 @@ def test_legacy_completions_default_is_not_assumed_elsewhere() -> None:
     assert PROVIDERS["openai"].parse_request("/v1/completions", body).max_output_tokens == 16
     fim = PROVIDERS["mistral"].parse_request("/v1/fim/completions", body)
     assert fim.endpoint == "completions" and fim.max_output_tokens is None
+
+
+def test_ollama_latest_tag_is_the_untagged_price() -> None:
+    from tokenfuse.config import EstimateSettings
+    from tokenfuse.policy.reservation import price_for
+
+    table, ollama = PriceTable.load(), PROVIDERS["ollama"]
+    untagged = table.lookup("llama3", "ollama")
+    assert untagged is not None
+    assert price_for(table, "llama3:latest", EstimateSettings(), ollama) == untagged
+    assert price_for(table, "llama3:70b-q4", EstimateSettings(), ollama) is None

@@ -75,6 +75,13 @@ class Ollama(OpenAICompatible):
     def for_path(self, path: str) -> Ollama:
         return self.native if path.startswith(NATIVE_PREFIX) else self
 
+    def price_ids(self, model: str) -> tuple[tuple[str | None, str], ...]:
+        """`llama3.2:latest` is `llama3.2` (Ollama's default tag)."""
+        ids: tuple[tuple[str | None, str], ...] = ((self.price_namespace, model),)
+        if model.endswith(":latest"):
+            ids += ((self.price_namespace, model.removesuffix(":latest")),)
+        return ids
+
     def parse_request(self, path: str, body: dict[str, Any]) -> Call:
         if self.native is not self and path.startswith(NATIVE_PREFIX):
             return self.native.parse_request(path, body)
