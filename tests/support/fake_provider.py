@@ -1644,6 +1644,8 @@ class FakeProvider(BackgroundServer):
                                           route[1], self.azure_deployments)
         record.model = model = data["model"]
         controls = Controls.from_headers(request.headers, self.default_output_tokens)
+        if not dialect.caches:
+            controls = replace(controls, cached_tokens=0)
         if self.answers_by_input:
             _ANSWER_SEED.set(answer_seed(data, request.headers))
         try:

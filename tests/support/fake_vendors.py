@@ -84,6 +84,9 @@ class Dialect:
     #: "openai": prompt_tokens_details.cached_tokens; "deepseek": prompt_cache_hit_tokens
     #: and prompt_cache_miss_tokens.
     cache: str = "openai"
+    #: Reports cache hits at all (else the fake serves no cached tokens: they would be
+    #: billed without the client seeing them).
+    caches: bool = True
     #: Reasoning models: "" (none), "visible" (DeepSeek `reasoning_content` deltas, inside
     #: completion_tokens), "hidden_additive" (xAI: billed, not streamed, reported in
     #: completion_tokens_details.reasoning_tokens ON TOP of completion_tokens).
@@ -102,7 +105,7 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
     # docs.mistral.ai/api; EMPIRICAL mistralai 3.7.0 requests /v1/chat/completions. Usage
     # unasked on the last chunk (anon-kode#53 "Usage data is included by default"); error
     # body `{"object":"error","message":...}`; Retry-After on 429.
-    Dialect("mistral", ("/v1/chat/completions",), stream_usage="final",
+    Dialect("mistral", ("/v1/chat/completions",), stream_usage="final", caches=False,
             fields=MISTRAL_FIELDS, unknown_status=422, error_shape="mistral"),
     # console.groq.com/docs/api-reference; groq/types/chat/chat_completion_chunk.py:170
     # (x_groq.usage "only sent in the final chunk"); 429 headers retry-after (s) and
@@ -136,7 +139,7 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
             processing_comment=": OPENROUTER PROCESSING"),
     # docs.together.ai streaming: usage only on the last chunk, unasked (AIProxySwift
     # TogetherAIChatCompletionStreamingChunk); chunks carry `token`.
-    Dialect("together", ("/v1/chat/completions",), stream_usage="final"),
+    Dialect("together", ("/v1/chat/completions",), stream_usage="final", caches=False),
     # docs.fireworks.ai OpenAI compatibility: "Fireworks.ai returns usage stats in both
     # cases ... in the very last chunk (the one having finish_reason set)".
     Dialect("fireworks", ("/inference/v1/chat/completions",), stream_usage="final"),
@@ -150,10 +153,11 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
     # docs.perplexity.ai/getting-started/pricing), the usage so far on every chunk
     # (langchain-ai/langchain#39924), `citations` and `search_results`.
     Dialect("perplexity", ("/chat/completions",), stream_usage="cumulative",
-            cost="perplexity"),
+            cost="perplexity", caches=False),
     # github.com/ollama/ollama middleware/openai.go: usage only with include_usage, on an
     # extra `choices: []` chunk; errors `{"error":{"message","type","param","code"}}`.
-    Dialect("ollama", ("/v1/chat/completions",), stream_usage="ask", error_shape="ollama"),
+    Dialect("ollama", ("/v1/chat/completions",), stream_usage="ask", error_shape="ollama",
+            caches=False),
     # learn.microsoft.com/azure/ai-foundry/openai/reference: the deployment in the path,
     # `api-key` auth (EMPIRICAL openai.AzureOpenAI); the first chunk has `choices: []` and
     # `prompt_filter_results`; include_usage from api-version 2024-09-01 (griptape#1640),
@@ -178,12 +182,15 @@ PRICES: dict[str, tuple[str, str, str]] = {
     "fireworks/accounts/fireworks/models/llama-v3p3-70b-instruct": ("0.90", "0.45", "0.90"),
     "cerebras/llama-3.3-70b": ("0.85", "0.85", "1.20"),
     "perplexity/sonar": ("1.00", "1.00", "1.00"),
+    "perplexity/sonar-pro": ("3.00", "3.00", "15.00"),
     "ollama/*": ("0.10", "0.10", "0.10"),
     "azure/gpt-4o": ("2.50", "1.25", "10.00"),
 }
 #: Perplexity's request fee per search_context_size, USD per request (docs.perplexity.ai
-#: pricing: sonar $5 / $8 / $12 per 1,000 requests; default "low").
-PERPLEXITY_REQUEST_FEE = {"low": "0.005", "medium": "0.008", "high": "0.012"}
+#: pricing: sonar $5 / $8 / $12, sonar-pro $6 / $10 / $14 per 1,000 requests; "low" when
+#: the request does not say).
+PERPLEXITY_REQUEST_FEE = {"sonar": {"low": "0.005", "medium": "0.008", "high": "0.012"},
+                          "sonar-pro": {"low": "0.006", "medium": "0.010", "high": "0.014"}}
 NANO_PER_USD = 1_000_000_000
 
 
@@ -199,12 +206,13 @@ def price_of(vendor: str, model: str) -> tuple[int, int, int] | None:
 
 def request_fee_nano(vendor: str, body: Mapping[str, Any]) -> int:
     """The vendor's fee per request (Perplexity: by `web_search_options.search_context_size`)."""
-    if vendor != "perplexity":
+    fees = PERPLEXITY_REQUEST_FEE.get(str(body.get("model"))) if vendor == "perplexity" \
+        else None
+    if fees is None:
         return 0
     options = body.get("web_search_options")
     size = options.get("search_context_size") if isinstance(options, dict) else None
-    fee = PERPLEXITY_REQUEST_FEE.get(str(size), PERPLEXITY_REQUEST_FEE["low"])
-    return int(Decimal(fee) * NANO_PER_USD)
+    return int(Decimal(fees.get(str(size), fees["low"])) * NANO_PER_USD)
 
 
 def cost_parts(usage: Any) -> tuple[int, int, int]:
