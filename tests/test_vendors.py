@@ -455,3 +455,115 @@ def test_a_pooled_key_fails_over(vstack: Stack, fake: FakeProvider, vendor: Vend
     state = day(vstack, vkey)
     assert state["spent_nano_usd"] == bill and state["reserved_nano_usd"] == 0
     vstack.cli("keys", "enable", "--pool", pool, f"{pool}-0")
+
+
+# ---------------------------------------------------------------- vendor quirks
+
+
+@pytest.mark.xfail(strict=True, reason="tokenfuse settles xAI usage as OpenAI's "
+                   "(providers/openai.py usage: output = completion_tokens, reasoning taken "
+                   "as inside it); xAI reports reasoning_tokens ON TOP of completion_tokens "
+                   "and bills them (total = prompt + completion + reasoning; "
+                   "cost_in_usd_ticks): the hidden reasoning goes uncharged")
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "stream"])
+def test_xai_hidden_reasoning_is_settled(vstack: Stack, fake: FakeProvider,
+                                         streamed: bool) -> None:
+    """grok-4 reasons unasked and unstreamed; xAI reports the reasoning tokens beside
+    completion_tokens (total = prompt + completion + reasoning) and bills them as output."""
+    vendor, key = BY_NAME["xai"], _new_key(BY_NAME["xai"])
+    headers = {"x-fake-reasoning-tokens": "60", "x-fake-output-tokens": "6"}
+    if streamed:
+        chunks = list(stream(vstack, vendor, key, "think hard", headers, model="grok-4",
+                             max_tokens=100))
+        assert text_of(chunks)
+    else:
+        answer = complete(vstack, vendor, key, "think hard", headers, model="grok-4",
+                          max_tokens=100)
+        usage = answer.usage
+        assert usage.completion_tokens == 6
+        assert usage.completion_tokens_details.reasoning_tokens == 60
+        assert usage.total_tokens == usage.prompt_tokens + 66
+    [record] = records(fake, key)
+    assert record.usage.output_tokens == 66  # billed: visible and reasoning
+    assert_invariant(vstack, fake, key, 1)
+
+
+def test_deepseek_reasoner_streams_its_reasoning(vstack: Stack, fake: FakeProvider) -> None:
+    """deepseek-reasoner streams `reasoning_content` before the answer, billed inside
+    completion_tokens; cache hits come as prompt_cache_hit_tokens."""
+    vendor, key = BY_NAME["deepseek"], _new_key(BY_NAME["deepseek"])
+    chunks = list(stream(vstack, vendor, key, "reason", {"x-fake-reasoning-tokens": "20",
+                                                         "x-fake-output-tokens": "5",
+                                                         "x-fake-cached-tokens": "4"},
+                         model="deepseek-reasoner", max_tokens=50))
+    thought = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or ""
+                      for c in chunks if c.choices)
+    assert thought and text_of(chunks)
+    [record] = records(fake, key)
+    assert record.usage.output_tokens == 25 and record.usage.cached_input_tokens == 4
+    assert_invariant(vstack, fake, key, 1)
+
+
+def test_openrouter_error_inside_a_200_stream(vstack: Stack, fake: FakeProvider) -> None:
+    """OpenRouter reports a failure after the stream started as a chunk with `error` and
+    finish_reason "error": the SDK raises it; what was generated is covered."""
+    vendor, key = BY_NAME["openrouter"], _new_key(BY_NAME["openrouter"])
+    with pytest.raises(openai.APIError) as raised:
+        list(stream(vstack, vendor, key, "fail midway", {"x-fake-stream-error": "5"},
+                    max_tokens=40))
+    assert "fake upstream error" in str(raised.value)
+    assert_invariant(vstack, fake, key, 1, exact=False)
+
+
+def test_perplexity_request_fee_is_in_the_spend(vstack: Stack, fake: FakeProvider) -> None:
+    """Perplexity bills a fee per request by search context size on top of the tokens;
+    its `cost.total_cost` includes it, and so does the spend."""
+    vendor, key = BY_NAME["perplexity"], _new_key(BY_NAME["perplexity"])
+    answer = complete(vstack, vendor, key, "search", max_tokens=5,
+                      extra_body={"web_search_options": {"search_context_size": "high"}})
+    assert answer.model_extra["citations"]
+    [record] = records(fake, key)
+    assert record.usage.request_fee_nano == 12_000_000
+    state = assert_invariant(vstack, fake, key, 1)
+    assert state["spent_nano_usd"] > 12_000_000
+
+
+@pytest.mark.xfail(strict=True, reason="tokenfuse injects stream_options.include_usage on "
+                   "every Azure stream (providers/azure.py inherits OpenAI's "
+                   "_with_stream_usage); Azure api-versions before 2024-09-01 refuse it with "
+                   "400 (openai-python#1469), so the stream fails")
+def test_azure_stream_on_an_older_api_version(vstack: Stack, fake: FakeProvider) -> None:
+    vendor, key = BY_NAME["azure"], _new_key(BY_NAME["azure"])
+    chunks = list(stream(vstack, vendor, key, "old version", max_tokens=6,
+                         api_version="2024-06-01"))
+    assert text_of(chunks)
+    assert_invariant(vstack, fake, key, 1, exact=False)
+
+
+def test_azure_entra_token_is_the_caller(vstack: Stack, fake: FakeProvider) -> None:
+    """An Entra ID bearer token (no api-key): Azure bills it; tokenfuse charges the
+    token's tenant/object identity, so a refreshed token is the same caller."""
+    import base64
+
+    def token(n: int) -> str:
+        claims = {"tid": "tenant-1", "oid": f"object-{uuid.uuid4().hex}", "n": n}
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+        return f"eyJhbGciOiJub25lIn0.{body}.c2ln"
+
+    first = token(1)
+    oid = json.loads(base64.urlsafe_b64decode(first.split(".")[1] + "==="))["oid"]
+    second = first.replace(first.split(".")[1], base64.urlsafe_b64encode(json.dumps(
+        {"tid": "tenant-1", "oid": oid, "n": 2}).encode()).decode().rstrip("="))
+    gw = vstack.envoy.base_url
+    for tok in (first, second):
+        c = openai.AzureOpenAI(azure_endpoint=f"{gw}/azure", azure_ad_token=tok,
+                               api_version=AZURE_VERSION, azure_deployment="prod-4o",
+                               max_retries=0, timeout=30)
+        c.chat.completions.create(model="gpt-4o", max_tokens=3,
+                                  messages=[{"role": "user", "content": f"entra {tok[-8:]}"}])
+    sent = [r for r in list(fake.records) if r.api_key in (first, second)]
+    assert len(sent) == 2 and all("api-key" not in r.headers for r in sent)
+    caller = f"entra:tenant-1/{oid}"
+    state = day(vstack, caller)
+    bill = sum(fake_vendors.bill_nano(r.usage) for r in sent)
+    assert state["spent_nano_usd"] == bill > 0 and state["reserved_nano_usd"] == 0
