@@ -9,6 +9,7 @@ purpose: the settled spend must be the vendor's bill, not the table's.
 
 After every scenario the invariant is checked: nothing stays reserved, the spend is within
 the limit, and it equals the vendor's bill for completed calls (covers it for cut ones).
+(Eleven vendors through each scenario, hence its length.)
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ VENDORS = [
 BY_NAME = {v.name: v for v in VENDORS}
 IDS = [v.name for v in VENDORS]
 #: The vendors that report stream usage unasked: tokenfuse must not add stream_options
-#: (Mistral and Groq refuse unknown fields; the others need no asking).
-UNASKED = {"groq", "mistral", "openrouter", "together", "fireworks", "cerebras", "perplexity"}
+#: (Mistral and Groq refuse unknown fields; Together does not support it, langchain#24636;
+#: the others need no asking). Not asserted either way: DeepSeek and xAI (usage unasked,
+#: stream_options accepted), Fireworks (conflicting reports; it accepts the field).
+UNASKED = {"groq", "mistral", "openrouter", "together", "cerebras", "perplexity"}
 #: The vendors that report stream usage only when asked (OpenAI's rule).
 ASKED = {"azure", "ollama"}
 #: Prices tokenfuse reads for the vendors that report their own bill: not the fake's.

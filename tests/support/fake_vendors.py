@@ -258,6 +258,11 @@ def vendor_of(path: str) -> tuple[str, str] | None:
     return None
 
 
+#: GETs that prove a key besides `/models`: OpenRouter's key info
+#: (openrouter.ai/docs/api-reference/api-keys/get-current-key), Ollama's model list.
+PROBE_PATHS = {"openrouter": ("/api/v1/key",), "ollama": ("/api/tags",)}
+
+
 def internal_path(dialect: Dialect, path: str) -> tuple[str, str | None] | None:
     """The OpenAI path the fake bills a vendor path as, and the Azure deployment; None when
     the vendor does not serve the path."""
@@ -270,8 +275,8 @@ def internal_path(dialect: Dialect, path: str) -> tuple[str, str | None] | None:
                     return "/v1/chat/completions", deployment
         elif path == chat:
             return "/v1/chat/completions", None
-    if path.endswith("/models"):
-        return "/v1/models", None
+    if path.endswith("/models") or path in PROBE_PATHS.get(dialect.name, ()):
+        return "/v1/models", None  # a cheap authenticated GET (tokenfuse's key probe)
     return None
 
 
@@ -385,7 +390,10 @@ def usage_json(dialect: Dialect, usage: Any, reasoning: int) -> dict[str, Any]:
         out["cost_details"] = {"upstream_inference_cost": None}
     elif dialect.cost == "perplexity":
         inp, outp, fee = cost_parts(usage)
-        out["search_context_size"] = "low"
+        fees = PERPLEXITY_REQUEST_FEE.get(usage.model, {})
+        out["search_context_size"] = next(
+            (size for size, fee in fees.items()
+             if int(Decimal(fee) * NANO_PER_USD) == usage.request_fee_nano), "low")
         out["cost"] = {"input_tokens_cost": _Raw(usd(inp)), "output_tokens_cost": _Raw(usd(outp)),
                        "request_cost": _Raw(usd(fee)), "total_cost": _Raw(usd(inp + outp + fee))}
     elif dialect.cost == "xai":
