@@ -309,7 +309,18 @@ def _cut_message(vendor: Vendor, exc: BaseException) -> str:
     return str(exc)
 
 
-@pytest.mark.parametrize("vendor", _params({}))
+#: Tokens the vendor generates after the cut before it notices the client left (within
+#: tokenfuse's grace, TOKENFUSE_STREAM_GRACE_TOKENS = 32): billed, never delivered.
+LATE_TOKENS = 8
+_PERPLEXITY_CUT = pytest.mark.xfail(
+    strict=True, reason="a cut stream whose chunks carry the bill so far (Perplexity's "
+    "cumulative usage.cost) is settled at that last reported cost: "
+    "policy/reservation.py unfinished_cost calls cost_nano(price, replace(known, "
+    "output=...)), and cost_nano returns known.billed_nano as is, so the grace for tokens "
+    "generated after the cut is dropped and the vendor bills more than was charged")
+
+
+@pytest.mark.parametrize("vendor", _params({"perplexity": _PERPLEXITY_CUT}))
 def test_a_stream_is_cut_at_its_budget(vstack: Stack, fake: FakeProvider,
                                        vendor: Vendor) -> None:
     """A stream that would run for 4,000 tokens on a budget worth ~150: the vendor's SDK
@@ -327,7 +338,8 @@ def test_a_stream_is_cut_at_its_budget(vstack: Stack, fake: FakeProvider,
     try:
         for chunk in stream(vstack, vendor, key, "write a novel", max_tokens=4000, model=model,
                             headers={"x-fake-chunk-delay-ms": "2",
-                                     "x-fake-output-tokens": "4000"}):
+                                     "x-fake-output-tokens": "4000",
+                                     "x-fake-late-tokens": str(LATE_TOKENS)}):
             if chunk.choices and chunk.choices[0].delta.content:
                 delivered += 1
     except (openai.APIError, groq.APIError, mistral_errors.ResponseValidationError) as exc:

@@ -2115,11 +2115,15 @@ class FakeProvider(BackgroundServer):
         # after N events, mid-event, without finishing the stream.
         garbage = request.headers.get("x-fake-garbage") == "1"
         truncate_after = _header_int(request, "x-fake-truncate-after")
+        # `x-fake-late-tokens: N`: the model notices the client left N tokens late (real
+        # providers bill what they generated until they noticed: tokenfuse's grace).
+        late = max(_header_int(request, "x-fake-late-tokens") or 0, 0)
         sent = billed = 0
 
         def partial() -> Usage:
-            return replace(usage, output_tokens=billed,
-                           reasoning_tokens=min(usage.reasoning_tokens, billed))
+            generated = min(billed + late, usage.output_tokens)
+            return replace(usage, output_tokens=generated,
+                           reasoning_tokens=min(usage.reasoning_tokens, generated))
 
         try:
             await resp.prepare(request)
