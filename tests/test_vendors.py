@@ -582,3 +582,35 @@ def test_azure_entra_token_is_the_caller(vstack: Stack, fake: FakeProvider) -> N
     state = day(vstack, caller)
     bill = sum(fake_vendors.bill_nano(r.usage) for r in sent)
     assert state["spent_nano_usd"] == bill > 0 and state["reserved_nano_usd"] == 0
+
+
+def test_azure_v1_api_with_the_key_as_bearer(vstack: Stack, fake: FakeProvider) -> None:
+    """Azure's v1 API: plain openai.OpenAI at `<resource>/openai/v1/`, the deployment as
+    the model, the API key as a Bearer token; streamed, settled exactly at the deployment's
+    model price."""
+    key = _new_key(BY_NAME["azure"])
+    c = openai.OpenAI(base_url=f"{vstack.envoy.base_url}/azure/openai/v1", api_key=key,
+                      max_retries=0, timeout=30)
+    chunks = list(c.chat.completions.create(
+        model="prod-4o", max_tokens=6, stream=True,
+        messages=[{"role": "user", "content": "azure v1"}]))
+    assert text_of(chunks)
+    [record] = records(fake, key)
+    assert record.path == "/openai/v1/chat/completions" and record.model == "gpt-4o"
+    assert record.json["model"] == "prod-4o"  # the client's body, as sent
+    assert_invariant(vstack, fake, key, 1)
+
+
+def test_azure_unmapped_deployment_is_refused(vstack: Stack, fake: FakeProvider) -> None:
+    """A deployment the operator did not map to a model has no price: refused before it
+    reaches Azure (fail-closed)."""
+    key = _new_key(BY_NAME["azure"])
+    c = openai.AzureOpenAI(azure_endpoint=f"{vstack.envoy.base_url}/azure", api_key=key,
+                           api_version=AZURE_VERSION, azure_deployment="shadow-deploy",
+                           max_retries=0, timeout=30)
+    with pytest.raises(openai.APIStatusError) as raised:
+        c.chat.completions.create(model="gpt-4o", max_tokens=3,
+                                  messages=[{"role": "user", "content": "unmapped"}])
+    assert 400 <= raised.value.status_code < 500
+    assert records(fake, key) == []
+    assert day(vstack, key)["spent_nano_usd"] == 0

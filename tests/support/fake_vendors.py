@@ -162,8 +162,11 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
     # `api-key` auth (EMPIRICAL openai.AzureOpenAI); the first chunk has `choices: []` and
     # `prompt_filter_results`; include_usage from api-version 2024-09-01 (griptape#1640),
     # older versions refuse stream_options with 400 (openai-python#1469); 429 with
-    # retry-after and retry-after-ms.
-    Dialect("azure", ("/openai/deployments/{deployment}/chat/completions",),
+    # retry-after and retry-after-ms. The v1 API (learn.microsoft.com/azure/foundry/openai/
+    # api-version-lifecycle): `/openai/v1/...`, no api-version, the deployment as `model`,
+    # the key as a Bearer token (EMPIRICAL openai.OpenAI).
+    Dialect("azure", ("/openai/deployments/{deployment}/chat/completions",
+                      "/openai/v1/chat/completions"),
             stream_usage="ask", error_shape="azure", auth="api-key",
             reset_headers=(("retry-after", "{s}"), ("retry-after-ms", "{ms}"))),
 )}
@@ -274,7 +277,7 @@ def internal_path(dialect: Dialect, path: str) -> tuple[str, str | None] | None:
                 if deployment and "/" not in deployment:
                     return "/v1/chat/completions", deployment
         elif path == chat:
-            return "/v1/chat/completions", None
+            return "/v1/chat/completions", "" if dialect.name == "azure" else None
     if path.endswith("/models") or path in PROBE_PATHS.get(dialect.name, ()):
         return "/v1/models", None  # a cheap authenticated GET (tokenfuse's key probe)
     return None
@@ -344,11 +347,14 @@ def check_request(dialect: Dialect, body: dict[str, Any], query: Mapping[str, st
                 "type": "invalid_request_error"}})
     if dialect.name == "azure":
         version = query.get("api-version", "")
-        if not version:
-            raise refuse(dialect, 404, "Resource not found", "404")
-        if body.get("stream_options") is not None and version[:10] < "2024-09-01":
-            raise refuse(dialect, 400, "Unrecognized request argument supplied: "
-                                       "stream_options", "BadRequest")
+        if deployment:  # /openai/deployments/{deployment}/...: api-version required
+            if not version:
+                raise refuse(dialect, 404, "Resource not found", "404")
+            if body.get("stream_options") is not None and version[:10] < "2024-09-01":
+                raise refuse(dialect, 400, "Unrecognized request argument supplied: "
+                                           "stream_options", "BadRequest")
+        else:  # the v1 API: the deployment is the body's model
+            deployment = str(body.get("model", ""))
         model = deployments.get(deployment or "")
         if model is None:
             raise refuse(dialect, 404, "The API deployment for this resource does not "
