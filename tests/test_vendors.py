@@ -76,8 +76,8 @@ REPORTED_COST_FILE_PRICES = {
     "openrouter/meta-llama/llama-3.3-70b-instruct": ("0.20", "0.20", "0.60"),
     "perplexity/sonar": ("1.00", "1.00", "1.00"),
 }
-GROQ_POOL = [f"gsk_pool_secret_{i}_{'g' * 24}" for i in range(2)]
-AZURE_POOL = [f"azure-pool-secret-{i}-{'a' * 24}" for i in range(2)]
+#: A pool of two keys per vendor (a pool is bound to its provider).
+POOLS = {v.name: [f"{v.name}-pool-secret-{i}-{'p' * 24}" for i in range(2)] for v in VENDORS}
 
 
 def _price_file() -> dict[str, Any]:
@@ -100,15 +100,15 @@ def vstack(fake: FakeProvider) -> Iterator[Stack]:
     s.env["TOKENFUSE_PRICES_FILE"] = str(prices)
     pools = s.workdir / "pools"
     pools.mkdir()
-    for pool, secrets in (("groq-main", GROQ_POOL), ("azure-main", AZURE_POOL)):
-        (pools / f"{pool}.csv").write_text(
-            "key,label\n" + "".join(f"{k},{pool}-{i}\n" for i, k in enumerate(secrets)))
+    for name, secrets in POOLS.items():
+        (pools / f"{name}-main.csv").write_text("key,label\n" + "".join(
+            f"{k},{name}-main-{i}\n" for i, k in enumerate(secrets)))
     s.env["TOKENFUSE_POOLS_DIR"] = str(pools)
     fake.azure_deployments["prod-4o"] = "gpt-4o"
     s.start()
-    for pool, provider in (("groq-main", "groq"), ("azure-main", "azure")):
-        done = s.cli("keys", "import", "--pool", pool, "--provider", provider,
-                     str(pools / f"{pool}.csv"))
+    for name in POOLS:
+        done = s.cli("keys", "import", "--pool", f"{name}-main", "--provider", name,
+                     str(pools / f"{name}-main.csv"))
         assert done.returncode == 0, done.stderr
     yield s
     s.cleanup()
@@ -169,6 +169,14 @@ def text_of(chunks: list[Any]) -> str:
 
 def records(fake: FakeProvider, key: str) -> list[RequestRecord]:
     return [r for r in list(fake.records) if r.api_key == key and r.method == "POST"]
+
+
+def one_record(fake: FakeProvider, key: str) -> RequestRecord:
+    """The key's one call, once the fake has recorded it (a stream is recorded after its
+    last write, which the client may have read first)."""
+    wait_until(lambda: len(records(fake, key)) == 1, what="the fake to record the call")
+    record = one_record(fake, key)
+    return record
 
 
 def vendor_bill(fake: FakeProvider, key: str, completed_only: bool = True) -> int:
@@ -239,7 +247,7 @@ def test_a_call_without_a_cap_settles_exactly(vstack: Stack, fake: FakeProvider,
     answer = complete(vstack, vendor, key, f"settle {vendor.name}",
                       {"x-fake-output-tokens": "9", "x-fake-cached-tokens": "3"})
     assert answer.choices[0].message.content
-    [record] = records(fake, key)
+    record = one_record(fake, key)
     assert record.vendor == vendor.name and record.path == vendor.chat_path
     if vendor.name == "azure":
         assert record.headers["api-key"] == key and "authorization" not in record.headers
@@ -252,7 +260,7 @@ def test_a_capped_call_settles_exactly(vstack: Stack, fake: FakeProvider,
     key = _new_key(vendor)
     answer = complete(vstack, vendor, key, f"capped {vendor.name}", max_tokens=7)
     assert answer.usage.completion_tokens == 7
-    [record] = records(fake, key)
+    record = one_record(fake, key)
     assert record.json.get("max_tokens") == 7
     assert_invariant(vstack, fake, key, 1)
 
@@ -264,7 +272,7 @@ def test_a_stream_settles_exactly(vstack: Stack, fake: FakeProvider, vendor: Ven
     key = _new_key(vendor)
     chunks = list(stream(vstack, vendor, key, f"stream {vendor.name}", max_tokens=11))
     assert text_of(chunks)
-    [record] = records(fake, key)
+    record = one_record(fake, key)
     assert record.path == vendor.chat_path
     sent = record.json
     if vendor.name in UNASKED:
@@ -349,24 +357,36 @@ FLOOD_REQUESTS = 1000
 
 
 async def _flood(stack: Stack, vendor: Vendor, key: str) -> list[str]:
-    """FLOOD_REQUESTS concurrent calls, each with a distinct prompt, with the vendor's SDK
-    (groq's AsyncGroq; openai's AsyncOpenAI at the vendor's base URL otherwise)."""
+    """FLOOD_REQUESTS concurrent calls, each with a distinct prompt, with the vendor's own
+    async SDK (AsyncGroq, Mistral's complete_async, AsyncAzureOpenAI; AsyncOpenAI at the
+    vendor's base URL otherwise)."""
     gw = stack.envoy.base_url
+    status_error: Any = openai.APIStatusError
+    connection_error: Any = openai.APIConnectionError
     if vendor.sdk == "groq":
         c: Any = groq.AsyncGroq(base_url=f"{gw}/groq", api_key=key, max_retries=0,
                                 timeout=120)
-        status_error: Any = groq.APIStatusError
-        connection_error: Any = groq.APIConnectionError
+        status_error, connection_error = groq.APIStatusError, groq.APIConnectionError
+    elif vendor.sdk == "mistral":
+        c = Mistral(api_key=key, server_url=f"{gw}/mistral", timeout_ms=120_000)
+        status_error, connection_error = mistral_errors.SDKError, OSError
+    elif vendor.sdk == "azure":
+        c = openai.AsyncAzureOpenAI(azure_endpoint=f"{gw}/azure", api_key=key,
+                                    api_version=AZURE_VERSION, azure_deployment="prod-4o",
+                                    max_retries=0, timeout=120)
     else:
         c = openai.AsyncOpenAI(base_url=f"{gw}/{vendor.name}{vendor.base_path}", api_key=key,
                                max_retries=0, timeout=120)
-        status_error, connection_error = openai.APIStatusError, openai.APIConnectionError
 
     async def one(i: int) -> str:
+        messages = [{"role": "user", "content": f"flood request {spell(i)}"}]
         try:
-            await c.chat.completions.create(
-                model=vendor.model, max_tokens=40,
-                messages=[{"role": "user", "content": f"flood request {spell(i)}"}])
+            if vendor.sdk == "mistral":
+                await c.chat.complete_async(model=vendor.model, max_tokens=40,
+                                            messages=messages)
+            else:
+                await c.chat.completions.create(model=vendor.model, max_tokens=40,
+                                                messages=messages)
             return "allowed"
         except status_error as exc:
             return "status_402" if exc.status_code == 402 else f"status_{exc.status_code}"
@@ -376,29 +396,35 @@ async def _flood(stack: Stack, vendor: Vendor, key: str) -> list[str]:
     try:
         return list(await asyncio.gather(*(one(i) for i in range(FLOOD_REQUESTS))))
     finally:
-        await c.close()
+        if vendor.sdk != "mistral":
+            await c.close()
 
 
-#: The share of the budget a flood must be able to spend: OpenRouter is reserved at the
-#: price file's rate (above what it bills, settled from its `cost`), so more is refused.
-USABLE_PERCENT = {"groq": 90, "openrouter": 50}
+#: The share of the budget a flood must be able to spend (half: the last requests are
+#: refused while earlier ones still hold reservations above their bills, more so with the
+#: open-weight tokenizer bound, cl100k x 1.5; measured 78-100 %); OpenRouter is reserved at
+#: the price file's rate, above what it bills (settled from its `cost`): measured 61-67 %.
+USABLE_PERCENT = {"openrouter": 40}
+#: Perplexity's request fee bound ($0.014) is above $0.01: its key gets $1; 1,000 of the
+#: fake Ollama's calls cost about $0.005: its key gets $0.002, so the flood reaches it.
+BUDGETS = {"perplexity": 1_000_000_000, "ollama": 2_000_000}
 
 
-@pytest.mark.parametrize("vendor", [BY_NAME["groq"], BY_NAME["openrouter"]],
-                         ids=["groq", "openrouter"])
+@pytest.mark.parametrize("vendor", _params({}))
 def test_a_flood_on_one_key_is_held_to_its_budget(vstack: Stack, fake: FakeProvider,
                                                   vendor: Vendor) -> None:
-    """1,000 concurrent calls on a $0.01 key: not a nano-dollar over."""
+    """1,000 concurrent calls on one key: not a nano-dollar over its budget."""
     key = _new_key(vendor)
-    set_budget(vstack, key, FLOOD_BUDGET)
+    budget = BUDGETS.get(vendor.name, FLOOD_BUDGET)
+    set_budget(vstack, key, budget)
     outcomes = asyncio.run(_flood(vstack, vendor, key))
     allowed, refused = outcomes.count("allowed"), outcomes.count("status_402")
     print(f"\n{vendor.name} flood: {allowed} allowed, {refused} refused, billed "
-          f"{vendor_bill(fake, key)} of {FLOOD_BUDGET}")
+          f"{vendor_bill(fake, key)} of {budget}")
     assert allowed + refused == FLOOD_REQUESTS, sorted(set(outcomes))
     assert len(records(fake, key)) == allowed  # the refused ones never reached the vendor
-    state = assert_invariant(vstack, fake, key, allowed, limit=FLOOD_BUDGET)
-    assert state["spent_nano_usd"] >= FLOOD_BUDGET * USABLE_PERCENT[vendor.name] // 100
+    state = assert_invariant(vstack, fake, key, allowed, limit=budget)
+    assert state["spent_nano_usd"] >= budget * USABLE_PERCENT.get(vendor.name, 50) // 100
 
 
 # ---------------------------------------------------------------- loop guard
@@ -438,14 +464,12 @@ def _key_rows(stack: Stack, pool: str) -> dict[str, dict]:
     return {r["id"]: r for r in out}
 
 
-@pytest.mark.parametrize(("vendor", "pool", "secrets"), [
-    (BY_NAME["groq"], "groq-main", GROQ_POOL), (BY_NAME["azure"], "azure-main", AZURE_POOL)],
-    ids=["groq", "azure"])
-def test_a_pooled_key_fails_over(vstack: Stack, fake: FakeProvider, vendor: Vendor,
-                                 pool: str, secrets: list[str]) -> None:
+@pytest.mark.parametrize("vendor", _params({}))
+def test_a_pooled_key_fails_over(vstack: Stack, fake: FakeProvider, vendor: Vendor) -> None:
     """The pool's first key answers 429 with the vendor's reset headers: the next key
     serves, the client sees no error, the bill lands on the key that served (and once on
     the gateway key)."""
+    pool, secrets = f"{vendor.name}-main", POOLS[vendor.name]
     vkey = vstack.cli("vkey", "create", "--name", f"{vendor.name}-failover", "--pool",
                       pool).stdout.strip()
     assert vkey.startswith("tfk-")
@@ -498,7 +522,7 @@ def test_xai_hidden_reasoning_is_settled(vstack: Stack, fake: FakeProvider,
         assert usage.completion_tokens == 6
         assert usage.completion_tokens_details.reasoning_tokens == 60
         assert usage.total_tokens == usage.prompt_tokens + 66
-    [record] = records(fake, key)
+    record = one_record(fake, key)
     assert record.usage.output_tokens == 66  # billed: visible and reasoning
     assert_invariant(vstack, fake, key, 1)
 
@@ -514,7 +538,7 @@ def test_deepseek_reasoner_streams_its_reasoning(vstack: Stack, fake: FakeProvid
     thought = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or ""
                       for c in chunks if c.choices)
     assert thought and text_of(chunks)
-    [record] = records(fake, key)
+    record = one_record(fake, key)
     assert record.usage.output_tokens == 25 and record.usage.cached_input_tokens == 4
     assert_invariant(vstack, fake, key, 1)
 
@@ -537,7 +561,7 @@ def test_perplexity_request_fee_is_in_the_spend(vstack: Stack, fake: FakeProvide
     answer = complete(vstack, vendor, key, "search", max_tokens=5,
                       extra_body={"web_search_options": {"search_context_size": "high"}})
     assert answer.model_extra["citations"]
-    [record] = records(fake, key)
+    record = one_record(fake, key)
     assert record.usage.request_fee_nano == 12_000_000
     state = assert_invariant(vstack, fake, key, 1)
     assert state["spent_nano_usd"] > 12_000_000
@@ -591,7 +615,7 @@ def test_azure_v1_api_with_the_key_as_bearer(vstack: Stack, fake: FakeProvider) 
         model="prod-4o", max_tokens=6, stream=True,
         messages=[{"role": "user", "content": "azure v1"}]))
     assert text_of(chunks)
-    [record] = records(fake, key)
+    record = one_record(fake, key)
     assert record.path == "/openai/v1/chat/completions" and record.model == "gpt-4o"
     assert record.json["model"] == "prod-4o"  # the client's body, as sent
     assert_invariant(vstack, fake, key, 1)
