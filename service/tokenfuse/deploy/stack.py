@@ -134,10 +134,10 @@ def main() -> int:
                                  "--disable-hot-restart"], env=env)
         children.append(("envoy", proc))
         listen = f"{settings.envoy.listen_address}:{settings.envoy.listen_port}"
-        bases = ", ".join(f"{name}: /{name}{provider.sdk_base_path}"
-                          for name, provider in PROVIDERS.items())
-        print(f"tokenfuse: gateway on http://{listen}  ({bases}) — Ctrl-C stops everything",
-              flush=True)
+        print(f"tokenfuse: gateway on http://{listen} — Ctrl-C stops everything", flush=True)
+        for name, provider in PROVIDERS.items():
+            upstream = settings.envoy.upstreams.get(name) or "not configured"
+            print(f"  /{name}{provider.sdk_base_path or '/'}  →  {upstream}", flush=True)
         while True:
             for name, child in children:
                 if child.poll() is not None:
