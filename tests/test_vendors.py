@@ -175,7 +175,7 @@ def one_record(fake: FakeProvider, key: str) -> RequestRecord:
     """The key's one call, once the fake has recorded it (a stream is recorded after its
     last write, which the client may have read first)."""
     wait_until(lambda: len(records(fake, key)) == 1, what="the fake to record the call")
-    record = one_record(fake, key)
+    [record] = records(fake, key)
     return record
 
 

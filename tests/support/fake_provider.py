@@ -2124,6 +2124,7 @@ class FakeProvider(BackgroundServer):
         # providers bill what they generated until they noticed: tokenfuse's grace).
         late = max(_header_int(request, "x-fake-late-tokens") or 0, 0)
         sent = billed = 0
+        all_written = False
 
         def partial() -> Usage:
             generated = min(billed + late, usage.output_tokens)
@@ -2145,12 +2146,14 @@ class FakeProvider(BackgroundServer):
                     data = f"data: {{not json at all{eol}{eol}%%garbage%%{eol}{eol}".encode() + data
                 if i and rng.random() < 0.3:
                     data = keep_alive + data
-                for piece in split_points(encoder.encode(data), rng):
+                for k, piece in enumerate(split_points(encoder.encode(data), rng)):
+                    if k:
+                        await asyncio.sleep(0)  # let the loop flush: each piece its own write
                     await resp.write(piece)
-                    await asyncio.sleep(0)  # let the loop flush: every piece is its own write
                 sent += tokens
                 billed += tokens
                 record.output_tokens_sent = sent
+            all_written = True  # every event is out: a hang-up from here is a complete call
             try:
                 if encoder.coding:  # the coding's trailer: every event is out already
                     await resp.write(encoder.finish())
@@ -2161,7 +2164,11 @@ class FakeProvider(BackgroundServer):
             record.output_tokens_sent = sent
             if isinstance(exc, asyncio.CancelledError):
                 record.status = resp.status
-                self._finish(record, partial(), aborted=True)
+                if all_written:  # the client read the last event and left
+                    record.completed = True
+                    self._finish(record, usage)
+                else:
+                    self._finish(record, partial(), aborted=True)
                 raise
             return resp, partial(), True
         record.completed = True
