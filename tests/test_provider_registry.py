@@ -334,3 +334,13 @@ def test_ollama_latest_tag_is_the_untagged_price() -> None:
     assert untagged is not None
     assert price_for(table, "llama3:latest", EstimateSettings(), ollama) == untagged
     assert price_for(table, "llama3:70b-q4", EstimateSettings(), ollama) is None
+
+
+def test_cerebras_minus_one_is_no_cap() -> None:
+    cerebras = PROVIDERS["cerebras"]
+    body = {"model": "llama-3.3-70b", "messages": [], "max_completion_tokens": -1}
+    call = cerebras.parse_request("/v1/chat/completions", body)
+    assert call.max_output_tokens is None  # the model's maximum is reserved
+    assert cerebras.with_output_cap(body, call, 512)["max_completion_tokens"] == 512
+    with pytest.raises(Exception, match="positive integer"):
+        PROVIDERS["groq"].parse_request("/openai/v1/chat/completions", body)

@@ -52,6 +52,8 @@ class Dialect:
     tokenizer: Tokenizer = OPEN_WEIGHT_TOKENIZER
     #: A fixed fee per request the vendor bills on top of tokens (bound, nano-USD).
     request_fee_nano: int = 0
+    #: A cap value the vendor documents as "no limit" (Cerebras: -1): read as no cap.
+    unlimited_cap: int | None = None
 
 
 class OpenAICompatible(OpenAI):
@@ -80,6 +82,12 @@ class OpenAICompatible(OpenAI):
                 else model)
 
     def parse_request(self, path: str, body: dict[str, Any]) -> Call:
+        unlimited = self.dialect.unlimited_cap
+        if unlimited is not None and any(body.get(f) == unlimited
+                                         for f in self.dialect.cap_fields):
+            # "No limit": bounded by the model's maximum, which the clamp writes in.
+            body = {k: v for k, v in body.items()
+                    if not (k in self.dialect.cap_fields and v == unlimited)}
         call = super().parse_request(path, body)
         if call.endpoint == "chat.completions":
             honoured = [c for f in self.dialect.cap_fields
@@ -378,7 +386,8 @@ VENDORS: tuple[OpenAICompatible, ...] = (
     # inference-docs.cerebras.ai: usage (and time_info) on the last chunk.
     OpenAICompatible("cerebras", "https://api.cerebras.ai", "/v1",
                      Dialect(stream_usage="always", reset_headers=CEREBRAS_RESETS,
-                             cap_fields=("max_completion_tokens", "max_tokens")),
+                             cap_fields=("max_completion_tokens", "max_tokens"),
+                             unlimited_cap=-1),
                      ("cerebras",)),
     # docs.perplexity.ai: cumulative usage (with `cost`) on the chunks unasked; a request
     # fee by search context size, at most $14 per 1,000 requests (sonar-pro, high).
