@@ -52,7 +52,7 @@ class PoolAttempts:
         self._timeout = redis_timeout_s
 
     async def process(self, messages: AsyncIterator[pb.ProcessingRequest],
-                      cluster_provider: str = "") -> AsyncIterator[pb.ProcessingResponse]:
+                      cluster_provider: str) -> AsyncIterator[pb.ProcessingResponse]:
         """`cluster_provider`: the provider of the pooled cluster, from the stream's
         metadata (set by Envoy's config, not by a client)."""
         pool, provider, key = "", DEFAULT_PROVIDER, ""
@@ -81,7 +81,7 @@ class PoolAttempts:
             if not hmac.compare_digest(expected, headers.get(GRANT_HEADER, "")):
                 return DEFAULT_PROVIDER, ""
             provider, _, pool = route.partition(":")
-            if provider not in PROVIDERS or provider != (cluster_provider or provider):
+            if provider not in PROVIDERS or provider != cluster_provider:
                 return DEFAULT_PROVIDER, ""
             return provider, pool
         provider = cluster_provider if cluster_provider in PROVIDERS else None

@@ -16,15 +16,11 @@ from collections.abc import Callable
 import brotli
 import zstandard
 
+from tokenfuse.providers.base import RequestRejected
 
-class EncodingRejected(ValueError):
+
+class EncodingRejected(RequestRejected):
     """The body cannot be decoded: `status` 400 (corrupt), 413 (too large), 415 (unknown)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def _too_large(limit: int) -> EncodingRejected:

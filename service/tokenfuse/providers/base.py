@@ -265,9 +265,8 @@ class ProviderBase:
             reasoning=max(old.reasoning, new.reasoning),
             web_searches=max(old.web_searches, new.web_searches),
             web_search_nano=max(old.web_search_nano, new.web_search_nano),
-            billed_nano=new.billed_nano if old.billed_nano is None or (
-                new.billed_nano is not None and new.billed_nano > old.billed_nano)
-            else old.billed_nano,
+            billed_nano=max((b for b in (old.billed_nano, new.billed_nano) if b is not None),
+                            default=None),
         )
 
     def is_event_stream(self, first_chunk: bytes) -> bool:
@@ -319,6 +318,11 @@ def int_field(body: dict[str, Any], *names: str) -> int | None:
             raise RequestRejected(400, "invalid_request", f"'{name}' must be a positive integer")
         return value
     return None
+
+
+def count_of(value: Any) -> int:
+    """A token count a provider reported: a positive integer, else 0 (absent, null, junk)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def model_of(body: dict[str, Any]) -> str:

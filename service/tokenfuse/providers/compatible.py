@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from tokenfuse.money import reported_usd_to_nano
 from tokenfuse.pricing import TokenUsage
-from tokenfuse.providers.base import Call, Credential, ErrorKind, Tokenizer, int_field
+from tokenfuse.providers.base import Call, Credential, Tokenizer, count_of, int_field
 from tokenfuse.providers.openai import OpenAI
 
 #: Open-weight models' tokenizers (Llama, Mistral, Qwen, DeepSeek, Gemma: vocabularies of
@@ -120,15 +120,17 @@ class OpenAICompatible(OpenAI):
         return None  # another vendor's vision rules are not OpenAI's: size unknown
 
     def usage(self, payload: dict[str, Any]) -> TokenUsage | None:
-        usage = super().usage(_with_usage_lifted(payload))
+        raw = _usage_object(payload)
+        if raw is None:
+            return None
+        usage = super().usage(payload if payload.get("usage") is raw
+                              else {**payload, "usage": raw})
         if usage is None:
             return None
-        raw = _usage_object(payload) or {}
-        cached = _int(raw.get("prompt_cache_hit_tokens"))  # DeepSeek's name for cache reads
+        cached = count_of(raw.get("prompt_cache_hit_tokens"))  # DeepSeek's name for cache reads
         if cached and not usage.cache_read:
-            total = usage.input + usage.cache_read
-            usage = TokenUsage(input=max(0, total - cached), output=usage.output,
-                               cache_read=min(total, cached))
+            total = usage.input
+            usage = replace(usage, input=max(0, total - cached), cache_read=min(total, cached))
         billed = reported_cost(raw)
         if billed is not None:
             usage = replace(usage, billed_nano=billed)
@@ -143,11 +145,7 @@ class OpenAICompatible(OpenAI):
         return out
 
     def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool:
-        return super().is_usage_only_chunk(_with_usage_lifted(payload))
-
-    def error_document(self, kind: ErrorKind, code: str, message: str) -> dict[str, Any]:
-        return {"error": {"message": message, "type": self.error_type(kind), "code": code,
-                          "param": None}}
+        return payload.get("choices") == [] and _usage_object(payload) is not None
 
     def retry_after_ms(self, headers: dict[str, str]) -> int:
         said = _reset_ms(headers.get("retry-after-ms", ""), "ms")
@@ -178,13 +176,6 @@ def _usage_object(payload: dict[str, Any]) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-def _with_usage_lifted(payload: dict[str, Any]) -> dict[str, Any]:
-    usage = _usage_object(payload)
-    if usage is None or payload.get("usage") is usage:
-        return payload
-    return {**payload, "usage": usage}
-
-
 def reported_cost(usage: dict[str, Any]) -> int | None:
     """The bill a vendor reports in its usage, nano-USD rounded up: OpenRouter's `cost`
     (credits, USD: openrouter.ai/docs/use-cases/usage-accounting), Perplexity's
@@ -198,10 +189,6 @@ def reported_cost(usage: dict[str, Any]) -> int | None:
         return reported_usd_to_nano(cost)
     except ValueError:
         return None
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _texts(node: Any) -> list[str]:
@@ -268,9 +255,11 @@ class XAI(OpenAICompatible):
         if usage is None or raw is None:
             return usage
         details = raw.get("completion_tokens_details")
-        reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
-        prompt, completion = _int(raw.get("prompt_tokens")), _int(raw.get("completion_tokens"))
-        if reasoning and _int(raw.get("total_tokens")) == prompt + completion + reasoning:
+        reasoning = count_of(details.get("reasoning_tokens")) if isinstance(details, dict) \
+            else 0
+        prompt = count_of(raw.get("prompt_tokens"))
+        completion = count_of(raw.get("completion_tokens"))
+        if reasoning and count_of(raw.get("total_tokens")) == prompt + completion + reasoning:
             usage = replace(usage, reasoning=reasoning)
         ticks = raw.get("cost_in_usd_ticks")
         if isinstance(ticks, int) and not isinstance(ticks, bool) and ticks >= 0:

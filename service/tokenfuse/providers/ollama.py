@@ -38,6 +38,7 @@ from tokenfuse.providers.base import (
     FrameDecoder,
     RequestRejected,
     as_list,
+    count_of,
     endpoint_of,
     model_of,
     unsupported,
@@ -132,8 +133,8 @@ class OllamaNative(Ollama):
         """The last line (`done: true`) of a generation, or an `/api/embed` response."""
         if payload.get("done") is not True and "embeddings" not in payload:
             return None
-        return TokenUsage(input=_count(payload.get("prompt_eval_count")),
-                          output=_count(payload.get("eval_count")))
+        return TokenUsage(input=count_of(payload.get("prompt_eval_count")),
+                          output=count_of(payload.get("eval_count")))
 
     def is_event_stream(self, first_chunk: bytes) -> bool:
         """NDJSON lines start with `{`. So does a single JSON document, and that is no
@@ -187,10 +188,6 @@ def _num_predict(options: dict[str, Any]) -> int | None:
                               "'options.num_predict' must be an integer")
     cap = int(value)  # Ollama truncates a float (api/types.go FromMap)
     return cap if cap > 0 else None
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _rest(body: dict[str, Any], *conversation: str) -> dict[str, Any]:
