@@ -2147,8 +2147,8 @@ class FakeProvider(BackgroundServer):
                 if i and rng.random() < 0.3:
                     data = keep_alive + data
                 for k, piece in enumerate(split_points(encoder.encode(data), rng)):
-                    if k:
-                        await asyncio.sleep(0)  # let the loop flush: each piece its own write
+                    if i or k:  # let the loop flush: each piece its own write (and none
+                        await asyncio.sleep(0)  # after the last, where a hang-up is complete)
                     await resp.write(piece)
                 sent += tokens
                 billed += tokens
