@@ -253,6 +253,8 @@ def test_streamed_agent_loops_are_blocked_openai(stack: Stack, fake: FakeProvide
     assert len({turn(n, f"build-{n}") for n in range(1, 8)}) == 7
     # The same streamed answer every time: the 6th is refused.
     assert len({turn(n, "stuck") for n in range(1, 6)}) == 1
+    # The fake records a stream after its last write, which the client may read first.
+    assert fake.wait_idle(api_key)
     before = (requests_for(fake, api_key), spent(stack, api_key))
     with pytest.raises(openai.RateLimitError) as raised:
         turn(6, "stuck")
@@ -275,6 +277,8 @@ def test_agent_loops_are_blocked_anthropic(stack: Stack, fake: FakeProvider,
 
     # JSON and streamed answers of the same text have the same fingerprint.
     assert len({turn(n, stream=n % 2 == 0) for n in range(1, 6)}) == 1
+    # The fake records a stream after its last write, which the client may read first.
+    assert fake.wait_idle(api_key)
     before = (requests_for(fake, api_key), spent(stack, api_key))
     with pytest.raises(anthropic.RateLimitError) as raised:
         turn(6, stream=False)
