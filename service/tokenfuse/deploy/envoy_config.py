@@ -333,11 +333,13 @@ def render(settings: Settings) -> dict[str, Any]:
         "request_timeout": "0s",
         # One path for Envoy's route, the processor's pricing and the provider: dot
         # segments resolved and slashes merged before anything reads it (an Azure
-        # deployment in the path must be the one the provider runs), an escaped slash
-        # refused.
+        # deployment in the path must be the one the provider runs). An escaped slash is
+        # kept as sent, for the processor to judge: it refuses it except inside a segment
+        # the provider reads as one value (a Bedrock ARN model id, `Provider.
+        # escaped_slash_allowed`).
         "normalize_path": True,
         "merge_slashes": True,
-        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
         "local_reply_config": _local_replies(),
         "route_config": {"name": "providers", "virtual_hosts": [
             {"name": "all", "domains": ["*"], "routes": routes,

@@ -68,9 +68,10 @@ class RequestPhase:
         values = header_values(msg)
         headers = {name: sent[-1] for name, sent in values.items()}
         path = headers.get(":path", "")
-        if _ambiguous_path(path):
-            return self._rt.send(ex, refusals.ambiguous_path())
         routed = provider_for_path(path)
+        if _ambiguous_path(path, routed is not None and PROVIDERS[routed[0]].for_path(
+                routed[1]).escaped_slash_allowed(routed[1])):
+            return self._rt.send(ex, refusals.ambiguous_path())
         if routed is None:
             return self._rt.send(ex, refusals.unknown_route())
         ex.provider_name, ex.path = routed
@@ -82,6 +83,11 @@ class RequestPhase:
         ex.request_id = uuid.uuid4().hex
         ex.client_request_id = headers.get("x-request-id", "")
         ex.content_codings = encodings(values.get("content-encoding", []))
+        unusable = provider.unusable_credential(headers)
+        if unusable is not None:
+            return self._rt.send(ex, refusals.refuse(provider, unusable.status,
+                                                     "invalid_request", unusable.code,
+                                                     unusable.message))
         api_key, problem = caller_credential(provider, values)
         if problem is not None:
             return self._rt.send(ex, refusals.refuse(provider, 400, "invalid_request", problem,
@@ -330,10 +336,13 @@ class RequestPhase:
         return self._rt.send(ex, refusals.budget(ex.provider, refusal, details))
 
 
-def _ambiguous_path(path: str) -> bool:
+def _ambiguous_path(path: str, escaped_slash_allowed: bool = False) -> bool:
     """A path the provider may read otherwise than tokenfuse: dot segments, empty segments,
-    escaped dots or slashes (Envoy normalises these first; this holds without it too)."""
+    escaped dots or slashes (Envoy normalises these first; this holds without it too).
+    `escaped_slash_allowed`: the provider reads the segment holding them as one value
+    (`Provider.escaped_slash_allowed`: Bedrock's ARN model ids)."""
     route = path.split("?", 1)[0]
     lowered = route.lower()
-    return ("%2e" in lowered or "%2f" in lowered or "%5c" in lowered or "\\" in route
+    return ("%2e" in lowered or ("%2f" in lowered and not escaped_slash_allowed)
+            or "%5c" in lowered or "\\" in route
             or "//" in route or any(part in (".", "..") for part in route.split("/")))

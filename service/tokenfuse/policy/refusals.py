@@ -28,7 +28,9 @@ class Reply:
 def refuse(provider: Provider, status: int, kind: ErrorKind, code: str, message: str,
            details: dict[str, Any] | None = None,
            headers: tuple[tuple[str, str], ...] = ()) -> Reply:
-    return Reply(status, code, provider.error_body(kind, code, message, details), headers)
+    return Reply(provider.refusal_status(kind, status), code,
+                 provider.error_body(kind, code, message, details),
+                 headers + provider.error_headers(kind, code))
 
 
 def unknown_route() -> Reply:
@@ -97,8 +99,9 @@ def _rate_limited(provider: Provider, code: str, message: str, detail: dict[str,
     loop retried by its SDK is still the loop."""
     doc = json.loads(provider.error_body("rate_limit", code, message))
     doc["detail"] = detail
-    return Reply(429, code, json.dumps(doc).encode(),
-                 (("retry-after", str(retry_after)), ("x-should-retry", "false")))
+    return Reply(provider.refusal_status("rate_limit", 429), code, json.dumps(doc).encode(),
+                 (("retry-after", str(retry_after)), ("x-should-retry", "false"),
+                  *provider.error_headers("rate_limit", code)))
 
 
 def tool_loop(provider: Provider, name: str, times: int, limit: int,

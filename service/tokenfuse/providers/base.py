@@ -200,8 +200,27 @@ class Provider(Protocol):
     def stream_error_event(self, kind: ErrorKind, code: str, message: str,
                            details: dict[str, Any]) -> bytes: ...
 
+    def refusal_status(self, kind: ErrorKind, status: int) -> int:
+        """The status a refusal of this kind is sent with (`status`, unless the
+        provider's SDK would retry it by itself)."""
+        ...
+
+    def error_headers(self, kind: ErrorKind, code: str) -> tuple[tuple[str, str], ...]:
+        """Headers every refusal carries (where the provider's SDK reads the error type)."""
+        ...
+
+    def escaped_slash_allowed(self, path: str) -> bool:
+        """Whether the path's escaped slashes are inside one segment the provider reads as
+        one opaque value (Bedrock's ARN model ids), so no path confusion is possible."""
+        ...
+
     # -- key pools
     def caller_key(self, headers: dict[str, str]) -> str | None: ...
+
+    def unusable_credential(self, headers: dict[str, str]) -> RequestRejected | None:
+        """A refusal for a credential that cannot be forwarded (a request signature the
+        gateway's changes would break), or None."""
+        ...
 
     def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
         """(header to set, headers to remove) that present a pooled key to the provider."""
@@ -283,6 +302,18 @@ class ProviderBase:
 
     def error_type(self, kind: ErrorKind) -> str:
         return self.error_types[kind]
+
+    def refusal_status(self, kind: ErrorKind, status: int) -> int:
+        return status
+
+    def error_headers(self, kind: ErrorKind, code: str) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def escaped_slash_allowed(self, path: str) -> bool:
+        return False
+
+    def unusable_credential(self, headers: dict[str, str]) -> RequestRejected | None:
+        return None
 
     def error_document(self, kind: ErrorKind, code: str, message: str) -> dict[str, Any]:
         """The provider's own error object (what its SDK reads)."""
