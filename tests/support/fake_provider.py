@@ -1514,9 +1514,12 @@ class FakeProvider(BackgroundServer):
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers.setdefault(name.lower(), value)  # the first of duplicated headers
-        vendor = None if path.startswith("/ollama/api/") else fake_vendors.vendor_of(path)
+        own = path.startswith(("/ollama/api/", "/bedrock/"))
+        vendor = None if own else fake_vendors.vendor_of(path)
         if path.startswith("/ollama/api/"):  # Ollama's native API: tests/support/fake_ollama.py
             provider = "ollama"
+        elif path.startswith("/bedrock/"):  # AWS Bedrock: tests/support/fake_bedrock.py
+            provider = "bedrock"
         elif vendor is not None:  # /<vendor>/<the vendor's own path>: fake_vendors.py
             provider, path = "openai", vendor[1]
         elif path.startswith("/v1/messages"):
@@ -1571,6 +1574,9 @@ class FakeProvider(BackgroundServer):
         if record.provider == "ollama":
             from tests.support import fake_ollama
             return await fake_ollama.dispatch(self, request, record)
+        if record.provider == "bedrock":
+            from tests.support import fake_bedrock
+            return await fake_bedrock.dispatch(self, request, record)
         record.body = await request.read()
         record.request_encoding = request.headers.get("content-encoding", "")
         if record.request_encoding:
