@@ -4,7 +4,6 @@ TOKENFUSE_CA_BUNDLE; an untrusted certificate means nothing is forwarded."""
 from __future__ import annotations
 
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,28 +13,17 @@ import pytest
 from tests.conftest import openai_client
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
+from tests.support.pki import server_certificate
 
 
 @pytest.fixture(scope="module")
 def tls_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeProvider, Path]]:
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-             "/CN=tokenfuse test CA", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-             "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))
-    _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-             "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-             "-extfile", str(d / "san.ext"), "-out", str(d / "server.pem"))
+    pki = server_certificate(tmp_path_factory.mktemp("pki"), "DNS:localhost")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(d / "server.pem", d / "server.key")
+    context.load_cert_chain(pki.cert, pki.key)
     provider = FakeProvider(ssl_context=context)
     provider.start()
-    yield provider, d / "ca.pem"
+    yield provider, pki.ca
     provider.stop()
 
 

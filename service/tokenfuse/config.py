@@ -181,6 +181,11 @@ class EnvoySettings:
     max_request_bytes: int = 32 * 1024 * 1024
     max_connections: int = 50000
     ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+    #: The listener speaks HTTPS with this certificate chain and key (PEM files; both or
+    #: neither; "" = plain HTTP). Some SDKs send keys only over HTTPS (boto3's Bedrock
+    #: API keys).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     bench_routes: bool = False  # benchmarks only: /direct/<provider>/ without the processor
     upstreams: dict[str, str] = field(default_factory=dict)  # provider -> base URL
 
@@ -211,6 +216,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("TOKENFUSE_WEBHOOK_URLS is set but TOKENFUSE_WEBHOOK_SECRET is not "
                           "(webhooks are always signed)")
     prices_file = env.raw("TOKENFUSE_PRICES_FILE").strip()
+    tls_cert, tls_key = (env.text("TOKENFUSE_TLS_CERT_FILE", ""),
+                         env.text("TOKENFUSE_TLS_KEY_FILE", ""))
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("TOKENFUSE_TLS_CERT_FILE and TOKENFUSE_TLS_KEY_FILE go together: "
+                          "set both (HTTPS listener) or neither (plain HTTP)")
+    for name, path in (("TOKENFUSE_TLS_CERT_FILE", tls_cert), ("TOKENFUSE_TLS_KEY_FILE", tls_key)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{name}={path}: no such file")
     compatible = _name_map(env, "TOKENFUSE_OPENAI_COMPATIBLE", "vllm=http://10.0.0.5:8000")
     for name, url in compatible.items():
         parts = urlsplit(url)
@@ -301,6 +314,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                                       minimum=1),
             max_connections=env.int("TOKENFUSE_MAX_CONNECTIONS", 50000, minimum=1),
             ca_bundle=env.text("TOKENFUSE_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"),
+            tls_cert_file=str(Path(tls_cert).resolve()) if tls_cert else "",
+            tls_key_file=str(Path(tls_key).resolve()) if tls_key else "",
             bench_routes=env.text("TOKENFUSE_BENCH_ROUTES", "0") == "1",
             # A variable set to "" turns its provider off (404 provider_not_configured).
             upstreams={name: compatible.get(name) or env.given(

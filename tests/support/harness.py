@@ -198,7 +198,8 @@ class Envoy(Service):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.env.get("TOKENFUSE_TLS_CERT_FILE") else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def stat(self, name: str) -> int:
         """An Envoy admin counter (e.g. ``http.tokenfuse.ext_proc.streams_started``)."""

@@ -37,6 +37,8 @@ EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.Extern
 EXT_PROC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+DOWNSTREAM_TLS = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext")
 UPSTREAM_CODEC = (
     "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")
 HCM = (
@@ -366,13 +368,27 @@ def render(settings: Settings) -> dict[str, Any]:
                     "address": envoy.listen_address,
                     "port_value": envoy.listen_port}},
                 "per_connection_buffer_limit_bytes": max_request,
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm}]}],
+                "filter_chains": [{
+                    "filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                 "typed_config": hcm}],
+                    **_listener_tls(envoy.tls_cert_file, envoy.tls_key_file)}],
             }],
             "clusters": clusters,
         },
     }
+
+
+def _listener_tls(cert_file: str, key_file: str) -> dict[str, Any]:
+    """HTTPS on the listener when a certificate is configured (HTTP/1.1 and h2 by ALPN)."""
+    if not cert_file:
+        return {}
+    return {"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": DOWNSTREAM_TLS,
+        "common_tls_context": {
+            "alpn_protocols": ["h2", "http/1.1"],
+            "tls_certificates": [{"certificate_chain": {"filename": cert_file},
+                                  "private_key": {"filename": key_file}}]},
+    }}}
 
 
 def main() -> None:
