@@ -169,13 +169,13 @@ def parse_path(raw_path: str) -> tuple[str, str] | None:
 async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.RequestRecord
                    ) -> tuple[web.StreamResponse, fp.Usage | None, bool]:
     record.body = await request.read()
+    record.path = request.raw_path  # as sent (aiohttp's `path` is decoded)
     parsed = parse_path(request.raw_path)
     if request.method != "POST" or parsed is None or parsed[1] not in (
             "converse", "converse-stream", "invoke", "invoke-with-response-stream"):
         return error(404, "Not Found", "UnknownOperationException"), None, False
     model, operation = parsed
     record.model = model
-    record.stream = operation.endswith("stream")
     key = record.api_key
     if not key:
         return error(403, "Authorization header requires 'Credential' parameter.",
@@ -190,6 +190,7 @@ async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.Reque
     if (status := fp._header_int(request, "x-fake-status")) is not None:
         return error(status, f"fake provider status {status}"), None, False
     data = fake._peek(record)
+    record.stream = operation.endswith("stream")  # the operation says, not the body
     if not isinstance(data, dict):
         return error(400, "Malformed input request, please reformat your input and try "
                           "again."), None, False
