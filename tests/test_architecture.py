@@ -64,7 +64,8 @@ def _violations(modules: dict[str, ast.Module], found) -> list[str]:
 def test_provider_names_and_headers_only_in_providers() -> None:
     banned = ("openai", "anthropic", "x-api-key", "authorization", "x-goog-api-key",
               "api-key", "azure", "mistral", "groq", "deepseek", "openrouter", "together",
-              "fireworks", "cerebras", "perplexity", "ollama", "x_groq")
+              "fireworks", "cerebras", "perplexity", "ollama", "x_groq", "bedrock",
+              "x-amzn")
 
     def found(tree: ast.Module) -> list[tuple[int, str]]:
         # Environment variable names (TOKENFUSE_AZURE_DEPLOYMENTS) are config's to read.

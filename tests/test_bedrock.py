@@ -9,6 +9,7 @@ without the stack."""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import ssl
 import uuid
@@ -97,7 +98,7 @@ def _decode(data: bytes, cuts: list[int]) -> list[tuple[str, str, int]]:
     decoder = EventStreamDecoder()
     bounds = [0, *sorted(set(cuts)), len(data)]
     out = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         out += decoder.feed(data[a:b])
     out += decoder.finish()
     return [(e.event, e.data, e.end) for e in out]
@@ -188,7 +189,8 @@ def test_escaped_slash_only_inside_a_model_id() -> None:
     assert not _ambiguous_path("/bedrock" + path, True)
     with pytest.raises(RequestRejected):  # decoded once, a '%' is no model id
         BEDROCK.parse_request("/model/a%252Fb/converse", {"messages": []})
-    for attack in ("/model/x%2F..%2F..%2Fadmin/converse", "/model/x/converse%2Fstream", f"/model/{arn}/..%2Fconverse",
+    for attack in ("/model/x%2F..%2F..%2Fadmin/converse", "/model/x/converse%2Fstream",
+                   f"/model/{arn}/..%2Fconverse",
                    "/model/arn%3Aaws%3Abedrock%3A%3A%3Afoundation-model%2F..%2Fx/invoke"):
         allowed = BEDROCK.escaped_slash_allowed(attack)
         assert _ambiguous_path("/bedrock" + attack, allowed), attack
@@ -407,11 +409,11 @@ def test_stream_cut_raises_in_anthropic_bedrock(bedrock_stack: Stack, pki: Serve
     assert bedrock_stack.cli("budget", "set", "--key", key, "--daily",
                              f"0.{budget:09d}").returncode == 0
     client = claude(bedrock_stack, pki, key, **{"x-fake-chunk-delay-ms": "2"})
-    with pytest.raises(anthropic.APIStatusError) as raised:
-        with client.messages.stream(model=CLAUDE, max_tokens=5000, messages=[
-                {"role": "user", "content": "long story"}]) as s:
-            for _ in s.text_stream:
-                pass
+    with pytest.raises(anthropic.APIStatusError) as raised, client.messages.stream(
+            model=CLAUDE, max_tokens=5000,
+            messages=[{"role": "user", "content": "long story"}]) as s:
+        for _ in s.text_stream:
+            pass
     assert "budget exhausted" in str(raised.value)
     wait_until(lambda: any(r.finished for r in records(fake, key)),
                what="the provider to see the disconnect")

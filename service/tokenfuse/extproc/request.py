@@ -340,7 +340,7 @@ def _ambiguous_path(path: str, escaped_slash_allowed: bool = False) -> bool:
     """A path the provider may read otherwise than tokenfuse: dot segments, empty segments,
     escaped dots or slashes (Envoy normalises these first; this holds without it too).
     `escaped_slash_allowed`: the provider reads the segment holding them as one value
-    (`Provider.escaped_slash_allowed`: Bedrock's ARN model ids)."""
+    (`Provider.escaped_slash_allowed`: a model id that is an ARN)."""
     route = path.split("?", 1)[0]
     lowered = route.lower()
     return ("%2e" in lowered or ("%2f" in lowered and not escaped_slash_allowed)
