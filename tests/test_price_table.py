@@ -84,8 +84,9 @@ DATASET = """{
 
 def test_convert_keeps_routed_providers_and_priced_modes_only() -> None:
     doc = convert(_dataset(DATASET), SOURCE)
-    assert sorted(doc["models"]) == ["claude-no-1h", "claude-x", "gpt-y"]
-    assert {e["provider"] for e in doc["models"].values()} == {"anthropic", "openai"}
+    assert sorted(doc["models"]) == ["bedrock/claude-x", "claude-no-1h", "claude-x", "gpt-y"]
+    assert {e["provider"] for e in doc["models"].values()} == {"anthropic", "openai",
+                                                                "bedrock"}
     # The filter comes from the provider registry: a new provider extends it. The names are
     # LiteLLM's `litellm_provider` values (litellm 1.110.2's dataset).
     assert price_refresh.dataset_providers() == {
@@ -93,7 +94,8 @@ def test_convert_keeps_routed_providers_and_priced_modes_only() -> None:
         "mistral": "mistral", "groq": "groq", "deepseek": "deepseek", "xai": "xai",
         "openrouter": "openrouter", "together_ai": "together", "fireworks_ai": "fireworks",
         "fireworks_ai-embedding-models": "fireworks", "cerebras": "cerebras",
-        "perplexity": "perplexity", "ollama": "ollama", "ollama_chat": "ollama"}
+        "perplexity": "perplexity", "ollama": "ollama", "ollama_chat": "ollama",
+        "bedrock": "bedrock", "bedrock_converse": "bedrock"}
     wider = convert(_dataset(DATASET), SOURCE,
                     providers={"openai": "openai", "anthropic": "anthropic", "gemini": "openai"})
     assert "gemini-q" in wider["models"]
