@@ -8,6 +8,7 @@ without the stack."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
@@ -27,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.fake_provider import FakeProvider, RequestRecord
+from tests.support.flood import spell
 from tests.support.harness import Stack, wait_until
 from tests.support.pki import ServerCertificate, server_certificate
 from tokenfuse.extproc.request import _ambiguous_path
@@ -479,3 +481,44 @@ def test_corrupt_frame_reaches_the_client_as_an_error(
         list(client.converse_stream(modelId=CLAUDE, messages=MESSAGES)["stream"])
     day = settled(bedrock_stack, fake, key)
     assert day["spent_nano_usd"] >= bill(fake, key) > 0
+
+
+FLOOD_REQUESTS = 300
+FLOOD_BUDGET = 10_000_000  # $0.01: about 40 of these calls
+
+
+def test_a_flood_on_one_key_is_held_to_its_budget(bedrock_stack: Stack,
+                                                  pki: ServerCertificate,
+                                                  fake: FakeProvider, key: str) -> None:
+    """300 concurrent AsyncAnthropicBedrock calls on one key: not a nano-dollar over."""
+    assert bedrock_stack.cli("budget", "set", "--key", key, "--daily",
+                             f"0.{FLOOD_BUDGET:09d}").returncode == 0
+
+    async def flood() -> list[str]:
+        client = anthropic.AsyncAnthropicBedrock(
+            base_url=bedrock_stack.envoy.base_url + "/bedrock", aws_region="us-east-1",
+            api_key=key, max_retries=0, timeout=120, http_client=httpx2.AsyncClient(
+                verify=ssl.create_default_context(cafile=str(pki.ca)), timeout=120))
+
+        async def one(i: int) -> str:
+            try:
+                await client.messages.create(model=CLAUDE, max_tokens=40, messages=[
+                    {"role": "user", "content": f"flood request {spell(i)}"}])
+                return "allowed"
+            except anthropic.APIStatusError as exc:
+                return f"status_{exc.status_code}"
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(FLOOD_REQUESTS))))
+        finally:
+            await client.close()
+
+    outcomes = asyncio.run(flood())
+    allowed, refused = outcomes.count("allowed"), outcomes.count("status_402")
+    print(f"\nbedrock flood: {allowed} allowed, {refused} refused, billed "
+          f"{bill(fake, key)} of {FLOOD_BUDGET}", end=" ")
+    assert allowed + refused == FLOOD_REQUESTS, sorted(set(outcomes))
+    day = settled(bedrock_stack, fake, key, allowed)
+    assert len(records(fake, key)) == allowed  # the refused never reached the provider
+    assert day["spent_nano_usd"] == bill(fake, key) <= FLOOD_BUDGET
+    assert day["spent_nano_usd"] >= FLOOD_BUDGET // 2
