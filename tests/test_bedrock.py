@@ -33,6 +33,7 @@ from tests.support.harness import Stack, wait_until
 from tests.support.pki import ServerCertificate, server_certificate
 from tokenfuse.extproc.request import _ambiguous_path
 from tokenfuse.metering.stream import StreamMeter
+from tokenfuse.pools.secrets import PoolError, parse_pool_csv
 from tokenfuse.providers import PROVIDERS
 from tokenfuse.providers.base import RequestRejected
 from tokenfuse.providers.eventstream import (
@@ -58,6 +59,9 @@ PRICES = {"unit": "USD per 1M tokens", "models": {
                         "output": "0.24", "cache_read": "0.015", "cache_write": "0.06",
                         "max_output_tokens": 10000, "context_window": 300000}}}
 GRACE = 32
+#: A pool of AWS credentials (the second with a session token, as STS issues them).
+AWS_CREDENTIALS = [("AKIDPOOLONE00000001", "secret/one+abc", None),
+                   ("AKIDPOOLTWO00000002", "secret-two", "FwoGZXIvYXdzEXAMPLETOKEN")]
 
 
 # ------------------------------------------------------------------ eventstream framing
@@ -229,9 +233,21 @@ def bedrock_stack(fake: FakeProvider, pki: ServerCertificate,
     workdir = tmp_path_factory.mktemp("bedrock")
     prices = workdir / "prices.json"
     prices.write_text(json.dumps(PRICES))
+    pools = workdir / "pools"
+    pools.mkdir()
+    (pools / "bedrock-aws.csv").write_text(
+        "aws_access_key_id,aws_secret_access_key,region,session_token,label\n"
+        + "".join(f"{ak},{sk},us-east-1,{token or ''},aws-{i}\n"
+                  for i, (ak, sk, token) in enumerate(AWS_CREDENTIALS)))
     s = Stack(fake.base_url, {"TOKENFUSE_PRICES_FILE": str(prices),
                               "TOKENFUSE_TLS_CERT_FILE": str(pki.cert),
-                              "TOKENFUSE_TLS_KEY_FILE": str(pki.key)}).start()
+                              "TOKENFUSE_TLS_KEY_FILE": str(pki.key),
+                              "TOKENFUSE_POOLS_DIR": str(pools),
+                              "TOKENFUSE_POOL_COOLDOWN_MS": "1000"}).start()
+    imported = s.cli("keys", "import", "--pool", "bedrock-aws", "--provider", "bedrock",
+                     str(pools / "bedrock-aws.csv"))
+    assert imported.returncode == 0, imported.stderr
+    fake.aws_credentials.update({ak: (sk, token) for ak, sk, token in AWS_CREDENTIALS})
     yield s
     s.cleanup()
 
@@ -522,3 +538,66 @@ def test_a_flood_on_one_key_is_held_to_its_budget(bedrock_stack: Stack,
     assert len(records(fake, key)) == allowed  # the refused never reached the provider
     assert day["spent_nano_usd"] == bill(fake, key) <= FLOOD_BUDGET
     assert day["spent_nano_usd"] >= FLOOD_BUDGET // 2
+
+
+def test_pool_csv_with_aws_credentials() -> None:
+    keys = parse_pool_csv("aws_access_key_id,aws_secret_access_key,region,session_token\n"
+                          "AKID1,sec/ret,eu-west-1,\nAKID2,s2,us-east-1,TOKEN\n")
+    assert [k.secret for k in keys] == ["aws4:AKID1:sec/ret:eu-west-1",
+                                        "aws4:AKID2:s2:us-east-1:TOKEN"]
+    assert BEDROCK.secret_alias(keys[0].secret) == "aws4:AKID1"
+    assert BEDROCK.is_signing_secret(keys[0].secret) and not BEDROCK.is_signing_secret("k")
+    headers = {":method": "POST", ":authority": "bedrock-runtime.eu-west-1.amazonaws.com",
+               ":path": f"/model/{CLAUDE.replace(':', '%3A')}/converse",
+               "content-type": "application/json"}
+    signed, _ = BEDROCK.pooled_signature(keys[1].secret, headers, b"{}")
+    auth = dict(signed)["authorization"]
+    assert auth.startswith("AWS4-HMAC-SHA256 Credential=AKID2/")
+    assert "/us-east-1/bedrock/" in auth
+    assert "x-amz-security-token" in auth and dict(signed)["x-amz-security-token"] == "TOKEN"
+    assert BEDROCK.credential_alias({"authorization": auth}) == "aws4:AKID2"
+    with pytest.raises(PoolError):
+        parse_pool_csv("aws_access_key_id,aws_secret_access_key,region\nAKID,,us-east-1\n")
+
+
+def test_pooled_aws_credentials_sign_each_attempt_and_fail_over(
+        bedrock_stack: Stack, pki: ServerCertificate, fake: FakeProvider,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway key bound to a pool of AWS credentials: the upstream stage signs every
+    attempt with SigV4 over the final body (the clamp's maxTokens included) and the
+    provider's host; the fake verifies each signature. One credential failing 403 is
+    failed over; the client sees no error and is charged once, exactly."""
+    vkey = bedrock_stack.cli("vkey", "create", "--name", "bedrock-app", "--pool",
+                             "bedrock-aws").stdout.strip()
+    assert vkey.startswith("tfk-")
+    assert bedrock_stack.cli("budget", "set", "--key", vkey, "--daily", "5").returncode == 0
+    (failing, _, _), (healthy, _, _) = AWS_CREDENTIALS
+    fake.key_failures[failing] = (403, 30)
+    since = len(fake.records)
+    try:
+        client = runtime(bedrock_stack, pki, vkey, monkeypatch, **{"x-fake-output-tokens": "4"})
+        answers = [client.converse(modelId=NOVA, messages=[
+            {"role": "user", "content": [{"text": f"pooled question {word}"}]}]
+        )["output"]["message"]["content"][0]["text"] for word in ("one", "two", "three")]
+        events = list(client.converse_stream(modelId=CLAUDE, messages=[
+            {"role": "user", "content": [{"text": "pooled stream"}]}])["stream"])
+        assert "metadata" in events[-1]
+        with claude(bedrock_stack, pki, vkey).messages.stream(
+                model=CLAUDE, max_tokens=20,
+                messages=[{"role": "user", "content": "pooled invoke"}]) as s:
+            answers.append(s.get_final_text())
+    finally:
+        del fake.key_failures[failing]
+    assert all(answers)
+    wait_until(lambda: len(fake.records) - since >= 6 and all(
+        r.finished for r in list(fake.records)[since:]), what="the fake's records")
+    posts = [r for r in list(fake.records)[since:] if r.method == "POST"]
+    assert all(r.headers["authorization"].startswith("AWS4-HMAC-SHA256") for r in posts)
+    assert [r.status for r in posts if r.api_key == failing] == [403]  # then set aside
+    assert sum(1 for r in posts if r.api_key == healthy and r.status == 200) == 5
+    assert all(r.headers.get("x-amz-security-token") == AWS_CREDENTIALS[1][2]
+               for r in posts if r.api_key == healthy)
+    assert not any(vkey in str(r.headers) for r in posts)  # the gateway key stayed inside
+    assert all(r.cap is not None for r in posts if r.status == 200 and not r.stream)
+    day = settled(bedrock_stack, fake, vkey, 0)
+    assert day["spent_nano_usd"] == bill(fake, healthy) > 0

@@ -56,6 +56,10 @@ UPSTREAM_PROCESSING_MODE = {
     "request_trailer_mode": "SKIP", "response_header_mode": "SEND",
     "response_body_mode": "NONE", "response_trailer_mode": "SKIP",
 }
+#: ... and of a provider whose pooled credentials sign each attempt over its body (AWS
+#: SigV4, `Provider.signs_pooled_requests`): the body comes too, and the signature is set in
+#: the body's answer (Envoy holds the headers of a buffered body until then).
+UPSTREAM_SIGNING_PROCESSING_MODE = {**UPSTREAM_PROCESSING_MODE, "request_body_mode": "BUFFERED"}
 
 
 def grant(secret: bytes, route: str, request_id: str) -> str:

@@ -22,7 +22,11 @@ model; boto3 and anthropic 2.15.0 AnthropicBedrock against a probe server, notes
   body) is billed in full and shown summarized (SHOWN_THINKING_TOKENS);
 - errors are `{"message": M}` with `x-amzn-errortype: <Type>:http://internal.amazon.com/
   coral/com.amazon.bedrock/`;
-- identity: a Bedrock API key (`Authorization: Bearer`), billed per key.
+- identity: a Bedrock API key (`Authorization: Bearer`), billed per key; or a SigV4
+  signature, verified with the secret of its access key id (`FakeProvider.
+  aws_credentials`) over the request as received (method, raw path, Host, the signed
+  headers, the body: botocore's SigV4Auth recomputes it), billed per access key id; a bad
+  one is AWS's 403 InvalidSignatureException.
 
 Input bill: the text of messages, system and tools, counted in cl100k (the fakes' stand-in
 for Claude's tokenizer), plus MESSAGE_FRAMING per message; output one token per piece.
@@ -36,11 +40,15 @@ import contextlib
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
 from tests.support import fake_provider as fp
 from tokenfuse.providers.eventstream import encode_frame, event_frame
@@ -87,6 +95,36 @@ class BedrockBill:
                         cached_input_tokens=self.cache_read,
                         cache_creation_input_tokens=self.cache_write,
                         reasoning_tokens=self.thinking)
+
+
+_SIGV4 = re.compile(r"^AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
+                    r"SignedHeaders=([^,]+), Signature=([0-9a-f]{64})$")
+
+
+def verify_sigv4(request: web.Request, body: bytes,
+                 credentials: dict[str, tuple[str, str | None]]) -> str | None:
+    """The access key id of a valid SigV4 signature on the request, else None."""
+    found = _SIGV4.match(request.headers.get("authorization", ""))
+    if found is None:
+        return None
+    access_key, date, region, service, signed, signature = found.groups()
+    if access_key not in credentials or service != "bedrock" \
+            or not request.headers.get("x-amz-date", "").startswith(date):
+        return None
+    secret, token = credentials[access_key]
+    if token is not None and request.headers.get("x-amz-security-token") != token:
+        return None
+    headers = {name: request.headers.get(name, "") for name in signed.split(";")
+               if name != "host"}
+    rebuilt = AWSRequest(method=request.method,
+                         url=f"http://{request.headers.get('host', '')}{request.raw_path}",
+                         data=body, headers=headers)
+    rebuilt.context["timestamp"] = request.headers["x-amz-date"]
+    signer = SigV4Auth(Credentials(access_key, secret, token), service, region)
+    expected = signer.signature(signer.string_to_sign(rebuilt,
+                                                      signer.canonical_request(rebuilt)),
+                                rebuilt)
+    return access_key if expected == signature else None
 
 
 def error(status: int, message: str, kind: str | None = None) -> web.Response:
@@ -176,6 +214,13 @@ async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.Reque
         return error(404, "Not Found", "UnknownOperationException"), None, False
     model, operation = parsed
     record.model = model
+    if request.headers.get("authorization", "").startswith("AWS4-HMAC-SHA256"):
+        signer = verify_sigv4(request, record.body, fake.aws_credentials)
+        if signer is None:
+            return error(403, "The request signature we calculated does not match the "
+                              "signature you provided.", "InvalidSignatureException"), \
+                None, False
+        record.api_key = signer  # billed per access key id
     key = record.api_key
     if not key:
         return error(403, "Authorization header requires 'Credential' parameter.",

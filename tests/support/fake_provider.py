@@ -1443,6 +1443,9 @@ class FakeProvider(BackgroundServer):
         self.answers_by_input = True
         #: Stored Responses contexts: response id -> tokens it holds (input + output).
         self.contexts: dict[str, int] = {}
+        #: AWS credentials the fake Bedrock verifies SigV4 with: access key id -> (secret
+        #: access key, session token or None) (tests/support/fake_bedrock.py).
+        self.aws_credentials: dict[str, tuple[str, str | None]] = {}
         #: Azure OpenAI: deployment -> the model it runs (what the resource's owner set up).
         self.azure_deployments: dict[str, str] = {}
         self._billed: list[Usage] = []

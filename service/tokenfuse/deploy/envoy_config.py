@@ -28,6 +28,7 @@ from tokenfuse.contract import (
     RETRY_HEADER,
     STAGE_METADATA,
     UPSTREAM_PROCESSING_MODE,
+    UPSTREAM_SIGNING_PROCESSING_MODE,
     UPSTREAM_STAGE,
 )
 from tokenfuse.identity import VIRTUAL_KEY_PREFIX
@@ -225,7 +226,8 @@ def _pooled_cluster(cluster: dict[str, Any], provider: str, grpc_timeout: str,
                                  {"key": PROVIDER_METADATA, "value": provider}]},
             "failure_mode_allow": False,
             "message_timeout": message_timeout,
-            "processing_mode": UPSTREAM_PROCESSING_MODE,
+            "processing_mode": UPSTREAM_SIGNING_PROCESSING_MODE
+            if PROVIDERS[provider].signs_pooled_requests else UPSTREAM_PROCESSING_MODE,
         }},
         {"name": "envoy.filters.http.upstream_codec",
          "typed_config": {"@type": UPSTREAM_CODEC}},

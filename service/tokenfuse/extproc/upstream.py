@@ -15,6 +15,12 @@ upstream filter chain, so Envoy opens one stream here per attempt:
   the budget once from the final response and reports its tokens and spend to that key.
 
 The client sees one response; failed attempts are neither charged nor visible.
+
+A pool member that signs (AWS credentials, `Provider.is_signing_secret`) is not a header:
+its provider's pooled cluster also sends the request body here (contract.
+UPSTREAM_SIGNING_PROCESSING_MODE), and the attempt is signed over its final headers and
+body in the body's answer. A retried attempt carries the previous signature, whose
+access key id (`Provider.credential_alias`) names the pool.
 """
 
 from __future__ import annotations
@@ -28,7 +34,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from tokenfuse import metrics
 from tokenfuse.contract import GRANT_HEADER, POOL_HEADER, POOL_KEY_HEADER, RETRY_HEADER, grant
-from tokenfuse.extproc.answers import CONTINUE, header_mutation_response, headers_of, immediate
+from tokenfuse.extproc.answers import (
+    CONTINUE,
+    header_mutation_response,
+    header_option,
+    headers_of,
+    immediate,
+)
 from tokenfuse.identity import PREFIX_CHARS, key_id
 from tokenfuse.pools.secrets import PoolSecrets
 from tokenfuse.providers import DEFAULT_PROVIDER, PROVIDERS
@@ -50,19 +62,32 @@ class PoolAttempts:
         self._pools = pools
         self._pool_secrets = pool_secrets
         self._timeout = redis_timeout_s
+        # (pools' secrets the aliases were read from, alias -> pool), rebuilt on reload
+        self._aliases: tuple[object, dict[str, str]] = (None, {})
 
     async def process(self, messages: AsyncIterator[pb.ProcessingRequest],
                       cluster_provider: str) -> AsyncIterator[pb.ProcessingResponse]:
         """`cluster_provider`: the provider of the pooled cluster, from the stream's
         metadata (set by Envoy's config, not by a client)."""
         pool, provider, key = "", DEFAULT_PROVIDER, ""
+        signing: tuple[str, dict[str, str]] | None = None  # (secret, headers) to sign
         async for message in messages:
             kind = message.WhichOneof("request")
             if kind == "request_headers":
                 headers = headers_of(message.request_headers)
                 provider, pool = self._route(headers, cluster_provider)
                 answer, key = await self._choose(provider, pool)
+                secret = self._pool_secrets.held(pool).get(key) if key else None
+                signing = (secret, headers) if secret is not None and PROVIDERS[
+                    provider].is_signing_secret(secret) else None
+                if signing is not None and message.request_headers.end_of_stream:
+                    answer = self._sign(provider, pool, signing, b"", "request_headers")
+                    signing = None
                 yield answer
+            elif kind == "request_body" and signing is not None:
+                yield self._sign(provider, pool, signing, message.request_body.body,
+                                 "request_body")
+                signing = None
             elif kind == "response_headers":
                 yield await self._judge(provider, pool, key,
                                         headers_of(message.response_headers))
@@ -88,6 +113,8 @@ class PoolAttempts:
         credential = PROVIDERS[provider].caller_key(headers) if provider else None
         pool = self._pool_secrets.pool_of(key_id(self._secret, credential)) \
             if credential else None
+        if pool is None and provider is not None:
+            pool = self._pool_of_alias(provider, PROVIDERS[provider].credential_alias(headers))
         if provider is None or pool is None:
             return DEFAULT_PROVIDER, ""
         return provider, pool
@@ -119,9 +146,47 @@ class PoolAttempts:
                 f"every key of pool '{pool}' is cooling down or disabled; earliest "
                 f"recovery in {retry}s"), "tokenfuse_no_healthy_key",
                 (("retry-after", str(retry)),)), ""
+        if PROVIDERS[provider].is_signing_secret(held[key]):
+            # Signed over the body (`_sign`); the caller's credential headers go now.
+            credentials = tuple(c.header for c in PROVIDERS[provider].credentials)
+            return header_mutation_response(
+                "request_headers", (), (*credentials, POOL_HEADER, GRANT_HEADER)), key
         credential, stale = PROVIDERS[provider].pooled_credential(held[key])
         return header_mutation_response(
             "request_headers", (credential,), (*stale, POOL_HEADER, GRANT_HEADER)), key
+
+    def _sign(self, provider: str, pool: str, signing: tuple[str, dict[str, str]],
+              body: bytes, phase: str) -> pb.ProcessingResponse:
+        """The attempt's signature (set in the answer to its body, or to its headers when
+        it has none), over the final host, path and body."""
+        secret, headers = signing
+        try:
+            set_headers, remove = PROVIDERS[provider].pooled_signature(secret, headers, body)
+        except ValueError as exc:
+            log.error("pool %s holds an unusable signing credential: %s", pool, exc)
+            metrics.DECISIONS.labels("error", "unusable_pool_credential", provider).inc()
+            return immediate(503, PROVIDERS[provider].error_body(
+                "unavailable", "unusable_pool_credential",
+                f"a credential of pool '{pool}' cannot sign requests; see the gateway's log"),
+                "tokenfuse_unusable_pool_credential", (("retry-after", "30"),))
+        common = pb.CommonResponse(header_mutation=pb.HeaderMutation(
+            set_headers=[header_option(k, v) for k, v in set_headers],
+            remove_headers=list(remove)))
+        if phase == "request_headers":
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+    def _pool_of_alias(self, provider: str, alias: str | None) -> str | None:
+        """The pool holding the signing secret named `alias` (an access key id)."""
+        if alias is None:
+            return None
+        source = self._pool_secrets.by_pool
+        if self._aliases[0] is not source:
+            named = PROVIDERS[provider].secret_alias
+            self._aliases = (source, {a: pool for pool, keys in source.items()
+                                      for secret in keys.values()
+                                      if (a := named(secret)) is not None})
+        return self._aliases[1].get(alias)
 
     async def _judge(self, provider: str, pool: str, key: str,
                      headers: dict[str, str]) -> pb.ProcessingResponse:

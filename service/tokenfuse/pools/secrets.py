@@ -36,15 +36,34 @@ class PoolKey:
     weight: int
 
 
+#: AWS credentials instead of a key (a pool whose provider signs each attempt with
+#: SigV4): `aws_access_key_id,aws_secret_access_key,region[,session_token]` columns, held
+#: as one secret `aws4:<access key id>:<secret>:<region>[:<session token>]`.
+AWS_COLUMNS = ("aws_access_key_id", "aws_secret_access_key", "region")
+AWS_SECRET_PREFIX = "aws4:"
+
+
 def parse_pool_csv(text: str) -> list[PoolKey]:
-    """Rows of `key,label,weight` (label and weight optional; a header row is required)."""
+    """Rows of `key,label,weight` (label and weight optional; a header row is required),
+    or of AWS credentials (`AWS_COLUMNS`, optional `session_token`) in place of `key`."""
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or "key" not in [f.strip().lower() for f in reader.fieldnames]:
-        raise PoolError("pool CSV needs a header row with at least a 'key' column")
+    names = [f.strip().lower() for f in reader.fieldnames or ()]
+    aws = all(c in names for c in AWS_COLUMNS)
+    if "key" not in names and not aws:
+        raise PoolError("pool CSV needs a header row with at least a 'key' column (or "
+                        + ", ".join(AWS_COLUMNS) + " for AWS credentials)")
     out: list[PoolKey] = []
     for number, row in enumerate(reader, start=2):
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
         secret = row.get("key", "")
+        if aws and not secret:
+            parts = [row.get(c, "") for c in AWS_COLUMNS]
+            if not all(parts) or any(":" in p for p in parts) \
+                    or ":" in row.get("session_token", ""):
+                raise PoolError(f"line {number}: AWS credentials need an access key id, a "
+                                "secret and a region (none containing ':')")
+            token = row.get("session_token", "")
+            secret = AWS_SECRET_PREFIX + ":".join(parts + ([token] if token else []))
         if not secret:
             raise PoolError(f"line {number}: empty key")
         weight_text = row.get("weight") or "1"

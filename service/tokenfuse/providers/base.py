@@ -222,6 +222,29 @@ class Provider(Protocol):
         gateway's changes would break), or None."""
         ...
 
+    #: Whether a pool of this provider may hold credentials that sign each attempt over
+    #: its body (AWS SigV4): its pooled cluster then sends request bodies to the processor.
+    signs_pooled_requests: bool
+
+    def is_signing_secret(self, secret: str) -> bool:
+        """Whether a pooled secret signs attempts (`pooled_signature`) rather than being
+        presented as a key (`pooled_credential`)."""
+        ...
+
+    def pooled_signature(self, secret: str, headers: dict[str, str], body: bytes
+                         ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+        """(headers to set, to remove) that sign one attempt, given its final request
+        headers (`:authority`, `:path` as sent upstream) and body."""
+        ...
+
+    def secret_alias(self, secret: str) -> str | None:
+        """A signing secret's public name (an access key id), None for a plain key."""
+        ...
+
+    def credential_alias(self, headers: dict[str, str]) -> str | None:
+        """The `secret_alias` of the signature a (retried) request carries, if any."""
+        ...
+
     def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
         """(header to set, headers to remove) that present a pooled key to the provider."""
         ...
@@ -313,6 +336,21 @@ class ProviderBase:
         return False
 
     def unusable_credential(self, headers: dict[str, str]) -> RequestRejected | None:
+        return None
+
+    signs_pooled_requests = False
+
+    def is_signing_secret(self, secret: str) -> bool:
+        return False
+
+    def pooled_signature(self, secret: str, headers: dict[str, str], body: bytes
+                         ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+        raise NotImplementedError(f"{self.name} keys sign nothing")
+
+    def secret_alias(self, secret: str) -> str | None:
+        return None
+
+    def credential_alias(self, headers: dict[str, str]) -> str | None:
         return None
 
     def error_document(self, kind: ErrorKind, code: str, message: str) -> dict[str, Any]:

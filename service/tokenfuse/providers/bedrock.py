@@ -37,6 +37,10 @@ import re
 from typing import Any, ClassVar
 from urllib.parse import unquote
 
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
 from tokenfuse.pricing import TokenUsage
 from tokenfuse.providers.anthropic import (
     IMAGE_MAX_TOKENS,
@@ -96,6 +100,15 @@ ERROR_TYPE_SUFFIX = ":http://internal.amazon.com/coral/com.amazon.bedrock/"
 #: The in-stream cut: a member of both stream unions (ConverseStreamOutput and
 #: ResponseStream), camelCase, which botocore raises as EventStreamError with our message.
 CUT_EXCEPTION = "throttlingException"
+#: A pool member that is a set of AWS credentials, not a Bedrock API key:
+#: `aws4:<access key id>:<secret access key>:<region>[:<session token>]` (what
+#: `tokenfuse.pools.secrets` makes of a CSV row with AWS credential columns).
+AWS_SECRET_PREFIX = "aws4:"
+#: SigV4's service name for bedrock-runtime (the service model's `signingName`).
+SIGNING_NAME = "bedrock"
+_SIGV4_CREDENTIAL = re.compile(r"^AWS4-HMAC-SHA256\s+Credential=([A-Za-z0-9]+)/", re.I)
+#: Headers of the client's that a signature tokenfuse makes replaces.
+_SIGNATURE_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
 #: Content blocks of a Converse message whose tokens are not their text.
 _MEDIA_BLOCKS = ("image", "document", "video")
 MEDIA_TYPE = "bedrock_media"
@@ -112,6 +125,9 @@ class Bedrock(ProviderBase):
     price_dataset_providers = ("bedrock", "bedrock_converse")
     price_namespace = "bedrock"
     cache_write_1h_input_multiple = 2  # Claude's (Anthropic's rule; Nova writes no cache)
+    #: A pool may hold AWS credentials: the upstream stage signs each attempt over its
+    #: body (its pooled cluster sends the body to the processor).
+    signs_pooled_requests = True
 
     def __init__(self) -> None:
         self.invoke: Bedrock = self
@@ -293,8 +309,45 @@ class Bedrock(ProviderBase):
         return None
 
     def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
-        """A pooled Bedrock API key (a pool of AWS credentials is signed instead)."""
-        return ("authorization", f"Bearer {secret}"), ()
+        """A pooled Bedrock API key (AWS credentials sign the attempt instead:
+        `pooled_signature`)."""
+        return ("authorization", f"Bearer {secret}"), _SIGNATURE_HEADERS
+
+    def is_signing_secret(self, secret: str) -> bool:
+        return secret.startswith(AWS_SECRET_PREFIX)
+
+    def pooled_signature(self, secret: str, headers: dict[str, str], body: bytes
+                         ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+        """(headers to set, to remove) that sign one attempt with a pool's AWS credentials
+        (botocore's SigV4Auth, as boto3 signs): over its final method, host, path,
+        content type and body, at the current time."""
+        access_key, secret_key, region, token = parse_aws_secret(secret)
+        request = AWSRequest(
+            method=headers.get(":method", "POST"),
+            url=f"https://{headers.get(':authority', '')}{headers.get(':path', '/')}",
+            data=body, headers={"Content-Type": headers["content-type"]}
+            if "content-type" in headers else {})
+        SigV4Auth(Credentials(access_key, secret_key, token or None), SIGNING_NAME,
+                  region).add_auth(request)
+        signed = [("authorization", request.headers["Authorization"]),
+                  ("x-amz-date", request.headers["X-Amz-Date"])]
+        if token:
+            signed.append(("x-amz-security-token", token))
+        return tuple(signed), () if token else ("x-amz-security-token",
+                                                "x-amz-content-sha256")
+
+    def secret_alias(self, secret: str) -> str | None:
+        """The public name of a pooled AWS credential: its access key id."""
+        try:
+            return AWS_SECRET_PREFIX + parse_aws_secret(secret)[0]
+        except ValueError:
+            return None
+
+    def credential_alias(self, headers: dict[str, str]) -> str | None:
+        """The access key id of the SigV4 signature on a request (a retried attempt
+        carries the previous attempt's), as `secret_alias` names it."""
+        found = _SIGV4_CREDENTIAL.match(headers.get("authorization", ""))
+        return AWS_SECRET_PREFIX + found.group(1) if found else None
 
     def probe(self, secret: str) -> tuple[str, dict[str, str]]:
         # Bedrock's runtime has no free GET; ListFoundationModels is the control plane.
@@ -399,6 +452,17 @@ def model_segment_ok(path: str) -> bool:
     except UnicodeDecodeError:
         return False
     return bool(_MODEL_ID.match(model)) and "%" not in model and ".." not in model.split("/")
+
+
+def parse_aws_secret(secret: str) -> tuple[str, str, str, str]:
+    """(access key id, secret access key, region, session token or "") of an `aws4:`
+    pool member; ValueError when it is not one."""
+    parts = secret.removeprefix(AWS_SECRET_PREFIX).split(":")
+    if not secret.startswith(AWS_SECRET_PREFIX) or len(parts) not in (3, 4) \
+            or not all(parts[:3]):
+        raise ValueError("an AWS credential is aws4:<access key id>:<secret>:<region>"
+                         "[:<session token>]")
+    return parts[0], parts[1], parts[2], parts[3] if len(parts) == 4 else ""
 
 
 def _is_claude(model: str) -> bool:
