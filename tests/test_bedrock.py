@@ -496,7 +496,8 @@ def test_corrupt_frame_reaches_the_client_as_an_error(
     with pytest.raises(ChecksumMismatch):
         list(client.converse_stream(modelId=CLAUDE, messages=MESSAGES)["stream"])
     day = settled(bedrock_stack, fake, key)
-    assert day["spent_nano_usd"] >= bill(fake, key) > 0
+    # The fake may have finished writing, or seen the client hang up: either way no less.
+    assert day["spent_nano_usd"] >= bill(fake, key, completed_only=False) > 0
 
 
 FLOOD_REQUESTS = 300
