@@ -128,7 +128,8 @@ def test_decoder_any_chunking(cuts: list[int]) -> None:
     assert _decode(data, [c for c in cuts if c < len(data)]) == _decode(data, [])
 
 
-def test_corrupt_frame_is_garbage_counted_and_forwarded() -> None:
+def test_corrupt_frame_is_counted_a_token_per_byte_logged_and_forwarded(
+        caplog: pytest.LogCaptureFixture) -> None:
     good = event_frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "a"}})
     bad = bytearray(good)
     bad[-6] ^= 1  # a payload byte: the message CRC fails
@@ -136,10 +137,12 @@ def test_corrupt_frame_is_garbage_counted_and_forwarded() -> None:
     events = EventStreamDecoder().feed(data)
     assert [e.event for e in events] == ["contentBlockDelta", CORRUPT_EVENT]
     assert events[1].end == len(data)  # nothing after it is framed any more
-    meter = StreamMeter(BEDROCK, False, BEDROCK.tokenizer(CLAUDE))
-    metered = meter.feed(data, True)
-    assert meter.malformed_events == 1 and metered[1].output_tokens >= 1
-    assert meter.take(metered[-1].end) == data  # forwarded as received: boto3 rejects it
+    assert "undecodable eventstream frame" in caplog.text
+    for provider in (BEDROCK, INVOKE):
+        meter = StreamMeter(provider, False, provider.tokenizer(CLAUDE))
+        metered = meter.feed(data[:len(good) + 5]) + meter.feed(data[len(good) + 5:], True)
+        assert sum(e.output_tokens for e in metered[1:]) >= 2 * len(good)
+        assert meter.take(metered[-1].end) == data  # forwarded as received: boto3 rejects it
     bad_prelude = bytearray(good)
     bad_prelude[2] ^= 1
     assert [e.event for e in EventStreamDecoder().feed(bytes(bad_prelude))] == [CORRUPT_EVENT]

@@ -63,7 +63,12 @@ from tokenfuse.providers.base import (
     endpoint_of,
     int_field,
 )
-from tokenfuse.providers.eventstream import EventStreamDecoder, exception_frame
+from tokenfuse.providers.eventstream import (
+    CORRUPT_EVENT,
+    EventStreamDecoder,
+    exception_frame,
+    undecodable_tokens,
+)
 
 #: Operations by the last path segment: (endpoint, streamed).
 OPERATIONS = {"converse": ("converse", False), "converse-stream": ("converse", True),
@@ -235,7 +240,10 @@ class Bedrock(ProviderBase):
         return EventStreamDecoder()
 
     def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:
-        """A contentBlockDelta's text, tool input, reasoning text; a tool's name."""
+        """A contentBlockDelta's text, tool input, reasoning text; a tool's name (and the
+        bytes of a broken stream, `undecodable_tokens`)."""
+        if event == CORRUPT_EVENT:
+            return undecodable_tokens(event, payload)
         if event == "contentBlockStart":
             start = payload.get("start")
             use = start.get("toolUse") if isinstance(start, dict) else None
@@ -413,7 +421,8 @@ class BedrockInvoke(Bedrock):
         return EventStreamDecoder(unwrap_chunks=True)
 
     def stream_output(self, event: str, payload: dict[str, Any]) -> list[str]:
-        return self.anthropic.stream_output(event, payload)
+        return undecodable_tokens(event, payload) if event == CORRUPT_EVENT \
+            else self.anthropic.stream_output(event, payload)
 
     def response_output(self, payload: dict[str, Any]) -> list[str]:
         return self.anthropic.response_output(payload)

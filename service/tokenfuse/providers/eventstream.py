@@ -14,9 +14,11 @@ Each frame becomes an `SseEvent` whose `end` is the absolute offset just past th
 (the meter forwards whole frames): `event` is `:event-type` (`:exception-type` for an
 exception frame, `:error-code` or "error" for an error frame), `data` the payload as
 text. A frame that does not decode (a CRC mismatch, an impossible length) breaks the
-stream: it and everything after it become garbage events (`data` not JSON, so the meter
-counts each as one token and logs it), forwarded as received so the client's own decoder
-rejects them too.
+stream (logged): it and everything after it are no longer framed, and become `:corrupt`
+events `{"undecodable_bytes": N}`, forwarded as received (the client's own decoder rejects
+them too) and counted by the provider as one output token per byte (`undecodable_tokens`):
+what they carried is unknown, and no token is shorter than a byte, so the reservation
+keeps covering, and cutting, a stream that broke.
 
 `encode_frame` writes a frame (string headers only): the in-stream cut and the fake.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import logging
 import struct
 import zlib
 
@@ -38,8 +41,10 @@ MAX_HEADERS_BYTES = 128 * 1024
 MAX_PAYLOAD_BYTES = 24 * 1024 * 1024
 #: The event name of a frame that did not decode (not an AWS name: they have no `:`).
 CORRUPT_EVENT = ":corrupt"
-#: Its data: starts like JSON and is not, which the stream meter counts as garbage.
-CORRUPT_DATA = "{undecodable eventstream bytes"
+#: The data of a `chunk` whose payload is not base64 JSON: garbage to the meter.
+CORRUPT_DATA = "{undecodable chunk payload"
+
+log = logging.getLogger("tokenfuse.streaming")
 _STRING = 7  # header value type: string (uint16 length + UTF-8)
 
 
@@ -121,11 +126,21 @@ class EventStreamDecoder:
         return SseEvent(name, payload, end)
 
     def _garbage(self, data: bytes) -> list[SseEvent]:
-        """From here on nothing is framed: each piece is one garbage event."""
+        """From here on nothing is framed: each piece is one undecodable event."""
+        if not self._broken:
+            log.warning("undecodable eventstream frame at offset %d: the rest of the "
+                        "stream is counted a token per byte", self._offset)
         self._broken = True
         self._frame.clear()
         self._offset += len(data)
-        return [SseEvent(CORRUPT_EVENT, CORRUPT_DATA, self._offset)] if data else []
+        return [SseEvent(CORRUPT_EVENT, json.dumps({"undecodable_bytes": len(data)}),
+                         self._offset)] if data else []
+
+
+def undecodable_tokens(event: str, payload: dict) -> list[str]:
+    """What a `:corrupt` event counts as: one token per byte (one one-byte text each)."""
+    size = payload.get("undecodable_bytes") if event == CORRUPT_EVENT else None
+    return ["\x00"] * size if isinstance(size, int) and size > 0 else []
 
 
 def _unwrapped(payload: str, end: int) -> SseEvent:
