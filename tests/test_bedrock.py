@@ -464,6 +464,10 @@ def test_refusals_are_raised_once(bedrock_stack: Stack, pki: ServerCertificate,
     with pytest.raises(client.exceptions.ServiceQuotaExceededException) as looped:
         client.converse(modelId=NOVA, messages=MESSAGES, inferenceConfig={"maxTokens": 3})
     assert "identical request" in str(looped.value) and len(sent) == 1
+    meta = looped.value.response["ResponseMetadata"]
+    assert meta["HTTPStatusCode"] == 400  # not a 429: boto3 would retry it twice
+    assert meta["HTTPHeaders"]["x-amzn-errortype"] == (
+        "ServiceQuotaExceededException:http://internal.amazon.com/coral/com.amazon.bedrock/")
     assert bedrock_stack.cli("budget", "set", "--key", key, "--daily",
                              "0.000001").returncode == 0
     sent.clear()

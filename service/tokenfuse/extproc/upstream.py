@@ -126,7 +126,8 @@ class PoolAttempts:
             return immediate(403, PROVIDERS[provider].error_body(
                 "permission", "invalid_pool_grant",
                 "this request was not routed to a key pool by tokenfuse"),
-                "tokenfuse_invalid_pool_grant"), ""
+                "tokenfuse_invalid_pool_grant",
+                PROVIDERS[provider].error_headers("permission", "invalid_pool_grant")), ""
         held = self._pool_secrets.held(pool)
         try:
             async with asyncio.timeout(self._timeout):
@@ -137,7 +138,8 @@ class PoolAttempts:
             return immediate(503, PROVIDERS[provider].error_body(
                 "unavailable", "state_store_unavailable",
                 "tokenfuse cannot reach its state store; nothing was forwarded"),
-                "tokenfuse_state_store_unavailable", (("retry-after", "1"),)), ""
+                "tokenfuse_state_store_unavailable", (("retry-after", "1"), *PROVIDERS[
+                    provider].error_headers("unavailable", "state_store_unavailable"))), ""
         if key is None or key not in held:
             retry = max(1, -(-wait_ms // 1000)) if wait_ms >= 0 else 30
             metrics.DECISIONS.labels("error", "no_healthy_key", provider).inc()
@@ -145,7 +147,8 @@ class PoolAttempts:
                 "unavailable", "no_healthy_key",
                 f"every key of pool '{pool}' is cooling down or disabled; earliest "
                 f"recovery in {retry}s"), "tokenfuse_no_healthy_key",
-                (("retry-after", str(retry)),)), ""
+                (("retry-after", str(retry)),
+                 *PROVIDERS[provider].error_headers("unavailable", "no_healthy_key"))), ""
         if PROVIDERS[provider].is_signing_secret(held[key]):
             # Signed over the body (`_sign`); the caller's credential headers go now.
             credentials = tuple(c.header for c in PROVIDERS[provider].credentials)
@@ -168,7 +171,8 @@ class PoolAttempts:
             return immediate(503, PROVIDERS[provider].error_body(
                 "unavailable", "unusable_pool_credential",
                 f"a credential of pool '{pool}' cannot sign requests; see the gateway's log"),
-                "tokenfuse_unusable_pool_credential", (("retry-after", "30"),))
+                "tokenfuse_unusable_pool_credential", (("retry-after", "30"), *PROVIDERS[
+                    provider].error_headers("unavailable", "unusable_pool_credential")))
         common = pb.CommonResponse(header_mutation=pb.HeaderMutation(
             set_headers=[header_option(k, v) for k, v in set_headers],
             remove_headers=list(remove)))
