@@ -609,3 +609,24 @@ def test_pooled_aws_credentials_sign_each_attempt_and_fail_over(
     assert all(r.cap is not None for r in posts if r.status == 200 and not r.stream)
     day = settled(bedrock_stack, fake, vkey, 0)
     assert day["spent_nano_usd"] == bill(fake, healthy) > 0
+
+
+def test_converse_stream_hidden_thinking_settled_exactly(
+        bedrock_stack: Stack, pki: ServerCertificate, fake: FakeProvider, key: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claude's thinking through Converse: billed in full, shown summarized in
+    reasoningContent deltas; the call asked for thinking, so its cap is written in and
+    the spend is the bill."""
+    client = runtime(bedrock_stack, pki, key, monkeypatch, **{
+        "x-fake-output-tokens": "6", "x-fake-reasoning-tokens": "1200"})
+    events = list(client.converse_stream(
+        modelId=CLAUDE, messages=MESSAGES, inferenceConfig={"maxTokens": 4000},
+        additionalModelRequestFields={"thinking": {"type": "enabled",
+                                                   "budget_tokens": 2000}})["stream"])
+    shown = [e for e in events if "reasoningContent" in e.get("contentBlockDelta", {}).get(
+        "delta", {})]
+    assert 0 < len(shown) < 1200
+    assert events[-1]["metadata"]["usage"]["outputTokens"] == 1206
+    day = settled(bedrock_stack, fake, key)
+    assert day["spent_nano_usd"] == bill(fake, key) > 1206 * 5500
+    assert records(fake, key)[0].cap == 4000
