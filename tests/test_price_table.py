@@ -76,7 +76,8 @@ DATASET = """{
     "input_cost_per_token": 5e-06},
   "openai/gpt-y": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 1e-06},
   "ft:gpt-y": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 1e-06},
-  "gemini-q": {"litellm_provider": "gemini", "mode": "chat", "input_cost_per_token": 1e-06},
+  "gemini-q": {"litellm_provider": "gemini", "mode": "chat", "input_cost_per_token": 1e-06,
+    "output_cost_per_token": 2e-06},
   "bedrock/claude-x": {"litellm_provider": "bedrock", "mode": "chat",
     "input_cost_per_token": 3e-06}
 }"""
@@ -544,3 +545,25 @@ def test_reasoning_reported_apart_is_billed_once_at_its_rate() -> None:
     # A provider that reports thoughts apart (Gemini, issue 14) sets `reasoning`.
     apart = TokenUsage(input=10, output=20, reasoning=80)
     assert cost_nano(gpt, apart) == cost_nano(gpt, TokenUsage(input=10, output=100))
+
+
+def test_a_zero_price_of_a_paid_provider_is_a_gap_but_a_local_model_may_be_free() -> None:
+    """The dataset prices some paid models at 0 (Cohere's command-a-plus-05-2026 chat at
+    0.0/0.0, LiteLLM 1.110.2): unpriced, so the unknown-model policy refuses it; a local
+    Ollama model at 0 is free for real."""
+    data = {
+        "gpt-free": {"litellm_provider": "openai", "mode": "chat",
+                     "input_cost_per_token": 0.0, "output_cost_per_token": 0.0},
+        "text-embedding-free": {"litellm_provider": "openai", "mode": "embedding",
+                                "input_cost_per_token": 0.0, "output_cost_per_token": 0.0},
+        "gpt-input-free": {"litellm_provider": "openai", "mode": "chat",
+                           "input_cost_per_token": 0.0, "output_cost_per_token": 1e-06},
+        "ollama/llama-local": {"litellm_provider": "ollama", "mode": "chat",
+                               "input_cost_per_token": 0.0, "output_cost_per_token": 0.0},
+    }
+    doc = convert(_dataset(json.dumps(data)), SOURCE)
+    for gap in ("gpt-free", "text-embedding-free"):
+        assert gap not in doc["models"]
+        assert "a gap rather than a free model" in doc["unpriced"][gap]["reason"]
+    assert doc["models"]["gpt-input-free"]["output"] == "1.00"
+    assert doc["models"]["ollama/llama-local"]["output"] == "0.00"

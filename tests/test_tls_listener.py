@@ -78,7 +78,7 @@ def test_certificate_without_key_is_a_config_error(pki: ServerCertificate,
                                                    tmp_path_factory: pytest.TempPathFactory
                                                    ) -> None:
     state = str(tmp_path_factory.mktemp("state"))
-    with pytest.raises(ConfigError, match="go together"):
+    with pytest.raises(ConfigError, match="are a pair"):
         load_settings({"TOKENFUSE_STATE_DIR": state, "TOKENFUSE_TLS_CERT_FILE": str(pki.cert)})
     with pytest.raises(ConfigError, match="no such file"):
         load_settings({"TOKENFUSE_STATE_DIR": state, "TOKENFUSE_TLS_CERT_FILE": "/nonexistent",

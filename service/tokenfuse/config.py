@@ -219,7 +219,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     tls_cert, tls_key = (env.text("TOKENFUSE_TLS_CERT_FILE", ""),
                          env.text("TOKENFUSE_TLS_KEY_FILE", ""))
     if bool(tls_cert) != bool(tls_key):
-        raise ConfigError("TOKENFUSE_TLS_CERT_FILE and TOKENFUSE_TLS_KEY_FILE go together: "
+        raise ConfigError("TOKENFUSE_TLS_CERT_FILE and TOKENFUSE_TLS_KEY_FILE are a pair: "
                           "set both (HTTPS listener) or neither (plain HTTP)")
     for name, path in (("TOKENFUSE_TLS_CERT_FILE", tls_cert), ("TOKENFUSE_TLS_KEY_FILE", tls_key)):
         if path and not Path(path).is_file():

@@ -62,6 +62,11 @@ class InexactPrice(ValueError):
     """A dataset price that is not a whole number of nano-USD per 1M tokens."""
 
 
+class ZeroPrice(ValueError):
+    """The dataset prices a paid provider's tokens at 0: a gap in the dataset (e.g.
+    Cohere's command-a-plus-05-2026, chat at 0.0 / 0.0), not a free model."""
+
+
 @dataclass(frozen=True)
 class Source:
     dataset: str
@@ -163,7 +168,7 @@ def convert(data: dict[str, Any], source: Source,
         unpriced.pop(key, None)
         try:
             models[key] = _entry(spec, provider, source)
-        except InexactPrice as exc:
+        except (InexactPrice, ZeroPrice) as exc:
             unpriced[key] = {"provider": provider, "reason": f"not priced: {exc}",
                              "source": source.record()}
     # Bare ids first (OpenAI, Anthropic), then each namespace's keys: a stable, readable diff.
@@ -210,6 +215,10 @@ def table_key(name: str, spec: dict[str, Any], provider: str) -> tuple[str, int]
 def _entry(spec: dict[str, Any], provider: str, source: Source) -> dict[str, Any]:
     nano = {field: nano_per_million(spec[key]) for key, field in _FIELDS.items()
             if spec.get(key) is not None}
+    billed = "input" if spec["mode"] == "embedding" else "output"
+    if not nano.get(billed) and not PROVIDERS[provider].self_hosted:
+        raise ZeroPrice(f"the dataset prices its {billed} at 0, a gap rather than a free "
+                        "model (price it in TOKENFUSE_PRICES_FILE if it is free)")
     if "cache_write_1h" not in nano and "cache_write" in nano:
         multiplier = PROVIDERS[provider].cache_write_1h_input_multiple
         if multiplier:

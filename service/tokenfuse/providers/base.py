@@ -131,6 +131,9 @@ class Provider(Protocol):
     price_namespace: str | None
     #: Text in every stream event that reports usage (the meter asks `usage` of no other).
     usage_marker: str
+    #: Models run on the operator's own hardware (Ollama): a price of 0 may be true. For
+    #: every other provider a 0 price in the public dataset is a gap, left unpriced.
+    self_hosted: bool
 
     def for_path(self, path: str) -> Provider:
         """The wire format a path of this route speaks (itself, but for a route that
@@ -274,6 +277,7 @@ class ProviderBase:
     #: Prices of this provider's models are `<namespace>/<model>` (None: bare model ids).
     price_namespace: str | None = None
     usage_marker = "usage"
+    self_hosted = False
 
     def for_path(self, path: str) -> Provider:
         return self

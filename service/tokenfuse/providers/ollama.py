@@ -66,6 +66,8 @@ class Ollama(OpenAICompatible):
     """The route: `/v1/*` is the OpenAI-compatible API (inherited); `/api/*` is
     `OllamaNative`'s."""
 
+    self_hosted = True  # the dataset's 0 prices are true for a local Ollama
+
     def __init__(self) -> None:
         # No key needed by a local Ollama (ollama.com's hosted API takes a Bearer key);
         # tokenfuse identifies the caller by one either way.
