@@ -246,7 +246,8 @@ def bedrock_stack(fake: FakeProvider, pki: ServerCertificate,
                               "TOKENFUSE_TLS_CERT_FILE": str(pki.cert),
                               "TOKENFUSE_TLS_KEY_FILE": str(pki.key),
                               "TOKENFUSE_POOLS_DIR": str(pools),
-                              "TOKENFUSE_POOL_COOLDOWN_MS": "1000"}).start()
+                              "TOKENFUSE_POOL_COOLDOWN_MS": "1000",
+                              "TOKENFUSE_POOL_PROBE_INTERVAL_MS": "300"}).start()
     imported = s.cli("keys", "import", "--pool", "bedrock-aws", "--provider", "bedrock",
                      str(pools / "bedrock-aws.csv"))
     assert imported.returncode == 0, imported.stderr
@@ -609,6 +610,10 @@ def test_pooled_aws_credentials_sign_each_attempt_and_fail_over(
     assert all(r.cap is not None for r in posts if r.status == 200 and not r.stream)
     day = settled(bedrock_stack, fake, vkey, 0)
     assert day["spent_nano_usd"] == bill(fake, healthy) > 0
+    # The set-aside credential is probed back with a signed ListAsyncInvokes (free).
+    wait_until(lambda: any(r.method == "GET" and r.api_key == failing and r.status == 200
+                           for r in list(fake.records)[since:]),
+               what="a signed probe of the recovered credential")
 
 
 def test_converse_stream_hidden_thinking_settled_exactly(

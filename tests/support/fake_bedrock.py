@@ -209,7 +209,9 @@ async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.Reque
     record.body = await request.read()
     record.path = request.raw_path  # as sent (aiohttp's `path` is decoded)
     parsed = parse_path(request.raw_path)
-    if request.method != "POST" or parsed is None or parsed[1] not in (
+    if request.raw_path.split("?")[0] == "/bedrock/async-invoke" and request.method == "GET":
+        parsed = ("", "")  # ListAsyncInvokes: answered once authenticated
+    elif request.method != "POST" or parsed is None or parsed[1] not in (
             "converse", "converse-stream", "invoke", "invoke-with-response-stream"):
         return error(404, "Not Found", "UnknownOperationException"), None, False
     model, operation = parsed
@@ -234,6 +236,8 @@ async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.Reque
         return response, None, False
     if (status := fp._header_int(request, "x-fake-status")) is not None:
         return error(status, f"fake provider status {status}"), None, False
+    if request.method == "GET":  # ListAsyncInvokes (the pools' probe): free
+        return web.json_response({"asyncInvokeSummaries": []}), None, False
     data = fake._peek(record)
     record.stream = operation.endswith("stream")  # the operation says, not the body
     if not isinstance(data, dict):

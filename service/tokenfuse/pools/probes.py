@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from tokenfuse import metrics
 from tokenfuse.identity import PREFIX_CHARS
@@ -55,6 +56,12 @@ async def _probe_pools(store: PoolStore, pool_secrets: PoolSecrets, upstreams: d
         for kid in due:
             path, headers = PROVIDERS[provider].probe(held[kid])
             url = upstreams[provider].rstrip("/") + path
+            if PROVIDERS[provider].is_signing_secret(held[kid]):
+                parts = urlsplit(url)  # signed for the URL it goes to (AWS SigV4)
+                target = parts.path + (f"?{parts.query}" if parts.query else "")
+                signed, _ = PROVIDERS[provider].pooled_signature(held[kid], {
+                    ":method": "GET", ":authority": parts.netloc, ":path": target}, b"")
+                headers = {**headers, **dict(signed)}
             try:
                 async with session.get(url, headers=headers) as response:
                     status = response.status

@@ -109,6 +109,8 @@ CUT_EXCEPTION = "throttlingException"
 #: `aws4:<access key id>:<secret access key>:<region>[:<session token>]` (what
 #: `tokenfuse.pools.secrets` makes of a CSV row with AWS credential columns).
 AWS_SECRET_PREFIX = "aws4:"
+#: The pool probe: ListAsyncInvokes, free and read-only (service-2.json `GET /async-invoke`).
+PROBE_PATH = "/async-invoke?maxResults=1"
 #: SigV4's service name for bedrock-runtime (the service model's `signingName`).
 SIGNING_NAME = "bedrock"
 _SIGV4_CREDENTIAL = re.compile(r"^AWS4-HMAC-SHA256\s+Credential=([A-Za-z0-9]+)/", re.I)
@@ -358,8 +360,11 @@ class Bedrock(ProviderBase):
         return AWS_SECRET_PREFIX + found.group(1) if found else None
 
     def probe(self, secret: str) -> tuple[str, dict[str, str]]:
-        # Bedrock's runtime has no free GET; ListFoundationModels is the control plane.
-        return "/model/probe/converse", {"authorization": f"Bearer {secret}"}
+        """ListAsyncInvokes (`GET /async-invoke`, the runtime's one free read); an AWS
+        credential's probe is signed by the prober (`pooled_signature`: it knows the URL)."""
+        if self.is_signing_secret(secret):
+            return PROBE_PATH, {}
+        return PROBE_PATH, {"authorization": f"Bearer {secret}"}
 
 
 class BedrockInvoke(Bedrock):
