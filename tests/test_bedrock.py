@@ -211,6 +211,14 @@ def test_converse_usage_and_output() -> None:
                                      "cacheReadInputTokens": 12, "cacheWriteInputTokens": 4}})
     assert usage is not None
     assert (usage.input, usage.output, usage.cache_read, usage.cache_write) == (10, 4, 12, 4)
+    by_ttl = BEDROCK.usage({"usage": {"inputTokens": 1, "outputTokens": 1,
+                                      "cacheWriteInputTokens": 9, "cacheDetails": [
+                                          {"ttl": "1h", "inputTokens": 7},
+                                          {"ttl": "5m", "inputTokens": 2}]}})
+    assert by_ttl is not None and (by_ttl.cache_write, by_ttl.cache_write_1h) == (2, 7)
+    asks = {"messages": [{"role": "user", "content": [
+        {"text": "x"}, {"cachePoint": {"type": "default", "ttl": "1h"}}]}]}
+    assert BEDROCK.parse_request(f"/model/{CLAUDE}/converse", asks).long_cache_writes
     assert BEDROCK.stream_output("contentBlockDelta", {"delta": {"toolUse": {"input": "{\"a"}}}
                                  ) == ['{"a']
     thinking = {"messages": [], "additionalModelRequestFields": {

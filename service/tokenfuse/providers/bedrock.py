@@ -186,6 +186,7 @@ class Bedrock(ProviderBase):
             messages=_for_estimate(messages),
             hidden_output=_hidden_reasoning(extra),
             framing_tokens=_tool_framing(body, model),
+            long_cache_writes=_asks_1h_cache(body),
         )
 
     def media_bound(self, block: dict[str, Any], model: str) -> Any:
@@ -228,10 +229,16 @@ class Bedrock(ProviderBase):
         usage = payload.get("usage")
         if not isinstance(usage, dict) or "outputTokens" not in usage:
             return None
+        writes = count_of(usage.get("cacheWriteInputTokens"))
+        # `cacheDetails`: "breakdown of cache writes by TTL" ([{ttl, inputTokens}]); the
+        # 1-hour ones bill at their own (higher) rate.
+        writes_1h = min(writes, sum(count_of(d.get("inputTokens"))
+                                    for d in as_list(usage.get("cacheDetails"))
+                                    if isinstance(d, dict) and d.get("ttl") == "1h"))
         return TokenUsage(input=count_of(usage.get("inputTokens")),
                           output=count_of(usage.get("outputTokens")),
                           cache_read=count_of(usage.get("cacheReadInputTokens")),
-                          cache_write=count_of(usage.get("cacheWriteInputTokens")))
+                          cache_write=writes - writes_1h, cache_write_1h=writes_1h)
 
     def is_event_stream(self, first_chunk: bytes) -> bool:
         """A frame starts with its length (big-endian, at most 24 MiB + headers: a first
@@ -502,6 +509,21 @@ def _hidden_reasoning(extra: Any) -> bool:
     if isinstance(config, dict) and config.get("type") not in (None, "disabled"):
         return True
     return "reasoning_effort" in extra or "reasoning_config" in extra
+
+
+def _asks_1h_cache(node: Any) -> bool:
+    """Whether any `cachePoint` of the request asks for the 1-hour lifetime."""
+    pending = [node]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            point = item.get("cachePoint")
+            if isinstance(point, dict) and point.get("ttl") == "1h":
+                return True
+            pending.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            pending.extend(v for v in item if isinstance(v, dict | list))
+    return False
 
 
 def _tool_framing(body: dict[str, Any], model: str) -> int:
