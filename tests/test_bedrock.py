@@ -186,6 +186,17 @@ def test_model_ids_in_paths() -> None:
     with pytest.raises(RequestRejected) as other:
         INVOKE.parse_request(f"/model/{NOVA}/invoke", {"messages": []})
     assert other.value.status == 404 and "Converse" in other.value.message
+    for unmetered in ({"guardrailConfig": {"guardrailIdentifier": "g"}},
+                      {"serviceTier": {"type": "priority"}},
+                      {"performanceConfig": {"latency": "optimized"}}):
+        with pytest.raises(RequestRejected) as premium:
+            BEDROCK.parse_request(f"/model/{CLAUDE}/converse", {**body, **unmetered})
+        assert premium.value.code == "unmetered_option"
+    assert BEDROCK.parse_request(f"/model/{CLAUDE}/converse",
+                                 {**body, "serviceTier": {"type": "flex"}}).priced
+    refused = BEDROCK.header_refusal({"x-amzn-bedrock-service-tier": "Priority"})
+    assert refused is not None and refused.code == "unmetered_option"
+    assert BEDROCK.header_refusal({"x-amzn-bedrock-service-tier": "default"}) is None
     for bad in ("/model/x/count-tokens", "/model/a%FFb/converse", "/foo"):
         with pytest.raises(RequestRejected):
             BEDROCK.parse_request(bad, body)
@@ -467,6 +478,11 @@ def test_refusals_are_raised_once(bedrock_stack: Stack, pki: ServerCertificate,
     with pytest.raises(client.exceptions.ValidationException) as invoked:
         client.invoke_model(modelId=NOVA, body=b'{"inputText": "hi"}')
     assert "Converse" in str(invoked.value)
+    with pytest.raises(client.exceptions.ValidationException) as premium:
+        client.invoke_model(modelId=CLAUDE, serviceTier="priority", body=json.dumps(
+            {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5,
+             "messages": [{"role": "user", "content": "hi"}]}))
+    assert "does not meter" in str(premium.value)
     for _ in range(5):
         client.converse(modelId=NOVA, messages=MESSAGES, inferenceConfig={"maxTokens": 3})
     sent.clear()

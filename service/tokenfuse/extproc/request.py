@@ -83,11 +83,11 @@ class RequestPhase:
         ex.request_id = uuid.uuid4().hex
         ex.client_request_id = headers.get("x-request-id", "")
         ex.content_codings = encodings(values.get("content-encoding", []))
-        unusable = provider.unusable_credential(headers)
-        if unusable is not None:
-            return self._rt.send(ex, refusals.refuse(provider, unusable.status,
-                                                     "invalid_request", unusable.code,
-                                                     unusable.message))
+        refused = provider.header_refusal(headers)
+        if refused is not None:
+            return self._rt.send(ex, refusals.refuse(provider, refused.status,
+                                                     "invalid_request", refused.code,
+                                                     refused.message))
         api_key, problem = caller_credential(provider, values)
         if problem is not None:
             return self._rt.send(ex, refusals.refuse(provider, 400, "invalid_request", problem,

@@ -220,9 +220,10 @@ class Provider(Protocol):
     # -- key pools
     def caller_key(self, headers: dict[str, str]) -> str | None: ...
 
-    def unusable_credential(self, headers: dict[str, str]) -> RequestRejected | None:
-        """A refusal for a credential that cannot be forwarded (a request signature the
-        gateway's changes would break), or None."""
+    def header_refusal(self, headers: dict[str, str]) -> RequestRejected | None:
+        """A refusal decided from the request headers alone (a credential that cannot be
+        forwarded: a signature the gateway's changes would break; a header that bills at a
+        price tokenfuse does not meter), or None."""
         ...
 
     #: Whether a pool of this provider may hold credentials that sign each attempt over
@@ -339,7 +340,7 @@ class ProviderBase:
     def escaped_slash_allowed(self, path: str) -> bool:
         return False
 
-    def unusable_credential(self, headers: dict[str, str]) -> RequestRejected | None:
+    def header_refusal(self, headers: dict[str, str]) -> RequestRejected | None:
         return None
 
     signs_pooled_requests = False

@@ -116,6 +116,20 @@ SIGNING_NAME = "bedrock"
 _SIGV4_CREDENTIAL = re.compile(r"^AWS4-HMAC-SHA256\s+Credential=([A-Za-z0-9]+)/", re.I)
 #: Headers of the client's that a signature tokenfuse makes replaces.
 _SIGNATURE_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
+#: What bills beyond the standard per-token price (AWS Bedrock pricing: Guardrails per
+#: text unit; the priority tier and latency-optimized inference at a premium; reserved
+#: capacity its own way): refused, fail-closed. Converse body fields (with the values
+#: refused, None: any) and InvokeModel headers (service-2.json) to the option's name.
+UNMETERED_FIELDS: dict[str, dict[str, tuple[str, ...]] | None] = {
+    "guardrailConfig": None,
+    "serviceTier": {"type": ("priority", "reserved")},
+    "performanceConfig": {"latency": ("optimized",)},
+}
+UNMETERED_HEADERS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "x-amzn-bedrock-guardrailidentifier": ("guardrailConfig", None),
+    "x-amzn-bedrock-service-tier": ("serviceTier", ("priority", "reserved")),
+    "x-amzn-bedrock-performanceconfig-latency": ("performanceConfig", ("optimized",)),
+}
 #: Content blocks of a Converse message whose tokens are not their text.
 _MEDIA_BLOCKS = ("image", "document", "video")
 MEDIA_TYPE = "bedrock_media"
@@ -178,6 +192,11 @@ class Bedrock(ProviderBase):
             raise RequestRejected(400, "invalid_request", "'inferenceConfig' must be an object")
         extra = body.get("additionalModelRequestFields") or {}
         messages = as_list(body.get("messages"))
+        for name, values in UNMETERED_FIELDS.items():
+            option = body.get(name)
+            if option is not None and (values is None or (isinstance(option, dict) and any(
+                    option.get(k) in v for k, v in values.items()))):
+                raise unmetered(name)
         return Call(
             endpoint="converse", model=model, stream=stream,
             max_output_tokens=int_field(config, "maxTokens"),
@@ -312,8 +331,14 @@ class Bedrock(ProviderBase):
         return model_segment_ok(path)
 
     # -- identity and pools
-    def unusable_credential(self, headers: dict[str, str]) -> RequestRejected | None:
-        """A SigV4 signature (header or presigned query) cannot survive the gateway."""
+    def header_refusal(self, headers: dict[str, str]) -> RequestRejected | None:
+        """A SigV4 signature (header or presigned query) cannot survive the gateway;
+        InvokeModel's headers asking for what bills beyond the standard token price are
+        refused (`unmetered_option`)."""
+        for header, field in UNMETERED_HEADERS.items():
+            value = headers.get(header, "").strip().lower()
+            if value and (field[1] is None or value in field[1]):
+                return unmetered(field[0])
         authorization = headers.get("authorization", "")
         if authorization[:16].upper() == "AWS4-HMAC-SHA256" or \
                 "x-amz-signature=" in headers.get(":path", "").lower():
@@ -473,6 +498,14 @@ def model_segment_ok(path: str) -> bool:
     except UnicodeDecodeError:
         return False
     return bool(_MODEL_ID.match(model)) and "%" not in model and ".." not in model.split("/")
+
+
+def unmetered(option: str) -> RequestRejected:
+    return RequestRejected(
+        400, "unmetered_option",
+        f"'{option}' bills beyond the standard per-token price (guardrail text units, the "
+        "priority or reserved tier, latency-optimized inference), which tokenfuse does not "
+        "meter; refused (fail-closed)")
 
 
 def parse_aws_secret(secret: str) -> tuple[str, str, str, str]:
