@@ -2,10 +2,11 @@
 
 Answers every POST with an OpenAI chat-completion stream (SSE) of `x-events` one-token
 events, or, on a path of Ollama's native API (`.../api/chat`), with the same as Ollama's
-NDJSON lines; each event its own HTTP chunk, `x-interval-us` apart (0 = as fast as
-possible). Every event carries its send time (`"ts"`, CLOCK_MONOTONIC ns, system-wide) so
-the client can measure per-chunk latency. Runs in its own process:
-`python bench/sse_upstream.py PORT`.
+NDJSON lines, or on Bedrock's `.../converse-stream` as binary eventstream frames
+(contentBlockDelta, then messageStop and metadata); each event its own HTTP chunk,
+`x-interval-us` apart (0 = as fast as possible). Every event carries its send time
+(`"ts"`, CLOCK_MONOTONIC ns, system-wide) so the client can measure per-chunk latency.
+Runs in its own process: `python bench/sse_upstream.py PORT`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import asyncio
 import sys
 import time
 import zlib
+
+from tokenfuse.providers.eventstream import encode_frame
 
 EVENT = (b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini",'
          b'"choices":[{"index":0,"delta":{"content":" tok"}}],"ts":%d}\n\n')
@@ -30,6 +33,22 @@ NDJSON_LAST = (b'{"model":"llama3.2","created_at":"2026-12-01T00:00:00Z","messag
                b'"prompt_eval_count":10,"eval_count":%d}\n')
 NDJSON_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
                b"transfer-encoding: chunked\r\n\r\n")
+
+
+# Bedrock's ConverseStream (application/vnd.amazon.eventstream frames).
+ES_HEADERS = {":event-type": "contentBlockDelta", ":content-type": "application/json",
+              ":message-type": "event"}
+ES_DELTA = b'{"contentBlockIndex":0,"delta":{"text":" tok"},"ts":%d}'
+ES_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.amazon.eventstream\r\n"
+           b"transfer-encoding: chunked\r\n\r\n")
+
+
+def es_last(events: int) -> bytes:
+    usage = (b'{"usage":{"inputTokens":10,"outputTokens":%d,"totalTokens":%d},'
+             b'"metrics":{"latencyMs":1}}' % (events, events + 10))
+    return (encode_frame({**ES_HEADERS, ":event-type": "messageStop"},
+                         b'{"stopReason":"end_turn"}')
+            + encode_frame({**ES_HEADERS, ":event-type": "metadata"}, usage))
 
 
 HEAD_GZIP = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -64,12 +83,20 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 return gz.compress(data) + gz.flush(zlib.Z_FINISH if final
                                                     else zlib.Z_SYNC_FLUSH)
 
-            ndjson = b"/api/" in head.split(b"\r\n", 1)[0]
+            request_line = head.split(b"\r\n", 1)[0]
+            ndjson = b"/api/" in request_line
+            frames = b"/converse-stream" in request_line
             event = NDJSON_EVENT if ndjson else EVENT
-            last = NDJSON_LAST % events if ndjson else USAGE % (events, events + 10)
-            writer.write(NDJSON_HEAD if ndjson else HEAD_GZIP if gz is not None else HEAD)
+            last = NDJSON_LAST % events if ndjson else es_last(events) if frames \
+                else USAGE % (events, events + 10)
+            writer.write(NDJSON_HEAD if ndjson else ES_HEAD if frames
+                         else HEAD_GZIP if gz is not None else HEAD)
             for _ in range(events):
-                writer.write(_chunk(encode(event % time.monotonic_ns())))
+                if frames:
+                    piece = encode_frame(ES_HEADERS, ES_DELTA % time.monotonic_ns())
+                else:
+                    piece = event % time.monotonic_ns()
+                writer.write(_chunk(encode(piece)))
                 await writer.drain()
                 if interval:
                     await asyncio.sleep(interval)

@@ -6,8 +6,9 @@ metering, reservation extensions) vs Envoy alone, side by side on the same Envoy
 - throughput: 32 concurrent streams of 2,000 events sent as fast as possible; chunks/s
   received in total.
 - each in the modes of MODES: SSE plain; NDJSON (Ollama's native `/api/chat`: the second
-  framing, next to SSE in the same run); SSE with the client asking gzip; SSE with the
-  upstream gzipping anyway.
+  framing, next to SSE in the same run); binary eventstream frames (Bedrock's
+  ConverseStream: the third); SSE with the client asking gzip; SSE with the upstream
+  gzipping anyway.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ STREAMS_TIMEOUT_S = 300  # a hung stream fails the bench instead of stalling it
 def request_body(mode: str = "plain") -> bytes:
     """A distinct prompt per stream (spelled in letters: the loop guard ignores digits)."""
     words = spell(next(_streams))
+    if mode == "eventstream":  # Bedrock ConverseStream: the operation streams, no cap
+        return json.dumps({"messages": [
+            {"role": "user", "content": [{"text": f"bench {words}"}]}]}).encode()
     if mode == "ndjson":  # Ollama's native chat: streams by default, no cap (metered)
         return json.dumps({"model": "llama3.2", "messages": [
             {"role": "user", "content": f"bench {words}"}]}).encode()
@@ -45,22 +49,30 @@ def request_body(mode: str = "plain") -> bytes:
 #: Streaming variants: plain; the client asks for gzip (Envoy compresses toward it); the
 #: upstream gzips although asked for identity (the processor decodes and re-encodes).
 MODES = {"plain": "", "ndjson": " NDJSON (Ollama /api/chat)",
+         "eventstream": " eventstream (Bedrock converse-stream)",
          "client_gzip": " (client asks gzip)", "upstream_gzip": " (upstream gzips anyway)"}
-MODE_HEADERS = {"plain": b"", "ndjson": b"", "client_gzip": b"accept-encoding: gzip\r\n",
+MODE_HEADERS = {"plain": b"", "ndjson": b"", "eventstream": b"",
+                "client_gzip": b"accept-encoding: gzip\r\n",
                 "upstream_gzip": b"accept-encoding: gzip\r\nx-compress: gzip\r\n"}
 #: The paths each mode streams on: Envoy alone, tokenfuse.
 SSE_PATHS = {"envoy_alone": "/direct/openai/v1/chat/completions",
              "tokenfuse": "/openai/v1/chat/completions"}
 NDJSON_PATHS = {"envoy_alone": "/direct/ollama/api/chat", "tokenfuse": "/ollama/api/chat"}
-#: What the bench's Ollama model costs (the operator's price file): gpt-4o-mini's price, so
-#: NDJSON streams reserve and extend as the SSE ones do.
-NDJSON_PRICES = {"models": {"ollama/llama3.2": {
-    "provider": "ollama", "mode": "chat", "input": "0.15", "output": "0.60",
-    "max_output_tokens": 16384, "context_window": 131072}}}
+_BEDROCK_MODEL = "amazon.nova-lite-v1%3A0"  # as boto3 encodes it
+EVENTSTREAM_PATHS = {
+    "envoy_alone": f"/direct/bedrock/model/{_BEDROCK_MODEL}/converse-stream",
+    "tokenfuse": f"/bedrock/model/{_BEDROCK_MODEL}/converse-stream"}
+#: What the bench's Ollama and Bedrock models cost (the operator's price file):
+#: gpt-4o-mini's price, so NDJSON and eventstream streams reserve and extend as the SSE
+#: ones do.
+NDJSON_PRICES = {"models": {name: {
+    "provider": name.split("/")[0], "mode": "chat", "input": "0.15", "output": "0.60",
+    "max_output_tokens": 16384, "context_window": 131072}
+    for name in ("ollama/llama3.2", "bedrock/amazon.nova-lite-v1:0")}}
 
 
 def paths_of(mode: str) -> dict[str, str]:
-    return NDJSON_PATHS if mode == "ndjson" else SSE_PATHS
+    return {"ndjson": NDJSON_PATHS, "eventstream": EVENTSTREAM_PATHS}.get(mode, SSE_PATHS)
 
 
 #: Streams answered 503 (per path) in this run.
@@ -168,5 +180,6 @@ def run(port: int, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
         for m in MODES}
     for name in paths:
         results["plain"][name]["refused_streams"] = sum(
-            REFUSED.get(paths_of(mode)[name], 0) for mode in ("plain", "ndjson"))
+            REFUSED.get(paths_of(mode)[name], 0) for mode in ("plain", "ndjson",
+                                                              "eventstream"))
     return results
