@@ -14,6 +14,7 @@ from tokenfuse.identity import VIRTUAL_KEY_PREFIX
 from tokenfuse.providers.anthropic import Anthropic
 from tokenfuse.providers.azure import Azure
 from tokenfuse.providers.base import Call, Provider, RequestRejected
+from tokenfuse.providers.cohere import Cohere
 from tokenfuse.providers.compatible import VENDORS, declared
 from tokenfuse.providers.ollama import ollama
 from tokenfuse.providers.openai import ENCODINGS_PACKAGE, OpenAI
@@ -25,6 +26,7 @@ BUILTIN: dict[str, Provider] = {
     **{vendor.name: vendor for vendor in VENDORS},
     # Ollama's OpenAI-compatible API (/v1/*) and its native NDJSON API (/api/*).
     "ollama": ollama(),
+    "cohere": Cohere(),
 }
 #: Every provider a route may name: the built-in ones, then those the operator declares
 #: (`declare`, from TOKENFUSE_OPENAI_COMPATIBLE when the settings are read).
