@@ -18,6 +18,7 @@ from tokenfuse.providers.cohere import Cohere
 from tokenfuse.providers.compatible import VENDORS, declared
 from tokenfuse.providers.ollama import ollama
 from tokenfuse.providers.openai import ENCODINGS_PACKAGE, OpenAI
+from tokenfuse.providers.vertex_claude import VertexClaude
 
 _AZURE = Azure()
 #: The providers tokenfuse ships, by route name.
@@ -27,6 +28,7 @@ BUILTIN: dict[str, Provider] = {
     # Ollama's OpenAI-compatible API (/v1/*) and its native NDJSON API (/api/*).
     "ollama": ollama(),
     "cohere": Cohere(),
+    "vertex": VertexClaude(),  # TEMP: the Gemini route's `claude` once it lands
 }
 #: Every provider a route may name: the built-in ones, then those the operator declares
 #: (`declare`, from TOKENFUSE_OPENAI_COMPATIBLE when the settings are read).
