@@ -19,6 +19,10 @@ reference, "Streaming", "Errors"; recorded streams in public repositories):
   reasoning model, then text), message-end with `delta.finish_reason` and `delta.usage`;
   `x-fake-cohere-done: 1` appends `data: [DONE]` (the SDK stops on it; whether the real
   API sends it is not known);
+- with `tools`, the model plans and calls the first tool (finish_reason TOOL_CALL): the
+  plan streams as `tool-plan-delta`, the call as `tool-call-start` / `tool-call-delta`
+  (argument JSON text) / `tool-call-end`, all billed as output; with `documents`, the
+  answer cites the first one (`citation-start` / `citation-end`: quotes, not new tokens);
 - embed: `meta.billed_units.input_tokens`; images are not served (tokenfuse refuses them);
 - compression: gzip when the request accepts it (the SDK sends `accept-encoding: gzip,
   deflate`; whether api.cohere.com compresses is not verified: the fake does, the harder
@@ -91,10 +95,17 @@ class CohereBill:
     content: list[str]
     cap: int | None  # max_tokens as sent (None: absent)
     hit_cap: bool
+    tool: str | None = None  # the tool called (content is then its plan)
+    arguments: str = ""  # the call's arguments, JSON text
+    cited: bool = False  # the answer cites the first document
+
+    @property
+    def argument_tokens(self) -> int:
+        return fp.count_tokens(self.arguments, "cl100k_base") if self.arguments else 0
 
     @property
     def output_tokens(self) -> int:
-        return len(self.thinking) + len(self.content)
+        return len(self.thinking) + len(self.content) + self.argument_tokens
 
     def usage(self, output: int | None = None) -> fp.Usage:
         out = self.output_tokens if output is None else output
@@ -166,23 +177,56 @@ def bill_for(endpoint: str, body: dict[str, Any], controls: fp.Controls) -> Cohe
     wanted = controls.output_tokens if controls.output_tokens is not None else (
         cap if cap is not None else controls.default_output_tokens)
     visible = max(0, min(wanted, limit - thinking))
-    return CohereBill("chat", model, billed, fp.generate_pieces(thinking),
-                      fp.generate_pieces(visible), cap,
-                      cap is not None and thinking + visible >= cap)
+    tools = body.get("tools")
+    tool = None
+    arguments = ""
+    if isinstance(tools, list) and tools and isinstance(tools[0], dict):
+        function = tools[0].get("function")
+        tool = str(function.get("name")) if isinstance(function, dict) else "tool"
+        arguments = fp._dumps({"query": fp.generate_text(min(3, visible))})
+    bill = CohereBill("chat", model, billed, fp.generate_pieces(thinking),
+                      fp.generate_pieces(visible), cap, False, tool, arguments,
+                      bool(body.get("documents")) and tool is None)
+    if bill.output_tokens > limit:  # the call's arguments did not fit: none are sent
+        bill = CohereBill("chat", model, billed, bill.thinking, bill.content, cap, True)
+    hit = cap is not None and bill.output_tokens >= cap
+    return CohereBill("chat", model, billed, bill.thinking, bill.content, cap, hit,
+                      bill.tool, bill.arguments, bill.cited)
 
 
 def _finish_reason(bill: CohereBill) -> str:
-    return "MAX_TOKENS" if bill.hit_cap else "COMPLETE"
+    if bill.hit_cap:
+        return "MAX_TOKENS"
+    return "TOOL_CALL" if bill.tool else "COMPLETE"
+
+
+def _tool_call(bill: CohereBill, arguments: str) -> dict[str, Any]:
+    return {"id": f"{bill.tool}_{uuid.uuid4().hex[:8]}", "type": "function",
+            "function": {"name": bill.tool, "arguments": arguments}}
+
+
+def _citation(bill: CohereBill) -> dict[str, Any]:
+    text = "".join(bill.content[:2])
+    return {"start": 0, "end": len(text), "text": text, "type": "TEXT_CONTENT",
+            "sources": [{"type": "document", "id": "doc-0", "document": {"id": "doc-0"}}]}
 
 
 def _whole(bill: CohereBill) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if bill.thinking:
         content.append({"type": "thinking", "thinking": "".join(bill.thinking)})
-    content.append({"type": "text", "text": "".join(bill.content)})
+    message: dict[str, Any] = {"role": "assistant"}
+    if bill.tool:
+        message["tool_plan"] = "".join(bill.content)
+        if bill.arguments:
+            message["tool_calls"] = [_tool_call(bill, bill.arguments)]
+    else:
+        content.append({"type": "text", "text": "".join(bill.content)})
+    if bill.cited:
+        message["citations"] = [_citation(bill)]
+    message["content"] = content
     return {"id": str(uuid.uuid4()), "finish_reason": _finish_reason(bill),
-            "message": {"role": "assistant", "content": content},
-            "usage": bill.usage_json()}
+            "message": message, "usage": bill.usage_json()}
 
 
 def _events(bill: CohereBill, done: bool) -> list[fp.Event]:
@@ -195,8 +239,21 @@ def _events(bill: CohereBill, done: bool) -> list[fp.Event]:
                                                          "tool_plan": "", "tool_calls": [],
                                                          "citations": []}}}), 0, 0)]
     index = 0
-    for kind, pieces in (("thinking", bill.thinking), ("text", bill.content)):
-        if kind == "thinking" and not pieces:
+    if bill.tool:
+        out += [(event({"type": "tool-plan-delta", "delta": {"message": {
+            "tool_plan": piece}}}), 1, 1) for piece in bill.content]
+        if bill.arguments:
+            out.append((event({"type": "tool-call-start", "index": 0, "delta": {
+                "message": {"tool_calls": _tool_call(bill, "")}}}), 0, 0))
+            with fp.counting_for("cohere", bill.model):
+                pieces = _argument_pieces(bill.arguments)
+            out += [(event({"type": "tool-call-delta", "index": 0, "delta": {"message": {
+                "tool_calls": {"function": {"arguments": text}}}}}), tokens, tokens)
+                for text, tokens in pieces]
+            out.append((event({"type": "tool-call-end", "index": 0}), 0, 0))
+    for kind, pieces in (("thinking", bill.thinking),
+                         ("text", [] if bill.tool else bill.content)):
+        if not pieces and (kind == "thinking" or bill.tool):
             continue
         out.append((event({"type": "content-start", "index": index, "delta": {"message": {
             "content": {"type": kind, kind: ""}}}}), 0, 0))
@@ -205,11 +262,25 @@ def _events(bill: CohereBill, done: bool) -> list[fp.Event]:
                 for piece in pieces]
         out.append((event({"type": "content-end", "index": index}), 0, 0))
         index += 1
+    if bill.cited:
+        out.append((event({"type": "citation-start", "index": 0, "delta": {"message": {
+            "citations": _citation(bill)}}}), 0, 0))
+        out.append((event({"type": "citation-end", "index": 0}), 0, 0))
     out.append((event({"type": "message-end", "delta": {
         "finish_reason": _finish_reason(bill), "usage": bill.usage_json()}}), 0, 0))
     if done:
         out.append((b"data: [DONE]\n\n", 0, 0))
     return out
+
+
+def _argument_pieces(arguments: str) -> list[tuple[str, int]]:
+    """The arguments in a few deltas, each with its tokens (they sum to the whole's)."""
+    third = max(1, len(arguments) // 3)
+    parts = [arguments[:third], arguments[third:2 * third], arguments[2 * third:]]
+    total = fp.count_tokens(arguments)
+    counts = [fp.count_tokens(p) if p else 0 for p in parts[:2]]
+    return [(p, c) for p, c in zip(parts, [*counts, max(0, total - sum(counts))],
+                                   strict=True) if p]
 
 
 async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.RequestRecord
