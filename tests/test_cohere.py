@@ -165,8 +165,10 @@ def key() -> str:
 
 
 def client(stack: Stack, key: str, **headers: str) -> cohere.ClientV2:
+    # client_name is sent as X-Client-Name: a label, not a credential.
     return cohere.ClientV2(api_key=key, base_url=stack.envoy.base_url + "/cohere",
-                           timeout=30, httpx_client=httpx.Client(headers=headers, timeout=30))
+                           client_name="tokenfuse-tests", timeout=30,
+                           httpx_client=httpx.Client(headers=headers, timeout=30))
 
 
 def spent(stack: Stack, key: str) -> dict:
@@ -226,6 +228,7 @@ def test_chat_settled_exactly(co_stack: Stack, fake: FakeProvider, key: str,
     finished(fake, key)
     (record,) = records(fake, key)
     assert record.usage.input_tokens == usage.billed_units.input_tokens
+    assert record.headers["x-client-name"] == "tokenfuse-tests"
     day = spent(co_stack, key)
     expected = int(usage.billed_units.input_tokens) * 2500 + 12 * 10_000
     assert day["spent_nano_usd"] == bill(fake, key) == expected
@@ -408,6 +411,17 @@ def test_a_zero_priced_model_is_refused_not_free(co_stack: Stack, fake: FakeProv
                                    max_tokens=5)
     assert "no price" in unpriced.value.body["message"]
     assert records(fake, key) == []
+
+
+def test_loop_guard_refuses_the_sixth_identical_request(co_stack: Stack,
+                                                       key: str) -> None:
+    """Refused 429 (TooManyRequestsError; the SDK would retry a chat twice by default)."""
+    co = client(co_stack, key, **{"x-fake-output-tokens": "3"})
+    for _ in range(5):
+        co.chat(model=CHAT_MODEL, messages=MESSAGES)
+    with pytest.raises(cohere.TooManyRequestsError) as looped:
+        co.chat(model=CHAT_MODEL, messages=MESSAGES, request_options={"max_retries": 0})
+    assert "loop" in looped.value.body["message"]
 
 
 FLOOD_REQUESTS = 200

@@ -173,6 +173,26 @@ def test_messages_settled_exactly(vx_stack: Stack, fake: FakeProvider, token: st
     assert day["reserved_nano_usd"] == 0
 
 
+@pytest.mark.parametrize("compress", ["", "gzip"])
+def test_global_endpoint_and_a_compressing_upstream(vx_stack: Stack, fake: FakeProvider,
+                                                    token: str, compress: str) -> None:
+    """`region="global"` (locations/global: Sonnet 4.5+ global endpoints), and an upstream
+    that gzips the stream whatever was accepted: metered and settled the same."""
+    headers = {"x-fake-output-tokens": "7"}
+    if compress:
+        headers["x-fake-compress-always"] = compress
+    c = anthropic.AnthropicVertex(region="global", project_id="proj-2", access_token=token,
+                                  max_retries=0, default_headers=headers,
+                                  base_url=vx_stack.envoy.base_url + "/vertex/v1")
+    with c.messages.stream(model=SONNET, max_tokens=100, messages=MESSAGES) as s:
+        assert "".join(s.text_stream)
+    finished(fake, token)
+    (record,) = records(fake, token)
+    assert "/locations/global/" in record.path and record.response_encoding == compress
+    assert record.cap == 100
+    assert spent(vx_stack, token)["spent_nano_usd"] == bill(fake, token) > 0
+
+
 def test_count_tokens_is_free(vx_stack: Stack, fake: FakeProvider, token: str) -> None:
     counted = client(vx_stack, token).messages.count_tokens(model=HAIKU, messages=MESSAGES)
     assert counted.input_tokens > 0
