@@ -75,6 +75,9 @@ def test_requests() -> None:
         assert refused.value.status == 404 and "fail-closed" in refused.value.message
     with pytest.raises(RequestRejected):
         COHERE.parse_request("/v2/chat", {**chat, "max_tokens": "50"})
+    document = {"type": "document", "document": {"data": {"text": "a long report"}}}
+    assert COHERE.media_bound(document, CHAT_MODEL) == [document["document"], None]
+    assert COHERE.media_bound({"type": "image_url", "image_url": {"url": "x"}}, "m") is None
 
 
 def test_usage_is_billed_units() -> None:

@@ -104,6 +104,13 @@ class Cohere(ProviderBase):
         # request without a body, e.g. GET /v1/models, the probe, is not priced.)
         raise unsupported(endpoint)
 
+    def media_bound(self, block: dict[str, Any], model: str) -> Any:
+        """A `document` content block (tool results, RAG) is its text; an image
+        (Command A Vision) is of a size the request does not bound."""
+        if block.get("type") == "document":
+            return [block.get("document"), block.get("id")]
+        return None
+
     def tokenizer(self, model: str) -> Tokenizer:
         # Command models' tokenizer (a 255k vocabulary) is not shipped; cl100k x 1.5
         # bounds it as it bounds the open-weight families.
