@@ -3,7 +3,8 @@ Python SDK (cohere 7.3.1, `ClientV2(base_url=<gateway>/cohere)`): chat streamed 
 and embed, settled exactly from `billed_units`; a stream cut at its budget ends with
 Cohere's own `message-end` ERROR (the SDK raises nothing mid-stream: the client reads
 `delta.error`); a flood held to its budget; refusals raised as the SDK's own errors;
-pooled keys failing over. Plus the provider's parsing rules, without the stack.
+pooled keys failing over. Plus the provider's parsing rules, without the stack (the
+whole provider on one shared stack, hence its length).
 
 Models used (priced by the regenerated data/prices.json, LiteLLM 1.110.2 `cohere_chat` /
 `cohere`): cohere/command-a-03-2025 ($2.50 / $10 per 1M), cohere/embed-v4.0 ($0.12)."""

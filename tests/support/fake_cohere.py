@@ -31,7 +31,8 @@ reference, "Streaming", "Errors"; recorded streams in public repositories):
   (FakeProvider._stream).
 
 Input is counted in cl100k (the fake's stand-in for Cohere's tokenizer, which tokenfuse
-bounds with cl100k x 1.5); output one token per generated piece.
+bounds with cl100k x 1.5); output one token per generated piece. (Chat, thinking, tools,
+citations, embeddings and their streams in one wire format, hence its length.)
 """
 
 from __future__ import annotations
