@@ -79,9 +79,22 @@ def test_paths() -> None:
 # ------------------------------------------------------------------ through Envoy
 
 
+#: An operator's pool of Vertex access tokens (static tokens: see docs, they expire hourly).
+POOL_TOKENS = [f"ya29.pool-{i}-{'v' * 24}" for i in range(2)]
+
+
 @pytest.fixture(scope="module")
-def vx_stack(fake: FakeProvider) -> Iterator[Stack]:
-    s = Stack(fake.base_url).start()
+def vx_stack(fake: FakeProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    pools = tmp_path_factory.mktemp("vertex") / "pools"
+    pools.mkdir()
+    (pools / "vertex-main.csv").write_text(
+        "key,label\n" + "".join(f"{k},vx-{i}\n" for i, k in enumerate(POOL_TOKENS)))
+    s = Stack(fake.base_url, {"TOKENFUSE_POOLS_DIR": str(pools),
+                              "TOKENFUSE_POOL_PROBE_INTERVAL_MS": "300",
+                              "TOKENFUSE_POOL_COOLDOWN_MS": "1000"}).start()
+    imported = s.cli("keys", "import", "--pool", "vertex-main", "--provider", "vertex",
+                     str(pools / "vertex-main.csv"))
+    assert imported.returncode == 0, imported.stderr
     yield s
     s.cleanup()
 
@@ -278,3 +291,32 @@ def test_a_flood_on_one_token_is_held_to_its_budget(vx_stack: Stack, fake: FakeP
     day = spent(vx_stack, token)
     assert day["spent_nano_usd"] == bill(fake, token) <= FLOOD_BUDGET
     assert day["spent_nano_usd"] >= FLOOD_BUDGET // 2 and day["reserved_nano_usd"] == 0
+
+
+def test_pooled_token_fails_over(vx_stack: Stack, fake: FakeProvider) -> None:
+    """One pooled token answers Google's 429 quota error: the call goes to the other."""
+    vkey = vx_stack.cli("vkey", "create", "--name", "vx-app", "--pool",
+                        "vertex-main").stdout.strip()
+    assert vkey.startswith("tfk-")
+    set_budget(vx_stack, vkey, 5 * 10**9)
+    failing, healthy = POOL_TOKENS
+    fake.key_failures[failing] = (429, 30)
+    since = len(fake.records)
+    try:
+        c = client(vx_stack, vkey, **{"x-fake-output-tokens": "4"})
+        texts = [c.messages.create(model=HAIKU, max_tokens=20, messages=[
+            {"role": "user", "content": f"pooled question {word}"}]).content[0].text
+            for word in ("one", "two", "three")]
+        with c.messages.stream(model=HAIKU, max_tokens=20, messages=[
+                {"role": "user", "content": "pooled stream"}]) as s:
+            texts.append("".join(s.text_stream))
+    finally:
+        del fake.key_failures[failing]
+    assert all(texts)  # the client saw no error
+    posts = [r for r in list(fake.records)[since:] if r.method == "POST"]
+    assert [r.status for r in posts if r.api_key == failing] == [429]  # then cooled down
+    assert sum(1 for r in posts if r.api_key == healthy and r.status == 200) == 4
+    assert not any(r.api_key == vkey for r in posts)  # the gateway key never went upstream
+    billed = sum(cost(r) for r in posts if r.usage is not None and r.completed)
+    day = spent(vx_stack, vkey)
+    assert day["spent_nano_usd"] == billed > 0 and day["reserved_nano_usd"] == 0

@@ -56,9 +56,6 @@ async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.Reque
     if encoding:
         record.body = fp.decompress_body(record.body, encoding)
     match = _PATH.match(request.path)
-    if match is None:
-        return google_error(404, f"The requested URL {request.path} was not found."), \
-            None, False
     key = record.api_key
     if not key or key in fake.revoked_keys:
         return google_error(401, "Request had invalid authentication credentials. Expected "
@@ -69,6 +66,13 @@ async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.Reque
         return google_error(failure[0], "Quota exceeded for aiplatform.googleapis.com/"
                                         "online_prediction_requests_per_base_model",
                             failure[1]), None, False
+    if request.method == "GET" and request.path.endswith("/publishers/anthropic/models"):
+        # Model Garden's publisher model list (the pool's probe).
+        return web.json_response({"publisherModels": [
+            {"name": "publishers/anthropic/models/claude-haiku-4-5"}]}), None, False
+    if match is None:
+        return google_error(404, f"The requested URL {request.path} was not found."), \
+            None, False
     data = fake._peek(record)
     if not isinstance(data, dict):
         return fp.error_response("anthropic", 400, "We could not parse the JSON body of "
