@@ -93,6 +93,9 @@ def test_usage_is_billed_units() -> None:
         TokenUsage(70, 3)  # no bill stated: the larger raw count
     assert COHERE.usage({"type": "content-delta", "delta": {"message": {}}}) is None
     assert COHERE.is_final_event("message-end", "{}") and COHERE.is_final_event("m", "[DONE]")
+    assert COHERE.is_final_event("message", json.dumps(end))  # no `event:` line
+    assert not COHERE.is_final_event("message", '{"type":"content-delta","delta":{"message":'
+                                                '{"content":{"text":"\\"message-end\\""}}}}')
     assert COHERE.stream_output("content-delta", {"type": "content-delta", "delta": {
         "message": {"content": {"thinking": "hmm"}}}}) == ["hmm"]
     assert COHERE.stream_output("tool-call-start", {"type": "tool-call-start", "delta": {

@@ -191,8 +191,17 @@ class Cohere(ProviderBase):
         return out
 
     def is_final_event(self, event: str, data: str) -> bool:
-        """`message-end` (a `[DONE]` may follow it)."""
-        return event == "message-end" or data == "[DONE]"
+        """`message-end` (a `[DONE]` may follow it). Cohere names the event on its
+        `event:` line; without one, the JSON `type` says it (what the SDK reads)."""
+        if event == "message-end" or data == "[DONE]":
+            return True
+        if event != "message" or '"message-end"' not in data:
+            return False
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return False
+        return isinstance(payload, dict) and payload.get("type") == "message-end"
 
     def error_document(self, kind: ErrorKind, code: str, message: str) -> dict[str, Any]:
         """`{"message": ...}` (docs.cohere.com/reference/errors); the SDK keeps the whole
