@@ -127,6 +127,30 @@ def test_errors_and_the_cut_in_the_sdks_shapes() -> None:
     assert parsed.delta.error == "stop now"
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_the_sdk_raises_nothing_on_a_failed_generation(fake: FakeProvider, reset: bool) -> None:
+    """Why the cut is a clean message-end ERROR (the SDK, straight at the fake): cohere
+    7.3.1 yields it as a normal event and raises nothing; only a connection reset after it
+    raises, an httpx transport error that does not carry the message."""
+    headers = {"x-fake-output-tokens": "20", "x-fake-cohere-error-after": "5"}
+    if reset:
+        headers["x-fake-truncate-after"] = "6"  # half of the event after message-end, reset
+    co = cohere.ClientV2(api_key="co-direct-" + uuid.uuid4().hex,
+                         base_url=fake.base_url + "/cohere",
+                         httpx_client=httpx.Client(headers=headers, timeout=30))
+    seen: list[Any] = []
+    try:
+        for event in co.chat_stream(model=CHAT_MODEL, messages=MESSAGES):
+            seen.append(event)
+    except httpx.RemoteProtocolError:
+        assert reset
+    else:
+        assert not reset
+    (end,) = [e for e in seen if e.type == "message-end"]
+    assert end.delta.finish_reason == "ERROR" and seen[-1] is end
+    assert end.delta.error == "internal generation error"
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "shared code: price_refresh._entry prices a chat model whose dataset prices are all 0.0 "
     "(LiteLLM 1.110.2 command-a-plus-05-2026: a gap, not a free model) as free; the "

@@ -18,7 +18,8 @@ reference, "Streaming", "Errors"; recorded streams in public repositories):
   content-start / content-delta / content-end per content item (thinking first for a
   reasoning model, then text), message-end with `delta.finish_reason` and `delta.usage`;
   `x-fake-cohere-done: 1` appends `data: [DONE]` (the SDK stops on it; whether the real
-  API sends it is not known);
+  API sends it is not known); `x-fake-cohere-error-after: N` ends the stream after N
+  events with Cohere's failed-generation `message-end` (finish_reason ERROR, `error`);
 - with `tools`, the model plans and calls the first tool (finish_reason TOOL_CALL): the
   plan streams as `tool-plan-delta`, the call as `tool-call-start` / `tool-call-delta`
   (argument JSON text) / `tool-call-end`, all billed as output; with `documents`, the
@@ -328,4 +329,14 @@ async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.Reque
     if not record.stream:
         return web.json_response(_whole(bill), dumps=fp._dumps), bill.usage(), False
     done = request.headers.get("x-fake-cohere-done") == "1"
-    return await fake._stream(request, record, iter(_events(bill, done)), bill.usage(), "\n")
+    events = _events(bill, done)
+    failed_after = fp._header_int(request, "x-fake-cohere-error-after")
+    if failed_after is not None:
+        # A generation failing after N events: Cohere's message-end ERROR (then, with
+        # x-fake-truncate-after, a connection reset).
+        error_end = {"type": "message-end", "delta": {"finish_reason": "ERROR",
+                                                      "error": "internal generation error"}}
+        events = [*events[:failed_after],
+                  (f"event: message-end\ndata: {fp._dumps(error_end)}\n\n".encode(), 0, 0),
+                  (b": padding\n\n", 0, 0)]
+    return await fake._stream(request, record, iter(events), bill.usage(), "\n")
