@@ -151,10 +151,6 @@ def test_the_sdk_raises_nothing_on_a_failed_generation(fake: FakeProvider, reset
     assert end.delta.error == "internal generation error"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shared code: price_refresh._entry prices a chat model whose dataset prices are all 0.0 "
-    "(LiteLLM 1.110.2 command-a-plus-05-2026: a gap, not a free model) as free; the "
-    "table should list it as unpriced so the request is refused"))
 def test_a_zero_priced_chat_model_is_unpriced_not_free() -> None:
     source = Source("d", "u", "v", "2026-12-01")
     dataset = {"command-a-plus-05-2026": {
@@ -359,12 +355,6 @@ def test_embed_settled_exactly(co_stack: Stack, fake: FakeProvider, key: str) ->
     assert day["reserved_nano_usd"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "price table: LiteLLM's max_input_tokens of Cohere embeddings is per text (512 for the "
-    "v3 models, 128,000 for v4/v5) but a call takes up to 96 texts (SDK: 'Maximum number of "
-    "texts per call is 96'); the input bound is capped at the table's context_window, so a "
-    "many-text call is reserved at 512 tokens and billed more. Needs adjustments like "
-    "OpenAI's embeddings (context_window 96 x per-text maximum)"))
 def test_a_many_text_embedding_is_held_to_its_budget(co_stack: Stack, fake: FakeProvider,
                                                      key: str) -> None:
     budget = 100_000  # nano-USD: 1,000 tokens of embed-english-v3.0 ($0.10 per 1M)
@@ -453,9 +443,6 @@ def test_refusals_are_the_sdks_own_errors(co_stack: Stack, fake: FakeProvider,
     assert records(fake, key) == []  # nothing reached the provider
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shared code: price_refresh prices command-a-plus-05-2026 (0.0 / 0.0 in LiteLLM "
-    "1.110.2) as a free model, so tokenfuse forwards it and charges nothing"))
 def test_a_zero_priced_model_is_refused_not_free(co_stack: Stack, fake: FakeProvider,
                                                  key: str) -> None:
     with pytest.raises(cohere.BadRequestError) as unpriced:

@@ -41,6 +41,7 @@ from tokenfuse.providers.base import (
     as_list,
     count_of,
     endpoint_of,
+    input_count,
     int_field,
     model_of,
     unsupported,
@@ -98,7 +99,8 @@ class Cohere(ProviderBase):
                                       "(fail-closed)")
             return Call(endpoint="embed", model=model, stream=False, max_output_tokens=0,
                         prompt_parts=[{k: v for k, v in body.items()
-                                       if k in ("texts", "inputs")}])
+                                       if k in ("texts", "inputs")}],
+                        inputs=input_count(body.get("texts") or body.get("inputs")))
         # v1 (chat, generate, embed), rerank and classify (billed per search unit or
         # per classification), datasets, fine-tuning, connectors...: not metered. (A
         # request without a body, e.g. GET /v1/models, the probe, is not priced.)
