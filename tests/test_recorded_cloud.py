@@ -62,6 +62,8 @@ BILLS: dict[str, Bill] = {
     # (candidates + thoughts, "Output price (including thinking tokens)").
     "gemini_generate_gzip_thoughts": Bill(input=5, output=711 + 1096),
     "gemini_generate_gzip": Bill(input=14, output=52),
+    "gemini_generate_code_execution": Bill(input=32 + 619, output=575 + 199),
+    "gemini_generate_pro_thoughts_tools": Bill(input=194, output=33 + 216),
     "gemini_stream": Bill(input=14, output=51),  # not 15: the last chunk's prompt count
     "vertex_gemini_generate_gzip": Bill(input=14, output=52),
     "vertex_gemini_stream": Bill(input=14, output=52),
@@ -312,7 +314,9 @@ def call(rec: Recording, base: str, key: str, tls: ServerCertificate | None = No
             else genai.Client(vertexai=True, project="proj-1", location="us-central1",
                               credentials=google.oauth2.credentials.Credentials(token=key),
                               http_options=options)
-        config = gtypes.GenerateContentConfig.model_validate(body.get("generationConfig", {}))
+        config = gtypes.GenerateContentConfig.model_validate(
+            {**body.get("generationConfig", {}),
+             **{k: body[k] for k in ("tools", "toolConfig", "systemInstruction") if k in body}})
         if rec.is_stream:
             usage = list(client.models.generate_content_stream(
                 model=model, contents=body["contents"], config=config))[-1].usage_metadata

@@ -39,7 +39,8 @@ EVENTSTREAM = "application/vnd.amazon.eventstream"
 #: One SSE event and the blank line that ends it, as recorded (LF or CRLF).
 SSE_EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n)|.+", re.S)
 #: Recorded response headers the replay leaves out (hop-by-hop; aiohttp sets its own).
-NOT_REPLAYED = {"content-length", "transfer-encoding", "connection", "date"}
+NOT_REPLAYED = {"content-length", "transfer-encoding", "connection", "date",
+                "content-encoding-recorded"}
 
 
 @dataclass(frozen=True)
