@@ -345,7 +345,7 @@ def call(rec: Recording, base: str, key: str, tls: ServerCertificate | None = No
         body.pop("anthropic_version")
         ab = anthropic.AnthropicBedrock(
             base_url=f"{base}/bedrock", aws_region="us-east-1", api_key=key, max_retries=0,
-            **({"http_client": anthropic.DefaultHttpxClient(verify=str(tls.cert))} if tls
+            **({"http_client": anthropic.DefaultHttpxClient(verify=str(tls.ca))} if tls
                else {}))
         message = ab.messages.create(model=model, **body, extra_headers=replay)
         return anthropic_usage_bill(message.usage.model_dump())
@@ -363,7 +363,7 @@ def call_boto3(rec: Recording, base: str, key: str, model: str,
             "bedrock-runtime", endpoint_url=f"{base}/bedrock", region_name="us-east-1",
             aws_access_key_id=None if tls else "AKIDEXAMPLE",
             aws_secret_access_key=None if tls else "SECRETEXAMPLE",
-            verify=str(tls.cert) if tls else None,
+            verify=str(tls.ca) if tls else None,
             config=botocore.config.Config(retries={"max_attempts": 1})), rec.name)
         if uri.endswith("/converse"):
             return converse_bill(client.converse(modelId=model, **body)["usage"])
@@ -476,13 +476,13 @@ def test_application_profile_arn_is_not_billed_blind(stacks: dict[str, Stack],
     rec = load("bedrock_converse_app_profile")
     arn = ("arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/"
            "1arbu5hu2sjr")
-    client = with_header(boto3.client(
-        "bedrock-runtime", endpoint_url=stacks["tls"].envoy.base_url + "/bedrock",
-        region_name="us-east-1", verify=str(pki.cert),
-        config=botocore.config.Config(retries={"max_attempts": 1})), rec.name)
     before = len(upstream.for_fixture(rec.name))
-    with mock.patch.dict(os.environ, {"AWS_BEARER_TOKEN_BEDROCK": api_key}), \
-            pytest.raises(botocore.exceptions.ClientError):
-        client.converse(modelId=arn, **rec.meta["request"]["body"])
+    with mock.patch.dict(os.environ, {"AWS_BEARER_TOKEN_BEDROCK": api_key}):
+        client = with_header(boto3.client(
+            "bedrock-runtime", endpoint_url=stacks["tls"].envoy.base_url + "/bedrock",
+            region_name="us-east-1", verify=str(pki.ca),
+            config=botocore.config.Config(retries={"max_attempts": 1})), rec.name)
+        with pytest.raises(botocore.exceptions.ClientError):
+            client.converse(modelId=arn, **rec.meta["request"]["body"])
     assert len(upstream.for_fixture(rec.name)) == before
     assert day(stacks["tls"], api_key)["spent_nano_usd"] == 0
