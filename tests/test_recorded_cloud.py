@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
+from urllib.parse import quote
 
 import anthropic
 import boto3
@@ -37,6 +38,7 @@ import botocore.eventstream
 import botocore.exceptions
 import cohere
 import google.oauth2.credentials
+import httpx
 import pytest
 from google import genai
 from google.genai import types as gtypes
@@ -495,3 +497,53 @@ def test_application_profile_arn_is_not_billed_blind(stacks: dict[str, Stack],
             client.converse(modelId=arn, **rec.meta["request"]["body"])
     assert len(upstream.for_fixture(rec.name)) == before
     assert day(stacks["tls"], api_key)["spent_nano_usd"] == 0
+
+
+# ------------------------------------------------------------- the estimate, before the call
+def gateway_path(rec: Recording) -> str:
+    """The recorded request's path on the gateway (the model as the test sends it)."""
+    provider, uri, model = rec.meta["provider"], rec.meta["request"]["uri"], model_of(rec)
+    if provider == "bedrock":
+        return "/bedrock/model/" + quote(model, safe="") + "/" + uri.rsplit("/", 1)[1]
+    if provider == "cohere":
+        return "/cohere" + uri.split("api.cohere.com", 1)[1]
+    verb = uri.rsplit(":", 1)[1]
+    if provider == "gemini":
+        return f"/gemini/v1beta/models/{model}:{verb}"
+    return (f"/vertex/v1beta1/projects/proj-1/locations/us-central1/publishers/google/models/"
+            f"{model}:{verb}")
+
+
+def estimate_of(stacks: dict[str, Stack], pki: ServerCertificate, key: str,
+                rec: Recording) -> int:
+    """tokenfuse's pre-call estimate of the recorded request, read from the 402 it answers
+    under a 1-nano-dollar budget (each provider's error shape carries tokenfuse's details)."""
+    stack = stacks["tls" if uses_boto3(rec) else "plain"]
+    assert stack.cli("budget", "set", "--key", key, "--daily", "0.000000001").returncode == 0
+    body = dict(rec.meta["request"]["body"])
+    if rec.meta["provider"] == "cohere":
+        body["model"] = model_of(rec)
+    auth = {"gemini": {"x-goog-api-key": key}}.get(rec.meta["provider"],
+                                                     {"authorization": f"Bearer {key}"})
+    answer = httpx.post(stack.envoy.base_url + gateway_path(rec), json=body, timeout=30,
+                        headers={**auth, "x-replay": rec.name},
+                        verify=str(pki.ca) if uses_boto3(rec) else True)
+    assert answer.status_code == 402, answer.text
+    found = re.search(r'"request_estimate_nano_usd": ?([0-9]+)', answer.text)
+    assert found, answer.text
+    return int(found.group(1))
+
+
+#: Whole calls (a stream reserves only its first output allowance, then tops up).
+WHOLE = [n for n in BILLED if not load(n).is_stream and n != "bedrock_converse_app_profile"]
+
+
+@pytest.mark.parametrize("name", WHOLE)
+def test_estimate_bounds_the_recorded_bill(stacks: dict[str, Stack], pki: ServerCertificate,
+                                           api_key: str, name: str) -> None:
+    """The estimate of a whole call (its input bound plus its output limit, the model's
+    maximum when the request sets none) is an upper bound of what it was billed."""
+    rec = load(name)
+    estimate, bill = estimate_of(stacks, pki, api_key, rec), BILLS[name].nano(price_of(rec))
+    print(f"\n{name}: estimated {estimate}, billed {bill} nano-USD", end=" ")
+    assert estimate >= bill
