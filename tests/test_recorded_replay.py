@@ -243,7 +243,7 @@ def test_recorded_response_is_billed_exactly(replay_stack: Stack, upstream: Repl
     seen = upstream.for_fixture(name)[-1]
     assert seen.headers.get("Accept-Encoding") == "identity"
     assert seen.json()["model"] == model_for(rec)
-    assert seen.completed
+    wait_until(lambda: seen.completed, what="the replay's end")  # it trails the client's last byte
     # Recorded spend is the provider's bill, to the nano-dollar; nothing stays reserved.
     price = PRICES.lookup(model_for(rec))
     assert price is not None
