@@ -10,11 +10,12 @@ SDK, pointed straight at the replay server, reads the same usage (so the fixture
 replay are right before tokenfuse is involved).
 
 The others go through Envoy with the vendor's SDK and assert spend == the recording's bill
-at list prices to the nano-dollar. They assume the providers of issue 14: routes
-`/gemini/…`, `/vertex/…`, `/bedrock/…` (boto3 over the TLS listener with a bearer API key),
-`/cohere/…`; price ids `gemini/<model>`, `vertex/<model>`, `bedrock/<model id>`,
-`cohere/<model>` (from the regenerated prices.json); the caller's key is the Gemini API key,
-the Vertex bearer token, the Bedrock API key, the Cohere key.
+at list prices to the nano-dollar, and that the estimate of a whole call bounds its bill.
+They assume the providers of issue 14: routes `/gemini/…`, `/vertex/…`, `/bedrock/…` (boto3
+over the TLS listener with a bearer API key), `/cohere/…`; price ids `gemini/<model>`,
+`vertex/<model>`, `bedrock/<model id>`, `cohere/<model>` (from the regenerated prices.json);
+the caller's key is the Gemini API key, the Vertex bearer token, the Bedrock API key, the
+Cohere key.
 """
 
 from __future__ import annotations
