@@ -186,14 +186,14 @@ def test_model_ids_in_paths() -> None:
     with pytest.raises(RequestRejected) as other:
         INVOKE.parse_request(f"/model/{NOVA}/invoke", {"messages": []})
     assert other.value.status == 404 and "Converse" in other.value.message
-    for unmetered in ({"guardrailConfig": {"guardrailIdentifier": "g"}},
-                      {"serviceTier": {"type": "priority"}},
+    for unmetered in ({"serviceTier": {"type": "priority"}},
                       {"performanceConfig": {"latency": "optimized"}}):
         with pytest.raises(RequestRejected) as premium:
             BEDROCK.parse_request(f"/model/{CLAUDE}/converse", {**body, **unmetered})
         assert premium.value.code == "unmetered_option"
-    assert BEDROCK.parse_request(f"/model/{CLAUDE}/converse",
-                                 {**body, "serviceTier": {"type": "flex"}}).priced
+    assert BEDROCK.parse_request(f"/model/{CLAUDE}/converse", {
+        **body, "serviceTier": {"type": "flex"},
+        "guardrailConfig": {"guardrailIdentifier": "g", "guardrailVersion": "1"}}).priced
     refused = BEDROCK.header_refusal({"x-amzn-bedrock-service-tier": "Priority"})
     assert refused is not None and refused.code == "unmetered_option"
     assert BEDROCK.header_refusal({"x-amzn-bedrock-service-tier": "default"}) is None

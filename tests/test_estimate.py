@@ -137,3 +137,20 @@ def test_fingerprint_tiers() -> None:
     upper = [{"role": "user", "content": "RETRY 3 OF 5  AT 2026-11-21T10:00:00Z"}]
     assert fingerprint("k" * 32, "m", upper) == fingerprint("k" * 32, "m", a)
     assert fingerprint("k" * 32, "m", a) != fingerprint("j" * 32, "m", a)
+
+
+def test_the_window_bounds_each_input_of_an_embedding_list_on_its_own() -> None:
+    """A dataset's embedding window is per input (Cohere v3: 512 per text, 96 texts per
+    call): a list's bound is capped at the window times its inputs, never at one window."""
+    price = ModelPrice(model="e", input=100_000, output=0, cache_read=0, cache_write=0,
+                       max_output_tokens=0, context_window=512)
+    provider = PROVIDERS["openai"]
+    text = "word " * 600  # ~600 tokens: above one window
+    one = provider.parse_request("/v1/embeddings", {"model": "e", "input": text})
+    many = provider.parse_request("/v1/embeddings", {"model": "e", "input": [text] * 20})
+    tokens = provider.parse_request("/v1/embeddings", {"model": "e", "input": [1, 2, 3]})
+    assert (one.inputs, many.inputs, tokens.inputs) == (1, 20, 1)
+    assert reservation.input_tokens(one, price, 0, provider) == 512
+    assert reservation.input_tokens(many, price, 0, provider) == 20 * 512
+    short = provider.parse_request("/v1/embeddings", {"model": "e", "input": ["hi"] * 20})
+    assert reservation.input_tokens(short, price, 0, provider) < 512  # counted, not capped

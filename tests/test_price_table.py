@@ -96,7 +96,10 @@ def test_convert_keeps_routed_providers_and_priced_modes_only() -> None:
         "openrouter": "openrouter", "together_ai": "together", "fireworks_ai": "fireworks",
         "fireworks_ai-embedding-models": "fireworks", "cerebras": "cerebras",
         "perplexity": "perplexity", "ollama": "ollama", "ollama_chat": "ollama",
-        "bedrock": "bedrock", "bedrock_converse": "bedrock"}
+        "bedrock": "bedrock", "bedrock_converse": "bedrock",
+        "cohere_chat": "cohere", "cohere": "cohere",
+        # TEMP (VertexClaude as the vertex route): the Gemini route's at merge.
+        "vertex_ai-anthropic_models": "vertex", "vertex_ai": "vertex"}
     wider = convert(_dataset(DATASET), SOURCE,
                     providers={"openai": "openai", "anthropic": "anthropic", "gemini": "openai"})
     assert "gemini-q" in wider["models"]

@@ -27,7 +27,8 @@ import zstandard
 
 from tests.conftest import anthropic_client, openai_client
 from tests.support.harness import Stack, wait_until
-from tests.support.replay_upstream import Recording, ReplayUpstream, load, names
+from tests.support.replay_upstream import Recording, ReplayUpstream, load
+from tests.support.replay_upstream import names as all_names
 from tokenfuse.pricing import ModelPrice, PriceTable, TokenUsage, cost_nano
 
 PRICES = PriceTable.load()
@@ -38,6 +39,11 @@ WEB_SEARCH_NANO = 10_000_000
 #: Used when a recording's model has no price in the table (a retired model): same list
 #: prices as the recorded one where possible.
 FALLBACK_MODEL = {"claude-sonnet-4-20250514": "claude-sonnet-4-5"}
+
+
+def names() -> list[str]:
+    """This module's recordings (the cloud providers' are tests/test_recorded_cloud.py's)."""
+    return [n for n in all_names() if load(n).meta["provider"] in ("anthropic", "openai")]
 
 
 @dataclass(frozen=True)
@@ -237,7 +243,7 @@ def test_recorded_response_is_billed_exactly(replay_stack: Stack, upstream: Repl
     seen = upstream.for_fixture(name)[-1]
     assert seen.headers.get("Accept-Encoding") == "identity"
     assert seen.json()["model"] == model_for(rec)
-    assert seen.completed
+    wait_until(lambda: seen.completed, what="the replay's end")  # it trails the client's last byte
     # Recorded spend is the provider's bill, to the nano-dollar; nothing stays reserved.
     price = PRICES.lookup(model_for(rec))
     assert price is not None

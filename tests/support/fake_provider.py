@@ -1517,12 +1517,17 @@ class FakeProvider(BackgroundServer):
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers.setdefault(name.lower(), value)  # the first of duplicated headers
-        own = path.startswith(("/ollama/api/", "/bedrock/"))
+        vertex_claude = path.startswith("/vertex/") and "/publishers/anthropic/" in path
+        own = path.startswith(("/ollama/api/", "/cohere/", "/bedrock/")) or vertex_claude
         vendor = None if own else fake_vendors.vendor_of(path)
         if path.startswith("/ollama/api/"):  # Ollama's native API: tests/support/fake_ollama.py
             provider = "ollama"
+        elif path.startswith("/cohere/"):  # Cohere v2: tests/support/fake_cohere.py
+            provider = "cohere"
         elif path.startswith("/bedrock/"):  # AWS Bedrock: tests/support/fake_bedrock.py
             provider = "bedrock"
+        elif vertex_claude:  # Claude on Vertex: tests/support/fake_vertex_claude.py
+            provider = "anthropic"
         elif vendor is not None:  # /<vendor>/<the vendor's own path>: fake_vendors.py
             provider, path = "openai", vendor[1]
         elif path.startswith("/v1/messages"):
@@ -1580,6 +1585,12 @@ class FakeProvider(BackgroundServer):
         if record.provider == "bedrock":
             from tests.support import fake_bedrock
             return await fake_bedrock.dispatch(self, request, record)
+        if record.provider == "cohere":
+            from tests.support import fake_cohere
+            return await fake_cohere.dispatch(self, request, record)
+        if record.path.startswith("/vertex/") and "/publishers/anthropic/" in record.path:
+            from tests.support import fake_vertex_claude
+            return await fake_vertex_claude.dispatch(self, request, record)
         record.body = await request.read()
         record.request_encoding = request.headers.get("content-encoding", "")
         if record.request_encoding:

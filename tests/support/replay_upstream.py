@@ -7,18 +7,23 @@ body it carries is accepted and kept for the test to inspect.
 
 The response carries the recorded status, ``content-type`` and ``content-encoding`` (a
 recorded gzip answer is replayed gzip although tokenfuse asks for identity: real providers
-compressed these, so they may). It is written in the provider's own pieces: a recorded gzip
-stream is cut at its ``Z_SYNC_FLUSH`` markers (Anthropic flushes every event), an identity
-stream per event. ``x-replay-gzip: 1`` gzips an identity recording, flushed per event, for
-an upstream that compresses what it was not asked to; ``x-replay-delay-ms`` waits between
-pieces so that a client going away is seen before the end. Like the fake provider, it
-never imports ``tokenfuse``.
+compressed these, so they may), and the other recorded headers (Bedrock's
+``x-amzn-errortype`` and token-count headers, Cohere's ``num_tokens``). It is written in the
+provider's own pieces: a recorded gzip stream is cut at its ``Z_SYNC_FLUSH`` markers
+(Anthropic flushes every event), an identity stream per event (after its blank line, ``\n\n``
+or Google's ``\r\n\r\n``, kept as recorded), a binary AWS eventstream per frame (each
+frame's length is its first four bytes). ``x-replay-gzip: 1`` gzips an identity recording,
+flushed per event, for an upstream that compresses what it was not asked to;
+``x-replay-delay-ms`` waits between pieces so that a client going away is seen before the
+end. Like the fake provider, it never imports ``tokenfuse``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,12 @@ from tests.support.background_server import BackgroundServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "recorded"
 SYNC_FLUSH = b"\x00\x00\xff\xff"
+EVENTSTREAM = "application/vnd.amazon.eventstream"
+#: One SSE event and the blank line that ends it, as recorded (LF or CRLF).
+SSE_EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n)|.+", re.S)
+#: Recorded response headers the replay leaves out (hop-by-hop; aiohttp sets its own).
+NOT_REPLAYED = {"content-length", "transfer-encoding", "connection", "date",
+                "content-encoding-recorded"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,12 @@ class Recording:
 
     @property
     def is_stream(self) -> bool:
-        return self.content_type.startswith("text/event-stream")
+        return self.content_type.startswith("text/event-stream") or self.is_eventstream
+
+    @property
+    def is_eventstream(self) -> bool:
+        """A binary AWS eventstream (Bedrock's ConverseStream, InvokeModelWithResponseStream)."""
+        return self.content_type.startswith(EVENTSTREAM)
 
     @property
     def decoded(self) -> bytes:
@@ -65,14 +81,28 @@ class Recording:
         if self.coding == "gzip":
             parts = self.body.split(SYNC_FLUSH)
             return [p + SYNC_FLUSH for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
-        events = [e + b"\n\n" for e in self.body.split(b"\n\n") if e] if self.is_stream \
-            else [self.body]
+        if self.is_eventstream:
+            events = frames(self.body)
+        elif self.is_stream:
+            events = SSE_EVENT.findall(self.body)
+        else:
+            events = [self.body]
         if not gzip_it:
             return events
         gz = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         out = [gz.compress(e) + gz.flush(zlib.Z_SYNC_FLUSH) for e in events]
         out[-1] += gz.flush(zlib.Z_FINISH)
         return out
+
+
+def frames(raw: bytes) -> list[bytes]:
+    """An eventstream cut into its frames (prelude: total length, headers length, CRC)."""
+    out, at = [], 0
+    while at < len(raw):
+        (total,) = struct.unpack_from("!I", raw, at)
+        out.append(raw[at:at + total])
+        at += total
+    return out
 
 
 def load(name: str) -> Recording:
@@ -130,6 +160,9 @@ class ReplayUpstream(BackgroundServer):
         self.requests.append(seen)
         delay = int(request.headers.get("x-replay-delay-ms", "0")) / 1000
         response = web.StreamResponse(status=int(recording.meta["response"]["status"]))
+        for header, value in recording.meta["response"]["headers"].items():
+            if header not in NOT_REPLAYED and header != "content-encoding":
+                response.headers[header] = value
         response.headers["content-type"] = recording.content_type
         if recording.coding or gzip_it:
             response.headers["content-encoding"] = recording.coding or "gzip"

@@ -65,8 +65,10 @@ def input_tokens(call: Call, price: ModelPrice, margin_percent: int,
         # Each server-tool use samples again over a context of at most one window.
         return window * (call.server_tool_uses + 1)
     if bound.unbounded or call.server_context:
-        return window
-    return min(bound.tokens, window)  # a longer request is refused, not billed
+        return window * call.inputs
+    # A longer request is refused, not billed; the window holds each input of a list
+    # (embeddings) on its own.
+    return min(bound.tokens, window * call.inputs)
 
 
 def bound_price(call: Call, price: ModelPrice, margin_percent: int,

@@ -15,9 +15,11 @@ from tokenfuse.providers.anthropic import Anthropic
 from tokenfuse.providers.azure import Azure
 from tokenfuse.providers.base import Call, Provider, RequestRejected
 from tokenfuse.providers.bedrock import bedrock
+from tokenfuse.providers.cohere import Cohere
 from tokenfuse.providers.compatible import VENDORS, declared
 from tokenfuse.providers.ollama import ollama
 from tokenfuse.providers.openai import ENCODINGS_PACKAGE, OpenAI
+from tokenfuse.providers.vertex_claude import VertexClaude
 
 _AZURE = Azure()
 #: The providers tokenfuse ships, by route name.
@@ -28,6 +30,8 @@ BUILTIN: dict[str, Provider] = {
     "ollama": ollama(),
     # AWS Bedrock: Converse (any model) and InvokeModel (Anthropic models), eventstreams.
     "bedrock": bedrock(),
+    "cohere": Cohere(),
+    "vertex": VertexClaude(),  # TEMP: the Gemini route's `claude` once it lands
 }
 #: Every provider a route may name: the built-in ones, then those the operator declares
 #: (`declare`, from TOKENFUSE_OPENAI_COMPATIBLE when the settings are read).

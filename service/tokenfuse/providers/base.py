@@ -77,6 +77,7 @@ class Call:
     framing_tokens: int = 0  # input the provider adds around what the request shows
     long_cache_writes: bool = False  # may write cache at the 1-hour rate (asked for it)
     request_fee_nano: int = 0  # a fee per request the provider bills beside tokens (bound)
+    inputs: int = 1  # independent inputs, each within the context window (embedding lists)
 
 
 @dataclass(frozen=True)
@@ -397,6 +398,14 @@ def int_field(body: dict[str, Any], *names: str) -> int | None:
 def count_of(value: Any) -> int:
     """A token count a provider reported: a positive integer, else 0 (absent, null, junk)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def input_count(value: Any) -> int:
+    """How many independent inputs an embedding request's input field holds (a list of
+    texts or of token arrays; one string or one token array is one)."""
+    if isinstance(value, list) and value and not all(isinstance(v, int) for v in value):
+        return len(value)
+    return 1
 
 
 def model_of(body: dict[str, Any]) -> str:

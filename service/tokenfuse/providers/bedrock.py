@@ -116,17 +116,16 @@ SIGNING_NAME = "bedrock"
 _SIGV4_CREDENTIAL = re.compile(r"^AWS4-HMAC-SHA256\s+Credential=([A-Za-z0-9]+)/", re.I)
 #: Headers of the client's that a signature tokenfuse makes replaces.
 _SIGNATURE_HEADERS = ("x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
-#: What bills beyond the standard per-token price (AWS Bedrock pricing: Guardrails per
-#: text unit; the priority tier and latency-optimized inference at a premium; reserved
-#: capacity its own way): refused, fail-closed. Converse body fields (with the values
-#: refused, None: any) and InvokeModel headers (service-2.json) to the option's name.
+#: What bills at a premium over the standard per-token price (AWS Bedrock pricing: the
+#: priority tier, latency-optimized inference; reserved capacity its own way): refused,
+#: fail-closed. Converse body fields (with the values refused, None: any) and InvokeModel
+#: headers (service-2.json) to the option's name. (Guardrails, billed per text unit beside
+#: the tokens, pass: a documented gap, recorded in tests/fixtures/recorded.)
 UNMETERED_FIELDS: dict[str, dict[str, tuple[str, ...]] | None] = {
-    "guardrailConfig": None,
     "serviceTier": {"type": ("priority", "reserved")},
     "performanceConfig": {"latency": ("optimized",)},
 }
 UNMETERED_HEADERS: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "x-amzn-bedrock-guardrailidentifier": ("guardrailConfig", None),
     "x-amzn-bedrock-service-tier": ("serviceTier", ("priority", "reserved")),
     "x-amzn-bedrock-performanceconfig-latency": ("performanceConfig", ("optimized",)),
 }
@@ -503,9 +502,9 @@ def model_segment_ok(path: str) -> bool:
 def unmetered(option: str) -> RequestRejected:
     return RequestRejected(
         400, "unmetered_option",
-        f"'{option}' bills beyond the standard per-token price (guardrail text units, the "
-        "priority or reserved tier, latency-optimized inference), which tokenfuse does not "
-        "meter; refused (fail-closed)")
+        f"'{option}' bills beyond the standard per-token price (the priority or reserved "
+        "tier, latency-optimized inference), which tokenfuse does not meter; refused "
+        "(fail-closed)")
 
 
 def parse_aws_secret(secret: str) -> tuple[str, str, str, str]:

@@ -40,6 +40,7 @@ from tokenfuse.providers.base import (
     as_list,
     count_of,
     endpoint_of,
+    input_count,
     model_of,
     unsupported,
 )
@@ -109,7 +110,7 @@ class OllamaNative(Ollama):
         model = model_of(body)
         if kind in ("embed", "embeddings"):
             return Call(endpoint=kind, model=model, stream=False, max_output_tokens=0,
-                        prompt_parts=[_rest(body)])
+                        prompt_parts=[_rest(body)], inputs=input_count(body.get("input")))
         options = body.get("options")
         if options is not None and not isinstance(options, dict):
             raise RequestRejected(400, "invalid_request", "'options' must be an object")

@@ -18,6 +18,7 @@ from tokenfuse.providers.base import (
     Tokenizer,
     as_list,
     endpoint_of,
+    input_count,
     int_field,
     model_of,
     unsupported,
@@ -65,7 +66,7 @@ class OpenAI(ProviderBase):
             ))
         if endpoint.endswith("/embeddings"):
             return Call(endpoint="embeddings", model=model, stream=False, max_output_tokens=0,
-                        prompt_parts=[_rest(body)])
+                        prompt_parts=[_rest(body)], inputs=input_count(body.get("input")))
         if endpoint.endswith("/responses"):
             fee = max((_tool_call_fee(str(t.get("type", "")), model)
                        for t in as_list(body.get("tools")) if isinstance(t, dict)
