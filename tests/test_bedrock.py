@@ -444,6 +444,30 @@ def test_stream_cut_raises_in_boto3(bedrock_stack: Stack, pki: ServerCertificate
     assert day["reserved_nano_usd"] == 0
 
 
+def test_invoke_stream_cut_raises_in_boto3(bedrock_stack: Stack, pki: ServerCertificate,
+                                           fake: FakeProvider, key: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same exception frame ends InvokeModelWithResponseStream (a member of its
+    ResponseStream union too): EventStreamError with tokenfuse's message."""
+    budget = 300 * 5500
+    assert bedrock_stack.cli("budget", "set", "--key", key, "--daily",
+                             f"0.{budget:09d}").returncode == 0
+    client = runtime(bedrock_stack, pki, key, monkeypatch, **{"x-fake-chunk-delay-ms": "2"})
+    body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5000,
+                       "messages": [{"role": "user", "content": "long story"}]})
+    chunks = 0
+    with pytest.raises(botocore.exceptions.EventStreamError) as raised:
+        for _ in client.invoke_model_with_response_stream(modelId=CLAUDE, body=body)["body"]:
+            chunks += 1
+    assert raised.value.response["Error"]["Code"] == "throttlingException"
+    assert "budget exhausted" in str(raised.value) and chunks > 20
+    wait_until(lambda: any(r.finished for r in records(fake, key)),
+               what="the provider to see the disconnect")
+    assert not records(fake, key)[0].completed
+    day = spent(bedrock_stack, key)
+    assert bill(fake, key, completed_only=False) <= day["spent_nano_usd"] <= budget
+
+
 def test_stream_cut_raises_in_anthropic_bedrock(bedrock_stack: Stack, pki: ServerCertificate,
                                                 fake: FakeProvider, key: str) -> None:
     budget = 300 * 5500
