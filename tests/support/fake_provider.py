@@ -1242,6 +1242,7 @@ class RequestRecord:
     request_encoding: str = ""  # the content-encoding the body arrived with
     response_encoding: str = ""  # the content-encoding the fake answered with
     vendor: str = ""  # the `/<vendor>` prefix the request came under (fake_vendors.DIALECTS)
+    query: str = ""  # the query string as received (fake_google records it)
 
     @property
     def cap(self) -> int | None:
@@ -1514,8 +1515,13 @@ class FakeProvider(BackgroundServer):
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers.setdefault(name.lower(), value)  # the first of duplicated headers
-        vendor = None if path.startswith("/ollama/api/") else fake_vendors.vendor_of(path)
-        if path.startswith("/ollama/api/"):  # Ollama's native API: tests/support/fake_ollama.py
+        from tests.support import fake_google  # Gemini and Vertex AI's own wire format
+        google = fake_google.route_of(path)
+        vendor = None if path.startswith("/ollama/api/") or google \
+            else fake_vendors.vendor_of(path)
+        if google:
+            provider = google
+        elif path.startswith("/ollama/api/"):  # Ollama's native API: tests/support/fake_ollama.py
             provider = "ollama"
         elif vendor is not None:  # /<vendor>/<the vendor's own path>: fake_vendors.py
             provider, path = "openai", vendor[1]
@@ -1529,6 +1535,8 @@ class FakeProvider(BackgroundServer):
         record = RequestRecord(path, request.method, headers, b"", 0, provider,
                                generation=generation, api_key=billed_key(provider, headers),
                                raw_headers=[(k.lower(), v) for k, v in request.headers.items()])
+        if google:
+            record.api_key = fake_google.billed_key(request)
         if vendor is not None:
             record.vendor = vendor[0]
             record.api_key = fake_vendors.billed_key(fake_vendors.DIALECTS[vendor[0]], headers)
@@ -1571,6 +1579,9 @@ class FakeProvider(BackgroundServer):
         if record.provider == "ollama":
             from tests.support import fake_ollama
             return await fake_ollama.dispatch(self, request, record)
+        if record.provider in ("gemini", "vertex"):
+            from tests.support import fake_google
+            return await fake_google.dispatch(self, request, record)
         record.body = await request.read()
         record.request_encoding = request.headers.get("content-encoding", "")
         if record.request_encoding:
