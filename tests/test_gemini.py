@@ -13,6 +13,8 @@ gemini/gemini-2.5-flash-lite, vertex/gemini-2.5-flash.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import uuid
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.fake_provider import FakeProvider, RequestRecord, Usage
+from tests.support.flood import spell
 from tests.support.harness import Stack, wait_until
 from tokenfuse.metering.stream import StreamMeter
 from tokenfuse.pricing import PriceTable
@@ -227,16 +230,16 @@ def test_query_credentials() -> None:
 
 # ------------------------------------------------------------------ the JSON-array decoder
 
-ARRAY = ('[{"candidates":[{"content":{"parts":[{"text":"a,]}[\\"\\\\"}]}}]}\n'
-         ',\r\n{"candidates":[{"content":{"parts":[{"text":"b"}]},"finishReason":"STOP"}],'
-         '"usageMetadata":{"promptTokenCount":3,"totalTokenCount":5}}\n]').encode()
+ARRAY = (b'[{"candidates":[{"content":{"parts":[{"text":"a,]}[\\"\\\\"}]}}]}\n'
+         b',\r\n{"candidates":[{"content":{"parts":[{"text":"b"}]},"finishReason":"STOP"}],'
+         b'"usageMetadata":{"promptTokenCount":3,"totalTokenCount":5}}\n]')
 
 
 def _decode(data: bytes, cuts: list[int]) -> list[tuple[str, str, int]]:
     decoder = JsonArrayDecoder(END_EVENT)
     events = []
     bounds = [0, *sorted(set(cuts)), len(data)]
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         events += decoder.feed(data[a:b])
     events += decoder.finish()
     return [(e.event, e.data, e.end) for e in events]
@@ -278,3 +281,398 @@ def test_stream_meter_reads_both_framings() -> None:
     meter = StreamMeter(array, False, array.tokenizer("gemini-2.5-flash"))
     events = meter.feed(ARRAY, True)
     assert events[-1].final and events[2].usage is not None
+
+
+# ------------------------------------------------------------------ through Envoy
+
+
+@pytest.fixture(scope="module")
+def gstack(fake: FakeProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("gemini")
+    pools = workdir / "pools"
+    pools.mkdir()
+    (pools / "gemini-main.csv").write_text(
+        "key,label\n" + "".join(f"{k},gm-{i}\n" for i, k in enumerate(POOL_KEYS)))
+    s = Stack(fake.base_url, {"TOKENFUSE_POOLS_DIR": str(pools),
+                              "TOKENFUSE_POOL_PROBE_INTERVAL_MS": "300",
+                              "TOKENFUSE_POOL_COOLDOWN_MS": "1000"}).start()
+    imported = s.cli("keys", "import", "--pool", "gemini-main", "--provider", "gemini",
+                     str(pools / "gemini-main.csv"))
+    assert imported.returncode == 0, imported.stderr
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture
+def key() -> str:
+    return "AIza" + uuid.uuid4().hex + "abc"
+
+
+def client(stack: Stack, key: str, **headers: str) -> genai.Client:
+    return genai.Client(api_key=key, http_options=types.HttpOptions(
+        base_url=stack.envoy.base_url + "/gemini", headers=headers, timeout=30_000))
+
+
+def vertex_client(stack: Stack, token: str, **headers: str) -> genai.Client:
+    return genai.Client(vertexai=True, project="proj-1", location="us-central1",
+                        credentials=Credentials(token=token),
+                        http_options=types.HttpOptions(
+                            base_url=stack.envoy.base_url + "/vertex", headers=headers,
+                            timeout=30_000))
+
+
+def spent(stack: Stack, key: str) -> dict:
+    doc = json.loads(stack.cli("budget", "status", "--key", key, "--json").stdout)
+    return doc["windows"]["day"]
+
+
+def records(fake: FakeProvider, key: str) -> list[RequestRecord]:
+    return [r for r in list(fake.records) if r.api_key == key]
+
+
+def bill(fake: FakeProvider, key: str, completed_only: bool = True) -> int:
+    return sum(google_cost(r.usage) for r in records(fake, key)
+               if r.usage is not None and (r.completed or not completed_only))
+
+
+def finished(fake: FakeProvider, key: str, n: int = 1) -> None:
+    wait_until(lambda: len([r for r in records(fake, key) if r.finished]) >= n,
+               what="the fake's records")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generate_settled_exactly(gstack: Stack, fake: FakeProvider, key: str,
+                                  stream: bool) -> None:
+    c = client(gstack, key, **{"x-fake-output-tokens": "12", "x-fake-reasoning-tokens": "40"})
+    config = types.GenerateContentConfig(max_output_tokens=500)
+    if stream:
+        chunks = list(c.models.generate_content_stream(
+            model="gemini-2.5-flash", contents="why is the sky blue?", config=config))
+        text = "".join(ch.text or "" for ch in chunks)
+        last = chunks[-1]
+        assert len(chunks) > 2
+    else:
+        last = c.models.generate_content(model="gemini-2.5-flash",
+                                         contents="why is the sky blue?", config=config)
+        text = last.text or ""
+    meta = last.usage_metadata
+    assert meta is not None and meta.candidates_token_count == 12
+    assert meta.thoughts_token_count == 40 and text
+    finished(fake, key)
+    (record,) = records(fake, key)
+    assert record.cap == 500 and record.query in ("", "alt=sse")
+    day = spent(gstack, key)
+    # The hidden thoughts are billed as output; the cumulative usage is not summed.
+    assert day["spent_nano_usd"] == bill(fake, key) == google_cost(Usage(
+        "gemini", "gemini-2.5-flash", meta.prompt_token_count or 0, 52, vendor="gemini"))
+    assert day["reserved_nano_usd"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_vertex_settled_exactly(gstack: Stack, fake: FakeProvider, stream: bool) -> None:
+    token = "ya29." + uuid.uuid4().hex
+    c = vertex_client(gstack, token, **{"x-fake-output-tokens": "7"})
+    if stream:
+        last = list(c.models.generate_content_stream(model="gemini-2.5-flash",
+                                                     contents="hello"))[-1]
+    else:
+        last = c.models.generate_content(model="gemini-2.5-flash", contents="hello")
+    assert last.usage_metadata is not None and last.usage_metadata.candidates_token_count == 7
+    finished(fake, token)
+    (record,) = records(fake, token)
+    assert record.path.startswith("/vertex/v1beta1/projects/proj-1/locations/us-central1/")
+    # No cap sent, a thinking model: the model's maximum written in (65,535 in Vertex's
+    # price entry, the bound tokenfuse reserved).
+    assert record.cap == PRICES.lookup("gemini-2.5-flash", "vertex").max_output_tokens
+    day = spent(gstack, token)
+    assert day["spent_nano_usd"] == bill(fake, token) > 0 and day["reserved_nano_usd"] == 0
+
+
+def set_budget(stack: Stack, key: str, nano: int) -> None:
+    assert stack.cli("budget", "set", "--key", key, "--daily",
+                     f"{nano // 10**9}.{nano % 10**9:09d}").returncode == 0
+
+
+def test_stream_cut_at_its_budget(gstack: Stack, fake: FakeProvider, key: str) -> None:
+    """Thinking off: the output is what streams, metered chunk by chunk; at the budget the
+    stream ends with Google's error event, which google-genai raises mid-iteration."""
+    price = PRICES.lookup("gemini-2.5-flash", "gemini")
+    assert price is not None
+    budget = 150 * price.output // 1_000_000  # 150 output tokens (the input ~20 of them)
+    set_budget(gstack, key, budget)
+    c = client(gstack, key, **{"x-fake-output-tokens": "4000",
+                               "x-fake-chunk-delay-ms": "2"})
+    config = types.GenerateContentConfig(thinking_config=types.ThinkingConfig(
+        thinking_budget=0))
+    delivered = 0
+    with pytest.raises(genai_errors.ClientError) as raised:
+        for chunk in c.models.generate_content_stream(
+                model="gemini-2.5-flash", contents="tell me a long story", config=config):
+            delivered += len(chunk.text or "")
+    assert raised.value.code == 402 and raised.value.status == "RESOURCE_EXHAUSTED"
+    assert (raised.value.message or "").startswith(
+        "stream ended: tokenfuse day budget exhausted")
+    assert delivered > 0
+    finished(fake, key)  # the provider saw the disconnect and stopped generating
+    (record,) = records(fake, key)
+    assert not record.completed and record.output_tokens_sent < 4000
+    print(f"\ngemini: {record.output_tokens_sent} tokens generated of a 150-token budget",
+          end=" ")
+    day = spent(gstack, key)
+    assert bill(fake, key, completed_only=False) <= day["spent_nano_usd"] <= budget
+    assert day["reserved_nano_usd"] == 0
+
+
+def test_thinking_call_clamped_to_its_budget(gstack: Stack, fake: FakeProvider,
+                                            key: str) -> None:
+    """No cap on a thinking model and a budget below its 65,536-token maximum: the cap the
+    budget covers is written into maxOutputTokens, so Google cannot bill beyond it."""
+    price = PRICES.lookup("gemini-2.5-flash", "gemini")
+    assert price is not None
+    budget = 1000 * price.output // 1_000_000
+    limit = budget
+    set_budget(gstack, key, limit)
+    c = client(gstack, key, **{"x-fake-output-tokens": "max", "x-fake-reasoning-tokens": "500"})
+    for stream in (False, True):
+        if stream:
+            last = list(c.models.generate_content_stream(
+                model="gemini-2.5-flash", contents="think hard"))[-1]
+        else:
+            last = c.models.generate_content(model="gemini-2.5-flash", contents="think hard")
+        assert last.candidates and last.candidates[0].finish_reason == "MAX_TOKENS"
+        finished(fake, key, 1)
+        record = records(fake, key)[-1]
+        assert record.cap is not None and 16 <= record.cap < 1000
+        assert spent(gstack, key)["spent_nano_usd"] <= limit
+        limit = spent(gstack, key)["spent_nano_usd"] + budget
+        set_budget(gstack, key, limit)
+        fake.reset()
+    assert spent(gstack, key)["reserved_nano_usd"] == 0
+
+
+def test_long_context_tier(gstack: Stack, fake: FakeProvider, key: str) -> None:
+    """A prompt above 200k tokens: gemini-2.5-pro bills the whole call at the higher tier;
+    the reservation was priced at it too."""
+    c = client(gstack, key, **{"x-fake-output-tokens": "5", "x-fake-reasoning-tokens": "8"})
+    text = "sky " * 210_000
+    resp = c.models.generate_content(model="gemini-2.5-pro", contents=text,
+                                     config=types.GenerateContentConfig(max_output_tokens=64))
+    assert resp.usage_metadata is not None and resp.usage_metadata.prompt_token_count > 200_000
+    finished(fake, key)
+    cost = bill(fake, key)
+    price = PRICES.lookup("gemini-2.5-pro", "gemini")
+    assert price is not None and price.tiers
+    assert spent(gstack, key)["spent_nano_usd"] == cost
+    assert cost > resp.usage_metadata.prompt_token_count * price.input // 1_000_000
+
+
+def test_cached_and_tool_use_prompt_tokens(gstack: Stack, fake: FakeProvider,
+                                          key: str) -> None:
+    c = client(gstack, key, **{"x-fake-cached-tokens": "6", "x-fake-tool-use-tokens": "30",
+                               "x-fake-output-tokens": "4"})
+    resp = c.models.generate_content(model="gemini-2.5-flash",
+                                     contents="a question about a cached document " * 4)
+    meta = resp.usage_metadata
+    assert meta is not None and meta.cached_content_token_count == 6
+    assert meta.tool_use_prompt_token_count == 30
+    finished(fake, key)
+    assert spent(gstack, key)["spent_nano_usd"] == bill(fake, key) > 0
+
+
+def test_count_tokens_is_free(gstack: Stack, fake: FakeProvider, key: str) -> None:
+    c = client(gstack, key)
+    counted = c.models.count_tokens(model="gemini-2.5-flash", contents="how many tokens?")
+    assert counted.total_tokens and counted.total_tokens > 0
+    vertex = vertex_client(gstack, key)
+    assert vertex.models.count_tokens(model="gemini-2.5-flash", contents="hi").total_tokens
+    finished(fake, key, 2)
+    assert spent(gstack, key)["spent_nano_usd"] == 0
+
+
+def test_unmetered_endpoints_refused(gstack: Stack, fake: FakeProvider, key: str) -> None:
+    c = client(gstack, key)
+    with pytest.raises(genai_errors.ClientError) as embed:
+        c.models.embed_content(model="gemini-embedding-001", contents="a sentence")
+    assert embed.value.code == 404 and "fail-closed" in (embed.value.message or "")
+    gw = gstack.envoy.base_url
+    for path in ("/gemini/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+                 "/gemini/v1beta/interactions", "/gemini/v1beta/cachedContents",
+                 "/gemini/v1beta/models/imagen-4.0-generate-001:predict",
+                 "/vertex/v1/projects/p/locations/us-east5/publishers/anthropic/models/"
+                 "claude-sonnet-4-5@20250929:rawPredict"):
+        r = httpx.post(gw + path, json=BODY, headers={"x-goog-api-key": key}, timeout=30)
+        assert r.status_code == 404, path
+        assert r.json()["error"]["status"] == "NOT_FOUND"
+    assert records(fake, key) == []  # nothing was forwarded
+
+
+def test_both_spellings_refused(gstack: Stack, fake: FakeProvider, key: str) -> None:
+    body = {**BODY, "generationConfig": {"maxOutputTokens": 10},
+            "generation_config": {"max_output_tokens": 60000}}
+    r = httpx.post(gstack.envoy.base_url + "/gemini" + GEN, json=body,
+                   headers={"x-goog-api-key": key}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["status"] == "INVALID_ARGUMENT"
+    assert "spells" in r.json()["error"]["message"]
+    assert records(fake, key) == []
+
+
+def test_refusals_are_raised_by_the_sdk(gstack: Stack, fake: FakeProvider, key: str) -> None:
+    c = client(gstack, key)
+    with pytest.raises(genai_errors.ClientError) as unknown:
+        c.models.generate_content(model="gemini-0-nonexistent", contents="hi")
+    assert unknown.value.code == 400 and "has no price in tokenfuse" in str(unknown.value)
+    set_budget(gstack, key, 1)
+    for stream in (False, True):
+        with pytest.raises(genai_errors.ClientError) as broke:
+            if stream:
+                list(c.models.generate_content_stream(model="gemini-2.5-flash",
+                                                      contents="hello"))
+            else:
+                c.models.generate_content(model="gemini-2.5-flash", contents="hello")
+        assert broke.value.code == 402 and "budget exhausted" in (broke.value.message or "")
+    assert records(fake, key) == []
+    fake.revoked_keys.add("AIzaRevoked")
+    revoked = client(gstack, "AIzaRevoked")  # (held: a Client closes its transport when freed)
+    try:
+        with pytest.raises(genai_errors.ClientError) as bad:
+            revoked.models.generate_content(model="gemini-2.5-flash", contents="hi")
+    finally:
+        fake.revoked_keys.discard("AIzaRevoked")
+    assert bad.value.code == 400 and "API key not valid" in (bad.value.message or "")
+
+
+def test_query_key_never_in_the_path_or_logs(gstack: Stack, fake: FakeProvider,
+                                            key: str) -> None:
+    """`?key=` (REST samples, curl): billed like the header, moved into x-goog-api-key on
+    the way (the upstream path has no key), and in no log or metric."""
+    gw = gstack.envoy.base_url + "/gemini"
+    for i in range(20):
+        stream = i % 2 == 1
+        path = (STREAM + f"&key={key}") if stream else (GEN + f"?key={key}")
+        r = httpx.post(gw + path, json={"contents": [{"role": "user", "parts": [
+            {"text": f"question {spell(i)}"}]}]}, headers={"x-fake-output-tokens": "3"}, timeout=30)
+        assert r.status_code == 200, r.text
+        if stream:
+            assert r.text.startswith("data: ") and "\r\n\r\n" in r.text
+    other = "AIza" + uuid.uuid4().hex
+    twice = httpx.post(gw + GEN + f"?key={key}&key={key}", json=BODY, timeout=30)
+    mixed = httpx.post(gw + GEN + f"?key={key}", json=BODY, timeout=30,
+                       headers={"x-goog-api-key": other})
+    assert twice.status_code == mixed.status_code == 400
+    assert key not in twice.text + mixed.text
+    finished(fake, key, 20)
+    posts = records(fake, key)
+    assert len(posts) == 20 and all(key not in r.query for r in posts)
+    assert all(r.headers.get("x-goog-api-key") == key for r in posts)
+    assert all(key not in v for r in posts for n, v in r.raw_headers if n != "x-goog-api-key")
+    assert spent(gstack, key)["spent_nano_usd"] == bill(fake, key) > 0
+    assert key not in gstack.logs() and key not in gstack.processor.metrics()
+
+
+def test_json_array_stream_metered(gstack: Stack, fake: FakeProvider, key: str) -> None:
+    """A stream without `alt=sse` is a JSON array: metered element by element, settled
+    exactly; cut, it still parses (the error is its last element)."""
+    url = (gstack.envoy.base_url + "/gemini/v1beta/models/gemini-2.5-flash:"
+           "streamGenerateContent")
+    r = httpx.post(url, json=BODY, headers={"x-goog-api-key": key,
+                                            "x-fake-output-tokens": "10"}, timeout=30)
+    assert r.status_code == 200
+    chunks = r.json()
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP" and len(chunks) > 2
+    finished(fake, key)
+    assert spent(gstack, key)["spent_nano_usd"] == bill(fake, key) > 0
+    cut_key = key + "-cut"
+    price = PRICES.lookup("gemini-2.5-flash", "gemini")
+    assert price is not None
+    set_budget(gstack, cut_key, 100 * price.output // 1_000_000)
+    body = {**BODY, "generationConfig": {"thinkingConfig": {"thinkingBudget": 0}}}
+    r = httpx.post(url, json=body, timeout=30, headers={
+        "x-goog-api-key": cut_key, "x-fake-output-tokens": "3000",
+        "x-fake-chunk-delay-ms": "2"})
+    chunks = r.json()
+    assert chunks[-1]["error"]["code"] == 402 and "candidates" in chunks[0]
+    finished(fake, cut_key)
+    assert not records(fake, cut_key)[0].completed
+    assert spent(gstack, cut_key)["spent_nano_usd"] <= 100 * price.output // 1_000_000
+
+
+def test_gzip_toward_the_client_identity_upstream(gstack: Stack, fake: FakeProvider,
+                                                 key: str) -> None:
+    with httpx.stream("POST", gstack.envoy.base_url + "/gemini" + STREAM, json=BODY,
+                      headers={"x-goog-api-key": key, "accept-encoding": "gzip"},
+                      timeout=30) as resp:
+        assert resp.status_code == 200 and resp.headers.get("content-encoding") == "gzip"
+        text = resp.read().decode()
+    assert text.count("data: ") >= 2 and "event:" not in text
+    finished(fake, key)
+    assert records(fake, key)[0].response_encoding == ""  # the upstream was asked identity
+    assert spent(gstack, key)["spent_nano_usd"] == bill(fake, key)
+
+
+FLOOD_REQUESTS = 300
+FLOOD_BUDGET = 10_000_000  # $0.01
+
+
+def test_a_flood_on_one_key_is_held_to_its_budget(gstack: Stack, fake: FakeProvider,
+                                                  key: str) -> None:
+    set_budget(gstack, key, FLOOD_BUDGET)
+    c = client(gstack, key, **{"x-fake-output-tokens": "16"})
+    config = types.GenerateContentConfig(max_output_tokens=40)
+
+    async def one(i: int) -> str:
+        try:
+            await c.aio.models.generate_content(
+                model="gemini-2.5-flash", contents=f"flood request {spell(i)}", config=config)
+            return "allowed"
+        except genai_errors.APIError as exc:
+            return f"status_{exc.code}"
+
+    async def flood() -> list[str]:
+        return list(await asyncio.gather(*(one(i) for i in range(FLOOD_REQUESTS))))
+
+    outcomes = asyncio.run(flood())
+    allowed, refused = outcomes.count("allowed"), outcomes.count("status_402")
+    assert allowed + refused == FLOOD_REQUESTS, sorted(set(outcomes))
+    finished(fake, key, allowed)
+    billed = bill(fake, key)
+    day = spent(gstack, key)
+    print(f"\ngemini flood: {allowed} allowed, {refused} refused, billed {billed} of "
+          f"{FLOOD_BUDGET}", end=" ")
+    assert len(records(fake, key)) == allowed
+    assert day["spent_nano_usd"] == billed <= FLOOD_BUDGET
+    assert billed >= FLOOD_BUDGET // 2 and day["reserved_nano_usd"] == 0
+
+
+def test_pooled_key_fails_over(gstack: Stack, fake: FakeProvider) -> None:
+    """A gateway key (in the header, or in `?key=`) → the pool's x-goog-api-key keys; one
+    failing with 429 (Google's RetryInfo, no retry-after header): the next one serves."""
+    vkey = gstack.cli("vkey", "create", "--name", "gemini-app", "--pool",
+                      "gemini-main").stdout.strip()
+    assert vkey.startswith("tfk-")
+    set_budget(gstack, vkey, 5 * 10**9)
+    failing, healthy = POOL_KEYS
+    fake.key_failures[failing] = (429, 30)
+    since = len(fake.records)
+    try:
+        c = client(gstack, vkey, **{"x-fake-output-tokens": "4"})
+        answers = [c.models.generate_content(model="gemini-2.5-flash",
+                                             contents=f"pooled question {w}").text
+                   for w in ("one", "two")]
+        answers.append("".join(ch.text or "" for ch in c.models.generate_content_stream(
+            model="gemini-2.5-flash", contents="pooled stream")))
+        r = httpx.post(gstack.envoy.base_url + "/gemini" + GEN + f"?key={vkey}",
+                       json={"contents": [{"parts": [{"text": "pooled query key"}]}]},
+                       headers={"x-fake-output-tokens": "4"}, timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        del fake.key_failures[failing]
+    assert all(answers)
+    wait_until(lambda: sum(1 for r in list(fake.records)[since:] if r.api_key == healthy) >= 4,
+               what="the pooled calls")
+    posts = [r for r in list(fake.records)[since:] if r.method == "POST"]
+    assert [r.status for r in posts if r.api_key == failing] == [429]
+    assert sum(1 for r in posts if r.api_key == healthy and r.status == 200) == 4
+    assert not any(vkey in r.query or r.api_key == vkey for r in posts)
+    billed = sum(google_cost(r.usage) for r in posts if r.usage is not None and r.completed)
+    day = spent(gstack, vkey)
+    assert day["spent_nano_usd"] == billed > 0 and day["reserved_nano_usd"] == 0

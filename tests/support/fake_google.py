@@ -116,7 +116,7 @@ def _field(obj: Any, camel: str) -> Any:
     if not isinstance(obj, dict):
         return None
     snake = re.sub(r"(?<!^)([A-Z])", r"_\1", camel).lower()
-    if camel in obj and snake in obj:
+    if snake != camel and camel in obj and snake in obj:
         raise fp.ProviderError(400, f"Invalid JSON payload received. Duplicate field {camel}")
     return obj.get(camel, obj.get(snake))
 

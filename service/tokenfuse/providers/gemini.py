@@ -234,7 +234,7 @@ class Gemini(ProviderBase):
             max_output_tokens=_count_field(config, "maxOutputTokens"),
             choices=_count_field(config, "candidateCount") or 1,
             prompt_parts=[{k: v for k, v in body.items() if k != "contents"}],
-            messages=contents,
+            messages=[_as_message(content) for content in contents],
             hidden_output=not thinking_off,
             server_context=field(body, "cachedContent") is not None
             or _has_file(contents) or _has_server_tool(body),
@@ -255,11 +255,12 @@ class Gemini(ProviderBase):
         return {**body, name: config}
 
     def tool_calls(self, message: Any) -> list[tuple[str, Any]]:
-        """`functionCall` parts of a model turn."""
+        """`functionCall` parts of a model turn (`parts`, or `content` as `_as_message`
+        presents them)."""
         if not isinstance(message, dict) or message.get("role") != "model":
             return []
         calls = []
-        for part in as_list(message.get("parts")):
+        for part in as_list(message.get("parts", message.get("content"))):
             call = (part.get("functionCall") or part.get("function_call")) \
                 if isinstance(part, dict) else None
             if isinstance(call, dict):
@@ -413,6 +414,14 @@ class Vertex(Gemini):
 
 class VertexArray(ArrayStream, Vertex):
     pass
+
+
+def _as_message(content: Any) -> Any:
+    """A turn as the loop guard reads any provider's messages: its parts as `content`
+    (the same strings, so the input bound counts them once)."""
+    if not isinstance(content, dict) or "parts" not in content:
+        return content
+    return {("content" if k == "parts" else k): v for k, v in content.items()}
 
 
 def _has_file(contents: list[Any]) -> bool:
