@@ -676,3 +676,30 @@ def test_pooled_key_fails_over(gstack: Stack, fake: FakeProvider) -> None:
     billed = sum(google_cost(r.usage) for r in posts if r.usage is not None and r.completed)
     day = spent(gstack, vkey)
     assert day["spent_nano_usd"] == billed > 0 and day["reserved_nano_usd"] == 0
+
+
+@pytest.mark.parametrize("name,model,stream", [
+    ("issue-19822-google-search-live.chunks.txt", "gemini-2.5-flash", True),
+    ("google-stream-gemini-3.7-flash-2026-09-16.chunks.txt", "gemini-3.7-flash", True),
+    ("google-tool-use-usage.json", "gemini-3.6-flash", False),
+])
+def test_recorded_responses_billed_exactly(gstack: Stack, fake: FakeProvider, key: str,
+                                           name: str, model: str, stream: bool) -> None:
+    """Real Gemini answers (vercel/ai fixtures, tests/fixtures/recorded/google/) replayed
+    through tokenfuse: settled at the last cumulative usageMetadata, tool-use prompt tokens
+    as input, hidden thoughts as output."""
+    from tests.support.fake_google import recorded_chunks, recorded_usage
+
+    c = client(gstack, key, **{"x-fake-replay": name})
+    if stream:
+        last = list(c.models.generate_content_stream(model=model, contents="what day?"))[-1]
+    else:
+        last = c.models.generate_content(model=model, contents="what day?")
+    meta = last.usage_metadata
+    recorded = recorded_chunks(name)[-1]["usageMetadata"]
+    assert meta is not None and meta.total_token_count == recorded["totalTokenCount"]
+    finished(fake, key)
+    usage = recorded_usage("gemini", model, recorded_chunks(name)[-1])
+    assert usage.output_tokens == recorded["candidatesTokenCount"] + recorded[
+        "thoughtsTokenCount"]
+    assert spent(gstack, key)["spent_nano_usd"] == google_cost(usage) == bill(fake, key)

@@ -46,6 +46,7 @@ import random
 import re
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -53,6 +54,8 @@ from aiohttp import web
 from tests.support import fake_provider as fp
 
 ROUTES = ("gemini", "vertex")
+#: Recorded real responses (`x-fake-replay: <file>`), tests/fixtures/recorded/google/.
+RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "recorded" / "google"
 _GEMINI = re.compile(r"^/(?:v1|v1beta|v1alpha)/models/([^/:]+):([A-Za-z]+)$")
 _VERTEX = re.compile(r"^/(?:v1|v1beta1)/(?:projects/[^/:]+/locations/[^/:]+/)?"
                      r"publishers/google/models/([^/:]+):([A-Za-z]+)$")
@@ -290,6 +293,9 @@ async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.Reque
     if method not in ("generateContent", "streamGenerateContent"):
         return error(404, f"The requested URL {path} was not found on this server."), \
             None, False
+    if "x-fake-replay" in request.headers:
+        return await _replay(request, record, route, model, method,
+                             request.headers["x-fake-replay"])
     try:
         bill = bill_for(model, data, controls, request.headers)
     except fp.ProviderError as exc:
@@ -372,3 +378,46 @@ async def _stream(fake: fp.FakeProvider, request: web.Request, record: fp.Reques
         return resp, partial, True
     record.completed = True
     return resp, bill.usage(route), False
+
+
+def recorded_chunks(name: str) -> list[dict[str, Any]]:
+    """The JSON chunks of a recording: SSE `data:` lines, or one JSON document per line,
+    or one whole (pretty-printed) document."""
+    text = (RECORDED / name).read_text(encoding="utf-8")
+    if name.endswith(".json"):
+        return [json.loads(text)]
+    return [json.loads(line.removeprefix("data: ")) for line in text.splitlines()
+            if line.strip()]
+
+
+def recorded_usage(route: str, model: str, chunk: dict[str, Any]) -> fp.Usage:
+    """What Google billed for a recording: its last usageMetadata (cumulative)."""
+    meta = chunk["usageMetadata"]
+    prompt, tool_use = meta.get("promptTokenCount", 0), meta.get("toolUsePromptTokenCount", 0)
+    return fp.Usage(route, model, prompt + tool_use,
+                    meta["totalTokenCount"] - prompt - tool_use,
+                    cached_input_tokens=meta.get("cachedContentTokenCount", 0),
+                    reasoning_tokens=meta.get("thoughtsTokenCount", 0), vendor=route)
+
+
+async def _replay(request: web.Request, record: fp.RequestRecord, route: str, model: str,
+                  method: str, name: str) -> tuple[web.StreamResponse, fp.Usage, bool]:
+    """A recorded response, its chunks as Google frames them (`data: ` + the recorded JSON
+    + CRLF CRLF), each in split pieces; a whole recording as a JSON document."""
+    chunks = recorded_chunks(name)
+    usage = recorded_usage(route, model, chunks[-1])
+    if method == "generateContent":
+        record.stream = False
+        return web.json_response(chunks[-1], dumps=fp._dumps), usage, False
+    record.stream = True
+    rng = random.Random(name)
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    for chunk in chunks:
+        raw = f"data: {json.dumps(chunk, ensure_ascii=False)}\r\n\r\n".encode()
+        for part in fp.split_points(raw, rng):
+            await resp.write(part)
+            await asyncio.sleep(0)
+    await resp.write_eof()
+    record.completed = True
+    return resp, usage, False
