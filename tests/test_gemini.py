@@ -43,6 +43,8 @@ VERTEX = PROVIDERS["vertex"]
 PRICES = PriceTable.load()
 GRACE = 32  # TOKENFUSE_STREAM_GRACE_TOKENS default
 POOL_KEYS = [f"AIzaPoolKey{i}{'x' * 28}" for i in range(2)]
+#: A Vertex pool: OAuth access tokens (an operator's service accounts, refreshed outside).
+VERTEX_POOL = [f"ya29.pool-token-{i}-{'y' * 20}" for i in range(2)]
 GEN = "/v1beta/models/gemini-2.5-flash:generateContent"
 STREAM = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
 BODY = {"contents": [{"role": "user", "parts": [{"text": "why is the sky blue?"}]}]}
@@ -77,6 +79,8 @@ def test_paths_models_and_methods() -> None:
             f"/{version}/models/gemini-2.5-pro:streamGenerateContent?alt=sse", BODY)
         assert stream.stream and stream.model == "gemini-2.5-pro"
     assert not GEMINI.parse_request("/v1/models/gemini-2.5-flash:countTokens", BODY).priced
+    compute = "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-flash:computeTokens"
+    assert not VERTEX.parse_request(compute, BODY).priced
     vertex_paths = ("/v1/projects/p/locations/us-central1/publishers/google/models/"
                     "gemini-2.5-flash:generateContent",
                     "/v1beta1/projects/p/locations/global/publishers/google/models/"
@@ -293,11 +297,16 @@ def gstack(fake: FakeProvider, tmp_path_factory: pytest.TempPathFactory) -> Iter
     pools.mkdir()
     (pools / "gemini-main.csv").write_text(
         "key,label\n" + "".join(f"{k},gm-{i}\n" for i, k in enumerate(POOL_KEYS)))
+    (pools / "vertex-main.csv").write_text(
+        "key,label\n" + "".join(f"{k},vx-{i}\n" for i, k in enumerate(VERTEX_POOL)))
     s = Stack(fake.base_url, {"TOKENFUSE_POOLS_DIR": str(pools),
                               "TOKENFUSE_POOL_PROBE_INTERVAL_MS": "300",
                               "TOKENFUSE_POOL_COOLDOWN_MS": "1000"}).start()
     imported = s.cli("keys", "import", "--pool", "gemini-main", "--provider", "gemini",
                      str(pools / "gemini-main.csv"))
+    assert imported.returncode == 0, imported.stderr
+    imported = s.cli("keys", "import", "--pool", "vertex-main", "--provider", "vertex",
+                     str(pools / "vertex-main.csv"))
     assert imported.returncode == 0, imported.stderr
     yield s
     s.cleanup()
@@ -703,3 +712,52 @@ def test_recorded_responses_billed_exactly(gstack: Stack, fake: FakeProvider, ke
     assert usage.output_tokens == recorded["candidatesTokenCount"] + recorded[
         "thoughtsTokenCount"]
     assert spent(gstack, key)["spent_nano_usd"] == google_cost(usage) == bill(fake, key)
+
+
+def test_vertex_express_mode_and_pooled_tokens(gstack: Stack, fake: FakeProvider,
+                                              key: str) -> None:
+    """Express mode (an API key, no project in the path) is billed to its key; a gateway key
+    as the bearer goes to the pool of access tokens, presented as `Authorization: Bearer`."""
+    express = genai.Client(vertexai=True, api_key=key, http_options=types.HttpOptions(
+        base_url=gstack.envoy.base_url + "/vertex", headers={"x-fake-output-tokens": "3"}))
+    assert express.models.generate_content(model="gemini-2.5-flash", contents="hi").text
+    finished(fake, key)
+    (record,) = records(fake, key)
+    assert record.path == ("/vertex/v1beta1/publishers/google/models/gemini-2.5-flash:"
+                           "generateContent")
+    assert spent(gstack, key)["spent_nano_usd"] == bill(fake, key) > 0
+    vkey = gstack.cli("vkey", "create", "--name", "vertex-app", "--pool",
+                      "vertex-main").stdout.strip()
+    set_budget(gstack, vkey, 10**9)
+    since = len(fake.records)
+    pooled = vertex_client(gstack, vkey, **{"x-fake-output-tokens": "3"})
+    assert pooled.models.generate_content(model="gemini-2.5-flash", contents="pooled").text
+    wait_until(lambda: any(r.api_key in VERTEX_POOL for r in list(fake.records)[since:]),
+               what="the pooled call")
+    (served,) = [r for r in list(fake.records)[since:] if r.method == "POST"]
+    assert served.headers["authorization"] == f"Bearer {served.api_key}"
+    assert vkey not in json.dumps(served.raw_headers)
+    assert spent(gstack, vkey)["spent_nano_usd"] == google_cost(served.usage) > 0
+
+
+def test_two_candidates_bound_and_billed(gstack: Stack, fake: FakeProvider, key: str) -> None:
+    c = client(gstack, key, **{"x-fake-output-tokens": "5", "x-fake-reasoning-tokens": "9"})
+    resp = c.models.generate_content(model="gemini-2.5-flash", contents="two answers",
+                                     config=types.GenerateContentConfig(candidate_count=2,
+                                                                        max_output_tokens=50))
+    assert resp.candidates is not None and len(resp.candidates) == 2
+    assert resp.usage_metadata is not None and resp.usage_metadata.thoughts_token_count == 18
+    finished(fake, key)
+    assert spent(gstack, key)["spent_nano_usd"] == bill(fake, key) > 0
+
+
+def test_loop_guard_reads_gemini_turns(gstack: Stack, key: str) -> None:
+    """Distinct prompts are distinct requests; the sixth identical one is a loop."""
+    c = client(gstack, key, **{"x-fake-output-tokens": "2"})
+    for i in range(6):
+        c.models.generate_content(model="gemini-2.5-flash", contents=f"distinct {spell(i)}")
+    for _ in range(5):
+        c.models.generate_content(model="gemini-2.5-flash", contents="the same question")
+    with pytest.raises(genai_errors.ClientError) as looped:
+        c.models.generate_content(model="gemini-2.5-flash", contents="the same question")
+    assert looped.value.code == 429 and "identical request" in (looped.value.message or "")
