@@ -761,3 +761,16 @@ def test_loop_guard_reads_gemini_turns(gstack: Stack, key: str) -> None:
     with pytest.raises(genai_errors.ClientError) as looped:
         c.models.generate_content(model="gemini-2.5-flash", contents="the same question")
     assert looped.value.code == 429 and "identical request" in (looped.value.message or "")
+
+
+def test_fake_compresses_like_google(fake: FakeProvider) -> None:
+    """The fake's rule (Google's: gzip only for a User-Agent saying "gzip"), seen directly."""
+    url = fake.base_url.rstrip("/") + "/gemini" + STREAM
+    key = "AIza" + uuid.uuid4().hex
+    for agent, expected in (("google-genai-sdk/3.6.1 gl-python/3.11.7", None),
+                            ("my-app (gzip)", "gzip")):
+        with httpx.stream("POST", url, json=BODY, timeout=30, headers={
+                "x-goog-api-key": key, "accept-encoding": "gzip, deflate",
+                "user-agent": agent}) as resp:
+            assert resp.headers.get("content-encoding") == expected
+            assert "data: " in resp.read().decode()

@@ -22,8 +22,14 @@ Like the real APIs where money is concerned (facts and sources:
 - `?alt=sse`: `data: {json}` events separated by CRLF CRLF, no `event:`, no `[DONE]`, the
   last chunk carries `finishReason`; without `alt=sse` the stream is a JSON array
   (`[{…}` LF `,` CRLF `{…}` LF `]`); written in awkward pieces;
-- gzip when the request accepts it (google-genai sends `Accept-Encoding: gzip, deflate`);
-  Envoy asks the upstream for identity, so through tokenfuse nothing is compressed;
+- gzip only when the request accepts it *and* its User-Agent contains "gzip", Google's
+  documented rule for its APIs ("To receive a gzip-encoded response you must do two things:
+  Set an Accept-Encoding header, and modify your user agent to contain the string gzip",
+  developers.google.com API performance tips; the Google Data APIs blog said the same): so
+  google-genai (`Accept-Encoding: gzip, deflate`, User-Agent `google-genai-sdk/3.6.1 …`)
+  gets identity, as the recorded SSE response without content-encoding shows
+  (raslab/gemini_caching_proxy). `x-fake-compress-always` still forces a coding. Envoy
+  asks the upstream for identity anyway;
 - bodies over 20 MB are refused (400, Google's "Request payload size exceeds the limit"),
   prompts over the 1,048,576-token window likewise;
 - a client that goes away stops the generation: what was generated is recorded.
@@ -100,6 +106,13 @@ def error(status: int, message: str, reason: str | None = None,
         doc["details"] = details
     return web.Response(text=json.dumps({"error": doc}, indent=2), status=status,
                         content_type="application/json")
+
+
+def response_coding(headers: dict[str, str]) -> str:
+    """The coding Google answers with: gzip only for a User-Agent that says "gzip"."""
+    if headers.get("x-fake-compress-always") or "gzip" in headers.get("user-agent", ""):
+        return fp.response_coding(headers)
+    return ""
 
 
 def billed_key(request: web.Request) -> str:
@@ -334,7 +347,7 @@ async def _stream(fake: fp.FakeProvider, request: web.Request, record: fp.Reques
     why the answer ended. A stream that ends early is billed what was generated."""
     rng = random.Random(hashlib.sha256(request.path.encode() + record.body).digest())
     delay = (fp._header_int(request, "x-fake-chunk-delay-ms") or 0) / 1000
-    coding = fp.response_coding(record.headers)
+    coding = response_coding(record.headers)
     encoder = fp.StreamEncoder(coding)
     headers = {"content-type": "text/event-stream" if sse else "application/json",
                "content-disposition": "attachment"}

@@ -1560,7 +1560,8 @@ class FakeProvider(BackgroundServer):
             raise
         record.status = resp.status
         if not resp.prepared and isinstance(resp, web.Response) and resp.body:
-            coding = response_coding(headers)
+            coding = fake_google.response_coding(headers) if google \
+                else response_coding(headers)
             if coding:
                 assert isinstance(resp.body, bytes)
                 resp.body = compress(resp.body, coding)

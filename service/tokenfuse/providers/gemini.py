@@ -162,17 +162,19 @@ def _count_field(obj: dict[str, Any], camel: str) -> int | None:
     return value or None
 
 
-def query_params(path: str) -> list[tuple[str, str]]:
+def _alts(path: str) -> list[str]:
+    """Every response format the query asks for (`alt` / `$alt`)."""
     _, _, query = path.partition("?")
-    return parse_qsl(query, keep_blank_values=True)
+    return [v.lower() for k, v in parse_qsl(query, keep_blank_values=True)
+            if k.lstrip("$") == "alt"]
 
 
 def _alt(path: str) -> str:
-    """The response format asked for (`alt` / `$alt`): "" when not given."""
-    values = [v for k, v in query_params(path) if k.lstrip("$") == "alt"]
+    """The response format asked for: "" when not given; refused when given twice."""
+    values = _alts(path)
     if len(values) > 1:
         raise RequestRejected(400, "invalid_request", "'alt' is given more than once")
-    return values[0].lower() if values else ""
+    return values[0] if values else ""
 
 
 class Gemini(ProviderBase):
@@ -194,8 +196,8 @@ class Gemini(ProviderBase):
     def for_path(self, path: str) -> Provider:
         """A stream without `alt=sse` is a JSON array: its own framing and cut."""
         route = path.partition("?")[0]
-        if route.endswith(f":{STREAM}") and _alt(path) != "sse":
-            return self.array
+        if route.endswith(f":{STREAM}") and _alts(path) != ["sse"]:
+            return self.array  # (`alt` twice: refused by parse_request)
         return self
 
     def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:
