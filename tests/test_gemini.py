@@ -102,6 +102,12 @@ def test_paths_models_and_methods() -> None:
     claude = ("/v1/projects/p/locations/us-east5/publishers/anthropic/models/"
               "claude-sonnet-4-5@20250929:rawPredict")
     assert VERTEX.for_path(claude) is VERTEX  # until VertexClaude is wired: refused
+    VERTEX.claude = PROVIDERS["anthropic"]  # what the registry wires: Anthropic's format
+    try:
+        assert VERTEX.for_path(claude) is PROVIDERS["anthropic"]
+        assert VERTEX.for_path(vertex_paths[0]) is VERTEX
+    finally:
+        VERTEX.claude = None
     with pytest.raises(RequestRejected) as out:
         VERTEX.for_path(claude).parse_request(claude, {"messages": []})
     assert out.value.status == 404
@@ -265,6 +271,29 @@ def test_json_array_decoder_events() -> None:
 @given(st.lists(st.integers(min_value=1, max_value=len(ARRAY) - 1), max_size=12))
 def test_json_array_decoder_any_chunking(cuts: list[int]) -> None:
     assert _decode(ARRAY, cuts) == _decode(ARRAY, [])
+
+
+SSE = (b'data: {"candidates":[{"content":{"parts":[{"text":"a \xc3\xa9"}]}}],'
+       b'"usageMetadata":{"promptTokenCount":4,"totalTokenCount":9}}\r\n\r\n'
+       b'data: {"candidates":[{"content":{"parts":[{"text":"finishReason"}]}}]}\r\n\r\n'
+       b'data: {"candidates":[{"content":{"parts":[{"text":""}]},"finishReason":"STOP"}],'
+       b'"usageMetadata":{"promptTokenCount":4,"totalTokenCount":11}}\r\n\r\n')
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(SSE) - 1), max_size=10),
+       st.booleans())
+def test_sse_decoder_any_chunking(cuts: list[int], truncated: bool) -> None:
+    """Gemini's SSE decoder: the same events whatever the chunks; the final event only
+    after a chunk that reports a finish (a text saying "finishReason" does not)."""
+    data = SSE[:SSE.rindex(b"data:")] if truncated else SSE
+    decoder = GEMINI.stream_decoder()
+    bounds = [0, *sorted({c for c in cuts if c < len(data)}), len(data)]
+    events = [e for a, b in itertools.pairwise(bounds) for e in decoder.feed(data[a:b])]
+    events += decoder.finish()
+    kinds = [e.event for e in events]
+    assert kinds == (["message"] * 2 if truncated else ["message"] * 3 + [END_EVENT])
+    assert events[-1].end == len(data)
 
 
 def test_stream_meter_reads_both_framings() -> None:
