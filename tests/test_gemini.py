@@ -161,7 +161,9 @@ def test_bounds_for_server_content_and_formats() -> None:
                  {**BODY, "tools": [{"googleSearch": {}}]},
                  {**BODY, "tools": [{"code_execution": {}}]},
                  {"contents": [{"role": "user", "parts": [
-                     {"fileData": {"fileUri": "gs://b/video.mp4"}}]}]}):
+                     {"fileData": {"fileUri": "gs://b/video.mp4"}}]}]},
+                 {"contents": [{"role": "user", "parts": [
+                     {"inline_data": {"mime_type": "video/mp4", "data": "AAAA"}}]}]}):
         assert GEMINI.parse_request(GEN, body).server_context, body
     assert not GEMINI.parse_request(GEN, {**BODY, "tools": [
         {"functionDeclarations": [{"name": "f"}]}]}).server_context

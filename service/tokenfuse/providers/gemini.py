@@ -239,7 +239,7 @@ class Gemini(ProviderBase):
             messages=[_as_message(content) for content in contents],
             hidden_output=not thinking_off,
             server_context=field(body, "cachedContent") is not None
-            or _has_file(contents) or _has_server_tool(body),
+            or _has_media(contents) or _has_server_tool(body),
         )
 
     def tokenizer(self, model: str) -> Tokenizer:
@@ -426,9 +426,14 @@ def _as_message(content: Any) -> Any:
     return {("content" if k == "parts" else k): v for k, v in content.items()}
 
 
-def _has_file(contents: list[Any]) -> bool:
-    """A `fileData` part (Files API, gs://, a URL): its size is not in the request."""
-    return any(isinstance(part, dict) and field(part, "fileData") is not None
+def _has_media(contents: list[Any]) -> bool:
+    """A `fileData` part (Files API, gs://, a URL: its size is not in the request) or an
+    `inlineData` one: Google bills media by what they show, not by their bytes (images
+    258 tokens per 768 px tile on 2.5, video 263 tokens a second, audio 32: a small,
+    well-compressed file can bill more tokens than its base64 text counts), and no rule
+    tokenfuse can apply to the bytes alone bounds every kind."""
+    return any(isinstance(part, dict) and (field(part, "fileData") is not None
+                                           or field(part, "inlineData") is not None)
                for content in contents if isinstance(content, dict)
                for part in as_list(content.get("parts")))
 
