@@ -584,25 +584,35 @@ def test_refusals_are_raised_by_the_sdk(gstack: Stack, fake: FakeProvider, key: 
 def test_query_key_never_in_the_path_or_logs(gstack: Stack, fake: FakeProvider,
                                             key: str) -> None:
     """`?key=` (REST samples, curl): billed like the header, moved into x-goog-api-key on
-    the way (the upstream path has no key), and in no log or metric."""
+    the way (the upstream path has no key), and in no log or metric, after a small flood of
+    concurrent requests, refused ones included."""
     gw = gstack.envoy.base_url + "/gemini"
-    for i in range(20):
-        stream = i % 2 == 1
-        path = (STREAM + f"&key={key}") if stream else (GEN + f"?key={key}")
-        r = httpx.post(gw + path, json={"contents": [{"role": "user", "parts": [
-            {"text": f"question {spell(i)}"}]}]}, headers={"x-fake-output-tokens": "3"}, timeout=30)
-        assert r.status_code == 200, r.text
-        if stream:
-            assert r.text.startswith("data: ") and "\r\n\r\n" in r.text
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            calls = []
+            for i in range(30):
+                stream = i % 2 == 1
+                path = (STREAM + f"&key={key}") if stream else (GEN + f"?key={key}")
+                if i >= 24:  # refused before anything is forwarded
+                    path = path.replace("gemini-2.5-flash", "gemini-unpriced-model")
+                calls.append(http.post(gw + path, headers={"x-fake-output-tokens": "3"},
+                                       json={"contents": [{"role": "user", "parts": [
+                                           {"text": f"question {spell(i)}"}]}]}))
+            return list(await asyncio.gather(*calls))
+
+    answers = asyncio.run(flood())
+    assert [r.status_code for r in answers] == [200] * 24 + [400] * 6
+    assert all(r.text.startswith("data: ") and "\r\n\r\n" in r.text for r in answers[1:24:2])
     other = "AIza" + uuid.uuid4().hex
     twice = httpx.post(gw + GEN + f"?key={key}&key={key}", json=BODY, timeout=30)
     mixed = httpx.post(gw + GEN + f"?key={key}", json=BODY, timeout=30,
                        headers={"x-goog-api-key": other})
     assert twice.status_code == mixed.status_code == 400
-    assert key not in twice.text + mixed.text
-    finished(fake, key, 20)
+    assert key not in "".join(r.text for r in [*answers, twice, mixed])
+    finished(fake, key, 24)
     posts = records(fake, key)
-    assert len(posts) == 20 and all(key not in r.query for r in posts)
+    assert len(posts) == 24 and all(key not in r.query for r in posts)
     assert all(r.headers.get("x-goog-api-key") == key for r in posts)
     assert all(key not in v for r in posts for n, v in r.raw_headers if n != "x-goog-api-key")
     assert spent(gstack, key)["spent_nano_usd"] == bill(fake, key) > 0
