@@ -211,6 +211,9 @@ def test_errors_and_the_cut_are_googles_shape() -> None:
     assert b"event:" not in cut
     array = GEMINI.for_path("/v1beta/models/m:streamGenerateContent")
     assert array is not GEMINI and array.for_path("/x") is array
+    assert array.is_event_stream(b"[{") and array.is_event_stream(b"\r\n")
+    assert not array.is_event_stream(b'{"error"') and not GEMINI.is_event_stream(b"[{")
+    assert GEMINI.is_event_stream(b"data: {") and not GEMINI.is_event_stream(b' {"error"')
     assert json.loads(b"[" + array.stream_error_event("stream_cut", "c", "m", {}))[0][
         "error"]["code"] == 402
 

@@ -329,7 +329,9 @@ class ArrayStream:
         return self
 
     def is_event_stream(self, first_chunk: bytes) -> bool:
-        return first_chunk.lstrip()[:1] == b"["
+        """The array's `[` (or only whitespace so far: metered, never let through
+        unmetered); an error document starts `{`."""
+        return first_chunk.lstrip()[:1] in (b"[", b"")
 
     def stream_decoder(self) -> FrameDecoder:
         return JsonArrayDecoder(END_EVENT)
