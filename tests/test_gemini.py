@@ -613,9 +613,12 @@ def test_query_key_never_in_the_path_or_logs(gstack: Stack, fake: FakeProvider,
                        headers={"x-goog-api-key": other})
     assert twice.status_code == mixed.status_code == 400
     assert key not in "".join(r.text for r in [*answers, twice, mixed])
-    finished(fake, key, 24)
+    listed = httpx.get(gw + f"/v1beta/models?key={key}&pageSize=5", timeout=30)
+    assert listed.status_code == 200 and listed.json()["models"]  # no body, moved all the same
+    finished(fake, key, 25)
     posts = records(fake, key)
-    assert len(posts) == 24 and all(key not in r.query for r in posts)
+    assert len(posts) == 25 and all(key not in r.query for r in posts)
+    assert any(r.method == "GET" and r.query == "pageSize=5" for r in posts)
     assert all(r.headers.get("x-goog-api-key") == key for r in posts)
     assert all(key not in v for r in posts for n, v in r.raw_headers if n != "x-goog-api-key")
     assert spent(gstack, key)["spent_nano_usd"] == bill(fake, key) > 0
