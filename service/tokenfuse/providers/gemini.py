@@ -190,7 +190,8 @@ class Gemini(ProviderBase):
     _path = _GEMINI_PATH
 
     def __init__(self) -> None:
-        #: The wire format of a stream without `alt=sse` (a JSON array): `with_array`.
+        #: The wire format of a stream without `alt=sse`, a JSON array (`gemini()` and
+        #: `vertex()` attach it).
         self.array: Gemini = self
 
     def for_path(self, path: str) -> Provider:
@@ -201,6 +202,10 @@ class Gemini(ProviderBase):
         return self
 
     def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:
+        """The path's model id: `gemini/gemini-2.5-pro` is `gemini-2.5-pro`; on Vertex,
+        `vertex_ai/claude-sonnet-4-5@20250929` is `claude-sonnet-4-5@20250929` (Claude's
+        path model, for `Vertex.claude`). Ids with a `/` are other publishers' models
+        (`vertex_ai/xai/…`), not routed."""
         return None if "/" in model else model
 
     def parse_request(self, path: str, body: dict[str, Any]) -> Call:
@@ -403,11 +408,6 @@ class Vertex(Gemini):
         if ANTHROPIC_PUBLISHER in path.partition("?")[0]:
             return self.claude if self.claude is not None else self
         return super().for_path(path)
-
-    def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:
-        """`vertex_ai/claude-sonnet-4-5@20250929` is `claude-sonnet-4-5@20250929` (the
-        path's model); partner models under other publishers are not routed."""
-        return None if "/" in model else model
 
     def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
         return ("authorization", f"Bearer {secret}"), ("x-goog-api-key",)
