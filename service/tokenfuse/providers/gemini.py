@@ -71,6 +71,9 @@ ANTHROPIC_PUBLISHER = "/publishers/anthropic/"
 #: moved into (Google reads both).
 QUERY_CREDENTIALS = (("key", Credential("x-goog-api-key")),
                      ("access_token", Credential("authorization", "bearer")))
+#: The counts a usageMetadata may carry (one of them present: it reports usage).
+USAGE_COUNTS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount",
+                "toolUsePromptTokenCount", "totalTokenCount", "cachedContentTokenCount")
 #: Gemini's tokenizer (SentencePiece, 256k vocabulary) is not public: counts are bounded
 #: by cl100k's times 1.5, tokenfuse's bound for an unpublished tokenizer (the usage is the
 #: bill; this only bounds the input before the call and counts a stream's visible text).
@@ -276,8 +279,11 @@ class Gemini(ProviderBase):
 
     # -- responses
     def usage(self, payload: dict[str, Any]) -> TokenUsage | None:
+        """The bill so far; None for a usageMetadata without counts (Vertex sends
+        `{"trafficType": "ON_DEMAND"}` alone on every chunk but the last: recorded,
+        tests/fixtures/recorded/vertex_gemini_stream*)."""
         meta = payload.get("usageMetadata")
-        if not isinstance(meta, dict):
+        if not isinstance(meta, dict) or not any(name in meta for name in USAGE_COUNTS):
             return None
         prompt = count_of(meta.get("promptTokenCount"))
         cached = min(prompt, count_of(meta.get("cachedContentTokenCount")))
@@ -288,6 +294,12 @@ class Gemini(ProviderBase):
         output = total - prompt - tool_use if total else shown
         return TokenUsage(input=prompt - cached + tool_use, output=max(output, 0),
                           cache_read=cached)
+
+    def merge_usage(self, old: TokenUsage | None, new: TokenUsage) -> TokenUsage:
+        """Each usageMetadata is the whole bill so far: the last one wins, never a
+        per-field maximum (a recorded Gemini stream says promptTokenCount 15 on its first
+        chunks and 14 on the last: tests/fixtures/recorded/gemini_stream)."""
+        return new
 
     def is_event_stream(self, first_chunk: bytes) -> bool:
         """SSE starts `data:`; an error document starts `{` (or, on Vertex, `[{`)."""
