@@ -76,8 +76,8 @@ DATASET = """{
     "input_cost_per_token": 5e-06},
   "openai/gpt-y": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 1e-06},
   "ft:gpt-y": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 1e-06},
-  "gemini-q": {"litellm_provider": "gemini", "mode": "chat", "input_cost_per_token": 1e-06,
-    "output_cost_per_token": 2e-06},
+  "replicate-q": {"litellm_provider": "replicate", "mode": "chat",
+    "input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06},
   "bedrock/claude-x": {"litellm_provider": "bedrock", "mode": "chat",
     "input_cost_per_token": 3e-06}
 }"""
@@ -98,11 +98,11 @@ def test_convert_keeps_routed_providers_and_priced_modes_only() -> None:
         "perplexity": "perplexity", "ollama": "ollama", "ollama_chat": "ollama",
         "bedrock": "bedrock", "bedrock_converse": "bedrock",
         "cohere_chat": "cohere", "cohere": "cohere",
-        # TEMP (VertexClaude as the vertex route): the Gemini route's at merge.
-        "vertex_ai-anthropic_models": "vertex", "vertex_ai": "vertex"}
-    wider = convert(_dataset(DATASET), SOURCE,
-                    providers={"openai": "openai", "anthropic": "anthropic", "gemini": "openai"})
-    assert "gemini-q" in wider["models"]
+        "gemini": "gemini", "vertex_ai-language-models": "vertex", "vertex_ai": "vertex",
+        "vertex_ai-anthropic_models": "vertex"}
+    wider = convert(_dataset(DATASET), SOURCE, providers={
+        "openai": "openai", "anthropic": "anthropic", "replicate": "openai"})
+    assert "replicate-q" in wider["models"]
 
 
 VENDOR_DATASET = """{

@@ -1242,6 +1242,7 @@ class RequestRecord:
     request_encoding: str = ""  # the content-encoding the body arrived with
     response_encoding: str = ""  # the content-encoding the fake answered with
     vendor: str = ""  # the `/<vendor>` prefix the request came under (fake_vendors.DIALECTS)
+    query: str = ""  # the query string as received (fake_google records it)
 
     @property
     def cap(self) -> int | None:
@@ -1517,10 +1518,15 @@ class FakeProvider(BackgroundServer):
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers.setdefault(name.lower(), value)  # the first of duplicated headers
+        from tests.support import fake_google  # Gemini and Vertex AI's own wire format
         vertex_claude = path.startswith("/vertex/") and "/publishers/anthropic/" in path
-        own = path.startswith(("/ollama/api/", "/cohere/", "/bedrock/")) or vertex_claude
+        google = None if vertex_claude else fake_google.route_of(path)
+        own = path.startswith(("/ollama/api/", "/cohere/", "/bedrock/")) or vertex_claude \
+            or bool(google)
         vendor = None if own else fake_vendors.vendor_of(path)
-        if path.startswith("/ollama/api/"):  # Ollama's native API: tests/support/fake_ollama.py
+        if google:
+            provider = google
+        elif path.startswith("/ollama/api/"):  # Ollama's native API: tests/support/fake_ollama.py
             provider = "ollama"
         elif path.startswith("/cohere/"):  # Cohere v2: tests/support/fake_cohere.py
             provider = "cohere"
@@ -1540,6 +1546,8 @@ class FakeProvider(BackgroundServer):
         record = RequestRecord(path, request.method, headers, b"", 0, provider,
                                generation=generation, api_key=billed_key(provider, headers),
                                raw_headers=[(k.lower(), v) for k, v in request.headers.items()])
+        if google:
+            record.api_key = fake_google.billed_key(request)
         if vendor is not None:
             record.vendor = vendor[0]
             record.api_key = fake_vendors.billed_key(fake_vendors.DIALECTS[vendor[0]], headers)
@@ -1563,7 +1571,8 @@ class FakeProvider(BackgroundServer):
             raise
         record.status = resp.status
         if not resp.prepared and isinstance(resp, web.Response) and resp.body:
-            coding = response_coding(headers)
+            coding = fake_google.response_coding(headers) if google \
+                else response_coding(headers)
             if coding:
                 assert isinstance(resp.body, bytes)
                 resp.body = compress(resp.body, coding)
@@ -1591,6 +1600,9 @@ class FakeProvider(BackgroundServer):
         if record.path.startswith("/vertex/") and "/publishers/anthropic/" in record.path:
             from tests.support import fake_vertex_claude
             return await fake_vertex_claude.dispatch(self, request, record)
+        if record.provider in ("gemini", "vertex"):
+            from tests.support import fake_google
+            return await fake_google.dispatch(self, request, record)
         record.body = await request.read()
         record.request_encoding = request.headers.get("content-encoding", "")
         if record.request_encoding:

@@ -154,13 +154,18 @@ GATEWAY_KEY_PROCESSING = {EXT_PROC_FILTER: {
 
 
 def _gateway_key_matches(provider: Provider) -> list[dict[str, Any]]:
-    """Header matches for a gateway key in any header the provider reads a key from."""
-    matches = []
+    """Route matches for a gateway key in any header (or query parameter: Google's `?key=`)
+    the provider reads a key from."""
+    matches: list[dict[str, Any]] = []
     for credential in provider.credentials:
         regex = (rf"(?i){credential.scheme} \s*{VIRTUAL_KEY_PREFIX}.*" if credential.scheme
                  else rf"\s*{VIRTUAL_KEY_PREFIX}.*")
-        matches.append({"name": credential.header,
-                        "string_match": {"safe_regex": {"regex": regex}}})
+        matches.append({"headers": [{"name": credential.header,
+                                     "string_match": {"safe_regex": {"regex": regex}}}]})
+    for name, _ in provider.query_credentials:
+        for spelled in (name, f"${name}"):
+            matches.append({"query_parameters": [{
+                "name": spelled, "string_match": {"prefix": VIRTUAL_KEY_PREFIX}}]})
     return matches
 
 
@@ -305,7 +310,7 @@ def render(settings: Settings) -> dict[str, Any]:
         # response headers (the key the final attempt used). Envoy fixes the processing mode
         # when it first matches a route, so the key is recognised here, before the decision.
         # (Not on the pooled route: its per-route config would reach the upstream ext_proc.)
-        routes.extend({"match": {"prefix": f"/{provider}/", "headers": [match]},
+        routes.extend({"match": {"prefix": f"/{provider}/", **match},
                        "route": route, "typed_per_filter_config": GATEWAY_KEY_PROCESSING}
                       for match in _gateway_key_matches(spec))
         routes.append({"match": {"prefix": f"/{provider}/"}, "route": route})

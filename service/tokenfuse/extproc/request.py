@@ -36,6 +36,7 @@ from tokenfuse.providers import (
     Provider,
     RequestRejected,
     caller_credential,
+    moved_query_credentials,
     provider_for_path,
 )
 from tokenfuse.state.connection import REDIS_FAILURES
@@ -106,6 +107,9 @@ class RequestPhase:
         if msg.end_of_stream:
             metrics.DECISIONS.labels("allowed", "no_body", ex.provider_name).inc()
         forged = tuple(h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX))
+        # A key in the query (Google's `?key=`) goes on in its header, never in the path.
+        moved = moved_query_credentials(provider, path)
+        path_set = ((":path", moved[0]),) if moved else ()
         if ex.pool:
             # Route to the pooled cluster; its upstream filter puts a provider key on
             # every attempt. The gateway key itself never leaves Envoy.
@@ -114,11 +118,13 @@ class RequestPhase:
             return header_mutation_response(
                 "request_headers",
                 ((POOL_HEADER, route),
-                 (GRANT_HEADER, grant(self._rt.secret, route, ex.client_request_id))),
+                 (GRANT_HEADER, grant(self._rt.secret, route, ex.client_request_id)),
+                 *path_set),
                 (*credentials, *forged), clear_route_cache=True)
-        if forged:  # only tokenfuse sets these: drop them and re-pick the route
-            return header_mutation_response("request_headers", (), forged,
-                                            clear_route_cache=True)
+        if forged or moved:  # only tokenfuse sets these: drop them and re-pick the route
+            return header_mutation_response("request_headers",
+                                            (*path_set, *(moved[1] if moved else ())),
+                                            forged, clear_route_cache=bool(forged))
         return CONTINUE_REQUEST_HEADERS
 
     async def release(self, ex: Exchange, basis: str) -> None:

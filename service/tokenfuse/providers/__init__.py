@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl, unquote_plus
 
 from tokenfuse.identity import VIRTUAL_KEY_PREFIX
 from tokenfuse.providers.anthropic import Anthropic
@@ -17,11 +18,15 @@ from tokenfuse.providers.base import Call, Provider, RequestRejected
 from tokenfuse.providers.bedrock import bedrock
 from tokenfuse.providers.cohere import Cohere
 from tokenfuse.providers.compatible import VENDORS, declared
+from tokenfuse.providers.gemini import gemini, vertex
 from tokenfuse.providers.ollama import ollama
 from tokenfuse.providers.openai import ENCODINGS_PACKAGE, OpenAI
 from tokenfuse.providers.vertex_claude import VertexClaude
 
 _AZURE = Azure()
+#: Vertex AI: Gemini, and Claude (`_VERTEX.claude`, Anthropic's wire format) on one route.
+_VERTEX = vertex()
+_VERTEX.claude = VertexClaude()
 #: The providers tokenfuse ships, by route name.
 BUILTIN: dict[str, Provider] = {
     "openai": OpenAI(), "anthropic": Anthropic(), "azure": _AZURE,
@@ -31,7 +36,8 @@ BUILTIN: dict[str, Provider] = {
     # AWS Bedrock: Converse (any model) and InvokeModel (Anthropic models), eventstreams.
     "bedrock": bedrock(),
     "cohere": Cohere(),
-    "vertex": VertexClaude(),  # TEMP: the Gemini route's `claude` once it lands
+    # Google: the Gemini API and Vertex AI (Gemini; Claude under publishers/anthropic).
+    "gemini": gemini(), "vertex": _VERTEX,
 }
 #: Every provider a route may name: the built-in ones, then those the operator declares
 #: (`declare`, from TOKENFUSE_OPENAI_COMPATIBLE when the settings are read).
@@ -83,22 +89,62 @@ def caller_credential(provider: Provider,
     """(the key to charge, None) or (None, refusal code): exactly one credential, in a
     header the provider authenticates, and it is what the provider will bill.
 
-    Refused: a credential header sent twice (or merged by Envoy into `a,b`), two different
-    keys in any combination of credential headers, a gateway key next to any other
-    credential. No key in a header the provider reads: (None, None)."""
+    Refused: a credential header (or query parameter) sent twice (or merged by Envoy into
+    `a,b`), two different keys in any combination of credential headers and query
+    parameters, a gateway key next to any other credential. No key where the provider
+    reads one: (None, None)."""
     values: list[str] = []
     for header in CREDENTIAL_HEADERS:
         sent = headers.get(header, ())
         if len(sent) > 1 or any("," in v for v in sent):
             return None, "duplicate_credential"
         values.extend(v for v in sent if v.strip())
+    in_query = _query_credentials(provider, (headers.get(":path") or [""])[-1])
+    if len({name for name, _ in in_query}) < len(in_query):
+        return None, "duplicate_credential"
+    queried = [value for _, value in in_query if value.strip()]
+    values.extend(queried)
     keys = {_bare_key(v) for v in values}
     if any(k.startswith(VIRTUAL_KEY_PREFIX) for k in keys) and len(values) > 1:
         return None, "gateway_key_with_credential"
     if len(keys) > 1:
         return None, "conflicting_credentials"
     single = {h: v[0] for h, v in headers.items() if len(v) == 1}
-    return provider.caller_key(single), None
+    return provider.caller_key(single) or (queried[0].strip() if queried else None), None
+
+
+def _query_credentials(provider: Provider, path: str) -> list[tuple[str, str]]:
+    """(parameter, value) of each credential in the query (`$key` is `key`)."""
+    names = {name for name, _ in provider.query_credentials}
+    _, _, query = path.partition("?")
+    if not names or not query:
+        return []
+    return [(name.lstrip("$"), value) for name, value in parse_qsl(query, keep_blank_values=True)
+            if name.lstrip("$") in names]
+
+
+def moved_query_credentials(provider: Provider, path: str
+                            ) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    """(the path without its credential parameters, the headers that carry them instead),
+    or None when the query has none: a key in a URL would reach access logs and the
+    provider's path; the provider reads the header alike."""
+    if not _query_credentials(provider, path):
+        return None
+    route, _, query = path.partition("?")
+    by_name = dict(provider.query_credentials)
+    kept, moved = [], []
+    for raw in query.split("&"):
+        name, _, value = raw.partition("=")
+        decoded = unquote_plus(name).lstrip("$")
+        if decoded not in by_name:
+            kept.append(raw)
+            continue
+        key = unquote_plus(value).strip()
+        credential = by_name[decoded]
+        if key:
+            moved.append((credential.header, key if credential.scheme is None
+                          else f"{credential.scheme.title()} {key}"))
+    return (route + ("?" + "&".join(kept) if kept else ""), tuple(moved))
 
 
 def _bare_key(value: str) -> str:
@@ -124,5 +170,6 @@ def tool_calls(message: Any) -> list[tuple[str, Any]]:
 
 __all__ = ["BUILTIN", "CREDENTIAL_HEADERS", "DEFAULT_PROVIDER", "ENCODING_DATA_PACKAGE",
            "MEDIA_BLOCK_TYPES", "PROVIDERS", "Call", "Provider", "RequestRejected",
-           "caller_credential", "declare", "provider_for_path", "tool_calls",
+           "caller_credential", "declare", "moved_query_credentials", "provider_for_path",
+           "tool_calls",
            "unrouted_error_body"]

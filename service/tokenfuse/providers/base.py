@@ -120,6 +120,9 @@ class Provider(Protocol):
     default_upstream: str
     sdk_base_path: str  # what the official SDK's base URL adds after /<name> (e.g. /v1)
     credentials: tuple[Credential, ...]  # where the caller's key is read, in precedence
+    #: Query parameters the provider also reads a key from (Google's `?key=`), each with
+    #: the header tokenfuse moves it into before the request goes on (nothing logs it).
+    query_credentials: tuple[tuple[str, Credential], ...]
     media_block_types: frozenset[str]  # content parts whose tokens are not their text
     reasoning_by_model: bool  # a reasoning model thinks unasked (else only when asked)
     #: `litellm_provider` names of the public price dataset whose entries are this
@@ -271,6 +274,7 @@ class ProviderBase:
     sdk_base_path = ""
     credentials: tuple[Credential, ...] = (Credential("authorization", "bearer"),
                                            Credential("x-api-key"))
+    query_credentials: tuple[tuple[str, Credential], ...] = ()
     error_types: ClassVar[dict[str, str]] = COMMON_ERROR_TYPES
     media_block_types: frozenset[str] = frozenset()
     reasoning_by_model = False

@@ -28,6 +28,7 @@ from urllib.parse import unquote
 
 from tokenfuse.providers.anthropic import Anthropic
 from tokenfuse.providers.base import Call, Credential, RequestRejected, endpoint_of, unsupported
+from tokenfuse.providers.gemini import QUERY_CREDENTIALS
 
 #: `/{v1|v1beta1}/projects/{p}/locations/{l}/publishers/anthropic/models/{model}:{verb}`
 _PATH = re.compile(r"^/v1(?:beta1)?/projects/[^/]+/locations/[^/]+/publishers/anthropic/"
@@ -43,6 +44,9 @@ class VertexClaude(Anthropic):
     default_upstream = "https://aiplatform.googleapis.com"  # the global endpoint
     sdk_base_path = "/v1"  # AnthropicVertex(base_url=<gateway>/vertex/v1)
     credentials = (Credential("authorization", "bearer"),)
+    # A Google `?key=` / `?access_token=` is read and moved into its header, as on the
+    # Gemini paths of the route (never left in the path).
+    query_credentials = QUERY_CREDENTIALS
     # `vertex_ai` so that the dataset's `vertex_ai/claude-…` keys read as prefixed ones
     # (price_refresh.table_key): its other (non-Claude) models are not this provider's.
     price_dataset_providers = ("vertex_ai-anthropic_models", _DATASET_PREFIX)
