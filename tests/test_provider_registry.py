@@ -344,3 +344,16 @@ def test_cerebras_minus_one_is_no_cap() -> None:
     assert cerebras.with_output_cap(body, call, 512)["max_completion_tokens"] == 512
     with pytest.raises(Exception, match="positive integer"):
         PROVIDERS["groq"].parse_request("/openai/v1/chat/completions", body)
+
+
+def test_one_tool_call_is_counted_once_whichever_readers_read_its_shape() -> None:
+    """Cohere v2 writes OpenAI's `tool_calls`: both readers find the call, it counts once
+    (it counted twice, and the tool-loop guard refused at half its limit)."""
+    from tokenfuse.providers import tool_calls
+
+    message = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "x"}'}}]}
+    assert tool_calls(message) == [("get_weather", '{"city": "x"}')]
+    mixed = {**message, "content": [{"type": "tool_use", "name": "search", "input": {}}]}
+    assert sorted(name for name, _ in tool_calls(mixed)) == ["get_weather", "search"]

@@ -164,8 +164,14 @@ _TOOL_CALL_READERS = tuple({type(p).tool_calls: p.tool_calls for p in BUILTIN.va
 
 def tool_calls(message: Any) -> list[tuple[str, Any]]:
     """Tool calls recorded in one history message, in any provider's shape (an agent may
-    replay another provider's history)."""
-    return [call for read in _TOOL_CALL_READERS for call in read(message)]
+    replay another provider's history). Two readers of one shape (Cohere v2 writes
+    OpenAI's `tool_calls`) find the same calls: they are counted once."""
+    found: list[list[tuple[str, Any]]] = []
+    for read in _TOOL_CALL_READERS:
+        calls = read(message)
+        if calls and calls not in found:
+            found.append(calls)
+    return [call for calls in found for call in calls]
 
 
 __all__ = ["BUILTIN", "CREDENTIAL_HEADERS", "DEFAULT_PROVIDER", "ENCODING_DATA_PACKAGE",
