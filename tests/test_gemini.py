@@ -352,8 +352,20 @@ def client(stack: Stack, key: str, **headers: str) -> genai.Client:
         base_url=stack.envoy.base_url + "/gemini", headers=headers, timeout=30_000))
 
 
-def vertex_client(stack: Stack, token: str, **headers: str) -> genai.Client:
-    return genai.Client(vertexai=True, project="proj-1", location="us-central1",
+def project_of(token: str) -> str:
+    """A project of the test's own (a Vertex OAuth caller is charged as its project)."""
+    return "proj-" + token[-12:]
+
+
+def charged(key: str) -> str:
+    """Whom tokenfuse charges for a key: an OAuth token's project, else the key."""
+    return f"vertex-project:{project_of(key)}" if key.startswith("ya29.") else key
+
+
+def vertex_client(stack: Stack, token: str, project: str | None = None,
+                  **headers: str) -> genai.Client:
+    return genai.Client(vertexai=True, project=project or project_of(token),
+                        location="us-central1",
                         credentials=Credentials(token=token),
                         http_options=types.HttpOptions(
                             base_url=stack.envoy.base_url + "/vertex", headers=headers,
@@ -361,7 +373,7 @@ def vertex_client(stack: Stack, token: str, **headers: str) -> genai.Client:
 
 
 def spent(stack: Stack, key: str) -> dict:
-    doc = json.loads(stack.cli("budget", "status", "--key", key, "--json").stdout)
+    doc = json.loads(stack.cli("budget", "status", "--key", charged(key), "--json").stdout)
     return doc["windows"]["day"]
 
 
@@ -419,7 +431,8 @@ def test_vertex_settled_exactly(gstack: Stack, fake: FakeProvider, stream: bool)
     assert last.usage_metadata is not None and last.usage_metadata.candidates_token_count == 7
     finished(fake, token)
     (record,) = records(fake, token)
-    assert record.path.startswith("/vertex/v1beta1/projects/proj-1/locations/us-central1/")
+    assert record.path.startswith(
+        f"/vertex/v1beta1/projects/{project_of(token)}/locations/us-central1/")
     # No cap sent, a thinking model: the model's maximum written in (65,535 in Vertex's
     # price entry, the bound tokenfuse reserved).
     assert record.cap == PRICES.lookup("gemini-2.5-flash", "vertex").max_output_tokens
@@ -428,7 +441,7 @@ def test_vertex_settled_exactly(gstack: Stack, fake: FakeProvider, stream: bool)
 
 
 def set_budget(stack: Stack, key: str, nano: int) -> None:
-    assert stack.cli("budget", "set", "--key", key, "--daily",
+    assert stack.cli("budget", "set", "--key", charged(key), "--daily",
                      f"{nano // 10**9}.{nano % 10**9:09d}").returncode == 0
 
 
@@ -846,3 +859,30 @@ def test_revoked_pool_key_fails_over(gstack: Stack, fake: FakeProvider) -> None:
             c.models.generate_content(model="gemini-2.5-flash", contents=f"revoked {word}")
     finally:
         fake.revoked_keys.discard(revoked)
+
+
+def test_vertex_oauth_callers_are_charged_as_their_project(gstack: Stack,
+                                                          fake: FakeProvider) -> None:
+    """An OAuth access token rotates every hour: a budget on the token would start afresh
+    with each. A Vertex bearer caller is charged as the project of its path (the one
+    Google bills): two tokens of one project share its budget, another project has its
+    own, and a budget set on the project refuses the next token's request."""
+    first, second = ("ya29." + uuid.uuid4().hex for _ in range(2))
+    project = project_of(first)
+    for token in (first, second):
+        c = vertex_client(gstack, token, project, **{"x-fake-output-tokens": "5"})
+        assert c.models.generate_content(model="gemini-2.5-flash",
+                                         contents=f"hi {token[-4:]}").text
+    finished(fake, first)
+    finished(fake, second)
+    both = bill(fake, first) + bill(fake, second)
+    day = spent(gstack, first)  # the project's window (charged(first) is its project)
+    assert day["spent_nano_usd"] == both > bill(fake, first) > 0
+    third = "ya29." + uuid.uuid4().hex  # its own project: nothing spent there yet
+    assert spent(gstack, third)["spent_nano_usd"] == 0
+    set_budget(gstack, first, both)  # the project's budget, now exhausted
+    newest = vertex_client(gstack, "ya29." + uuid.uuid4().hex, project)
+    with pytest.raises(genai_errors.ClientError) as refused:
+        newest.models.generate_content(model="gemini-2.5-flash",
+                                       contents="a new token, the same project")
+    assert refused.value.code == 402

@@ -323,7 +323,7 @@ def call(rec: Recording, base: str, key: str, tls: ServerCertificate | None = No
         options = gtypes.HttpOptions(base_url=f"{base}/{provider}", headers=replay,
                                      api_version="v1beta" if provider == "gemini" else None)
         client = genai.Client(api_key=key, http_options=options) if provider == "gemini" \
-            else genai.Client(vertexai=True, project="proj-1", location="us-central1",
+            else genai.Client(vertexai=True, project=project_of(key), location="us-central1",
                               credentials=google.oauth2.credentials.Credentials(token=key),
                               http_options=options)
         config = gtypes.GenerateContentConfig.model_validate(
@@ -437,6 +437,16 @@ def uses_boto3(rec: Recording) -> bool:
     return rec.meta["provider"] == "bedrock" and "Boto3" in str(rec.meta["request"]["sdk"])
 
 
+def project_of(key: str) -> str:
+    """The Vertex project of a test's own (an OAuth caller is charged as its project)."""
+    return "proj-" + key[-12:]
+
+
+def charged(key: str, provider: str) -> str:
+    """Whom tokenfuse charges: a Vertex OAuth caller's project, else the key."""
+    return f"vertex-project:{project_of(key)}" if provider == "vertex" else key
+
+
 def day(stack: Stack, key: str) -> dict[str, int]:
     doc = json.loads(stack.cli("budget", "status", "--key", key, "--json").stdout)
     return doc["windows"]["day"]
@@ -460,7 +470,7 @@ def test_recorded_cloud_response_is_billed_exactly(stacks: dict[str, Stack],
     seen = upstream.for_fixture(name)[-1]
     wait_until(lambda: seen.completed, what="the replay's end")
     assert seen.headers.get("Accept-Encoding") == "identity"  # tokenfuse meters plain bytes
-    window = day(stack, api_key)
+    window = day(stack, charged(api_key, rec.meta["provider"]))
     assert window["reserved_nano_usd"] == 0
     assert window["spent_nano_usd"] == BILLS[name].nano(price_of(rec)), (BILLS[name], window)
 
@@ -501,7 +511,7 @@ def test_application_profile_arn_is_not_billed_blind(stacks: dict[str, Stack],
 
 
 # ------------------------------------------------------------- the estimate, before the call
-def gateway_path(rec: Recording) -> str:
+def gateway_path(rec: Recording, key: str) -> str:
     """The recorded request's path on the gateway (the model as the test sends it)."""
     provider, uri, model = rec.meta["provider"], rec.meta["request"]["uri"], model_of(rec)
     if provider == "bedrock":
@@ -511,8 +521,8 @@ def gateway_path(rec: Recording) -> str:
     verb = uri.rsplit(":", 1)[1]
     if provider == "gemini":
         return f"/gemini/v1beta/models/{model}:{verb}"
-    return (f"/vertex/v1beta1/projects/proj-1/locations/us-central1/publishers/google/models/"
-            f"{model}:{verb}")
+    return (f"/vertex/v1beta1/projects/{project_of(key)}/locations/us-central1/publishers/"
+            f"google/models/{model}:{verb}")
 
 
 def estimate_of(stacks: dict[str, Stack], pki: ServerCertificate, key: str,
@@ -520,13 +530,14 @@ def estimate_of(stacks: dict[str, Stack], pki: ServerCertificate, key: str,
     """tokenfuse's pre-call estimate of the recorded request, read from the 402 it answers
     under a 1-nano-dollar budget (each provider's error shape carries tokenfuse's details)."""
     stack = stacks["tls" if uses_boto3(rec) else "plain"]
-    assert stack.cli("budget", "set", "--key", key, "--daily", "0.000000001").returncode == 0
+    assert stack.cli("budget", "set", "--key", charged(key, rec.meta["provider"]), "--daily",
+                     "0.000000001").returncode == 0
     body = dict(rec.meta["request"]["body"])
     if rec.meta["provider"] == "cohere":
         body["model"] = model_of(rec)
     auth = {"gemini": {"x-goog-api-key": key}}.get(rec.meta["provider"],
                                                      {"authorization": f"Bearer {key}"})
-    answer = httpx.post(stack.envoy.base_url + gateway_path(rec), json=body, timeout=30,
+    answer = httpx.post(stack.envoy.base_url + gateway_path(rec, key), json=body, timeout=30,
                         headers={**auth, "x-replay": rec.name},
                         verify=str(pki.ca) if uses_boto3(rec) else True)
     assert answer.status_code == 402, answer.text

@@ -70,7 +70,10 @@ def test_paths() -> None:
     assert VERTEX.price_ids(SONNET) == (("vertex", SONNET),)
     assert VERTEX.price_model_id(SONNET, "chat", True) == SONNET
     assert VERTEX.price_model_id("gemini-2.5-pro", "chat", True) is None
-    assert VERTEX.caller_key({"authorization": "Bearer ya29.T"}) == "ya29.T"
+    assert VERTEX.caller_key({"authorization": "Bearer ya29.T"}) == "ya29.T"  # no project
+    assert VERTEX.caller_key({"authorization": "Bearer ya29.T", ":path": f"/vertex{BASE}/"
+                              f"{SONNET}:rawPredict"}) == "vertex-project:proj-1"
+    assert VERTEX.credential_of({"authorization": "Bearer ya29.T", ":path": BASE}) == "ya29.T"
     assert VERTEX.caller_key({"x-api-key": "sk-ant"}) is None  # not Vertex's credential
     cut = VERTEX.stream_error_event("stream_cut", "budget", "stop", {})
     assert cut.startswith(b"event: error\ndata: ")  # Anthropic's; Google's is ignored
@@ -105,19 +108,29 @@ def token() -> str:
 
 
 def client(stack: Stack, token: str, **headers: str) -> anthropic.AnthropicVertex:
-    return anthropic.AnthropicVertex(region="us-east5", project_id="proj-1",
+    return anthropic.AnthropicVertex(region="us-east5", project_id=project_of(token),
                                      access_token=token, max_retries=0,
                                      base_url=stack.envoy.base_url + "/vertex/v1",
                                      default_headers=headers)
 
 
+def project_of(token: str) -> str:
+    """A project of the test's own (a Vertex OAuth caller is charged as its project)."""
+    return "proj-" + token[-12:]
+
+
+def charged(key: str) -> str:
+    """Whom tokenfuse charges for a key: an OAuth token's project, else the key."""
+    return f"vertex-project:{project_of(key)}" if key.startswith("ya29.") else key
+
+
 def spent(stack: Stack, key: str) -> dict:
-    doc = json.loads(stack.cli("budget", "status", "--key", key, "--json").stdout)
+    doc = json.loads(stack.cli("budget", "status", "--key", charged(key), "--json").stdout)
     return doc["windows"]["day"]
 
 
 def set_budget(stack: Stack, key: str, nano: int) -> None:
-    assert stack.cli("budget", "set", "--key", key, "--daily",
+    assert stack.cli("budget", "set", "--key", charged(key), "--daily",
                      f"{nano // 10**9}.{nano % 10**9:09d}").returncode == 0
 
 
@@ -194,7 +207,7 @@ def test_global_endpoint_and_a_compressing_upstream(vx_stack: Stack, fake: FakeP
     headers = {"x-fake-output-tokens": "7"}
     if compress:
         headers["x-fake-compress-always"] = compress
-    c = anthropic.AnthropicVertex(region="global", project_id="proj-2", access_token=token,
+    c = anthropic.AnthropicVertex(region="global", project_id=project_of(token), access_token=token,
                                   max_retries=0, default_headers=headers,
                                   base_url=vx_stack.envoy.base_url + "/vertex/v1")
     with c.messages.stream(model=SONNET, max_tokens=100, messages=MESSAGES) as s:
@@ -264,7 +277,7 @@ def test_a_flood_on_one_token_is_held_to_its_budget(vx_stack: Stack, fake: FakeP
     set_budget(vx_stack, token, FLOOD_BUDGET)
 
     async def flood() -> list[str]:
-        c = anthropic.AsyncAnthropicVertex(region="us-east5", project_id="proj-1",
+        c = anthropic.AsyncAnthropicVertex(region="us-east5", project_id=project_of(token),
                                            access_token=token, max_retries=0, timeout=120,
                                            base_url=vx_stack.envoy.base_url + "/vertex/v1")
 

@@ -110,7 +110,9 @@ class PoolAttempts:
                 return DEFAULT_PROVIDER, ""
             return provider, pool
         provider = cluster_provider if cluster_provider in PROVIDERS else None
-        credential = PROVIDERS[provider].caller_key(headers) if provider else None
+        # The credential as this attempt carries it (a pool holds it), not the identity
+        # a caller is charged as.
+        credential = PROVIDERS[provider].credential_of(headers) if provider else None
         pool = self._pool_secrets.pool_of(key_id(self._secret, credential)) \
             if credential else None
         if pool is None and provider is not None:

@@ -222,7 +222,14 @@ class Provider(Protocol):
         ...
 
     # -- key pools
-    def caller_key(self, headers: dict[str, str]) -> str | None: ...
+    def caller_key(self, headers: dict[str, str]) -> str | None:
+        """Whom the request is charged to: its credential, or the stable identity behind
+        one that rotates (an Entra ID token's principal, a Vertex project)."""
+        ...
+
+    def credential_of(self, headers: dict[str, str]) -> str | None:
+        """The credential as sent (what a pool holds), whatever `caller_key` charges."""
+        ...
 
     def header_refusal(self, headers: dict[str, str]) -> RequestRejected | None:
         """A refusal decided from the request headers alone (a credential that cannot be
@@ -376,6 +383,9 @@ class ProviderBase:
         return json.dumps(doc).encode()
 
     def caller_key(self, headers: dict[str, str]) -> str | None:
+        return self.credential_of(headers)
+
+    def credential_of(self, headers: dict[str, str]) -> str | None:
         for credential in self.credentials:
             key = credential.read(headers)
             if key:

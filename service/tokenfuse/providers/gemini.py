@@ -38,8 +38,9 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
+from tokenfuse.identity import VIRTUAL_KEY_PREFIX
 from tokenfuse.pricing import TokenUsage
 from tokenfuse.providers.base import (
     Call,
@@ -421,11 +422,35 @@ class Vertex(Gemini):
             return self.claude if self.claude is not None else self
         return super().for_path(path)
 
+    def caller_key(self, headers: dict[str, str]) -> str | None:
+        return vertex_caller(self, headers)
+
     def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
         return ("authorization", f"Bearer {secret}"), ("x-goog-api-key",)
 
     def probe(self, secret: str) -> tuple[str, dict[str, str]]:
         return "/v1beta1/publishers/google/models", {"authorization": f"Bearer {secret}"}
+
+
+#: The project a Vertex path names (`/v1/projects/{p}/locations/{l}/…`).
+_VERTEX_PROJECT = re.compile(r"/projects/([^/?#]+)/locations/")
+#: The identity of a Vertex OAuth caller: the project Google bills.
+VERTEX_PROJECT_PREFIX = "vertex-project:"
+
+
+def vertex_caller(provider: Provider, headers: dict[str, str]) -> str | None:
+    """Whom a Vertex request is charged to. An OAuth access token rotates every hour (a
+    budget on it would start afresh each time), so a bearer token is charged to the
+    project of the path: the one Google bills, and a token without access to it is
+    refused there, never billed. An API key (express mode, no project) or a gateway key
+    is itself."""
+    key = provider.credential_of(headers)
+    if key is None or key.startswith(VIRTUAL_KEY_PREFIX):
+        return key
+    if key != Credential("authorization", "bearer").read(headers):
+        return key
+    project = _VERTEX_PROJECT.search(headers.get(":path", "").partition("?")[0])
+    return f"{VERTEX_PROJECT_PREFIX}{unquote(project.group(1))}" if project else key
 
 
 class VertexArray(ArrayStream, Vertex):
