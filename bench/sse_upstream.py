@@ -3,7 +3,9 @@
 Answers every POST with an OpenAI chat-completion stream (SSE) of `x-events` one-token
 events, or, on a path of Ollama's native API (`.../api/chat`), with the same as Ollama's
 NDJSON lines, or on Bedrock's `.../converse-stream` as binary eventstream frames
-(contentBlockDelta, then messageStop and metadata); each event its own HTTP chunk,
+(contentBlockDelta, then messageStop and metadata), or on Gemini's
+`:streamGenerateContent` as Gemini's SSE (CRLF framing, the usage so far on every event);
+each event its own HTTP chunk,
 `x-interval-us` apart (0 = as fast as possible). Every event carries its send time
 (`"ts"`, CLOCK_MONOTONIC ns, system-wide) so the client can measure per-chunk latency.
 Runs in its own process: `python bench/sse_upstream.py PORT`.
@@ -51,6 +53,16 @@ def es_last(events: int) -> bytes:
             + encode_frame({**ES_HEADERS, ":event-type": "metadata"}, usage))
 
 
+# Gemini (alt=sse): no event names, CRLF framing, cumulative usageMetadata on every event
+# (recorded streams: docs/providers.md, Google).
+GEMINI_EVENT = (b'data: {"candidates":[{"content":{"parts":[{"text":" tok"}],"role":"model"},'
+                b'"index":0}],"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":%d,'
+                b'"totalTokenCount":%d},"modelVersion":"gemini-2.0-flash","ts":%d}\r\n\r\n')
+GEMINI_LAST = (b'data: {"candidates":[{"content":{"parts":[{"text":""}],"role":"model"},'
+               b'"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":10,'
+               b'"candidatesTokenCount":%d,"totalTokenCount":%d},'
+               b'"modelVersion":"gemini-2.0-flash"}\r\n\r\n')
+
 HEAD_GZIP = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
              b"content-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n")
 
@@ -86,14 +98,18 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             request_line = head.split(b"\r\n", 1)[0]
             ndjson = b"/api/" in request_line
             frames = b"/converse-stream" in request_line
+            gemini = b":streamGenerateContent" in request_line
             event = NDJSON_EVENT if ndjson else EVENT
             last = NDJSON_LAST % events if ndjson else es_last(events) if frames \
+                else GEMINI_LAST % (events, events + 10) if gemini \
                 else USAGE % (events, events + 10)
             writer.write(NDJSON_HEAD if ndjson else ES_HEAD if frames
                          else HEAD_GZIP if gz is not None else HEAD)
-            for _ in range(events):
+            for n in range(1, events + 1):
                 if frames:
                     piece = encode_frame(ES_HEADERS, ES_DELTA % time.monotonic_ns())
+                elif gemini:
+                    piece = GEMINI_EVENT % (n, n + 10, time.monotonic_ns())
                 else:
                     piece = event % time.monotonic_ns()
                 writer.write(_chunk(encode(piece)))

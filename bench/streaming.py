@@ -7,8 +7,8 @@ metering, reservation extensions) vs Envoy alone, side by side on the same Envoy
   received in total.
 - each in the modes of MODES: SSE plain; NDJSON (Ollama's native `/api/chat`: the second
   framing, next to SSE in the same run); binary eventstream frames (Bedrock's
-  ConverseStream: the third); SSE with the client asking gzip; SSE with the upstream
-  gzipping anyway.
+  ConverseStream: the third); Gemini's SSE (CRLF framing, usage on every event); SSE
+  with the client asking gzip; SSE with the upstream gzipping anyway.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def request_body(mode: str = "plain") -> bytes:
     if mode == "eventstream":  # Bedrock ConverseStream: the operation streams, no cap
         return json.dumps({"messages": [
             {"role": "user", "content": [{"text": f"bench {words}"}]}]}).encode()
+    if mode == "gemini":  # the model is in the path; a non-thinking one (nothing hidden)
+        return json.dumps({"contents": [{"role": "user", "parts": [{"text": f"bench {words}"}]}],
+                           "generationConfig": {"maxOutputTokens": 16384}}).encode()
     if mode == "ndjson":  # Ollama's native chat: streams by default, no cap (metered)
         return json.dumps({"model": "llama3.2", "messages": [
             {"role": "user", "content": f"bench {words}"}]}).encode()
@@ -50,8 +53,9 @@ def request_body(mode: str = "plain") -> bytes:
 #: upstream gzips although asked for identity (the processor decodes and re-encodes).
 MODES = {"plain": "", "ndjson": " NDJSON (Ollama /api/chat)",
          "eventstream": " eventstream (Bedrock converse-stream)",
+         "gemini": " Gemini SSE (usageMetadata on every event)",
          "client_gzip": " (client asks gzip)", "upstream_gzip": " (upstream gzips anyway)"}
-MODE_HEADERS = {"plain": b"", "ndjson": b"", "eventstream": b"",
+MODE_HEADERS = {"plain": b"", "ndjson": b"", "eventstream": b"", "gemini": b"",
                 "client_gzip": b"accept-encoding: gzip\r\n",
                 "upstream_gzip": b"accept-encoding: gzip\r\nx-compress: gzip\r\n"}
 #: The paths each mode streams on: Envoy alone, tokenfuse.
@@ -62,17 +66,20 @@ _BEDROCK_MODEL = "amazon.nova-lite-v1%3A0"  # as boto3 encodes it
 EVENTSTREAM_PATHS = {
     "envoy_alone": f"/direct/bedrock/model/{_BEDROCK_MODEL}/converse-stream",
     "tokenfuse": f"/bedrock/model/{_BEDROCK_MODEL}/converse-stream"}
-#: What the bench's Ollama and Bedrock models cost (the operator's price file):
+_GEMINI_STREAM = "/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
+GEMINI_PATHS = {"envoy_alone": f"/direct{_GEMINI_STREAM}", "tokenfuse": _GEMINI_STREAM}
+#: What the bench's Ollama, Bedrock and Gemini models cost (the operator's price file):
 #: gpt-4o-mini's price, so NDJSON and eventstream streams reserve and extend as the SSE
 #: ones do.
 NDJSON_PRICES = {"models": {name: {
     "provider": name.split("/")[0], "mode": "chat", "input": "0.15", "output": "0.60",
     "max_output_tokens": 16384, "context_window": 131072}
-    for name in ("ollama/llama3.2", "bedrock/amazon.nova-lite-v1:0")}}
+    for name in ("ollama/llama3.2", "bedrock/amazon.nova-lite-v1:0", "gemini/gemini-2.0-flash")}}
 
 
 def paths_of(mode: str) -> dict[str, str]:
-    return {"ndjson": NDJSON_PATHS, "eventstream": EVENTSTREAM_PATHS}.get(mode, SSE_PATHS)
+    return {"ndjson": NDJSON_PATHS, "eventstream": EVENTSTREAM_PATHS,
+            "gemini": GEMINI_PATHS}.get(mode, SSE_PATHS)
 
 
 #: Streams answered 503 (per path) in this run.
@@ -181,5 +188,5 @@ def run(port: int, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
     for name in paths:
         results["plain"][name]["refused_streams"] = sum(
             REFUSED.get(paths_of(mode)[name], 0) for mode in ("plain", "ndjson",
-                                                              "eventstream"))
+                                                              "eventstream", "gemini"))
     return results
