@@ -419,9 +419,13 @@ def test_a_flood_on_one_key_is_held_to_its_budget(vstack: Stack, fake: FakeProvi
     set_budget(vstack, key, budget)
     outcomes = asyncio.run(_flood(vstack, vendor, key))
     allowed, refused = outcomes.count("allowed"), outcomes.count("status_402")
-    print(f"\n{vendor.name} flood: {allowed} allowed, {refused} refused, billed "
-          f"{vendor_bill(fake, key)} of {budget}")
-    assert allowed + refused == FLOOD_REQUESTS, sorted(set(outcomes))
+    # Fail-closed under overload: a decision later than Redis's timeout is a 503 with
+    # retry-after, never forwarded (checked below); a loaded 2-core runner sees a few.
+    unavailable = outcomes.count("status_503")
+    print(f"\n{vendor.name} flood: {allowed} allowed, {refused} refused, {unavailable} "
+          f"unavailable, billed {vendor_bill(fake, key)} of {budget}")
+    assert allowed + refused + unavailable == FLOOD_REQUESTS, sorted(set(outcomes))
+    assert unavailable <= FLOOD_REQUESTS // 10, unavailable
     assert len(records(fake, key)) == allowed  # the refused ones never reached the vendor
     state = assert_invariant(vstack, fake, key, allowed, limit=budget)
     assert state["spent_nano_usd"] >= budget * USABLE_PERCENT.get(vendor.name, 50) // 100
