@@ -422,3 +422,12 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # Libraries that log secrets at DEBUG (botocore's signer writes the canonical request,
+    # session token included, and the signature) stay at WARNING whatever the level.
+    quiet = max(logging.WARNING, logging.getLogger().level)
+    for library in QUIET_LIBRARIES:
+        logging.getLogger(library).setLevel(quiet)
+
+
+#: Loggers kept at WARNING or above (they would log credentials at DEBUG).
+QUIET_LIBRARIES = ("botocore", "boto3", "urllib3", "google", "httpx", "httpcore")

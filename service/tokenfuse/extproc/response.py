@@ -77,8 +77,10 @@ class ResponsePhase:
             return
         if coding:
             ex.transcoder = Transcoder(coding)
-        elif not ex.provider.is_event_stream(first):
-            return
+        else:
+            ex.provider = ex.provider.for_answer(first)
+            if not ex.provider.is_event_stream(first):
+                return
         ex.meter = StreamMeter(ex.provider, ex.call.hide_usage_chunk,
                                ex.provider.tokenizer(ex.call.model),
                                hash_answer=ex.near_fingerprint is not None)

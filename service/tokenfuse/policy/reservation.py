@@ -29,6 +29,9 @@ from tokenfuse.providers import PROVIDERS, Call, Provider
 UNLIMITED_TOKENS = 1 << 62  # the allowance of a model whose output is free
 #: The context window assumed for a model whose window is not known.
 FALLBACK_CONTEXT_WINDOW = 2_000_000
+#: The window of a model whose price has a tier above its listed window: Claude's
+#: 1M-token context beta (platform.claude.com/docs, "Context windows": 1,000,000 tokens).
+LONG_CONTEXT_WINDOW = 1_000_000
 #: A clamp never leaves a call fewer output tokens than this per choice (else 402).
 MIN_CLAMPED_OUTPUT_TOKENS = 16
 
@@ -61,6 +64,11 @@ def input_tokens(call: Call, price: ModelPrice, margin_percent: int,
                         lambda block: provider.media_bound(block, model), call.framing_tokens,
                         provider.tokenizer(model))
     window = price.context_window or FALLBACK_CONTEXT_WINDOW
+    if any(tier.above_tokens >= window for tier in price.tiers):
+        # A price tier above the window says the model takes more than it in some mode
+        # (Claude's 1M-context beta, asked in a header or a body field): the window is
+        # not the model's limit.
+        window = max(window, LONG_CONTEXT_WINDOW)
     if call.server_tool_uses:
         # Each server-tool use samples again over a context of at most one window.
         return window * (call.server_tool_uses + 1)

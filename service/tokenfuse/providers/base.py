@@ -144,6 +144,12 @@ class Provider(Protocol):
         serves two APIs: Ollama's `/v1/*` and `/api/*`)."""
         ...
 
+    def for_answer(self, first_chunk: bytes) -> Provider:
+        """The wire format a streamed answer turned out to speak, from its first bytes
+        (Gemini: an SSE request answered as a JSON array, or the reverse, is metered in
+        the framing it has, never passed as a document)."""
+        ...
+
     def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:
         """The id this provider's API takes for a dataset model name (its key without the
         `<dataset provider>/` prefix; `prefixed` False: the key had none), or None: not one
@@ -293,6 +299,9 @@ class ProviderBase:
     self_hosted = False
 
     def for_path(self, path: str) -> Provider:
+        return self
+
+    def for_answer(self, first_chunk: bytes) -> Provider:
         return self
 
     def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:

@@ -130,7 +130,7 @@ UNMETERED_HEADERS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "x-amzn-bedrock-performanceconfig-latency": ("performanceConfig", ("optimized",)),
 }
 #: Content blocks of a Converse message whose tokens are not their text.
-_MEDIA_BLOCKS = ("image", "document", "video")
+_MEDIA_BLOCKS = ("image", "document", "video", "audio")
 MEDIA_TYPE = "bedrock_media"
 
 

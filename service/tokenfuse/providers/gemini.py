@@ -167,10 +167,37 @@ def _count_field(obj: dict[str, Any], camel: str) -> int | None:
 
 
 def _alts(path: str) -> list[str]:
-    """Every response format the query asks for (`alt` / `$alt`)."""
+    """Every response format the query asks for (`alt` / `$alt`, in any case)."""
     _, _, query = path.partition("?")
-    return [v.lower() for k, v in parse_qsl(query, keep_blank_values=True)
-            if k.lstrip("$") == "alt"]
+    return [v for k, v in parse_qsl(query, keep_blank_values=True)
+            if k.lstrip("$").lower() == "alt"]
+
+
+#: Google's system parameters and header that filter or reshape a response (a field
+#: mask of `usageMetadata` strips the text a stream is metered by; docs.cloud.google.com/
+#: apis/docs/system-parameters), and the ones whose meaning tokenfuse cannot check.
+RESPONSE_SHAPING_PARAMETERS = frozenset({"fields", "prettyprint", "callback"})
+RESPONSE_SHAPING_HEADERS = ("x-goog-fieldmask",)
+
+
+def _shaping_refusal(headers: dict[str, str]) -> RequestRejected | None:
+    """A request whose answer would not be the one tokenfuse meters: a field mask, a
+    response format spelled any way but exactly `alt=sse` / `alt=json` (tokenfuse and
+    Google must read the framing alike)."""
+    _, _, query = headers.get(":path", "").partition("?")
+    names = [k for k, _ in parse_qsl(query, keep_blank_values=True)]
+    masked = [n for n in names if n.lstrip("$").lower() in RESPONSE_SHAPING_PARAMETERS]
+    masked += [h for h in RESPONSE_SHAPING_HEADERS if h in headers]
+    if masked:
+        return RequestRejected(400, "unsupported_response_format",
+                               f"tokenfuse meters whole answers: '{masked[0]}' would reshape "
+                               "the response; refused (fail-closed)")
+    alts = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True)
+            if k.lstrip("$").lower() == "alt"]
+    if any(k != "alt" or v not in ("sse", "json") for k, v in alts):
+        return RequestRejected(400, "unsupported_response_format",
+                               "send the response format as exactly 'alt=sse' or 'alt=json'")
+    return None
 
 
 def _alt(path: str) -> str:
@@ -197,6 +224,14 @@ class Gemini(ProviderBase):
         #: The wire format of a stream without `alt=sse`, a JSON array (`gemini()` and
         #: `vertex()` attach it).
         self.array: Gemini = self
+
+    def header_refusal(self, headers: dict[str, str]) -> RequestRejected | None:
+        return _shaping_refusal(headers)
+
+    def for_answer(self, first_chunk: bytes) -> Provider:
+        """A stream answered as a JSON array (`[`) is metered as one, whatever the query
+        said (the framing is the answer's, never assumed)."""
+        return self.array if first_chunk.lstrip()[:1] == b"[" else self
 
     def for_path(self, path: str) -> Provider:
         """A stream without `alt=sse` is a JSON array: its own framing and cut."""
@@ -343,8 +378,15 @@ class ArrayStream:
     separator after it, so what was forwarded always ends with `[` or `,`, and the cut
     `{"error": …}]` closes a valid array."""
 
+    #: The SSE twin (set by `gemini()` / `vertex()`): an answer in SSE is metered as SSE.
+    sse: Any = None
+
     def for_path(self, path: str) -> Any:
         return self
+
+    def for_answer(self, first_chunk: bytes) -> Any:
+        head = first_chunk.lstrip()[:5]
+        return self.sse if self.sse is not None and head == b"data:" else self
 
     def is_event_stream(self, first_chunk: bytes) -> bool:
         """The array's `[` (or only whitespace so far: metered, never let through
@@ -512,6 +554,7 @@ def gemini() -> Gemini:
     """The registered Gemini route, its JSON-array twin attached."""
     route = Gemini()
     route.array = GeminiArray()
+    route.array.sse = route
     return route
 
 
@@ -519,4 +562,5 @@ def vertex() -> Vertex:
     """The registered Vertex route, its JSON-array twin attached."""
     route = Vertex()
     route.array = VertexArray()
+    route.array.sse = route
     return route
