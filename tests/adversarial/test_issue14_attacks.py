@@ -92,7 +92,7 @@ def test_vertex_project_number_is_not_a_second_budget(stack: Stack, fake: FakePr
 
 @pytest.mark.xfail(strict=True, reason=(
     "a Converse `audio` block is not a media block to the estimator: from S3 its input is "
-    "bounded by its URI's text (amazon.nova-2-lite: 268,900 nano-USD) while an image or "
+    "bounded by its URI's text (amazon.nova-2-lite: 271,000 nano-USD) while an image or "
     "video from S3 reserves the 1M-token window (300,250,000): Bedrock bills the whole "
     "file's audio tokens"))
 def test_bedrock_audio_from_s3_reserves_the_window() -> None:
@@ -109,6 +109,41 @@ def test_bedrock_audio_from_s3_reserves_the_window() -> None:
     video = bound({"video": {"format": "mp4", "source": source}})
     assert bound({"image": {"format": "png", "source": source}}) == video > 300_000_000
     assert bound({"audio": {"format": "mp3", "source": source}}) >= video
+
+
+LONG_CONTEXT_BETA = ["context-1m-2025-08-07"]
+SONNET_BEDROCK = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+#: (provider, path, body) of one Claude call of ~400k cl100k tokens with the 1M-context beta
+#: in the body, on each route issue 14 added (Converse, InvokeModel, Vertex rawPredict).
+LONG_TEXT = "lorem ipsum dolor sit amet consectetur adipiscing elit " * 50_000
+LONG_CONTEXT_CALLS = {
+    "converse": ("bedrock", f"/model/{SONNET_BEDROCK}/converse", {
+        "messages": [{"role": "user", "content": [{"text": LONG_TEXT}]}],
+        "inferenceConfig": {"maxTokens": 100},
+        "additionalModelRequestFields": {"anthropic_beta": LONG_CONTEXT_BETA}}),
+    "invoke": ("bedrock", f"/model/{SONNET_BEDROCK}/invoke", {
+        "anthropic_version": "bedrock-2023-05-31", "anthropic_beta": LONG_CONTEXT_BETA,
+        "max_tokens": 100, "messages": [{"role": "user", "content": LONG_TEXT}]}),
+    "vertex": ("vertex", "/v1/projects/p/locations/us-east5/publishers/anthropic/models/"
+               "claude-sonnet-4-5@20250929:rawPredict", {
+                   "anthropic_version": "vertex-2023-10-16", "anthropic_beta": LONG_CONTEXT_BETA,
+                   "max_tokens": 100, "messages": [{"role": "user", "content": LONG_TEXT}]}),
+}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Claude's 1M-context beta (`anthropic_beta: [context-1m-2025-08-07]` in a Converse "
+    "additionalModelRequestFields, an InvokeModel or a Vertex rawPredict body) is "
+    "forwarded, but the input bound stays capped at the 200k window at the base tier: "
+    "751,500,000 nano-USD reserved for a ~400k-token prompt, which Bedrock/Vertex bill "
+    "at the >200k tier ($6/M input): at least 1,200,000,000"))
+@pytest.mark.parametrize("route", list(LONG_CONTEXT_CALLS))
+def test_claude_long_context_beta_reserves_its_tier(route: str) -> None:
+    provider, path, body = LONG_CONTEXT_CALLS[route]
+    bound = upper_bound_nano(provider, path, body, PRICES, SETTINGS)
+    assert bound is not None
+    # A prompt above 200k tokens is billed entirely at the tier: 200k x $6/M at the least.
+    assert bound >= 200_000 * 6_000, bound
 
 
 # ------------------------------------------------------------------ defences (pass)
@@ -236,3 +271,77 @@ def test_bedrock_sigv4_from_the_caller_is_refused(stack: Stack, fake: FakeProvid
         assert marker not in response.text
     assert not [r for r in list(fake.records)[since:] if marker in str(r.headers)
                 or marker in (r.query or "")]
+
+
+BIG = "lorem ipsum dolor sit amet consectetur adipiscing elit " * 12_500  # ~100k tokens
+SMALL_LIMIT = 300_000  # nano-USD: an honest small call fits (bounds 131,250-245,000), 100k more tokens do not
+GEMINI_PRO = "/gemini/v1beta/models/gemini-2.5-pro:generateContent"
+HAIKU_BEDROCK = "/bedrock/model/anthropic.claude-haiku-4-5-20251001-v1:0/converse"
+ASK = [{"role": "user", "parts": [{"text": "short answer please"}]}]
+CAPPED = {"generationConfig": {"maxOutputTokens": 20}}
+BEDROCK_ASK = [{"role": "user", "content": [{"text": "short answer please"}]}]
+COHERE_ASK = {"model": "command-a-03-2025", "max_tokens": 20, "stream": False,
+              "messages": [{"role": "user", "content": "short answer please"}]}
+#: name: (path, credential header, body). "control" bodies are the honest call (allowed);
+#: every other one hides ~100k tokens in a field the provider bills as input.
+HIDDEN_INPUT = {
+    "gemini-control": (GEMINI_PRO, "x-goog-api-key", {"contents": ASK, **CAPPED}),
+    "gemini-systemInstruction": (GEMINI_PRO, "x-goog-api-key", {
+        "contents": ASK, **CAPPED, "systemInstruction": {"parts": [{"text": BIG}]}}),
+    "gemini-system_instruction": (GEMINI_PRO, "x-goog-api-key", {
+        "contents": ASK, **CAPPED, "system_instruction": {"parts": [{"text": BIG}]}}),
+    "gemini-toolConfig": (GEMINI_PRO, "x-goog-api-key", {
+        "contents": ASK, **CAPPED, "toolConfig": {"functionCallingConfig": {
+            "mode": "ANY", "allowedFunctionNames": [BIG]}}}),
+    "gemini-functionResponse": (GEMINI_PRO, "x-goog-api-key", {**CAPPED, "contents": [
+        *ASK, {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "f",
+                                                         "response": {"result": BIG}}}]}]}),
+    "gemini-executableCode": (GEMINI_PRO, "x-goog-api-key", {**CAPPED, "contents": [
+        *ASK, {"role": "model", "parts": [{"executableCode": {"language": "PYTHON",
+                                                              "code": BIG}}]}, *ASK]}),
+    "bedrock-control": (HAIKU_BEDROCK, "authorization", {
+        "messages": BEDROCK_ASK, "inferenceConfig": {"maxTokens": 20}}),
+    "bedrock-system": (HAIKU_BEDROCK, "authorization", {
+        "messages": BEDROCK_ASK, "inferenceConfig": {"maxTokens": 20},
+        "system": [{"text": BIG}]}),
+    "bedrock-toolConfig": (HAIKU_BEDROCK, "authorization", {
+        "messages": BEDROCK_ASK, "inferenceConfig": {"maxTokens": 20},
+        "toolConfig": {"tools": [{"toolSpec": {"name": "t", "description": BIG,
+                                               "inputSchema": {"json": {}}}}]}}),
+    "bedrock-toolResult": (HAIKU_BEDROCK, "authorization", {
+        "inferenceConfig": {"maxTokens": 20}, "messages": [
+            *BEDROCK_ASK, {"role": "assistant", "content": [
+                {"toolUse": {"toolUseId": "u1", "name": "t", "input": {}}}]},
+            {"role": "user", "content": [{"toolResult": {"toolUseId": "u1", "content": [
+                {"json": {"rows": BIG}}]}}]}]}),
+    "cohere-control": ("/cohere/v2/chat", "authorization", COHERE_ASK),
+    "cohere-documents": ("/cohere/v2/chat", "authorization", {
+        **COHERE_ASK, "documents": [{"id": "d", "data": {"text": BIG}}]}),
+    "cohere-tools": ("/cohere/v2/chat", "authorization", {
+        **COHERE_ASK, "tools": [{"type": "function", "function": {
+            "name": "t", "description": BIG, "parameters": {"type": "object"}}}]}),
+    "cohere-response_format": ("/cohere/v2/chat", "authorization", {
+        **COHERE_ASK, "response_format": {"type": "json_object", "json_schema": {
+            "type": "object", "description": BIG}}}),
+}
+
+
+@pytest.mark.parametrize("case", list(HIDDEN_INPUT))
+def test_input_in_side_fields_is_counted(stack: Stack, fake: FakeProvider, case: str) -> None:
+    """System prompts, tool configs, tool results, RAG documents and schemas are billed as
+    input: each is in the bound, so a small budget refuses them before the provider."""
+    path, header, body = HIDDEN_INPUT[case]
+    key = f"adv14-{uuid.uuid4().hex}"
+    set_daily(stack, key, SMALL_LIMIT)
+    value = f"Bearer {key}" if header == "authorization" else key
+    response = post(stack, path, body, {**JSON, header: value, "x-fake-output-tokens": "5"})
+    reached = [r for r in list(fake.records) if r.api_key == key]
+    if case.endswith("-control"):
+        assert response.status_code == 200, response.text
+        assert len(reached) == 1
+    else:
+        assert response.status_code == 402, response.text
+        assert reached == []
+    assert fake.wait_idle(key, 30)
+    assert day(stack, key)["spent_nano_usd"] <= SMALL_LIMIT
