@@ -467,6 +467,9 @@ class Vertex(Gemini):
     def caller_key(self, headers: dict[str, str]) -> str | None:
         return vertex_caller(self, headers)
 
+    def header_refusal(self, headers: dict[str, str]) -> RequestRejected | None:
+        return _shaping_refusal(headers) or vertex_identity_refusal(self, headers)
+
     def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
         return ("authorization", f"Bearer {secret}"), ("x-goog-api-key",)
 
@@ -492,7 +495,32 @@ def vertex_caller(provider: Provider, headers: dict[str, str]) -> str | None:
     if key != Credential("authorization", "bearer").read(headers):
         return key
     project = _VERTEX_PROJECT.search(headers.get(":path", "").partition("?")[0])
-    return f"{VERTEX_PROJECT_PREFIX}{unquote(project.group(1))}" if project else key
+    return f"{VERTEX_PROJECT_PREFIX}{unquote(project.group(1)).lower()}" if project else key
+
+
+def vertex_identity_refusal(provider: Provider,
+                            headers: dict[str, str]) -> RequestRejected | None:
+    """An OAuth caller is charged as its project, so the project must have one name: a
+    project number (Google accepts it for the id) would be a second budget, and a path
+    without a project (express mode, for API keys) a budget per hourly token."""
+    key = provider.credential_of(headers)
+    if key is None or key.startswith(VIRTUAL_KEY_PREFIX):
+        return None
+    if key != Credential("authorization", "bearer").read(headers):
+        return None  # an API key: charged as itself
+    route = headers.get(":path", "").partition("?")[0]
+    project = _VERTEX_PROJECT.search(route)
+    if project is None and "/publishers/" in route:
+        return RequestRejected(400, "project_required",
+                               "an OAuth access token is charged to the project it calls: "
+                               "use /v1/projects/<project-id>/locations/<location>/… (express "
+                               "mode paths take an API key)")
+    if project is not None and unquote(project.group(1)).isdigit():
+        return RequestRejected(400, "project_number",
+                               "name the project by its id, not its number: tokenfuse charges "
+                               "a Vertex caller as its project, and one name per project "
+                               "keeps one budget")
+    return None
 
 
 class VertexArray(ArrayStream, Vertex):

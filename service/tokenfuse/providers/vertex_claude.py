@@ -28,7 +28,11 @@ from urllib.parse import unquote
 
 from tokenfuse.providers.anthropic import Anthropic
 from tokenfuse.providers.base import Call, Credential, RequestRejected, endpoint_of, unsupported
-from tokenfuse.providers.gemini import QUERY_CREDENTIALS, vertex_caller
+from tokenfuse.providers.gemini import (
+    QUERY_CREDENTIALS,
+    vertex_caller,
+    vertex_identity_refusal,
+)
 
 #: `/{v1|v1beta1}/projects/{p}/locations/{l}/publishers/anthropic/models/{model}:{verb}`
 _PATH = re.compile(r"^/v1(?:beta1)?/projects/[^/]+/locations/[^/]+/publishers/anthropic/"
@@ -81,6 +85,9 @@ class VertexClaude(Anthropic):
     def caller_key(self, headers: dict[str, str]) -> str | None:
         """The project of the path, as on the route's Gemini paths (`vertex_caller`)."""
         return vertex_caller(self, headers)
+
+    def header_refusal(self, headers: dict[str, str]) -> RequestRejected | None:
+        return vertex_identity_refusal(self, headers)
 
     def pooled_credential(self, secret: str) -> tuple[tuple[str, str], tuple[str, ...]]:
         return ("authorization", f"Bearer {secret}"), ("x-api-key",)
