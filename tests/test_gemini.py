@@ -64,7 +64,7 @@ def google_cost(usage: Usage) -> int:
     micro = ((usage.input_tokens - usage.cached_input_tokens) * price.input
              + usage.cached_input_tokens * price.cache_read
              + usage.output_tokens * price.output)
-    return -(-micro // 1_000_000)
+    return -(-micro // 1_000_000) + usage.request_fee_nano  # grounding, beside the tokens
 
 
 # ------------------------------------------------------------------ the provider alone

@@ -157,6 +157,7 @@ class GoogleBill:
     visible: int  # per candidate
     cap: int  # per candidate, as the API read it (the model's maximum when unset)
     cap_given: int | None  # maxOutputTokens as sent (None: absent or 0)
+    search_queries: int = 0  # Google Search grounding: the queries the model issued
 
     @property
     def hit_cap(self) -> bool:
@@ -172,7 +173,19 @@ class GoogleBill:
         return fp.Usage(route, self.model, self.prompt_tokens + self.tool_use_tokens,
                         self.candidates * (self.thoughts + shown),
                         cached_input_tokens=self.cached_tokens,
-                        reasoning_tokens=self.candidates * self.thoughts, vendor=route)
+                        reasoning_tokens=self.candidates * self.thoughts, vendor=route,
+                        request_fee_nano=self.grounding_fee_nano)
+
+    @property
+    def grounding_fee_nano(self) -> int:
+        """Grounding with Google Search, billed beside the tokens (ai.google.dev/gemini-api/
+        docs/pricing): $35 per 1,000 grounded prompts up to 2.5, $14 per 1,000 search
+        queries on Gemini 3 (the free allowances are not modelled)."""
+        if not self.search_queries:
+            return 0
+        if self.model.startswith("gemini-3"):
+            return self.search_queries * 14_000_000
+        return 35_000_000
 
     def metadata(self, visible: int) -> dict[str, Any]:
         """usageMetadata after `visible` tokens of each candidate (zero counts omitted)."""
@@ -241,8 +254,10 @@ def bill_for(model: str, body: dict[str, Any], controls: fp.Controls,
     visible = max(0, min(visible_wanted, cap - thoughts))
     cached = min(prompt, controls.cached_tokens)
     tool_use = max(0, int(headers.get("x-fake-tool-use-tokens", "0") or 0))
+    searches = 1 if any(isinstance(tool, dict) and ({"googleSearch", "google_search"} & set(tool))
+                        for tool in _field(body, "tools") or []) else 0
     return GoogleBill(model, prompt, cached, tool_use, candidates, thoughts, visible, cap,
-                      cap_given)
+                      cap_given, searches)
 
 
 async def dispatch(fake: fp.FakeProvider, request: web.Request, record: fp.RequestRecord
@@ -334,6 +349,11 @@ def _chunk(bill: GoogleBill, text: str, visible_so_far: int, last: bool,
         candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
         if last:
             candidate["finishReason"] = "MAX_TOKENS" if bill.hit_cap else "STOP"
+            if bill.search_queries:  # what the grounded answer reports (recorded shape)
+                candidate["groundingMetadata"] = {
+                    "webSearchQueries": [f"query {n}" for n in range(bill.search_queries)],
+                    "groundingChunks": [{"web": {"uri": "https://example.org/news",
+                                                 "title": "example.org"}}]}
         candidate["index"] = index
         candidates.append(candidate)
     return {"candidates": candidates, "usageMetadata": bill.metadata(visible_so_far),

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -88,6 +89,19 @@ SERVER_TOOLS = frozenset({"googleSearch", "google_search", "googleSearchRetrieva
                           "urlContext", "url_context", "googleMaps", "google_maps",
                           "fileSearch", "file_search", "retrieval", "enterpriseWebSearch",
                           "enterprise_web_search", "computerUse", "computer_use"})
+#: Grounding tools billed per grounded prompt beside the tokens (Google Search: $35 per
+#: 1,000 prompts on 2.5 and earlier; Maps $25: ai.google.dev/gemini-api/docs/pricing,
+#: checked 2026-12; the free daily allowance is not counted: tokenfuse charges from the
+#: first), or on Gemini 3 per search query ($14 per 1,000).
+GROUNDING_TOOLS = frozenset({"googleSearch", "google_search", "googleSearchRetrieval",
+                             "google_search_retrieval", "googleMaps", "google_maps",
+                             "enterpriseWebSearch", "enterprise_web_search"})
+GROUNDED_PROMPT_NANO = 35_000_000
+SEARCH_QUERY_NANO = 14_000_000
+#: Models billed per search query, and the queries one prompt is bounded by (the answer's
+#: `webSearchQueries` settle it; a prompt that issues more is billed what it issued).
+PER_QUERY_PREFIXES = ("gemini-3",)
+MAX_SEARCH_QUERIES = 10
 #: Google's status name and HTTP code of each refusal kind (google.rpc.Code).
 _STATUS: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "INVALID_ARGUMENT"),
@@ -282,6 +296,7 @@ class Gemini(ProviderBase):
             prompt_parts=[{k: v for k, v in body.items() if k != "contents"}],
             messages=[_as_message(content) for content in contents],
             hidden_output=not thinking_off,
+            request_fee_nano=_grounding_bound(model, body),
             server_context=field(body, "cachedContent") is not None
             or _has_media(contents) or _has_server_tool(body),
         )
@@ -328,13 +343,18 @@ class Gemini(ProviderBase):
         shown = count_of(meta.get("candidatesTokenCount")) + count_of(
             meta.get("thoughtsTokenCount"))
         output = total - prompt - tool_use if total else shown
+        searches, fee = _grounding(payload)
         return TokenUsage(input=prompt - cached + tool_use, output=max(output, 0),
-                          cache_read=cached)
+                          cache_read=cached, web_searches=searches, web_search_nano=fee)
 
     def merge_usage(self, old: TokenUsage | None, new: TokenUsage) -> TokenUsage:
         """Each usageMetadata is the whole bill so far: the last one wins, never a
         per-field maximum (a recorded Gemini stream says promptTokenCount 15 on its first
-        chunks and 14 on the last: tests/fixtures/recorded/gemini_stream)."""
+        chunks and 14 on the last: tests/fixtures/recorded/gemini_stream); a grounding fee
+        reported on an earlier chunk is kept."""
+        if old is not None and old.web_searches > new.web_searches:
+            return replace(new, web_searches=old.web_searches,
+                           web_search_nano=old.web_search_nano)
         return new
 
     def is_event_stream(self, first_chunk: bytes) -> bool:
@@ -545,6 +565,33 @@ def _has_media(contents: list[Any]) -> bool:
                                            or field(part, "inlineData") is not None)
                for content in contents if isinstance(content, dict)
                for part in as_list(content.get("parts")))
+
+
+def _grounding_bound(model: str, body: dict[str, Any]) -> int:
+    """Most a request's grounding can bill beside its tokens (nano-USD): one grounded
+    prompt, or on Gemini 3 `MAX_SEARCH_QUERIES` queries; 0 without a grounding tool."""
+    if not any(isinstance(tool, dict) and not GROUNDING_TOOLS.isdisjoint(tool)
+               for tool in as_list(field(body, "tools"))):
+        return 0
+    if model.startswith(PER_QUERY_PREFIXES):
+        return max(GROUNDED_PROMPT_NANO, MAX_SEARCH_QUERIES * SEARCH_QUERY_NANO)
+    return GROUNDED_PROMPT_NANO
+
+
+def _grounding(payload: dict[str, Any]) -> tuple[int, int]:
+    """(billed uses, nano-USD each) of the grounding an answer reports: Gemini 3 bills
+    each search query, earlier models each grounded prompt (`groundingMetadata`)."""
+    queries, grounded = 0, False
+    for candidate in as_list(payload.get("candidates")):
+        meta = candidate.get("groundingMetadata") if isinstance(candidate, dict) else None
+        if isinstance(meta, dict):
+            grounded = True
+            queries += len(as_list(meta.get("webSearchQueries")))
+    if not grounded:
+        return 0, 0
+    if str(payload.get("modelVersion", "")).startswith(PER_QUERY_PREFIXES):
+        return max(queries, 1), SEARCH_QUERY_NANO
+    return 1, GROUNDED_PROMPT_NANO
 
 
 def _has_server_tool(body: dict[str, Any]) -> bool:
