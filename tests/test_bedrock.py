@@ -27,6 +27,7 @@ from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.billing import day_window
 from tests.support.fake_provider import FakeProvider, RequestRecord
 from tests.support.flood import spell
 from tests.support.harness import Stack, wait_until
@@ -304,9 +305,7 @@ def claude(stack: Stack, pki: ServerCertificate, key: str, **headers: str
         http_client=httpx2.Client(verify=ssl.create_default_context(cafile=str(pki.ca))))
 
 
-def spent(stack: Stack, key: str) -> dict:
-    doc = json.loads(stack.cli("budget", "status", "--key", key, "--json").stdout)
-    return doc["windows"]["day"]
+spent = day_window
 
 
 def records(fake: FakeProvider, key: str) -> list[RequestRecord]:

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from cohere.core.api_error import ApiError
 
+from tests.support.billing import day_window, set_daily
 from tests.support.fake_provider import FakeProvider, RequestRecord
 from tests.support.flood import spell
 from tests.support.harness import Stack, wait_until
@@ -198,14 +199,7 @@ def client(stack: Stack, key: str, **headers: str) -> cohere.ClientV2:
                            httpx_client=httpx.Client(headers=headers, timeout=30))
 
 
-def spent(stack: Stack, key: str) -> dict:
-    doc = json.loads(stack.cli("budget", "status", "--key", key, "--json").stdout)
-    return doc["windows"]["day"]
-
-
-def set_budget(stack: Stack, key: str, nano: int) -> None:
-    assert stack.cli("budget", "set", "--key", key, "--daily",
-                     f"{nano // 10**9}.{nano % 10**9:09d}").returncode == 0
+spent, set_budget = day_window, set_daily
 
 
 def records(fake: FakeProvider, key: str) -> list[RequestRecord]:

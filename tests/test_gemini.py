@@ -28,6 +28,7 @@ from google.oauth2.credentials import Credentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.billing import day_window, set_daily, vertex_caller, vertex_project
 from tests.support.fake_provider import FakeProvider, RequestRecord, Usage
 from tests.support.flood import spell
 from tests.support.harness import Stack, wait_until
@@ -352,14 +353,12 @@ def client(stack: Stack, key: str, **headers: str) -> genai.Client:
         base_url=stack.envoy.base_url + "/gemini", headers=headers, timeout=30_000))
 
 
-def project_of(token: str) -> str:
-    """A project of the test's own (a Vertex OAuth caller is charged as its project)."""
-    return "proj-" + token[-12:]
+project_of = vertex_project
 
 
 def charged(key: str) -> str:
     """Whom tokenfuse charges for a key: an OAuth token's project, else the key."""
-    return f"vertex-project:{project_of(key)}" if key.startswith("ya29.") else key
+    return vertex_caller(key) if key.startswith("ya29.") else key
 
 
 def vertex_client(stack: Stack, token: str, project: str | None = None,
@@ -373,8 +372,7 @@ def vertex_client(stack: Stack, token: str, project: str | None = None,
 
 
 def spent(stack: Stack, key: str) -> dict:
-    doc = json.loads(stack.cli("budget", "status", "--key", charged(key), "--json").stdout)
-    return doc["windows"]["day"]
+    return day_window(stack, charged(key))
 
 
 def records(fake: FakeProvider, key: str) -> list[RequestRecord]:
@@ -441,8 +439,7 @@ def test_vertex_settled_exactly(gstack: Stack, fake: FakeProvider, stream: bool)
 
 
 def set_budget(stack: Stack, key: str, nano: int) -> None:
-    assert stack.cli("budget", "set", "--key", charged(key), "--daily",
-                     f"{nano // 10**9}.{nano % 10**9:09d}").returncode == 0
+    set_daily(stack, charged(key), nano)
 
 
 def test_stream_cut_at_its_budget(gstack: Stack, fake: FakeProvider, key: str) -> None:

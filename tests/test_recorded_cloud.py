@@ -44,6 +44,7 @@ import pytest
 from google import genai
 from google.genai import types as gtypes
 
+from tests.support.billing import day_window, vertex_caller, vertex_project
 from tests.support.harness import Stack, wait_until
 from tests.support.pki import ServerCertificate, server_certificate
 from tests.support.replay_upstream import Recording, ReplayUpstream, frames, load, names
@@ -437,19 +438,12 @@ def uses_boto3(rec: Recording) -> bool:
     return rec.meta["provider"] == "bedrock" and "Boto3" in str(rec.meta["request"]["sdk"])
 
 
-def project_of(key: str) -> str:
-    """The Vertex project of a test's own (an OAuth caller is charged as its project)."""
-    return "proj-" + key[-12:]
+project_of, day = vertex_project, day_window
 
 
 def charged(key: str, provider: str) -> str:
     """Whom tokenfuse charges: a Vertex OAuth caller's project, else the key."""
-    return f"vertex-project:{project_of(key)}" if provider == "vertex" else key
-
-
-def day(stack: Stack, key: str) -> dict[str, int]:
-    doc = json.loads(stack.cli("budget", "status", "--key", key, "--json").stdout)
-    return doc["windows"]["day"]
+    return vertex_caller(key) if provider == "vertex" else key
 
 
 def through(stacks: dict[str, Stack], pki: ServerCertificate,

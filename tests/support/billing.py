@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,3 +83,28 @@ def billed_total_for(fake: FakeProvider, api_key: str) -> int:
     streams generated before they ended."""
     return sum(usage_cost(r.usage) for r in list(fake.records)
                if r.usage is not None and key_of(r) == api_key)
+
+
+# ------------------------------------------------ what tokenfuse recorded (the CLI's view)
+
+def day_window(stack: Any, key: str) -> dict[str, Any]:
+    """`budget status --json`'s day window of a key (a `harness.Stack`)."""
+    doc = json.loads(stack.cli("budget", "status", "--key", key, "--json").stdout)
+    return doc["windows"]["day"]
+
+
+def set_daily(stack: Any, key: str, nano: int) -> None:
+    """A daily budget of `nano` nano-USD on a key."""
+    done = stack.cli("budget", "set", "--key", key, "--daily",
+                     f"{nano // 10**9}.{nano % 10**9:09d}")
+    assert done.returncode == 0, done.stderr
+
+
+def vertex_project(token: str) -> str:
+    """A project of a test's own for a Vertex token (OAuth callers are charged as it)."""
+    return "proj-" + token[-12:]
+
+
+def vertex_caller(token: str) -> str:
+    """Whom tokenfuse charges for an OAuth token on Vertex: its project."""
+    return f"vertex-project:{vertex_project(token)}"

@@ -16,6 +16,7 @@ from tokenfuse.providers.base import (
     RequestRejected,
     Tokenizer,
     as_list,
+    asks_1h_cache,
     endpoint_of,
     int_field,
     model_of,
@@ -94,7 +95,7 @@ class Anthropic(ProviderBase):
                 server_tool_uses=uses,
                 server_tool_fee_nano=WEB_SEARCH_NANO if uses else 0,
                 framing_tokens=_tool_framing(body),
-                long_cache_writes=_asks_1h_cache(body),
+                long_cache_writes=asks_1h_cache(body, "cache_control"),
             )
             if tools is not None:
                 call.new_body = {**body, "tools": tools}
@@ -256,22 +257,6 @@ class Anthropic(ProviderBase):
 def _count(usage: dict[str, Any], name: str) -> int:
     value = usage.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _asks_1h_cache(body: dict[str, Any]) -> bool:
-    """Whether any `cache_control` of the request (top level, system, tools, message
-    blocks) asks for the 1-hour lifetime: only then may writes bill at the 1-hour rate."""
-    pending: list[Any] = [body]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, dict):
-            control = node.get("cache_control")
-            if isinstance(control, dict) and control.get("ttl") == "1h":
-                return True
-            pending.extend(v for v in node.values() if isinstance(v, dict | list))
-        elif isinstance(node, list):
-            pending.extend(v for v in node if isinstance(v, dict | list))
-    return False
 
 
 def _has_tool(body: dict[str, Any], prefixes: tuple[str, ...]) -> bool:

@@ -431,6 +431,23 @@ def input_count(value: Any) -> int:
     return 1
 
 
+def asks_1h_cache(node: Any, marker: str) -> bool:
+    """Whether any `marker` object anywhere in the request (Anthropic's `cache_control`,
+    Bedrock's `cachePoint`) asks for the 1-hour lifetime: only then may cache writes
+    bill at the 1-hour rate."""
+    pending: list[Any] = [node]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            control = item.get(marker)
+            if isinstance(control, dict) and control.get("ttl") == "1h":
+                return True
+            pending.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            pending.extend(v for v in item if isinstance(v, dict | list))
+    return False
+
+
 def model_of(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:

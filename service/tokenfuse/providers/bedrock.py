@@ -59,6 +59,7 @@ from tokenfuse.providers.base import (
     RequestRejected,
     Tokenizer,
     as_list,
+    asks_1h_cache,
     count_of,
     endpoint_of,
     int_field,
@@ -204,7 +205,7 @@ class Bedrock(ProviderBase):
             messages=_for_estimate(messages),
             hidden_output=_hidden_reasoning(extra),
             framing_tokens=_tool_framing(body, model),
-            long_cache_writes=_asks_1h_cache(body),
+            long_cache_writes=asks_1h_cache(body, "cachePoint"),
         )
 
     def media_bound(self, block: dict[str, Any], model: str) -> Any:
@@ -541,21 +542,6 @@ def _hidden_reasoning(extra: Any) -> bool:
     if isinstance(config, dict) and config.get("type") not in (None, "disabled"):
         return True
     return "reasoning_effort" in extra or "reasoning_config" in extra
-
-
-def _asks_1h_cache(node: Any) -> bool:
-    """Whether any `cachePoint` of the request asks for the 1-hour lifetime."""
-    pending = [node]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, dict):
-            point = item.get("cachePoint")
-            if isinstance(point, dict) and point.get("ttl") == "1h":
-                return True
-            pending.extend(v for v in item.values() if isinstance(v, dict | list))
-        elif isinstance(item, list):
-            pending.extend(v for v in item if isinstance(v, dict | list))
-    return False
 
 
 def _tool_framing(body: dict[str, Any], model: str) -> int:
