@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import RedisServer, Stack
+from tests.support.leaks import assert_no_key_leaked, keys_sent
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +26,12 @@ def fake() -> Iterator[FakeProvider]:
 @pytest.fixture(scope="session")
 def stack(fake: FakeProvider) -> Iterator[Stack]:
     s = Stack(fake.base_url).start()
-    yield s
-    s.cleanup()
+    try:
+        yield s
+        if s.processor.running() and s.redis.running():  # (a test may have stopped one)
+            assert_no_key_leaked(s, keys_sent(fake))
+    finally:
+        s.cleanup()
 
 
 @pytest.fixture

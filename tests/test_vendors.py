@@ -9,241 +9,60 @@ purpose: the settled spend must be the vendor's bill, not the table's.
 
 After every scenario the invariant is checked: nothing stays reserved, the spend is within
 the limit, and it equals the vendor's bill for completed calls (covers it for cut ones).
-(Eleven vendors through each scenario, hence its length.)
+(Eleven vendors through each scenario, hence its length. The floods are in
+tests/test_vendor_floods.py; the vendors and the accounting in tests/support/vendors.py.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import groq
 import openai
 import pytest
-from mistralai.client import Mistral
 from mistralai.client import errors as mistral_errors
 
 from tests.support import fake_vendors
-from tests.support.fake_provider import FakeProvider, RequestRecord
-from tests.support.flood import spell
+from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack, wait_until
+from tests.support.vendors import (
+    ASKED,
+    AZURE_VERSION,
+    BY_NAME,
+    POOLS,
+    REPORTED_COST_FILE_PRICES,
+    UNASKED,
+    Vendor,
+    assert_invariant,
+    complete,
+    day,
+    new_key,
+    one_record,
+    records,
+    set_budget,
+    stream,
+    text_of,
+    vendor_bill,
+    vendor_params,
+    vendor_stack,
+)
 from tokenfuse.identity import key_id
-
-AZURE_VERSION = "2024-10-21"  # GA data-plane version (learn.microsoft.com, vendor_facts B.2)
-
-
-@dataclass(frozen=True)
-class Vendor:
-    name: str
-    model: str
-    sdk: str  # "groq", "mistral", "azure" or "openai" (openai.OpenAI at base_path)
-    base_path: str = ""  # what openai.OpenAI's base_url adds after /<vendor>
-    chat_path: str = ""  # the path the fake receives after /<vendor>
-
-
-VENDORS = [
-    Vendor("groq", "llama-3.3-70b-versatile", "groq", chat_path="/openai/v1/chat/completions"),
-    Vendor("mistral", "mistral-small-latest", "mistral", chat_path="/v1/chat/completions"),
-    Vendor("azure", "gpt-4o", "azure",
-           chat_path="/openai/deployments/prod-4o/chat/completions"),
-    Vendor("deepseek", "deepseek-chat", "openai", "", "/chat/completions"),
-    Vendor("xai", "grok-3", "openai", "/v1", "/v1/chat/completions"),
-    Vendor("openrouter", "meta-llama/llama-3.3-70b-instruct", "openai", "/api/v1",
-           "/api/v1/chat/completions"),
-    Vendor("together", "meta-llama/Llama-3.3-70B-Instruct-Turbo", "openai", "/v1",
-           "/v1/chat/completions"),
-    Vendor("fireworks", "accounts/fireworks/models/llama-v3p3-70b-instruct", "openai",
-           "/inference/v1", "/inference/v1/chat/completions"),
-    Vendor("cerebras", "llama-3.3-70b", "openai", "/v1", "/v1/chat/completions"),
-    Vendor("perplexity", "sonar", "openai", "", "/chat/completions"),
-    Vendor("ollama", "llama3.2", "openai", "/v1", "/v1/chat/completions"),
-]
-BY_NAME = {v.name: v for v in VENDORS}
-IDS = [v.name for v in VENDORS]
-#: The vendors that report stream usage unasked: tokenfuse must not add stream_options
-#: (Mistral and Groq refuse unknown fields; Together does not support it, langchain#24636;
-#: the others need no asking). Not asserted either way: DeepSeek and xAI (usage unasked,
-#: stream_options accepted), Fireworks (conflicting reports; it accepts the field).
-UNASKED = {"groq", "mistral", "openrouter", "together", "cerebras", "perplexity"}
-#: The vendors that report stream usage only when asked (OpenAI's rule).
-ASKED = {"azure", "ollama"}
-#: Prices tokenfuse reads for the vendors that report their own bill: not the fake's.
-REPORTED_COST_FILE_PRICES = {
-    "openrouter/meta-llama/llama-3.3-70b-instruct": ("0.20", "0.20", "0.60"),
-    "perplexity/sonar": ("1.00", "1.00", "1.00"),
-}
-#: A pool of two keys per vendor (a pool is bound to its provider).
-POOLS = {v.name: [f"{v.name}-pool-secret-{i}-{'p' * 24}" for i in range(2)] for v in VENDORS}
-
-
-def _price_file() -> dict[str, Any]:
-    models: dict[str, Any] = {}
-    for key, (inp, cached, out) in {**fake_vendors.PRICES, **REPORTED_COST_FILE_PRICES}.items():
-        vendor = key.split("/", 1)[0]
-        models[key] = {"provider": vendor, "mode": "chat", "input": inp, "output": out,
-                       "cache_read": cached, "max_output_tokens": 8192,
-                       "context_window": 131072, "reasoning": key == "xai/grok-4"}
-    return {"unit": "USD per 1M tokens", "models": models}
 
 
 @pytest.fixture(scope="module")
 def vstack(fake: FakeProvider) -> Iterator[Stack]:
-    s = Stack(fake.base_url, {"TOKENFUSE_AZURE_DEPLOYMENTS": "prod-4o=gpt-4o",
-                              "TOKENFUSE_POOL_COOLDOWN_MS": "1000",
-                              "TOKENFUSE_POOL_PROBE_INTERVAL_MS": "300"})
-    prices = s.workdir / "vendor_prices.json"
-    prices.write_text(json.dumps(_price_file()))
-    s.env["TOKENFUSE_PRICES_FILE"] = str(prices)
-    pools = s.workdir / "pools"
-    pools.mkdir()
-    for name, secrets in POOLS.items():
-        (pools / f"{name}-main.csv").write_text("key,label\n" + "".join(
-            f"{k},{name}-main-{i}\n" for i, k in enumerate(secrets)))
-    s.env["TOKENFUSE_POOLS_DIR"] = str(pools)
-    fake.azure_deployments["prod-4o"] = "gpt-4o"
-    s.start()
-    for name in POOLS:
-        done = s.cli("keys", "import", "--pool", f"{name}-main", "--provider", name,
-                     str(pools / f"{name}-main.csv"))
-        assert done.returncode == 0, done.stderr
-    yield s
-    s.cleanup()
+    yield from vendor_stack(fake)
 
 
-# ---------------------------------------------------------------- clients
-
-
-def client(stack: Stack, vendor: Vendor, key: str, api_version: str = AZURE_VERSION) -> Any:
-    gw = stack.envoy.base_url
-    if vendor.sdk == "groq":
-        return groq.Groq(base_url=f"{gw}/groq", api_key=key, max_retries=0, timeout=30)
-    if vendor.sdk == "mistral":
-        return Mistral(api_key=key, server_url=f"{gw}/mistral", timeout_ms=30_000)
-    if vendor.sdk == "azure":
-        return openai.AzureOpenAI(azure_endpoint=f"{gw}/azure", api_key=key,
-                                  api_version=api_version, azure_deployment="prod-4o",
-                                  max_retries=0, timeout=30)
-    return openai.OpenAI(base_url=f"{gw}/{vendor.name}{vendor.base_path}", api_key=key,
-                         max_retries=0, timeout=30)
-
-
-def complete(stack: Stack, vendor: Vendor, key: str, content: str,
-             headers: dict[str, str] | None = None, model: str | None = None,
-             **params: Any) -> Any:
-    """One non-streamed chat call with the vendor's SDK; its response."""
-    c = client(stack, vendor, key)
-    messages = [{"role": "user", "content": content}]
-    if vendor.sdk == "mistral":
-        return c.chat.complete(model=model or vendor.model, messages=messages,
-                               http_headers=headers or {}, **params)
-    return c.chat.completions.create(model=model or vendor.model, messages=messages,
-                                     extra_headers=headers or {}, **params)
-
-
-def stream(stack: Stack, vendor: Vendor, key: str, content: str,
-           headers: dict[str, str] | None = None, model: str | None = None,
-           api_version: str = AZURE_VERSION, **params: Any) -> Iterator[Any]:
-    """The chunks of one streamed chat call (OpenAI-shaped chunk objects)."""
-    c = client(stack, vendor, key, api_version)
-    messages = [{"role": "user", "content": content}]
-    if vendor.sdk == "mistral":
-        for event in c.chat.stream(model=model or vendor.model, messages=messages,
-                                   http_headers=headers or {}, **params):
-            yield event.data
-        return
-    yield from c.chat.completions.create(model=model or vendor.model, messages=messages,
-                                         stream=True, extra_headers=headers or {}, **params)
-
-
-def text_of(chunks: list[Any]) -> str:
-    return "".join(c.choices[0].delta.content or "" for c in chunks
-                   if c.choices and isinstance(c.choices[0].delta.content, str))
-
-
-# ---------------------------------------------------------------- accounting
-
-
-def records(fake: FakeProvider, key: str) -> list[RequestRecord]:
-    return [r for r in list(fake.records) if r.api_key == key and r.method == "POST"]
-
-
-def one_record(fake: FakeProvider, key: str) -> RequestRecord:
-    """The key's one call, once the fake has recorded it (a stream is recorded after its
-    last write, which the client may have read first)."""
-    wait_until(lambda: len(records(fake, key)) == 1, what="the fake to record the call")
-    [record] = records(fake, key)
-    return record
-
-
-def vendor_bill(fake: FakeProvider, key: str, completed_only: bool = True) -> int:
-    """Nano-USD the vendor billed this key (fake_vendors.bill_nano of each answered call)."""
-    return sum(fake_vendors.bill_nano(r.usage) for r in records(fake, key)
-               if r.usage is not None and (r.completed or not completed_only))
-
-
-def day(stack: Stack, key: str) -> dict:
-    doc = json.loads(stack.cli("budget", "status", "--key", key, "--json").stdout)
-    return doc["windows"]["day"]
-
-
-def set_budget(stack: Stack, key: str, nano: int) -> None:
-    usd = f"{nano // 10**9}.{nano % 10**9:09d}"
-    done = stack.cli("budget", "set", "--key", key, "--daily", usd)
-    assert done.returncode == 0, done.stderr
-
-
-def settled(stack: Stack, fake: FakeProvider, key: str, calls: int) -> dict:
-    """The key's day window once the provider has answered `calls` calls and nothing is
-    reserved any more."""
-    wait_until(lambda: len([r for r in records(fake, key) if r.finished]) >= calls,
-               what="the fake to record the calls")
-    state: dict = {}
-
-    def idle() -> bool:
-        state.update(day(stack, key))
-        return state["reserved_nano_usd"] == 0
-
-    wait_until(idle, what="the reservations to settle")
-    return state
-
-
-def assert_invariant(stack: Stack, fake: FakeProvider, key: str, calls: int,
-                     limit: int | None = None, exact: bool = True) -> dict:
-    """Nothing reserved; spend ≤ limit; spend == the vendor's bill (exact) or covers
-    everything it billed, cut streams included."""
-    state = settled(stack, fake, key, calls)
-    spent = state["spent_nano_usd"]
-    if limit is not None:
-        assert spent <= limit, (spent, limit)
-    if exact:
-        assert spent == vendor_bill(fake, key) > 0, (spent, vendor_bill(fake, key))
-    else:
-        assert vendor_bill(fake, key, completed_only=False) <= spent, (
-            vendor_bill(fake, key, completed_only=False), spent)
-    return state
-
-
-def _new_key(vendor: Vendor) -> str:
-    return f"{vendor.name}-key-{uuid.uuid4().hex}"
-
-
-# ---------------------------------------------------------------- settlement
-
-def _params(marks: dict[str, Any]) -> list[Any]:
-    """Every vendor, with the marks given for some."""
-    return [pytest.param(BY_NAME[n], id=n, marks=marks.get(n, ())) for n in IDS]
-
-
-@pytest.mark.parametrize("vendor", _params({}))
+@pytest.mark.parametrize("vendor", vendor_params({}))
 def test_a_call_without_a_cap_settles_exactly(vstack: Stack, fake: FakeProvider,
                                               vendor: Vendor) -> None:
     """A non-streamed call with no output cap (the SDKs' default): the vendor's path and
     credential, answered, spend == the vendor's bill to the nano-dollar."""
-    key = _new_key(vendor)
+    key = new_key(vendor)
     answer = complete(vstack, vendor, key, f"settle {vendor.name}",
                       {"x-fake-output-tokens": "9", "x-fake-cached-tokens": "3"})
     assert answer.choices[0].message.content
@@ -254,10 +73,10 @@ def test_a_call_without_a_cap_settles_exactly(vstack: Stack, fake: FakeProvider,
     assert_invariant(vstack, fake, key, 1)
 
 
-@pytest.mark.parametrize("vendor", _params({}))
+@pytest.mark.parametrize("vendor", vendor_params({}))
 def test_a_capped_call_settles_exactly(vstack: Stack, fake: FakeProvider,
                                        vendor: Vendor) -> None:
-    key = _new_key(vendor)
+    key = new_key(vendor)
     answer = complete(vstack, vendor, key, f"capped {vendor.name}", max_tokens=7)
     assert answer.usage.completion_tokens == 7
     record = one_record(fake, key)
@@ -265,11 +84,11 @@ def test_a_capped_call_settles_exactly(vstack: Stack, fake: FakeProvider,
     assert_invariant(vstack, fake, key, 1)
 
 
-@pytest.mark.parametrize("vendor", _params({}))
+@pytest.mark.parametrize("vendor", vendor_params({}))
 def test_a_stream_settles_exactly(vstack: Stack, fake: FakeProvider, vendor: Vendor) -> None:
     """Streamed: settled from the vendor's own usage wherever it puts it; stream_options
     added only for a vendor that needs asking, and then its usage chunk hidden."""
-    key = _new_key(vendor)
+    key = new_key(vendor)
     chunks = list(stream(vstack, vendor, key, f"stream {vendor.name}", max_tokens=11))
     assert text_of(chunks)
     record = one_record(fake, key)
@@ -287,7 +106,7 @@ def test_a_stream_settles_exactly(vstack: Stack, fake: FakeProvider, vendor: Ven
                          ids=["azure", "ollama", "groq"])
 def test_usage_asked_by_the_client_is_shown(vstack: Stack, fake: FakeProvider,
                                             vendor: Vendor) -> None:
-    key = _new_key(vendor)
+    key = new_key(vendor)
     params: dict[str, Any] = {"stream_options": {"include_usage": True}}
     if vendor.sdk == "groq":
         params = {"extra_body": params}
@@ -314,12 +133,14 @@ def _cut_message(vendor: Vendor, exc: BaseException) -> str:
 #: Tokens the vendor generates after the cut before it notices the client left (within
 #: tokenfuse's grace, TOKENFUSE_STREAM_GRACE_TOKENS = 32): billed, never delivered.
 LATE_TOKENS = 8
-@pytest.mark.parametrize("vendor", _params({}))
+
+
+@pytest.mark.parametrize("vendor", vendor_params({}))
 def test_a_stream_is_cut_at_its_budget(vstack: Stack, fake: FakeProvider,
                                        vendor: Vendor) -> None:
     """A stream that would run for 4,000 tokens on a budget worth ~150: the vendor's SDK
     raises with tokenfuse's message; the vendor billed no more than the budget."""
-    key = _new_key(vendor)
+    key = new_key(vendor)
     # Perplexity: tokenfuse reserves its bound of the request fee ($0.014) and learns the
     # real one from the first chunk's cost; sonar-pro's output price makes the rest of the
     # budget worth a few hundred tokens.
@@ -350,90 +171,6 @@ def test_a_stream_is_cut_at_its_budget(vstack: Stack, fake: FakeProvider,
           f"budget {budget}", end=" ")
 
 
-# ---------------------------------------------------------------- flood
-
-FLOOD_BUDGET = 10_000_000  # $0.01
-FLOOD_REQUESTS = 1000
-
-
-async def _flood(stack: Stack, vendor: Vendor, key: str) -> list[str]:
-    """FLOOD_REQUESTS concurrent calls, each with a distinct prompt, with the vendor's own
-    async SDK (AsyncGroq, Mistral's complete_async, AsyncAzureOpenAI; AsyncOpenAI at the
-    vendor's base URL otherwise)."""
-    gw = stack.envoy.base_url
-    status_error: Any = openai.APIStatusError
-    connection_error: Any = openai.APIConnectionError
-    if vendor.sdk == "groq":
-        c: Any = groq.AsyncGroq(base_url=f"{gw}/groq", api_key=key, max_retries=0,
-                                timeout=120)
-        status_error, connection_error = groq.APIStatusError, groq.APIConnectionError
-    elif vendor.sdk == "mistral":
-        c = Mistral(api_key=key, server_url=f"{gw}/mistral", timeout_ms=120_000)
-        status_error, connection_error = mistral_errors.SDKError, OSError
-    elif vendor.sdk == "azure":
-        c = openai.AsyncAzureOpenAI(azure_endpoint=f"{gw}/azure", api_key=key,
-                                    api_version=AZURE_VERSION, azure_deployment="prod-4o",
-                                    max_retries=0, timeout=120)
-    else:
-        c = openai.AsyncOpenAI(base_url=f"{gw}/{vendor.name}{vendor.base_path}", api_key=key,
-                               max_retries=0, timeout=120)
-
-    async def one(i: int) -> str:
-        messages = [{"role": "user", "content": f"flood request {spell(i)}"}]
-        try:
-            if vendor.sdk == "mistral":
-                await c.chat.complete_async(model=vendor.model, max_tokens=40,
-                                            messages=messages)
-            else:
-                await c.chat.completions.create(model=vendor.model, max_tokens=40,
-                                                messages=messages)
-            return "allowed"
-        except status_error as exc:
-            return "status_402" if exc.status_code == 402 else f"status_{exc.status_code}"
-        except connection_error:
-            return "connection_error"
-
-    try:
-        return list(await asyncio.gather(*(one(i) for i in range(FLOOD_REQUESTS))))
-    finally:
-        if vendor.sdk != "mistral":
-            await c.close()
-
-
-#: The share of the budget a flood must be able to spend (half: the last requests are
-#: refused while earlier ones still hold reservations above their bills, more so with the
-#: open-weight tokenizer bound, cl100k x 1.5; measured 78-100 %); OpenRouter is reserved at
-#: the price file's rate, above what it bills (settled from its `cost`): measured 61-67 %.
-#: Perplexity's calls are reserved at the highest request fee ($0.014) and billed the low
-#: one ($0.005, none of them asks for more): the floor (every call admitted while the
-#: first ones are in flight) is about 0.005 / 0.014 = 36 % plus tokens; measured 47-70 %.
-USABLE_PERCENT = {"openrouter": 40, "perplexity": 30}
-#: Perplexity's request fee bound ($0.014) is above $0.01: its key gets $1; 1,000 of the
-#: fake Ollama's calls cost about $0.005: its key gets $0.002, so the flood reaches it.
-BUDGETS = {"perplexity": 1_000_000_000, "ollama": 2_000_000}
-
-
-@pytest.mark.parametrize("vendor", _params({}))
-def test_a_flood_on_one_key_is_held_to_its_budget(vstack: Stack, fake: FakeProvider,
-                                                  vendor: Vendor) -> None:
-    """1,000 concurrent calls on one key: not a nano-dollar over its budget."""
-    key = _new_key(vendor)
-    budget = BUDGETS.get(vendor.name, FLOOD_BUDGET)
-    set_budget(vstack, key, budget)
-    outcomes = asyncio.run(_flood(vstack, vendor, key))
-    allowed, refused = outcomes.count("allowed"), outcomes.count("status_402")
-    # Fail-closed under overload: a decision later than Redis's timeout is a 503 with
-    # retry-after, never forwarded (checked below); a loaded 2-core runner sees a few.
-    unavailable = outcomes.count("status_503")
-    print(f"\n{vendor.name} flood: {allowed} allowed, {refused} refused, {unavailable} "
-          f"unavailable, billed {vendor_bill(fake, key)} of {budget}")
-    assert allowed + refused + unavailable == FLOOD_REQUESTS, sorted(set(outcomes))
-    assert unavailable <= FLOOD_REQUESTS // 10, unavailable
-    assert len(records(fake, key)) == allowed  # the refused ones never reached the vendor
-    state = assert_invariant(vstack, fake, key, allowed, limit=budget)
-    assert state["spent_nano_usd"] >= budget * USABLE_PERCENT.get(vendor.name, 50) // 100
-
-
 # ---------------------------------------------------------------- loop guard
 
 LOOP_MESSAGE = "identical request sent 6 times in 60 seconds"
@@ -446,10 +183,10 @@ def _refusal(exc: BaseException) -> tuple[int, str]:
     return exc.status_code, exc.response.text
 
 
-@pytest.mark.parametrize("vendor", _params({}))
+@pytest.mark.parametrize("vendor", vendor_params({}))
 def test_the_sixth_identical_request_is_refused(vstack: Stack, fake: FakeProvider,
                                                 vendor: Vendor) -> None:
-    key = _new_key(vendor)
+    key = new_key(vendor)
     for _ in range(5):
         complete(vstack, vendor, key, "Summarise the logs", max_tokens=3)
     with pytest.raises((openai.APIStatusError, groq.APIStatusError,
@@ -471,7 +208,7 @@ def _key_rows(stack: Stack, pool: str) -> dict[str, dict]:
     return {r["id"]: r for r in out}
 
 
-@pytest.mark.parametrize("vendor", _params({}))
+@pytest.mark.parametrize("vendor", vendor_params({}))
 def test_a_pooled_key_fails_over(vstack: Stack, fake: FakeProvider, vendor: Vendor) -> None:
     """The pool's first key answers 429 with the vendor's reset headers: the next key
     serves, the client sees no error, the bill lands on the key that served (and once on
@@ -516,7 +253,7 @@ def test_xai_hidden_reasoning_is_settled(vstack: Stack, fake: FakeProvider,
                                          streamed: bool) -> None:
     """grok-4 reasons unasked and unstreamed; xAI reports the reasoning tokens beside
     completion_tokens (total = prompt + completion + reasoning) and bills them as output."""
-    vendor, key = BY_NAME["xai"], _new_key(BY_NAME["xai"])
+    vendor, key = BY_NAME["xai"], new_key(BY_NAME["xai"])
     headers = {"x-fake-reasoning-tokens": "60", "x-fake-output-tokens": "6"}
     if streamed:
         chunks = list(stream(vstack, vendor, key, "think hard", headers, model="grok-4",
@@ -537,7 +274,7 @@ def test_xai_hidden_reasoning_is_settled(vstack: Stack, fake: FakeProvider,
 def test_deepseek_reasoner_streams_its_reasoning(vstack: Stack, fake: FakeProvider) -> None:
     """deepseek-reasoner streams `reasoning_content` before the answer, billed inside
     completion_tokens; cache hits come as prompt_cache_hit_tokens."""
-    vendor, key = BY_NAME["deepseek"], _new_key(BY_NAME["deepseek"])
+    vendor, key = BY_NAME["deepseek"], new_key(BY_NAME["deepseek"])
     chunks = list(stream(vstack, vendor, key, "reason", {"x-fake-reasoning-tokens": "20",
                                                          "x-fake-output-tokens": "5",
                                                          "x-fake-cached-tokens": "4"},
@@ -553,7 +290,7 @@ def test_deepseek_reasoner_streams_its_reasoning(vstack: Stack, fake: FakeProvid
 def test_openrouter_error_inside_a_200_stream(vstack: Stack, fake: FakeProvider) -> None:
     """OpenRouter reports a failure after the stream started as a chunk with `error` and
     finish_reason "error": the SDK raises it; what was generated is covered."""
-    vendor, key = BY_NAME["openrouter"], _new_key(BY_NAME["openrouter"])
+    vendor, key = BY_NAME["openrouter"], new_key(BY_NAME["openrouter"])
     with pytest.raises(openai.APIError) as raised:
         list(stream(vstack, vendor, key, "fail midway", {"x-fake-stream-error": "5"},
                     max_tokens=40))
@@ -564,7 +301,7 @@ def test_openrouter_error_inside_a_200_stream(vstack: Stack, fake: FakeProvider)
 def test_perplexity_request_fee_is_in_the_spend(vstack: Stack, fake: FakeProvider) -> None:
     """Perplexity bills a fee per request by search context size on top of the tokens;
     its `cost.total_cost` includes it, and so does the spend."""
-    vendor, key = BY_NAME["perplexity"], _new_key(BY_NAME["perplexity"])
+    vendor, key = BY_NAME["perplexity"], new_key(BY_NAME["perplexity"])
     answer = complete(vstack, vendor, key, "search", max_tokens=5,
                       extra_body={"web_search_options": {"search_context_size": "high"}})
     assert answer.model_extra["citations"]
@@ -575,7 +312,7 @@ def test_perplexity_request_fee_is_in_the_spend(vstack: Stack, fake: FakeProvide
 
 
 def test_azure_stream_on_an_older_api_version(vstack: Stack, fake: FakeProvider) -> None:
-    vendor, key = BY_NAME["azure"], _new_key(BY_NAME["azure"])
+    vendor, key = BY_NAME["azure"], new_key(BY_NAME["azure"])
     chunks = list(stream(vstack, vendor, key, "old version", max_tokens=6,
                          api_version="2024-06-01"))
     assert text_of(chunks)
@@ -615,7 +352,7 @@ def test_azure_v1_api_with_the_key_as_bearer(vstack: Stack, fake: FakeProvider) 
     """Azure's v1 API: plain openai.OpenAI at `<resource>/openai/v1/`, the deployment as
     the model, the API key as a Bearer token; streamed, settled exactly at the deployment's
     model price."""
-    key = _new_key(BY_NAME["azure"])
+    key = new_key(BY_NAME["azure"])
     c = openai.OpenAI(base_url=f"{vstack.envoy.base_url}/azure/openai/v1", api_key=key,
                       max_retries=0, timeout=30)
     chunks = list(c.chat.completions.create(
@@ -631,7 +368,7 @@ def test_azure_v1_api_with_the_key_as_bearer(vstack: Stack, fake: FakeProvider) 
 def test_azure_unmapped_deployment_is_refused(vstack: Stack, fake: FakeProvider) -> None:
     """A deployment the operator did not map to a model has no price: refused before it
     reaches Azure (fail-closed)."""
-    key = _new_key(BY_NAME["azure"])
+    key = new_key(BY_NAME["azure"])
     c = openai.AzureOpenAI(azure_endpoint=f"{vstack.envoy.base_url}/azure", api_key=key,
                            api_version=AZURE_VERSION, azure_deployment="shadow-deploy",
                            max_retries=0, timeout=30)

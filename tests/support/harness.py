@@ -233,6 +233,9 @@ class Stack:
                for name in BUILTIN if name not in ("openai", "anthropic")},
             "TOKENFUSE_LOG_LEVEL": "DEBUG",
             "TOKENFUSE_MAX_REQUEST_BYTES": str(4 * 1024 * 1024),
+            # 250 ms by default; a 2-core runner with two test workers flooding at once
+            # queues decisions past that (fail-closed 503s): the floods assert <= 10 %.
+            "TOKENFUSE_REDIS_TIMEOUT_MS": "1000",
         })
         env.update(extra_env or {})
         self.env = env
