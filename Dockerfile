@@ -26,8 +26,8 @@ RUN pip install --no-cache-dir /wheels/*.whl \
     && rm -rf /wheels \
     && useradd --system --uid 10001 --user-group --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin tokenfuse \
-    && mkdir -p /var/lib/tokenfuse /etc/tokenfuse/pools \
-    && chown tokenfuse:tokenfuse /var/lib/tokenfuse
+    && mkdir -p /var/lib/tokenfuse/envoy /etc/tokenfuse/pools \
+    && chown -R tokenfuse:tokenfuse /var/lib/tokenfuse
 USER 10001:10001
 WORKDIR /var/lib/tokenfuse
 # 50051: ext_proc over TCP when TOKENFUSE_PROCESSOR_ADDRESS=0.0.0.0:50051 (unauthenticated:
