@@ -1,7 +1,8 @@
 """The Envoy configurations users deploy (top-level `envoy/`), one per deployment shape,
 rendered by `envoy_config.render`, the code `make run` uses.
 
-`python -m tokenfuse.deploy.envoy_config --profile NAME [--processor HOST:PORT] OUT`
+`python -m tokenfuse.deploy.envoy_config --profile NAME [--processor HOST:PORT]
+[--ready-port N] OUT`
 renders one shape under the caller's environment (upstreams, ports, limits: every
 TOKENFUSE_* variable applies; the shape's own values are defaults the environment may
 override); `--all ENVOY_DIR --configmaps K8S_DIR` (`make envoy-configs`) writes the
@@ -15,7 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from tokenfuse.deploy.envoy_config import render
 PROCESSOR_PORT = 50051
 READY_PORT = 9902
 #: Where the sidecar shape's processor puts its socket: an emptyDir both containers mount.
-SIDECAR_SOCKET = "/var/run/tokenfuse/processor.sock"
+SIDECAR_SOCKET = "/run/tokenfuse/processor.sock"
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES))
     parser.add_argument("--processor", default="", help="host:port of the processor "
                         "(TCP shapes; default: the shape's)")
+    parser.add_argument("--ready-port", type=int, default=None,
+                        help="port of the /ready listener (default: the shape's; 0 = none)")
     parser.add_argument("--all", metavar="ENVOY_DIR", type=Path,
                         help="write every shape's committed file into ENVOY_DIR")
     parser.add_argument("--configmaps", metavar="K8S_DIR", type=Path,
@@ -124,8 +127,10 @@ def main(argv: list[str]) -> int:
             return 0
         if not args.profile:
             parser.error("--profile or --all")
-        body = text(render_profile(PROFILES[args.profile], dict(os.environ),
-                                   processor_address(args.processor)))
+        profile = PROFILES[args.profile]
+        if args.ready_port is not None:
+            profile = replace(profile, ready_port=args.ready_port)
+        body = text(render_profile(profile, dict(os.environ), processor_address(args.processor)))
     except ConfigError as exc:
         print(f"tokenfuse: configuration error: {exc}", file=sys.stderr)
         return 2
