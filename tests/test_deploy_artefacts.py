@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -35,13 +36,14 @@ from tests.support.harness import (
     ROOT,
     VENV_BIN,
     Envoy,
+    RedisServer,
     ServiceFailed,
     Stack,
     envoy_ready,
     free_port,
     wait_until,
 )
-from tokenfuse.config import load_settings
+from tokenfuse.config import ConfigError, load_settings
 from tokenfuse.contract import (
     EXT_PROC_FILTER,
     PROCESSING_MODE,
@@ -173,6 +175,41 @@ def test_each_shape_reaches_the_processor_its_way() -> None:
                      for listener in config["static_resources"]["listeners"]}
         assert listeners["llm"]["address"] == ("127.0.0.1" if name == "local" else "0.0.0.0")
         assert ("ready" in listeners) == name.startswith("kubernetes-")
+
+
+@pytest.mark.parametrize("value", ["50051", ":50051", "127.0.0.1:", "127.0.0.1:0",
+                                   "127.0.0.1:65536", "[]:50051", "host:port"])
+def test_a_bad_processor_address_is_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError, match="TOKENFUSE_PROCESSOR_ADDRESS"):
+        load_settings({"TOKENFUSE_PROCESSOR_ADDRESS": value})
+
+
+def test_processor_address_defaults_to_the_socket_only() -> None:
+    assert load_settings({}).processor.address == ""
+    assert load_settings({"TOKENFUSE_PROCESSOR_ADDRESS": "[::1]:50051"}).processor.address == (
+        "[::1]:50051")
+
+
+def test_a_processor_address_in_use_stops_the_start(tmp_path: Path) -> None:
+    """A port another process holds: a configuration error (exit 2), not a traceback, and
+    no second processor sharing the port."""
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            address = f"127.0.0.1:{taken.getsockname()[1]}"
+            env = {**os.environ, "REDIS_URL": redis_server.url, "TOKENFUSE_SECRET": "s",
+                   "TOKENFUSE_STATE_DIR": str(tmp_path), "TOKENFUSE_PROCESSOR_ADDRESS": address,
+                   "TOKENFUSE_METRICS_PORT": str(free_port())}
+            done = subprocess.run([sys.executable, "-m", "tokenfuse.server"], env=env,
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert f"TOKENFUSE_PROCESSOR_ADDRESS={address}: cannot listen there" in done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        redis_server.stop()
 
 
 class ProfileEnvoy(Envoy):

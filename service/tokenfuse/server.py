@@ -105,7 +105,11 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     socket_path.unlink(missing_ok=True)
     server.add_insecure_port(f"unix:{socket_path}")
     if processor.address:  # TOKENFUSE_PROCESSOR_ADDRESS: see tcp_options
-        server.add_insecure_port(processor.address)
+        try:
+            server.add_insecure_port(processor.address)
+        except RuntimeError:
+            raise ConfigError(f"TOKENFUSE_PROCESSOR_ADDRESS={processor.address}: cannot "
+                              "listen there (in use, or not an address of this host)") from None
         log.info("tokenfuse processor also listening on tcp:%s (unauthenticated: only the "
                  "gateway may reach it)", processor.address)
     await server.start()
