@@ -25,12 +25,14 @@ from typing import Any
 
 import jsonschema
 import kubernetes_validate
+import openai
 import pytest
 import redis
 import yaml
 
 from tests.conftest import openai_client
 from tests.support import dockerfile
+from tests.support.billing import requests_for
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import (
     ROOT,
@@ -259,6 +261,15 @@ def test_the_service_shape_carries_a_request_over_tcp(fake: FakeProvider,
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{ready}/config_dump", timeout=5)
         assert refused.value.code == 404
+        # The processor gone from its address: fail closed, exactly as over a socket.
+        stack.processor.kill()
+        forwarded = requests_for(fake, api_key)
+        with pytest.raises(openai.APIStatusError) as closed:
+            openai_client(stack, api_key).chat.completions.create(
+                model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        assert closed.value.status_code == 503
+        assert closed.value.response.json()["error"]["code"] == "processor_unavailable"
+        assert requests_for(fake, api_key) == forwarded
     finally:
         stack.cleanup()
 
