@@ -1,5 +1,6 @@
-"""A non-editable install works outside the checkout: the wheel ships the Lua scripts and
-the price data, and the processor and the CLI start from it."""
+"""A non-editable install works outside the checkout: the wheel (built from exactly what
+the Dockerfile's build stage copies) ships the Lua scripts and the price data, and the
+processor, the CLI and the image's ENTRYPOINT (as the Dockerfile writes it) start from it."""
 
 from __future__ import annotations
 
