@@ -173,12 +173,12 @@ def test_the_image_entrypoint_serves_from_the_installed_package(installed: Path,
         where = subprocess.run(
             ["python", "-c", "import tokenfuse, tokenfuse.state.scripts as s, "
              "tokenfuse.pricing as p; print(tokenfuse.__file__); print(s.lua_dir()); "
-             "print(p.__file__)"], env=env, cwd=elsewhere, capture_output=True, text=True,
-            check=True)
-        package_file, lua_dir, pricing = where.stdout.split()
+             "print(p.BUILTIN_PRICES)"], env=env, cwd=elsewhere, capture_output=True,
+            text=True, check=True)
+        package_file, lua_dir, prices = where.stdout.split()
         assert package_file == str(installed / "tokenfuse" / "__init__.py")
         assert lua_dir == str(installed / "tokenfuse" / "lua")
-        assert pricing.startswith(str(installed))
+        assert prices == str(installed / "tokenfuse" / "data" / "prices.json")
         with open(log_path, "wb") as log:
             processor = subprocess.Popen(command, env=env, cwd=elsewhere, stdout=log,
                                          stderr=subprocess.STDOUT)
