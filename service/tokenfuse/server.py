@@ -21,6 +21,7 @@ from prometheus_client import start_http_server
 
 from tokenfuse.config import (
     ConfigError,
+    ProcessorSettings,
     Settings,
     load_secret,
     load_settings,
@@ -95,13 +96,22 @@ async def serve(settings: Settings, index: int | None = None) -> None:
                       settings.pools.max_cooldown_ms)
     probes = asyncio.create_task(probe_forever(pools, pool_secrets, settings.envoy.upstreams,
                                                settings.pools.probe_interval_ms / 1000))
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=tcp_options(processor) if processor.address
+                             else GRPC_OPTIONS)
     runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets)
     pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcService(runtime), server)
     socket_path = worker_socket(processor.socket, index or 0)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
     server.add_insecure_port(f"unix:{socket_path}")
+    if processor.address:  # TOKENFUSE_PROCESSOR_ADDRESS: see tcp_options
+        try:
+            server.add_insecure_port(processor.address)
+        except RuntimeError:
+            raise ConfigError(f"TOKENFUSE_PROCESSOR_ADDRESS={processor.address}: cannot "
+                              "listen there (in use, or not an address of this host)") from None
+        log.info("tokenfuse processor also listening on tcp:%s (unauthenticated: only the "
+                 "gateway may reach it)", processor.address)
     await server.start()
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     if index is None:
@@ -131,6 +141,15 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     probes.cancel()
     await server.stop(grace=2)
     await store.close()
+
+
+def tcp_options(processor: ProcessorSettings) -> list[tuple[str, int]]:
+    """The gRPC options with a TCP listener (TOKENFUSE_PROCESSOR_ADDRESS), in addition to
+    the Unix socket: with TOKENFUSE_PROCESSES > 1 every worker binds the same port
+    (SO_REUSEPORT: the kernel spreads Envoy's connections); a single processor does not
+    share its port (a second one on it fails to start)."""
+    return [(name, value) for name, value in GRPC_OPTIONS if name != "grpc.so_reuseport"] + [
+        ("grpc.so_reuseport", 1 if processor.processes > 1 else 0)]
 
 
 async def reap_forever(store: BudgetStore, ttl_ms: int, interval_s: float) -> None:

@@ -250,17 +250,11 @@ def _pool_retry_policy(retries: int) -> dict[str, Any]:
     }
 
 
-def render(settings: Settings) -> dict[str, Any]:
-    envoy = settings.envoy
-    socket_path = settings.processor.socket
-    max_request = envoy.max_request_bytes
-    timeout_ms = settings.processor.timeout_ms
-    ca_bundle = envoy.ca_bundle
-    pool_retries = settings.pools.max_retries
-    grpc_timeout = f"{max(timeout_ms, 1000) // 1000 + 4}s"
-    message_timeout = f"{timeout_ms / 1000:.3f}s"
-
-    clusters: list[dict[str, Any]] = [{
+def _processor_cluster(settings: Settings, processor_address: str) -> dict[str, Any]:
+    """How Envoy reaches the processor: its Unix socket(s), or `host:port` over TCP (a
+    processor in another container or Service; every address the name resolves to is an
+    endpoint, so a headless Service or a scaled compose service spreads the streams)."""
+    cluster: dict[str, Any] = {
         "name": "tokenfuse_processor",
         "type": "STATIC",
         "connect_timeout": "1s",
@@ -270,7 +264,8 @@ def render(settings: Settings) -> dict[str, Any]:
         "load_assignment": {"cluster_name": "tokenfuse_processor", "endpoints": [{
             "lb_endpoints": [
                 {"endpoint": {"address": {"pipe": {"path": str(path)}}}}
-                for path in worker_sockets(socket_path, settings.processor.processes)]
+                for path in worker_sockets(settings.processor.socket,
+                                           settings.processor.processes)]
         }]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3."
                                              "HttpProtocolOptions": {
@@ -278,7 +273,58 @@ def render(settings: Settings) -> dict[str, Any]:
             "explicit_http_config": {"http2_protocol_options": {
                 "connection_keepalive": {"interval": "30s", "timeout": "5s"}}},
         }},
-    }]
+    }
+    if processor_address:
+        host, _, port = processor_address.rpartition(":")
+        cluster.update({
+            "type": "STRICT_DNS", "dns_lookup_family": "V4_PREFERRED", "dns_refresh_rate": "5s",
+            "load_assignment": {"cluster_name": "tokenfuse_processor", "endpoints": [{
+                "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": host.strip("[]"), "port_value": int(port)}}}}]}]},
+        })
+    return cluster
+
+
+def _ready_listener(port: int, admin_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A listener on all addresses answering only `GET /ready`, from the admin interface
+    (which stays on 127.0.0.1: it can stop Envoy and rewrite its runtime); for probes from
+    outside the container. Returns (listener, the admin cluster)."""
+    admin = {"name": "envoy_admin", "type": "STATIC", "connect_timeout": "1s",
+             "load_assignment": {"cluster_name": "envoy_admin", "endpoints": [{
+                 "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                     "address": "127.0.0.1", "port_value": admin_port}}}}]}]}}
+    hcm = {
+        "@type": HCM, "stat_prefix": "ready", "codec_type": "AUTO",
+        "route_config": {"name": "ready", "virtual_hosts": [{
+            "name": "ready", "domains": ["*"], "routes": [
+                {"match": {"path": "/ready", "headers": [
+                    {"name": ":method", "string_match": {"exact": "GET"}}]},
+                 "route": {"cluster": "envoy_admin", "timeout": "2s"}},
+                {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    listener = {"name": "ready", "address": {"socket_address": {
+        "address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}]}
+    return listener, admin
+
+
+def render(settings: Settings, processor_address: str = "", ready_port: int = 0
+           ) -> dict[str, Any]:
+    """The bootstrap. `processor_address` (host:port) reaches the processor over TCP
+    instead of its Unix socket; `ready_port` adds the /ready listener (the deployment
+    profiles, tokenfuse.deploy.profiles)."""
+    envoy = settings.envoy
+    max_request = envoy.max_request_bytes
+    timeout_ms = settings.processor.timeout_ms
+    ca_bundle = envoy.ca_bundle
+    pool_retries = settings.pools.max_retries
+    grpc_timeout = f"{max(timeout_ms, 1000) // 1000 + 4}s"
+    message_timeout = f"{timeout_ms / 1000:.3f}s"
+
+    clusters: list[dict[str, Any]] = [_processor_cluster(settings, processor_address)]
     routes: list[dict[str, Any]] = [{
         "match": {"path": "/healthz"},
         "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
@@ -358,6 +404,11 @@ def render(settings: Settings) -> dict[str, Any]:
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
     max_connections = envoy.max_connections
+    extra_listeners: list[dict[str, Any]] = []
+    if ready_port:
+        listener, admin = _ready_listener(ready_port, envoy.admin_port)
+        extra_listeners.append(listener)
+        clusters.append(admin)
     return {
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
@@ -379,7 +430,7 @@ def render(settings: Settings) -> dict[str, Any]:
                     "filters": [{"name": "envoy.filters.network.http_connection_manager",
                                  "typed_config": hcm}],
                     **_listener_tls(envoy.tls_cert_file, envoy.tls_key_file)}],
-            }],
+            }, *extra_listeners],
             "clusters": clusters,
         },
     }
@@ -399,6 +450,10 @@ def _listener_tls(cert_file: str, key_file: str) -> dict[str, Any]:
 
 
 def main() -> None:
+    if any(arg.startswith("--") for arg in sys.argv[1:]):
+        from tokenfuse.deploy.profiles import main as profiles_main
+
+        sys.exit(profiles_main(sys.argv[1:]))
     out = sys.argv[1] if len(sys.argv) > 1 else "-"
     try:
         text = json.dumps(render(load_settings()), indent=2)
