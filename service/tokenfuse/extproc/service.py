@@ -28,6 +28,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._request = RequestPhase(runtime)
         self._settlement = Settlement(runtime)
+        self._streams = runtime.open_streams
         self._response = ResponsePhase(runtime, self._settlement)
         self._attempts = (
             PoolAttempts(runtime.secret, runtime.pools, runtime.pool_secrets,
@@ -44,6 +45,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
             return
         ex = Exchange()
         response = self._response
+        streams = self._streams
+        streams[id(ex)] = ex  # what a drain waits for (tokenfuse.drain)
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("request")
@@ -67,12 +70,20 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
                     await self._settlement.settle_from(ex)
                     yield CONTINUE["response_trailers"]
         finally:
-            if ex.open_reservation and not ex.forwarded:
-                # Envoy gave up before it had the decision: nothing went to the provider.
-                await self._request.release(ex, "abandoned")
-            elif ex.open_reservation:
-                # Ended without a settlement (client gone, Envoy reset, upstream cut).
-                await self._settlement.settle_unfinished(ex)
+            try:
+                if ex.open_reservation:
+                    await self.end_unfinished(ex)
+            finally:
+                del streams[id(ex)]
+
+    async def end_unfinished(self, ex: Exchange) -> None:
+        """A stream that ended without a settlement (also: one a drain ended at its bound)."""
+        if ex.open_reservation and not ex.forwarded:
+            # Envoy gave up before it had the decision: nothing went to the provider.
+            await self._request.release(ex, "abandoned")
+        elif ex.open_reservation:
+            # Ended without a settlement (client gone, Envoy reset, upstream cut).
+            await self._settlement.settle_unfinished(ex)
 
 
 def _is_upstream_stage(context: Any) -> bool:
