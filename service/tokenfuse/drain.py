@@ -28,6 +28,8 @@ log = logging.getLogger("tokenfuse")
 
 #: How long a stopped gRPC server lets the streams it refuses (and pool attempts) end.
 STOP_GRACE_S = 1.0
+#: How long the settlements of the streams a drain cut may take before the exit.
+SETTLE_BOUND_S = 2.0
 
 
 async def drain(runtime: Runtime, service: ExtProcService, server: grpc.aio.Server,
@@ -53,7 +55,10 @@ async def drain(runtime: Runtime, service: ExtProcService, server: grpc.aio.Serv
                     "was counted", "interrupted" if hurry.is_set() else "bound reached",
                     len(cut))
     await server.stop(grace=0 if cut else STOP_GRACE_S)
+    await asyncio.sleep(0)  # the cancelled streams start their own settlements
     for ex in cut:
-        # A cancelled stream's own settlement may not have run: this one is not cancelled.
+        # One whose handler did not get as far: settled here.
         await service.end_unfinished(ex)
+    if service.endings:
+        await asyncio.wait(service.endings, timeout=SETTLE_BOUND_S)
     log.info("drained in %.2f s", time.monotonic() - started)

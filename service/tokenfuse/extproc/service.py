@@ -8,6 +8,7 @@ request headers and body (`request.RequestPhase`), then the response
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +30,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         self._request = RequestPhase(runtime)
         self._settlement = Settlement(runtime)
         self._streams = runtime.open_streams
+        #: Settlements of streams that ended unsettled, still running (a drain waits).
+        self.endings: set[asyncio.Future[None]] = set()
         self._response = ResponsePhase(runtime, self._settlement)
         self._attempts = (
             PoolAttempts(runtime.secret, runtime.pools, runtime.pool_secrets,
@@ -72,7 +75,11 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         finally:
             try:
                 if ex.open_reservation:
-                    await self.end_unfinished(ex)
+                    # A task of its own: a drain's stop cancels the stream, not this.
+                    ending = asyncio.ensure_future(self.end_unfinished(ex))
+                    self.endings.add(ending)
+                    ending.add_done_callback(self.endings.discard)
+                    await asyncio.shield(ending)
             finally:
                 del streams[id(ex)]
 
