@@ -10,15 +10,16 @@ TOKENFUSE_DRAIN_TIMEOUT_SECONDS with the streams still open cut and settled.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 
 from tests.conftest import openai_client
@@ -87,7 +88,7 @@ class SlowStream:
                     self.finish_reason = choice.finish_reason or self.finish_reason
                     self.started.set()
             self.result = "completed"
-        except Exception as exc:  # noqa: BLE001 (the stream breaks when it is cut)
+        except Exception as exc:  # the stream breaks when it is cut
             self.result = type(exc).__name__
         finally:
             self.ended_at = time.monotonic()
@@ -210,7 +211,20 @@ def test_supervisor_probes_and_drains_every_worker(
     assert all(p == {"redis": "ok", "scripts": "ok", "prices": "ok", "drain": "ok"}
                for p in doc["processes"])
     assert probe(stack, "healthz")[0] == 200
-    # One stream per worker at least: Envoy balances streams over both sockets.
+    # A worker whose event loop does not answer fails both probes, named.
+    assert stack.processor.proc is not None
+    stuck = worker_pids(stack.processor.proc.pid)[1]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        status, doc = probe(stack, "healthz")
+        assert status == 503 and doc["failed"] == ["event_loop"]
+        assert doc["checks"]["event_loop"].startswith("process 1: no answer in 1 s")
+        assert probe(stack, "readyz")[1]["failed"] == ["processor"]
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    wait_until(lambda: probe(stack, "healthz")[0] == 200 and ready(stack),
+               what="the worker to answer again")
+    # Streams on both workers: Envoy balances its ext_proc streams over both sockets.
     streams = [SlowStream(stack, f"{api_key}-{i}", tokens=80, delay_ms=20) for i in range(4)]
     assert all(s.started.wait(20) for s in streams)
     sigterm(stack)
@@ -226,6 +240,20 @@ def test_supervisor_probes_and_drains_every_worker(
         assert day["reserved_nano_usd"] == 0
     exited_at(stack, timeout=10)
     assert stack.processor.proc is not None and stack.processor.proc.returncode == 0
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The supervisor's worker processes, in the order of their --worker index."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--worker" in argv and argv[argv.index(b"--worker") + 2:][:1] == [
+                str(supervisor).encode()]:
+            found[int(argv[argv.index(b"--worker") + 1])] = int(entry.name)
+    return [found[i] for i in sorted(found)]
 
 
 def test_a_second_sigterm_ends_the_drain_at_once(drain_stack: Stack, api_key: str) -> None:
