@@ -128,6 +128,19 @@ def test_probes_follow_redis(drain_stack: Stack) -> None:
     shas = [scripts.load(name).sha for name in DECISION_SCRIPTS]
     assert all(stack.redis.client().script_exists(*shas))
 
+    # A Redis that does not answer: not ready within the Redis timeout (250 ms).
+    assert stack.redis.proc is not None
+    stack.redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        asked = time.monotonic()
+        status, doc = probe(stack, "readyz")
+        took = time.monotonic() - asked
+    finally:
+        stack.redis.proc.send_signal(signal.SIGCONT)
+    assert status == 503 and doc["checks"]["redis"] == "unreachable (TimeoutError)"
+    assert took < 1.5, took
+    wait_until(lambda: ready(stack), what="readiness once Redis answers again")
+
     stack.redis.stop()
     status, doc = probe(stack, "readyz")
     assert status == 503 and doc["failed"] == ["redis", "scripts"]
