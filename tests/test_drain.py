@@ -138,6 +138,7 @@ def test_probes_follow_redis(drain_stack: Stack) -> None:
     finally:
         stack.redis.proc.send_signal(signal.SIGCONT)
     assert status == 503 and doc["checks"]["redis"] == "unreachable (TimeoutError)"
+    print(f"readiness answered 503 {took:.3f} s after the probe with Redis stopped")
     assert took < 1.5, took
     wait_until(lambda: ready(stack), what="readiness once Redis answers again")
 
@@ -240,6 +241,9 @@ def test_supervisor_probes_and_drains_every_worker(
     # Streams on both workers: Envoy balances its ext_proc streams over both sockets.
     streams = [SlowStream(stack, f"{api_key}-{i}", tokens=80, delay_ms=20) for i in range(4)]
     assert all(s.started.wait(20) for s in streams)
+    deciding = {line.split()[2] for line in stack.processor.log_text().splitlines()
+                if "tokenfuse.processor reserved" in line}  # the pid field of the log
+    assert len(deciding) == 2  # round robin: streams on each worker
     sigterm(stack)
     wait_until(lambda: not ready(stack), timeout=5, what="readiness to turn 503")
     status, headers, body = post_chat(stack, api_key + "-new")
@@ -277,6 +281,7 @@ def test_a_second_sigterm_ends_the_drain_at_once(drain_stack: Stack, api_key: st
     wait_until(lambda: not ready(stack), timeout=5, what="readiness to turn 503")
     again = sigterm(stack)
     ended = exited_at(stack, timeout=10)
+    print(f"processor exited {ended - again:.2f} s after the second SIGTERM")
     assert ended - again < 3  # not the 30 s bound
     assert stream.done.wait(10) and stream.result != "completed"
     assert "drain interrupted with 1 stream(s) still open" in stack.processor.log_text()
