@@ -181,8 +181,9 @@ def test_sigterm_lets_the_stream_finish_and_refuses_new_requests(
         drain_stack: Stack, fake: FakeProvider, api_key: str) -> None:
     stack = drain_stack
     assert ready(stack)
-    # ~120 tokens at 20 ms each: about 2.4 s of stream after the first token.
-    stream = SlowStream(stack, api_key, tokens=120, delay_ms=20)
+    # 250 tokens at 20 ms each: 5 s of stream after the first token, for the probes and
+    # a refused request to happen while it runs.
+    stream = SlowStream(stack, api_key, tokens=250, delay_ms=20)
     assert stream.started.wait(20) and not stream.done.is_set()
     signalled = sigterm(stack)
 
@@ -201,7 +202,7 @@ def test_sigterm_lets_the_stream_finish_and_refuses_new_requests(
 
     assert stream.done.wait(30)
     assert stream.result == "completed" and stream.finish_reason == "length"
-    assert len([t for t in stream.text if t]) == 120
+    assert len([t for t in stream.text if t]) == 250
     ended = exited_at(stack, timeout=10)
     assert stack.processor.proc is not None and stack.processor.proc.returncode == 0
     print(f"stream ended {stream.ended_at - signalled:.2f} s after SIGTERM; processor "
