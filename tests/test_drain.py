@@ -46,13 +46,19 @@ def ready(stack: Stack) -> bool:
     return probe(stack, "readyz")[0] == 200
 
 
-def post_chat(stack: Stack, key: str) -> tuple[int, dict[str, str], dict[str, Any]]:
-    """A plain chat completion, as raw HTTP: (status, headers, JSON body)."""
-    request = urllib.request.Request(
-        stack.envoy.base_url + "/openai/v1/chat/completions", method="POST",
-        data=json.dumps({"model": "gpt-4o-mini", "max_tokens": 8,
-                         "messages": [{"role": "user", "content": "hi"}]}).encode(),
-        headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+def post_chat(stack: Stack, key: str, provider: str = "openai"
+              ) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """A plain chat call (OpenAI's or Anthropic's), as raw HTTP: (status, headers, body)."""
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "max_tokens": 8,
+                            "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    path = "/openai/v1/chat/completions"
+    if provider == "anthropic":
+        body["model"], path = "claude-haiku-4-5", "/anthropic/v1/messages"
+        headers = {"x-api-key": key, "anthropic-version": "2023-06-01",
+                   "content-type": "application/json"}
+    request = urllib.request.Request(stack.envoy.base_url + path, method="POST",
+                                     data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status, dict(resp.headers), json.loads(resp.read())
@@ -195,8 +201,10 @@ def test_sigterm_lets_the_stream_finish_and_refuses_new_requests(
     newcomer = "sk-test-new-" + api_key[-12:]
     status, headers, body = post_chat(stack, newcomer)
     assert status == 503 and headers["retry-after"] == "1"
-    assert body["error"]["code"] == "draining"  # in OpenAI's own error shape
-    assert body["error"]["type"]
+    assert body["error"]["code"] == "draining" and body["error"]["type"]  # OpenAI's shape
+    status, headers, body = post_chat(stack, newcomer, "anthropic")
+    assert (status, headers["retry-after"]) == (503, "1")
+    assert body["type"] == "error" and body["error"]["code"] == "draining"  # Anthropic's
     assert requests_for(fake, newcomer) == 0 and fake.in_flight(newcomer) == 0
     assert not stream.done.is_set()  # the refusal came while the stream still ran
 
