@@ -195,6 +195,14 @@ class EnvoySettings:
 
 
 @dataclass(frozen=True)
+class DrainSettings:
+    """SIGTERM: how long in-flight requests and streams may take to finish before the
+    processor ends them and exits (tokenfuse.drain)."""
+
+    timeout_seconds: int = 30
+
+
+@dataclass(frozen=True)
 class Settings:
     state_dir: Path
     redis: RedisSettings = field(default_factory=RedisSettings)
@@ -206,6 +214,7 @@ class Settings:
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     pools: PoolSettings = field(default_factory=PoolSettings)
     envoy: EnvoySettings = field(default_factory=EnvoySettings)
+    drain: DrainSettings = field(default_factory=DrainSettings)
     secret_value: str = field(default="", repr=False)  # TOKENFUSE_SECRET
     secret_file: Path = Path(".tokenfuse/secret")
     log_level: str = "INFO"
@@ -327,6 +336,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 upstream_variable(name), provider.default_upstream)
                 for name, provider in PROVIDERS.items()},
         ),
+        drain=DrainSettings(
+            timeout_seconds=env.int("TOKENFUSE_DRAIN_TIMEOUT_SECONDS", 30, minimum=0)),
         secret_value=env.raw("TOKENFUSE_SECRET"),
         secret_file=Path(env.text("TOKENFUSE_SECRET_FILE", str(state_dir / "secret"))),
         log_level=env.text("TOKENFUSE_LOG_LEVEL", "INFO").upper(),

@@ -17,7 +17,6 @@ from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from prometheus_client import start_http_server
 
 from tokenfuse.config import (
     ConfigError,
@@ -28,9 +27,11 @@ from tokenfuse.config import (
     setup_logging,
     worker_socket,
 )
+from tokenfuse.drain import drain
 from tokenfuse.events.webhooks import WebhookConfigError, WebhookSink
 from tokenfuse.extproc.runtime import Runtime
 from tokenfuse.extproc.service import ExtProcService
+from tokenfuse.health import Probes, ProcessorHealth, health_socket, start_http_server
 from tokenfuse.metering.tokens import count_text
 from tokenfuse.metrics import REAPED, REAPED_NANO, REAPER_RUNS, REDIS_ERRORS, REGISTRY
 from tokenfuse.pools.probes import probe_forever
@@ -75,9 +76,6 @@ async def serve(settings: Settings, index: int | None = None) -> None:
         ),
     )
     processor = settings.processor
-    if index is None:
-        start_http_server(processor.metrics_port, processor.metrics_address, registry=REGISTRY)
-
     control = ControlWatcher(settings.redis.url)
     watcher = asyncio.create_task(control.run())
     hooks = settings.webhooks
@@ -99,7 +97,8 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     server = grpc.aio.server(options=tcp_options(processor) if processor.address
                              else GRPC_OPTIONS)
     runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets)
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcService(runtime), server)
+    service = ExtProcService(runtime)
+    pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
     socket_path = worker_socket(processor.socket, index or 0)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
@@ -113,6 +112,12 @@ async def serve(settings: Settings, index: int | None = None) -> None:
         log.info("tokenfuse processor also listening on tcp:%s (unauthenticated: only the "
                  "gateway may reach it)", processor.address)
     await server.start()
+    # Probes (/healthz, /readyz): answered here, served over HTTP with the metrics.
+    probe_path = health_socket(socket_path)
+    health = await ProcessorHealth(runtime).serve(probe_path)
+    if index is None:
+        start_http_server(processor.metrics_address, processor.metrics_port, REGISTRY,
+                          Probes(lambda: [probe_path], settings.redis.timeout_s))
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     if index is None:
         log.info("tokenfuse processor listening on unix:%s, metrics on %s:%d, %d model "
@@ -127,19 +132,29 @@ async def serve(settings: Settings, index: int | None = None) -> None:
         reap_forever(store, settings.streams.reservation_ttl_seconds * 1000,
                      settings.streams.reaper_interval_ms / 1000)
     ) if not index else None
-    stop = asyncio.Event()
+    # SIGTERM or SIGINT drains (tokenfuse.drain); a second one ends the drain at once. A
+    # supervisor's worker leaves SIGINT (a terminal's Ctrl-C reaches the whole group) to
+    # its supervisor, which forwards SIGTERM.
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_stop_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+        runtime.draining = True
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop_signal)
+    loop.add_signal_handler(signal.SIGINT, on_stop_signal if index is None else _ignore)
     loop.add_signal_handler(signal.SIGHUP, pool_secrets.load)  # reload pool files
     await stop.wait()
+    await drain(runtime, service, server, settings.drain.timeout_seconds, hurry)
     log.info("shutting down")
+    health.close()
+    probe_path.unlink(missing_ok=True)
     if reaper is not None:
         reaper.cancel()
     watcher.cancel()
     deliveries.cancel()
     probes.cancel()
-    await server.stop(grace=2)
     await store.close()
 
 
@@ -150,6 +165,10 @@ def tcp_options(processor: ProcessorSettings) -> list[tuple[str, int]]:
     share its port (a second one on it fails to start)."""
     return [(name, value) for name, value in GRPC_OPTIONS if name != "grpc.so_reuseport"] + [
         ("grpc.so_reuseport", 1 if processor.processes > 1 else 0)]
+
+
+def _ignore() -> None:
+    """A signal this process leaves to another."""
 
 
 async def reap_forever(store: BudgetStore, ttl_ms: int, interval_s: float) -> None:

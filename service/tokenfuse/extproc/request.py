@@ -77,6 +77,8 @@ class RequestPhase:
             return self._rt.send(ex, refusals.unknown_route())
         ex.provider_name, ex.path = routed
         ex.provider = provider = PROVIDERS[ex.provider_name].for_path(ex.path)
+        if self._rt.draining:  # the request path's only drain check: one attribute read
+            return self._rt.send(ex, refusals.draining(provider))
         if not self._rt.settings.envoy.upstreams.get(ex.provider_name):
             return self._rt.send(ex, refusals.provider_not_configured(
                 provider, upstream_variable(ex.provider_name)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -35,6 +35,10 @@ class Runtime:
     webhooks: WebhookSink | None = None
     pools: PoolStore | None = None
     pool_secrets: PoolSecrets | None = None
+    #: SIGTERM (tokenfuse.drain): new requests are refused, admitted ones go on.
+    draining: bool = False
+    #: The client streams in flight, by id: what a drain waits for.
+    open_streams: dict[int, Exchange] = field(default_factory=dict)
 
     @property
     def redis_timeout(self) -> float:

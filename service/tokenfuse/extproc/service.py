@@ -8,6 +8,7 @@ request headers and body (`request.RequestPhase`), then the response
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +29,9 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._request = RequestPhase(runtime)
         self._settlement = Settlement(runtime)
+        self._streams = runtime.open_streams
+        #: Settlements of streams that ended unsettled, still running (a drain waits).
+        self.endings: set[asyncio.Future[None]] = set()
         self._response = ResponsePhase(runtime, self._settlement)
         self._attempts = (
             PoolAttempts(runtime.secret, runtime.pools, runtime.pool_secrets,
@@ -44,6 +48,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
             return
         ex = Exchange()
         response = self._response
+        streams = self._streams
+        streams[id(ex)] = ex  # what a drain waits for (tokenfuse.drain)
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("request")
@@ -67,12 +73,24 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
                     await self._settlement.settle_from(ex)
                     yield CONTINUE["response_trailers"]
         finally:
-            if ex.open_reservation and not ex.forwarded:
-                # Envoy gave up before it had the decision: nothing went to the provider.
-                await self._request.release(ex, "abandoned")
-            elif ex.open_reservation:
-                # Ended without a settlement (client gone, Envoy reset, upstream cut).
-                await self._settlement.settle_unfinished(ex)
+            try:
+                if ex.open_reservation:
+                    # A task of its own: a drain's stop cancels the stream, not this.
+                    ending = asyncio.ensure_future(self.end_unfinished(ex))
+                    self.endings.add(ending)
+                    ending.add_done_callback(self.endings.discard)
+                    await asyncio.shield(ending)
+            finally:
+                del streams[id(ex)]
+
+    async def end_unfinished(self, ex: Exchange) -> None:
+        """A stream that ended without a settlement (also: one a drain ended at its bound)."""
+        if ex.open_reservation and not ex.forwarded:
+            # Envoy gave up before it had the decision: nothing went to the provider.
+            await self._request.release(ex, "abandoned")
+        elif ex.open_reservation:
+            # Ended without a settlement (client gone, Envoy reset, upstream cut).
+            await self._settlement.settle_unfinished(ex)
 
 
 def _is_upstream_stage(context: Any) -> bool:

@@ -59,6 +59,14 @@ def store_unavailable(provider: Provider) -> Reply:
                   headers=(("retry-after", "1"),))
 
 
+def draining(provider: Provider) -> Reply:
+    """The processor got SIGTERM: a new request is refused (another replica takes the
+    retry); requests already admitted go on."""
+    return refuse(provider, 503, "unavailable", "draining",
+                  "this tokenfuse processor is shutting down; nothing was forwarded, retry",
+                  headers=(("retry-after", "1"),))
+
+
 def unknown_model(provider: Provider, model: str, why: str | None = None) -> Reply:
     """`why`: the price table's reason for leaving the model unpriced, if it has one."""
     return refuse(provider, 400, "invalid_request", "unknown_model",
