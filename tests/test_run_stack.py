@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,14 @@ import pytest
 from tests.support.billing import billed_for, requests_for
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import envoy_ready, free_port, wait_until
+from tokenfuse.config import (
+    ConfigError,
+    Settings,
+    SupervisionSettings,
+    load_settings,
+    load_supervision,
+)
+from tokenfuse.deploy.stack import CannotStart, check_free
 
 
 class MakeRun:
@@ -240,3 +249,39 @@ def test_a_part_crashing_too_often_stops_the_stack(runs: list[MakeRun],
             "(TOKENFUSE_RESTARTS_PER_MINUTE=1): giving up, stopping the stack") in run.logs()
     for name in ("processor", "redis-server"):
         wait_until(lambda pid=parts[name]: _gone(pid), timeout=15, what=f"{name} to stop")
+
+
+def test_supervision_settings() -> None:
+    assert load_supervision({}) == SupervisionSettings(5, 500, 8000)
+    policy = load_supervision({"TOKENFUSE_RESTARTS_PER_MINUTE": "0",
+                               "TOKENFUSE_RESTART_BACKOFF_MS": "20000"})
+    assert policy.restarts_per_minute == 0 and policy.max_backoff_ms == 20000
+    with pytest.raises(ConfigError, match="TOKENFUSE_RESTARTS_PER_MINUTE"):
+        load_supervision({"TOKENFUSE_RESTARTS_PER_MINUTE": "-1"})
+    with pytest.raises(ConfigError, match="TOKENFUSE_RESTART_BACKOFF_MS"):
+        load_supervision({"TOKENFUSE_RESTART_BACKOFF_MS": "soon"})
+
+
+def _settings(state: Path, **extra: str) -> Settings:
+    env = {"TOKENFUSE_STATE_DIR": str(state), "TOKENFUSE_LOCAL_REDIS_PORT": str(free_port()),
+           "TOKENFUSE_LISTEN_PORT": str(free_port()),
+           "TOKENFUSE_ENVOY_ADMIN_PORT": str(free_port()),
+           "TOKENFUSE_METRICS_PORT": str(free_port())}
+    return load_settings({**env, **extra})
+
+
+def test_start_up_checks_name_what_to_change(tmp_path: Path) -> None:
+    check_free(_settings(tmp_path))  # all free: passes
+    port = str(free_port())
+    with pytest.raises(CannotStart, match="TOKENFUSE_METRICS_PORT and TOKENFUSE_LISTEN_PORT "
+                                          f"are both {port}"):
+        check_free(_settings(tmp_path, TOKENFUSE_LISTEN_PORT=port,
+                             TOKENFUSE_METRICS_PORT=port))
+    # Another stack's processor socket (given explicitly): served, so not taken over.
+    sock = tmp_path / "p.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(sock))
+        other.listen()
+        with pytest.raises(CannotStart, match=r"processor socket .* is served by another"):
+            check_free(_settings(tmp_path, TOKENFUSE_PROCESSOR_SOCKET=str(sock)))
+    check_free(_settings(tmp_path, TOKENFUSE_PROCESSOR_SOCKET=str(sock)))  # a stale file
