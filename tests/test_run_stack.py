@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,6 +196,7 @@ def _kill_and_recover(run: MakeRun, part: str, key: str, fake: FakeProvider,
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: _gone(pid), what=f"{part} to die")
     outcomes: list[bool] = []
+    killed = time.monotonic()
 
     def answered() -> bool:
         outcomes.append(_refused(run, key, fake, code))
@@ -202,6 +204,8 @@ def _kill_and_recover(run: MakeRun, part: str, key: str, fake: FakeProvider,
 
     wait_until(answered, timeout=30, what=f"{part} to be restarted and traffic to recover")
     assert outcomes[0] is False  # the outage was seen, and failed closed
+    print(f"\n{part}: down {time.monotonic() - killed:.1f} s, "
+          f"{outcomes.count(False)} requests refused meanwhile")
     new_pid = run.children()[part]
     assert new_pid != pid
     assert f"{part} exited (killed by SIGKILL); restarting it" in run.logs()
