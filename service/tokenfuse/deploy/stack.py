@@ -246,9 +246,10 @@ def recover(part: Part, policy: SupervisionSettings) -> bool:
     while part.crashes and now - part.crashes[0] > 60:
         part.crashes.popleft()
     if len(part.crashes) >= policy.restarts_per_minute:
-        _say(f"{part.name} exited ({how}), {len(part.crashes) + 1} times within a minute "
-             f"(TOKENFUSE_RESTARTS_PER_MINUTE={policy.restarts_per_minute}): giving up, "
-             "stopping the stack")
+        times = (f", {len(part.crashes) + 1} times within a minute"
+                 if policy.restarts_per_minute else "")
+        _say(f"{part.name} exited ({how}){times} (TOKENFUSE_RESTARTS_PER_MINUTE="
+             f"{policy.restarts_per_minute}): giving up, stopping the stack")
         return False
     delay_ms = min(policy.backoff_ms * 2 ** len(part.crashes), policy.max_backoff_ms)
     part.crashes.append(now)
