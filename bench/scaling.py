@@ -122,8 +122,11 @@ def scaling(upstream: UpstreamEnvoy, workdir: Path, duration_s: int = 8, rounds:
     "two_stacks_one_redis"} -> req/s, p50/p99 ms, failures, cores (per part)."""
     upstream_url = f"http://127.0.0.1:{upstream.port}"
     cores = os.cpu_count() or 1
+    # The load average before and after: on a shared machine the figures say little
+    # without it (other work takes cores from every part).
     out: dict[str, Any] = {"cpus": cores, "connections": connections,
-                           "duration_s": duration_s, "rounds": rounds}
+                           "duration_s": duration_s, "rounds": rounds,
+                           "loadavg_before": os.getloadavg()[0]}
     for processes in [n for n in (1, 2, 4) if n == 1 or n <= cores]:
         stack = Stack(upstream_url, _env(processes))
         try:
@@ -155,6 +158,7 @@ def scaling(upstream: UpstreamEnvoy, workdir: Path, duration_s: int = 8, rounds:
             stack.cleanup()
         redis.stop()
         shutil.rmtree(redis_dir, ignore_errors=True)
+    out["loadavg_after"] = os.getloadavg()[0]
     return out
 
 
@@ -200,7 +204,8 @@ def main() -> int:
     table = rows(result)
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     print(f"\ntokenfuse scaling, {result['cpus']} cores, wrk {result['connections']} "
-          f"connections, {result['rounds']}x{result['duration_s']}s, medians")
+          f"connections, {result['rounds']}x{result['duration_s']}s, medians; load average "
+          f"{result['loadavg_before']:.1f} before, {result['loadavg_after']:.1f} after")
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     import json
