@@ -62,7 +62,8 @@ class CpuMeter:
 def _roots(stacks: list[Stack], redis: RedisServer | None) -> dict[str, list[int | None]]:
     def pid(part: Any) -> int | None:
         return part.proc.pid if part is not None and part.proc is not None else None
-    redis_roots = [pid(redis)] if redis is not None else [pid(s.redis) for s in stacks]
+    redis_roots = ([pid(redis)] if redis is not None
+                   else [pid(s.redis) for s in stacks if s.redis is not None])
     return {"processor": [pid(s.processor) for s in stacks],
             "envoy": [pid(s.envoy) for s in stacks], "redis": redis_roots}
 
@@ -117,9 +118,13 @@ def _warm(stacks: list[Stack], workdir: Path, connections: int) -> None:
 
 
 def scaling(upstream: UpstreamEnvoy, workdir: Path, duration_s: int = 8, rounds: int = 3,
-            connections: int = 32) -> dict[str, Any]:
+            connections: int = 32, redis_url: str | None = None,
+            redis_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Every scenario on the canned upstream: {"envoy_alone", "processes_<n>",
-    "two_stacks_one_redis"} -> req/s, p50/p99 ms, failures, cores (per part)."""
+    "two_stacks_one_redis"} -> req/s, p50/p99 ms, failures, cores (per part).
+
+    `redis_url` (+ `redis_env`, e.g. the variable selecting cluster mode): the two stacks
+    share that Redis instead of one started here (its CPU is then not metered)."""
     upstream_url = f"http://127.0.0.1:{upstream.port}"
     cores = os.cpu_count() or 1
     # The load average before and after: on a shared machine the figures say little
@@ -141,12 +146,14 @@ def scaling(upstream: UpstreamEnvoy, workdir: Path, duration_s: int = 8, rounds:
         finally:
             stack.cleanup()
     redis_dir = Path(tempfile.mkdtemp(prefix="tf-scale-redis-"))
-    redis = RedisServer(redis_dir)
+    redis = RedisServer(redis_dir) if redis_url is None else None
     secret = "bench-secret-" + os.urandom(8).hex()  # one key id through both stacks
-    stacks = [Stack(upstream_url, {**_env(1), "TOKENFUSE_SECRET": secret},
-                    redis_url=redis.url) for _ in range(2)]
+    env = {**_env(1), "TOKENFUSE_SECRET": secret, **(redis_env or {})}
+    shared = redis.url if redis is not None else str(redis_url)
+    stacks = [Stack(upstream_url, env, redis_url=shared) for _ in range(2)]
     try:
-        redis.start()
+        if redis is not None:
+            redis.start()
         for stack in stacks:
             stack.start()
         stacks[0].cli("budget", "set", "--key", BENCH_KEY, "--daily", "1000000")
@@ -156,7 +163,8 @@ def scaling(upstream: UpstreamEnvoy, workdir: Path, duration_s: int = 8, rounds:
     finally:
         for stack in stacks:
             stack.cleanup()
-        redis.stop()
+        if redis is not None:
+            redis.stop()
         shutil.rmtree(redis_dir, ignore_errors=True)
     out["loadavg_after"] = os.getloadavg()[0]
     return out
