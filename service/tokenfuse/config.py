@@ -460,3 +460,24 @@ def setup_logging(level: str) -> None:
 
 #: Loggers kept at WARNING or above (they would log credentials at DEBUG).
 QUIET_LIBRARIES = ("botocore", "boto3", "urllib3", "google", "httpx", "httpcore")
+
+
+# --- `make run`'s supervision (deploy/stack.py), apart from `Settings` -------------------
+
+@dataclass(frozen=True)
+class SupervisionSettings:
+    """How `make run` restarts a part that crashed (Redis, the processor, Envoy)."""
+
+    restarts_per_minute: int = 5  # per part; one crash more within a minute stops the stack
+    backoff_ms: int = 500  # before the first restart; doubled per restart within the minute
+    max_backoff_ms: int = 8000
+
+
+def load_supervision(environ: Mapping[str, str] | None = None) -> SupervisionSettings:
+    """TOKENFUSE_RESTARTS_PER_MINUTE (0: never restart, a crash stops the stack) and
+    TOKENFUSE_RESTART_BACKOFF_MS."""
+    env = _Env(os.environ if environ is None else environ)
+    backoff = env.int("TOKENFUSE_RESTART_BACKOFF_MS", 500, minimum=1)
+    return SupervisionSettings(
+        restarts_per_minute=env.int("TOKENFUSE_RESTARTS_PER_MINUTE", 5, minimum=0),
+        backoff_ms=backoff, max_backoff_ms=max(backoff, 8000))

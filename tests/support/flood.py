@@ -4,6 +4,7 @@ N concurrent chat completions on one key, each with a distinct prompt."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import openai
 
@@ -19,16 +20,18 @@ def spell(n: int) -> str:
             return out
 
 
-async def flood_outcomes(base_url: str, key: str, requests: int,
+async def flood_outcomes(base_url: str | Sequence[str], key: str, requests: int,
                          timeout_s: float = 120) -> list[str]:
     """One outcome per request: "allowed", "status_402", "status_<code>:<body start>" or
-    "connection_error"."""
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0,
-                                timeout=timeout_s)
+    "connection_error". Several base URLs (gateways): request i goes to the i-th modulo
+    their number, so they are flooded interleaved, at the same time."""
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    clients = [openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=timeout_s)
+               for url in urls]
 
     async def one(i: int) -> str:
         try:
-            await client.chat.completions.create(
+            await clients[i % len(clients)].chat.completions.create(
                 model="gpt-4o-mini", max_tokens=40,
                 messages=[{"role": "user", "content": f"flood request {spell(i)}"}])
             return "allowed"
@@ -42,4 +45,5 @@ async def flood_outcomes(base_url: str, key: str, requests: int,
     try:
         return await asyncio.gather(*(one(i) for i in range(requests)))
     finally:
-        await client.close()
+        for client in clients:
+            await client.close()

@@ -212,13 +212,16 @@ class Envoy(Service):
 class Stack:
     """redis + processor + envoy in front of a fake provider, torn down together."""
 
-    def __init__(self, upstream_url: str, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, upstream_url: str, extra_env: dict[str, str] | None = None,
+                 redis_url: str | None = None) -> None:
+        """`redis_url`: a Redis of the caller's (shared by several stacks), neither started
+        nor stopped here; `self.redis` is then None."""
         self.workdir = Path(tempfile.mkdtemp(prefix="tf-"))
-        self.redis = RedisServer(self.workdir)
+        self.redis: RedisServer | None = None if redis_url else RedisServer(self.workdir)
         self.secret = "test-secret-" + os.urandom(8).hex()
         env = dict(os.environ)
         env.update({
-            "REDIS_URL": self.redis.url,
+            "REDIS_URL": redis_url or self.redis.url,
             "TOKENFUSE_SECRET": self.secret,
             "TOKENFUSE_STATE_DIR": str(self.workdir),
             "TOKENFUSE_PROCESSOR_SOCKET": str(self.workdir / "p.sock"),
@@ -244,7 +247,8 @@ class Stack:
         self.envoy = Envoy(self.workdir, env)
 
     def start(self) -> Stack:
-        self.redis.start()
+        if self.redis is not None:
+            self.redis.start()
         for attempt in range(3):
             try:
                 self.processor.start()
@@ -263,7 +267,8 @@ class Stack:
 
     def stop(self) -> None:
         for service in (self.envoy, self.processor, self.redis):
-            service.stop()
+            if service is not None:
+                service.stop()
 
     def cleanup(self) -> None:
         self.stop()
@@ -275,4 +280,5 @@ class Stack:
                               capture_output=True, text=True, timeout=30)
 
     def logs(self) -> str:
-        return "\n".join(s.log_text() for s in (self.redis, self.processor, self.envoy))
+        return "\n".join(s.log_text() for s in (self.redis, self.processor, self.envoy)
+                         if s is not None)
