@@ -219,11 +219,11 @@ class Part:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
 
-    def wait(self) -> None:
+    def wait(self, timeout: float = 10) -> None:
         if self.proc is None:
             return
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -298,7 +298,7 @@ def _parts(settings: Settings, password: str, env: dict[str, str]) -> list[Part]
             sock.unlink(missing_ok=True)
             # The whole config on stdin ("-"): the password stays off every command line.
             proc = subprocess.Popen([redis_bin, "-"], stdin=subprocess.PIPE,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=_die_with_parent, start_new_session=True)
             assert proc.stdin is not None
             try:  # a few hundred bytes: fits the pipe, so this never blocks
                 proc.stdin.write(config)
@@ -319,7 +319,8 @@ def _parts(settings: Settings, password: str, env: dict[str, str]) -> list[Part]
         for path in sockets:
             path.unlink(missing_ok=True)
         return subprocess.Popen([sys.executable, "-m", "tokenfuse.server"],
-                                env=processor_env, preexec_fn=_die_with_parent)
+                                env=processor_env, preexec_fn=_die_with_parent,
+                                start_new_session=True)
 
     parts.append(Part("processor", spawn_processor,  # every process (TOKENFUSE_PROCESSES)
                       lambda proc: _wait_for(sockets, proc, "processor", 30),
@@ -332,7 +333,7 @@ def _parts(settings: Settings, password: str, env: dict[str, str]) -> list[Part]
         # memory or domain socket, which would collide with another Envoy on this host.
         return subprocess.Popen([envoy, "-c", str(envoy_config), "--log-level", "warn",
                                  "--disable-hot-restart"], env=env,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent, start_new_session=True)
 
     def envoy_up(proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + 30
@@ -390,10 +391,13 @@ def main() -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for part in reversed(parts):
+        # The processor first: it drains (new requests 503 `draining`, in-flight streams
+        # finish and settle through Envoy, which keeps running), then Envoy, then Redis.
+        # The children are in sessions of their own, so a terminal's Ctrl-C reaches only
+        # this supervisor, which stops them in this order.
+        for part in sorted(parts, key=lambda part: part.name != "processor"):
             part.stop()
-        for part in reversed(parts):
-            part.wait()
+            part.wait(settings.drain.timeout_seconds + 5 if part.name == "processor" else 10)
 
 
 if __name__ == "__main__":
