@@ -40,6 +40,7 @@ from tokenfuse.state.connection import REDIS_FAILURES
 from tokenfuse.state.control import ControlWatcher
 from tokenfuse.state.pools import PoolStore
 from tokenfuse.supervisor import supervise
+from tokenfuse.tracing import start_tracing
 
 log = logging.getLogger("tokenfuse")
 
@@ -96,7 +97,9 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     probes = asyncio.create_task(probe_forever(pools, pool_secrets, settings.envoy.upstreams,
                                                settings.pools.probe_interval_ms / 1000))
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets)
+    tracing = start_tracing(settings.tracing, index)  # each worker exports its own spans
+    runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets,
+                      tracing)
     pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcService(runtime), server)
     socket_path = worker_socket(processor.socket, index or 0)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +134,8 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     probes.cancel()
     await server.stop(grace=2)
     await store.close()
+    if tracing is not None:
+        await asyncio.to_thread(tracing.shutdown)
 
 
 async def reap_forever(store: BudgetStore, ttl_ms: int, interval_s: float) -> None:

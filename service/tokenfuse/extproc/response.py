@@ -58,6 +58,8 @@ class ResponsePhase:
         """First response message: its status (an attribute, as response headers are not
         sent)."""
         ex.response_started = True
+        if ex.trace is not None:
+            ex.trace.first_byte()
         if not ex.status:
             ex.status = _response_code(message)
             if ex.pool:  # the gateway-key route match in the Envoy config missed this key
@@ -124,6 +126,8 @@ class ResponsePhase:
             return
         if isinstance(payload, dict):
             ex.usage = ex.provider.usage(payload)
+            if ex.trace is not None:
+                ex.trace.answered(*ex.provider.response_facts(payload))
             if ex.near_fingerprint is not None:
                 ex.answer = answer_fingerprint(ex.provider.response_output(payload))
 
@@ -187,6 +191,8 @@ class ResponsePhase:
                  refusal.reason, ex.counted_output)
         out += refusals.cut_event(ex.provider, refusal, ex.counted_output)
         ex.ended = True
+        if ex.trace is not None:
+            ex.trace.cut(refusal.reason, refusal.window, ex.counted_output)
         await self._settlement.settle_unfinished(ex)
         return [stream_chunk(_wire(ex, bytes(out), True), True)]
 

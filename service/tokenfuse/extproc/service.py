@@ -73,6 +73,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
             elif ex.open_reservation:
                 # Ended without a settlement (client gone, Envoy reset, upstream cut).
                 await self._settlement.settle_unfinished(ex)
+            if ex.trace is not None:
+                ex.trace.end(ex)
 
 
 def _is_upstream_stage(context: Any) -> bool:

@@ -67,6 +67,7 @@ TOKENIZER = Tokenizer("cl100k_base", 205)
 
 class Anthropic(ProviderBase):
     name = "anthropic"
+    genai_provider = "anthropic"
     default_upstream = "https://api.anthropic.com"
     error_types: ClassVar[dict[str, str]] = {
         **ProviderBase.error_types, "budget": "billing_error", "stream_cut": "budget_exceeded"}
