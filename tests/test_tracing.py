@@ -17,14 +17,21 @@ import openai
 import pytest
 
 from tests.conftest import anthropic_client, openai_client
-from tests.support.billing import key_of, set_daily, usage_cost
+from tests.support.billing import (
+    billed_for,
+    day_window,
+    key_of,
+    requests_for,
+    set_daily,
+    usage_cost,
+)
 from tests.support.fake_provider import FakeProvider, RequestRecord
-from tests.support.harness import Stack, wait_until
-from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.support.harness import Stack, free_port, wait_until
+from tests.support.otlp_receiver import Event, OtlpReceiver, ReceivedSpan
 from tokenfuse.config import ConfigError, load_settings
 from tokenfuse.identity import PREFIX_CHARS, key_id
 
-SERVER, INTERNAL = 2, 1  # opentelemetry.proto.trace.v1.Span.SpanKind
+SERVER = 2  # opentelemetry.proto.trace.v1.Span.SpanKind
 STATUS_ERROR = 2
 POOL_SECRET = "sk-proj-traced-pool-secret-" + "z" * 24
 PROMPT_MARK = "zebra-quartz-prompt"  # in every prompt: no exported value may contain it
@@ -94,8 +101,8 @@ def traceparent() -> tuple[str, str, str]:
     return f"00-{trace_id}-{parent}-01", trace_id, parent
 
 
-def child(span: ReceivedSpan, name: str) -> ReceivedSpan:
-    return next(c for c in span.children if c.name == name)
+def event(span: ReceivedSpan, name: str) -> Event:
+    return next(e for e in span.events if e.name == name)
 
 
 def test_non_streamed_call_is_a_child_of_the_clients_span(
@@ -131,12 +138,15 @@ def test_non_streamed_call_is_a_child_of_the_clients_span(
     assert a["http.response.status_code"] == 200
     assert span.status_code != STATUS_ERROR
     assert span.resource["service.name"] == "tokenfuse-under-test"
-    reserve, settle = child(span, "tokenfuse reserve"), child(span, "tokenfuse settle")
+    reserve, settle = event(span, "tokenfuse.reserve"), event(span, "tokenfuse.settle")
     assert reserve.attributes["tokenfuse.decision"] == "allowed"
     assert reserve.attributes["tokenfuse.reserved_nano_usd"] == a["tokenfuse.reserved_nano_usd"]
     assert settle.attributes["tokenfuse.spend_nano_usd"] == a["tokenfuse.spend_nano_usd"]
-    assert span.start_ns <= reserve.start_ns <= reserve.end_ns <= settle.start_ns <= span.end_ns
-    assert {e.name for e in span.events} >= {"tokenfuse.forwarded", "tokenfuse.first_byte"}
+    assert settle.attributes["tokenfuse.settled"] is True
+    names = [e.name for e in span.events]
+    assert names == ["tokenfuse.reserve", "tokenfuse.first_byte", "tokenfuse.settle"], names
+    assert span.start_ns <= min(e.time_ns for e in span.events) <= span.end_ns
+    assert not span.children  # one span per request
 
 
 def test_streamed_call_reports_the_billed_usage(traced: Stack, fake: FakeProvider,
@@ -196,7 +206,7 @@ def test_budget_refusal_is_an_error_with_its_window(traced: Stack, fake: FakePro
     assert a["tokenfuse.window"] == "day"
     assert a["http.response.status_code"] == 402
     assert "tokenfuse.spend_nano_usd" not in a
-    reserve = child(span, "tokenfuse reserve")
+    reserve = event(span, "tokenfuse.reserve")
     assert reserve.attributes["tokenfuse.decision"] == "refused"
     assert reserve.attributes["tokenfuse.window"] == "day"
     assert not any(key_of(r) == key for r in list(fake.records))  # never forwarded
@@ -314,6 +324,28 @@ def test_tracing_off_sends_nothing(fake: FakeProvider) -> None:
     finally:
         stack.cleanup()
         quiet.stop()
+
+
+def test_unreachable_collector_never_holds_a_request(fake: FakeProvider) -> None:
+    """Export runs on the SDK's own thread: with no collector listening, calls are
+    answered and settled as usual."""
+    stack = Stack(fake.base_url, {**OTEL_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT":
+                                  f"http://127.0.0.1:{free_port()}",
+                                  "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
+    try:
+        stack.start()
+        key = new_key()
+        client = openai_client(stack, key)
+        for _ in range(3):
+            client.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=5,
+                messages=[{"role": "user", "content": f"hi {uuid.uuid4().hex}"}])
+        assert requests_for(fake, key) == 3
+        spent = day_window(stack, key)["spent_nano_usd"]
+        assert spent == billed_for(fake, key) > 0, spent
+        assert stack.processor.running()
+    finally:
+        stack.cleanup()
 
 
 def test_tracing_off_loads_no_sdk() -> None:

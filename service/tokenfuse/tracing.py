@@ -6,8 +6,8 @@ SDK is imported and each hook in `extproc/` is one `ex.trace is not None` test. 
 SERVER span per request, a child of the client's span when its `traceparent` is valid
 (W3C Trace Context; a malformed one is ignored: a new root), named `{operation} {model}`
 (the GenAI conventions' inference span), with the GenAI attributes and tokenfuse's own
-(`tokenfuse.*`); child spans for the reservation and the settlement; events for the
-forwarding, the first response byte and a stream cut. Spans are batched
+(`tokenfuse.*`); events for the reservation and the settlement (with their durations),
+the first response byte and a stream cut. Spans are batched
 (BatchSpanProcessor) and exported over OTLP/HTTP protobuf by each worker process.
 
 What is never recorded: keys (only the keyed hash's prefix, `identity.PREFIX_CHARS`), the
@@ -39,7 +39,9 @@ SERVICE_NAME = "tokenfuse"
 class Tracing:
     """The SDK of one processor process: tracer, W3C propagator, batch exporter."""
 
-    def __init__(self, settings: TracingSettings, worker: int | None = None) -> None:
+    def __init__(self, settings: TracingSettings, worker: int | None = None,
+                 processor: Any = None) -> None:
+        """`processor`: a span processor instead of the OTLP batch exporter (benchmarks)."""
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -77,7 +79,7 @@ class Tracing:
                                        if named else resource.merge(Resource(own)))
         # The endpoint config.py chose; headers, timeout, compression, TLS files and the
         # batch sizes/delays are the SDK's reading of the standard OTEL_* variables.
-        self.provider.add_span_processor(BatchSpanProcessor(
+        self.provider.add_span_processor(processor or BatchSpanProcessor(
             OTLPSpanExporter(endpoint=settings.endpoint)))
         self.tracer = self.provider.get_tracer("tokenfuse", release)
         self.propagator = TraceContextTextMapPropagator()
@@ -100,15 +102,19 @@ class Tracing:
 
 
 class CallTrace:
-    """One request's span. Every method is cheap and never raises into the request."""
+    """One request's span. Attributes gather in a dict and are set once, at the end (the
+    SDK cleans and locks per call); the reservation and the settlement are events with
+    their duration, not child spans (a span costs the request path and the exporter
+    several times an event: bench/tracing.py). Never raises into the request."""
 
-    __slots__ = ("_forwarded_ns", "_span", "_tracing", "_ttfc_set")
+    __slots__ = ("_attributes", "_error", "_forwarded_ns", "_span", "_tracing")
 
     def __init__(self, tracing: Tracing, span: Any) -> None:
         self._tracing = tracing
         self._span = span
+        self._attributes: dict[str, Any] = {}
+        self._error = ""  # the span's status description when it ends in error
         self._forwarded_ns = 0
-        self._ttfc_set = False
 
     def outgoing(self) -> tuple[tuple[str, str], ...]:
         """`traceparent` (and `tracestate`) for the upstream request: this span as its
@@ -120,99 +126,86 @@ class CallTrace:
         return tuple((h, carrier[h]) for h in TRACE_HEADERS if h in carrier)
 
     def decided(self, started_ns: int, result: object) -> None:
-        """The reservation's Lua decision, as a child span."""
-        from opentelemetry.trace import set_span_in_context
-
-        child = self._tracing.tracer.start_span(
-            "tokenfuse reserve", context=set_span_in_context(self._span),
-            start_time=started_ns)
+        """The reservation's one Lua decision (an event at its start, with its duration)."""
+        event: dict[str, Any] = {"tokenfuse.duration_us": (time.time_ns() - started_ns) // 1000}
         if isinstance(result, Reservation):
-            child.set_attributes({"tokenfuse.decision": "allowed",
-                                  "tokenfuse.reserved_nano_usd": result.granted_nano})
+            event["tokenfuse.decision"] = "allowed"
+            event["tokenfuse.reserved_nano_usd"] = result.granted_nano
         elif isinstance(result, Refusal):
-            child.set_attributes({"tokenfuse.decision": "refused",
-                                  "tokenfuse.refusal": result.reason,
-                                  "tokenfuse.window": result.window})
-            self._span.set_attribute("tokenfuse.window", result.window)
+            event["tokenfuse.decision"] = "refused"
+            event["tokenfuse.refusal"] = result.reason
+            event["tokenfuse.window"] = self._attributes["tokenfuse.window"] = result.window
         elif isinstance(result, LoopRefusal):
-            child.set_attributes({"tokenfuse.decision": "refused",
-                                  "tokenfuse.refusal": result.kind})
+            event["tokenfuse.decision"] = "refused"
+            event["tokenfuse.refusal"] = result.kind
         else:
-            child.set_attribute("tokenfuse.decision", "error")
-        child.end()
+            event["tokenfuse.decision"] = "error"  # the state store did not answer
+        self._span.add_event("tokenfuse.reserve", event, timestamp=started_ns)
 
     def refused(self, status: int, code: str) -> None:
         """tokenfuse answered the client itself (a refusal or a fail-closed 503)."""
-        from opentelemetry.trace import Status, StatusCode
-
-        self._span.set_attributes({"tokenfuse.decision": "error" if status >= 500
-                                   else "refused", "tokenfuse.refusal": code,
-                                   "error.type": code, "http.response.status_code": status})
-        self._span.set_status(Status(StatusCode.ERROR, code))
+        self._attributes.update({"tokenfuse.decision": "error" if status >= 500
+                                 else "refused", "tokenfuse.refusal": code,
+                                 "error.type": code, "http.response.status_code": status})
+        self._error = code
 
     def forwarded(self) -> None:
+        """The body went on (the reservation event's end; no event of its own)."""
         self._forwarded_ns = time.time_ns()
-        self._span.set_attribute("tokenfuse.decision", "allowed")
-        self._span.add_event("tokenfuse.forwarded", timestamp=self._forwarded_ns)
+        self._attributes["tokenfuse.decision"] = "allowed"
 
     def first_byte(self) -> None:
         """The first response message: time to first chunk, from the forwarding."""
-        if self._ttfc_set:
-            return
-        self._ttfc_set = True
         now = time.time_ns()
         self._span.add_event("tokenfuse.first_byte", timestamp=now)
         if self._forwarded_ns:
-            self._span.set_attribute("gen_ai.response.time_to_first_chunk",
-                                     (now - self._forwarded_ns) / 1e9)
+            self._attributes["gen_ai.response.time_to_first_chunk"] = (
+                (now - self._forwarded_ns) / 1e9)
 
     def answered(self, model: str, finish_reasons: tuple[str, ...]) -> None:
         if model:
-            self._span.set_attribute("gen_ai.response.model", model)
+            self._attributes["gen_ai.response.model"] = model
         if finish_reasons:
-            self._span.set_attribute("gen_ai.response.finish_reasons", list(finish_reasons))
+            self._attributes["gen_ai.response.finish_reasons"] = finish_reasons
 
     def cut(self, reason: str, window: str, counted_output: int) -> None:
         """tokenfuse ended a stream (budget, kill switch, state store gone)."""
-        from opentelemetry.trace import Status, StatusCode
-
         self._span.add_event("tokenfuse.stream_cut", {
             "tokenfuse.refusal": reason, "tokenfuse.window": window,
             "tokenfuse.output_tokens_counted": counted_output})
-        self._span.set_attributes({"tokenfuse.refusal": reason, "tokenfuse.window": window,
-                                   "error.type": reason,
-                                   "gen_ai.response.finish_reasons": ["error"]})
-        self._span.set_status(Status(StatusCode.ERROR, f"stream cut: {reason}"))
+        self._attributes.update({"tokenfuse.refusal": reason, "tokenfuse.window": window,
+                                 "error.type": reason,
+                                 "gen_ai.response.finish_reasons": ("error",)})
+        self._error = f"stream cut: {reason}"
 
     def settled(self, started_ns: int, basis: str, actual_nano: int, ok: bool) -> None:
-        """The settlement, as a child span; the spend on the request's span."""
-        from opentelemetry.trace import set_span_in_context
-
-        child = self._tracing.tracer.start_span(
-            "tokenfuse settle", context=set_span_in_context(self._span),
-            start_time=started_ns)
-        child.set_attributes({"tokenfuse.settlement": basis,
-                              "tokenfuse.spend_nano_usd": actual_nano,
-                              "tokenfuse.settled": ok})
-        child.end()
-        self._span.set_attributes({"tokenfuse.settlement": basis,
-                                   "tokenfuse.spend_nano_usd": actual_nano})
+        """The settlement (an event at its start, with its duration); the spend."""
+        self._span.add_event("tokenfuse.settle", {
+            "tokenfuse.settlement": basis, "tokenfuse.spend_nano_usd": actual_nano,
+            "tokenfuse.settled": ok,
+            "tokenfuse.duration_us": (time.time_ns() - started_ns) // 1000},
+            timestamp=started_ns)
+        self._attributes["tokenfuse.settlement"] = basis
+        self._attributes["tokenfuse.spend_nano_usd"] = actual_nano
 
     def end(self, ex: Exchange) -> None:
         """The request is over: what the exchange learnt, then the span ends."""
         span = self._span
         try:
             if span.is_recording():
-                span.set_attributes(_exchange_attributes(ex))
+                attributes = _exchange_attributes(ex)
+                attributes.update(self._attributes)
+                if ex.status >= 400 and not self._error:
+                    attributes["error.type"] = self._error = str(ex.status)
+                span.set_attributes(attributes)
                 call, provider = ex.call, ex.provider
                 if call is not None and provider is not None:
                     span.update_name(f"{provider.genai_operation(call.endpoint)} "
                                      f"{call.model}".strip())
-                if ex.status >= 400 and not ex.ended:
+                if self._error:
                     from opentelemetry.trace import Status, StatusCode
 
-                    span.set_attribute("error.type", str(ex.status))
-                    span.set_status(Status(StatusCode.ERROR))
+                    span.set_status(Status(StatusCode.ERROR, self._error))
         finally:
             span.end()
 

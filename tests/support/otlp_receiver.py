@@ -32,6 +32,7 @@ def _value(value: AnyValue) -> Any:
 class Event:
     name: str
     attributes: dict[str, Any]
+    time_ns: int = 0
 
 
 @dataclass
@@ -116,7 +117,7 @@ class OtlpReceiver(BackgroundServer):
                         span_id=span.span_id.hex(), parent_span_id=span.parent_span_id.hex(),
                         attributes={kv.key: _value(kv.value) for kv in span.attributes},
                         events=[Event(e.name, {kv.key: _value(kv.value)
-                                               for kv in e.attributes})
+                                               for kv in e.attributes}, e.time_unix_nano)
                                 for e in span.events],
                         status_code=span.status.code, status_message=span.status.message,
                         resource=resource, start_ns=span.start_time_unix_nano,
