@@ -326,6 +326,31 @@ def test_tracing_off_sends_nothing(fake: FakeProvider) -> None:
         quiet.stop()
 
 
+def test_each_worker_exports_its_own_spans(fake: FakeProvider,
+                                          receiver: OtlpReceiver) -> None:
+    """TOKENFUSE_PROCESSES=2: both workers' spans arrive, each call's once, each worker
+    named in its resource (`tokenfuse.worker`, its own `service.instance.id`)."""
+    stack = Stack(fake.base_url, {**OTEL_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                  "TOKENFUSE_PROCESSES": "2"})
+    try:
+        stack.start()
+        keys = [new_key() for _ in range(12)]
+        for key in keys:
+            openai_client(stack, key).chat.completions.create(
+                model="gpt-4o-mini", max_tokens=5,
+                messages=[{"role": "user", "content": "hello"}])
+        spans = [span_of(receiver, stack, key) for key in keys]
+        assert len({s.span_id for s in spans}) == 12
+        assert {s.resource["tokenfuse.worker"] for s in spans} == {0, 1}
+        assert len({s.resource["service.instance.id"] for s in spans}) == 2
+        for key in keys:
+            wanted = prefix(stack, key)
+            assert sum(1 for s in receiver.spans
+                       if s.attributes.get("tokenfuse.key_id_prefix") == wanted) == 1
+    finally:
+        stack.cleanup()
+
+
 def test_unreachable_collector_never_holds_a_request(fake: FakeProvider) -> None:
     """Export runs on the SDK's own thread: with no collector listening, calls are
     answered and settled as usual."""

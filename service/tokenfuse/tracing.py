@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,8 @@ class Tracing:
             release = version("tokenfuse")
         except PackageNotFoundError:
             release = "unknown"
-        own: dict[str, Any] = {"service.version": release}
+        own: dict[str, Any] = {"service.version": release,
+                               "service.instance.id": uuid.uuid4().hex}
         if not named:
             own["service.name"] = SERVICE_NAME
         if worker is not None:
