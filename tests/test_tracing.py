@@ -37,8 +37,9 @@ POOL_SECRET = "sk-proj-traced-pool-secret-" + "z" * 24
 PROMPT_MARK = "zebra-quartz-prompt"  # in every prompt: no exported value may contain it
 #: Every secret the scan looks for, and every prompt text sent (filled in as tests run).
 SECRETS: set[str] = {POOL_SECRET, PROMPT_MARK}
+#: The exact loop tier refuses a prompt's third repeat (each test's calls differ).
 OTEL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_SERVICE_NAME": "tokenfuse-under-test",
-            "LOOP_GUARD_MAX_HITS": "0", "LOOP_GUARD_NEAR_DUPLICATE": "0"}
+            "LOOP_GUARD_MAX_HITS": "2", "LOOP_GUARD_NEAR_DUPLICATE": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +213,32 @@ def test_budget_refusal_is_an_error_with_its_window(traced: Stack, fake: FakePro
     assert not any(key_of(r) == key for r in list(fake.records))  # never forwarded
 
 
+def test_loop_refusal_names_its_reason(traced: Stack, receiver: OtlpReceiver) -> None:
+    key = new_key()
+    client = openai_client(traced, key)
+    for _ in range(2):
+        client.chat.completions.create(
+            model="gpt-4o-mini", max_tokens=5,
+            messages=[{"role": "user", "content": f"again {PROMPT_MARK}"}])
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(
+            model="gpt-4o-mini", max_tokens=5,
+            messages=[{"role": "user", "content": f"again {PROMPT_MARK}"}])
+    wanted = prefix(traced, key)
+
+    def refused() -> list[ReceivedSpan]:
+        return [s for s in receiver.spans
+                if s.attributes.get("tokenfuse.key_id_prefix") == wanted
+                and s.attributes.get("tokenfuse.decision") == "refused"]
+
+    wait_until(refused, what="the loop refusal's span")
+    span = refused()[0]
+    assert span.status_code == STATUS_ERROR
+    assert span.attributes["tokenfuse.refusal"] == "recursive_loop_detected"
+    assert span.attributes["http.response.status_code"] == 429
+    assert event(span, "tokenfuse.reserve").attributes["tokenfuse.refusal"] == "loop"
+
+
 def test_stream_cut_is_an_event(traced: Stack, receiver: OtlpReceiver) -> None:
     key = new_key()
     set_daily(traced, key, 150 * 600)  # about 150 gpt-4o-mini output tokens
@@ -347,6 +374,18 @@ def test_each_worker_exports_its_own_spans(fake: FakeProvider,
             wanted = prefix(stack, key)
             assert sum(1 for s in receiver.spans
                        if s.attributes.get("tokenfuse.key_id_prefix") == wanted) == 1
+        # Redis gone: fail closed (503), and the span says why.
+        stack.redis.stop()
+        key = new_key()
+        with pytest.raises(openai.InternalServerError):
+            openai_client(stack, key).chat.completions.create(
+                model="gpt-4o-mini", max_tokens=5,
+                messages=[{"role": "user", "content": "hello"}])
+        span = span_of(receiver, stack, key)
+        assert span.status_code == STATUS_ERROR
+        assert span.attributes["tokenfuse.decision"] == "error"
+        assert span.attributes["tokenfuse.refusal"] == "state_store_unavailable"
+        assert span.attributes["http.response.status_code"] == 503
     finally:
         stack.cleanup()
 
