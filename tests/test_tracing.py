@@ -156,7 +156,9 @@ def test_streamed_call_reports_the_billed_usage(traced: Stack, fake: FakeProvide
     chunks = list(openai_client(traced, key).chat.completions.create(
         model="gpt-4o-mini", max_tokens=30, stream=True,
         messages=[{"role": "user", "content": f"count {PROMPT_MARK}"}]))
-    assert chunks
+    finished = [c.choices[0].finish_reason for c in chunks
+                if c.choices and c.choices[0].finish_reason]
+    assert finished
     span = span_of(receiver, traced, key)
     record = record_of(fake, key)
     assert record.usage is not None and record.completed
@@ -168,6 +170,19 @@ def test_streamed_call_reports_the_billed_usage(traced: Stack, fake: FakeProvide
     assert a["tokenfuse.spend_nano_usd"] == usage_cost(record.usage)
     assert a["tokenfuse.output_tokens_counted"] == record.usage.output_tokens
     assert 0 < a["gen_ai.response.time_to_first_chunk"] < 10
+    assert a["gen_ai.response.model"] == chunks[0].model
+    assert a["gen_ai.response.finish_reasons"] == finished
+    # Anthropic's stream names them in message_start and message_delta.
+    key = new_key()
+    with anthropic_client(traced, key).messages.stream(
+            model="claude-haiku-4-5", max_tokens=12,
+            messages=[{"role": "user", "content": f"count {PROMPT_MARK}"}]) as stream:
+        message = stream.get_final_message()
+    a = span_of(receiver, traced, key).attributes
+    assert a["gen_ai.response.model"] == message.model
+    assert a["gen_ai.response.finish_reasons"] == [message.stop_reason]
+    usage = record_of(fake, key).usage
+    assert usage is not None and a["tokenfuse.spend_nano_usd"] == usage_cost(usage)
 
 
 def test_cache_tokens_follow_the_conventions(traced: Stack, fake: FakeProvider,

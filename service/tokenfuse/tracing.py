@@ -170,6 +170,16 @@ class CallTrace:
         if finish_reasons:
             self._attributes["gen_ai.response.finish_reasons"] = finish_reasons
 
+    def streamed(self, model: str, finish_reasons: tuple[str, ...]) -> None:
+        """One stream event's facts: the first model named; every finish reason, in the
+        order the choices finished."""
+        attributes = self._attributes
+        if model and "gen_ai.response.model" not in attributes:
+            attributes["gen_ai.response.model"] = model
+        if finish_reasons:
+            attributes["gen_ai.response.finish_reasons"] = (
+                attributes.get("gen_ai.response.finish_reasons", ()) + finish_reasons)
+
     def cut(self, reason: str, window: str, counted_output: int) -> None:
         """tokenfuse ended a stream (budget, kill switch, state store gone)."""
         self._span.add_event("tokenfuse.stream_cut", {

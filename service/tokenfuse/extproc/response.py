@@ -85,7 +85,8 @@ class ResponsePhase:
                 return
         ex.meter = StreamMeter(ex.provider, ex.call.hide_usage_chunk,
                                ex.provider.tokenizer(ex.call.model),
-                               hash_answer=ex.near_fingerprint is not None)
+                               hash_answer=ex.near_fingerprint is not None,
+                               facts=ex.trace is not None)
 
     async def on_body(self, ex: Exchange, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if ex.ended:
@@ -154,6 +155,8 @@ class ResponsePhase:
                 ex.counted_output += sum(e.output_tokens for e in events)
                 return await self._end_stream(ex, out, refusal)
         for event in meter.feed(body, end):
+            if event.facts is not None and ex.trace is not None:
+                ex.trace.streamed(*event.facts)
             if event.usage is not None:
                 ex.usage = ex.provider.merge_usage(ex.usage, event.usage)
                 _input_reported(ex)

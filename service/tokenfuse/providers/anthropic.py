@@ -220,6 +220,16 @@ class Anthropic(ProviderBase):
                         json.dumps(block.get("input"), separators=(",", ":"))]
         return out
 
+    def response_facts(self, payload: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        """A stream names its model in `message_start`'s message, its stop reason in
+        `message_delta`'s delta; a whole message says both at its top level."""
+        kind = payload.get("type")
+        if kind == "message_start" and isinstance(payload.get("message"), dict):
+            return super().response_facts(payload["message"])
+        if kind == "message_delta" and isinstance(payload.get("delta"), dict):
+            return super().response_facts(payload["delta"])
+        return super().response_facts(payload) if kind == "message" else ("", ())
+
     def is_final_event(self, event: str, data: str) -> bool:
         return event == "message_stop"
 
