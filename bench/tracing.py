@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from load import UpstreamEnvoy, wrk  # noqa: E402
+from memory import tree_rss  # noqa: E402
 
 from tests.support.harness import Stack  # noqa: E402
 from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
@@ -133,11 +134,14 @@ def through_envoy(workdir: Path, duration_s: int = 8, rounds: int = 3,
               "on": Stack(f"http://127.0.0.1:{upstream.port}",
                           {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint})}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in stacks}
+    rss_mb: dict[str, float] = {}
     try:
-        for stack in stacks.values():
+        for name, stack in stacks.items():
             stack.start()
             stack.cli("budget", "set", "--key", KEY, "--daily", "1000000")
             wrk(stack.envoy.base_url + PATH, workdir, 1, connections, KEY)  # warm-up
+            assert stack.processor.proc is not None
+            rss_mb[name] = tree_rss(stack.processor.proc.pid) / (1024 * 1024)
         for _ in range(rounds):
             for name, stack in stacks.items():
                 runs[name].append(wrk(stack.envoy.base_url + PATH, workdir, duration_s,
@@ -155,6 +159,7 @@ def through_envoy(workdir: Path, duration_s: int = 8, rounds: int = 3,
                      for field in ("rps", "p50_ms", "p99_ms")}
         out[name]["failures"] = sum(r["errors"] + r["non2xx"] for r in results)
         out[name]["requests"] = sum(r["requests"] for r in results)
+        out[name]["processor_rss_mb_after_warmup"] = rss_mb[name]
     out["on"]["spans_exported"] = exported
     return out
 

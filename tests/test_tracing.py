@@ -39,6 +39,7 @@ PROMPT_MARK = "zebra-quartz-prompt"  # in every prompt: no exported value may co
 SECRETS: set[str] = {POOL_SECRET, PROMPT_MARK}
 #: The exact loop tier refuses a prompt's third repeat (each test's calls differ).
 OTEL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_SERVICE_NAME": "tokenfuse-under-test",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=ci,service.version=9.9",
             "LOOP_GUARD_MAX_HITS": "2", "LOOP_GUARD_NEAR_DUPLICATE": "0"}
 
 
@@ -138,7 +139,11 @@ def test_non_streamed_call_is_a_child_of_the_clients_span(
     assert a["tokenfuse.decision"] == "allowed" and a["tokenfuse.settlement"] == "usage"
     assert a["http.response.status_code"] == 200
     assert span.status_code != STATUS_ERROR
+    # The standard resource variables win over tokenfuse's own values.
     assert span.resource["service.name"] == "tokenfuse-under-test"
+    assert span.resource["deployment.environment.name"] == "ci"
+    assert span.resource["service.version"] == "9.9"
+    assert span.resource["service.instance.id"]  # one per process (the SDK's, else ours)
     reserve, settle = event(span, "tokenfuse.reserve"), event(span, "tokenfuse.settle")
     assert reserve.attributes["tokenfuse.decision"] == "allowed"
     assert reserve.attributes["tokenfuse.reserved_nano_usd"] == a["tokenfuse.reserved_nano_usd"]

@@ -59,6 +59,7 @@ class Tracing:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
         from opentelemetry.trace.propagation.tracecontext import (
             TraceContextTextMapPropagator,
         )
@@ -71,28 +72,29 @@ class Tracing:
             release = version("tokenfuse")
         except PackageNotFoundError:
             release = "unknown"
-        own: dict[str, Any] = {"service.version": release,
-                               "service.instance.id": uuid.uuid4().hex}
-        if not named:
-            own["service.name"] = SERVICE_NAME
+        attributes: dict[str, Any] = {"service.version": release,
+                                      "service.instance.id": uuid.uuid4().hex}
         if worker is not None:
-            own["tokenfuse.worker"] = worker
-        self.provider = TracerProvider(resource=Resource(own).merge(resource)
-                                       if named else resource.merge(Resource(own)))
+            attributes["tokenfuse.worker"] = worker
+        attributes.update(resource.attributes)  # the operator's values win
+        if not named:
+            attributes["service.name"] = SERVICE_NAME
+        self.provider = TracerProvider(resource=Resource(attributes, resource.schema_url))
         # The endpoint config.py chose; headers, timeout, compression, TLS files and the
         # batch sizes/delays are the SDK's reading of the standard OTEL_* variables.
         self.provider.add_span_processor(processor or BatchSpanProcessor(
             OTLPSpanExporter(endpoint=settings.endpoint)))
         self.tracer = self.provider.get_tracer("tokenfuse", release)
         self.propagator = TraceContextTextMapPropagator()
+        self.in_context = set_span_in_context
+        self.error = lambda description: Status(StatusCode.ERROR, description)
+        self._server = SpanKind.SERVER
 
     def begin(self, headers: Mapping[str, str]) -> CallTrace:
         """The span of one request, from its headers (the client's trace context)."""
-        from opentelemetry.trace import SpanKind
-
         carrier = {h: headers[h] for h in TRACE_HEADERS if h in headers}
         parent = self.propagator.extract(carrier) if carrier else None
-        span = self.tracer.start_span("tokenfuse", context=parent, kind=SpanKind.SERVER)
+        span = self.tracer.start_span("tokenfuse", context=parent, kind=self._server)
         return CallTrace(self, span)
 
     def shutdown(self) -> None:
@@ -107,7 +109,7 @@ class CallTrace:
     """One request's span. Attributes gather in a dict and are set once, at the end (the
     SDK cleans and locks per call); the reservation and the settlement are events with
     their duration, not child spans (a span costs the request path and the exporter
-    several times an event: bench/tracing.py). Never raises into the request."""
+    several times an event: bench/tracing.py)."""
 
     __slots__ = ("_attributes", "_error", "_forwarded_ns", "_span", "_tracing")
 
@@ -121,10 +123,9 @@ class CallTrace:
     def outgoing(self) -> tuple[tuple[str, str], ...]:
         """`traceparent` (and `tracestate`) for the upstream request: this span as its
         parent, so an instrumented upstream (vLLM, Ollama, a gateway) joins the trace."""
-        from opentelemetry.trace import set_span_in_context
-
         carrier: dict[str, str] = {}
-        self._tracing.propagator.inject(carrier, context=set_span_in_context(self._span))
+        tracing = self._tracing
+        tracing.propagator.inject(carrier, context=tracing.in_context(self._span))
         return tuple((h, carrier[h]) for h in TRACE_HEADERS if h in carrier)
 
     def decided(self, started_ns: int, result: object) -> None:
@@ -215,9 +216,7 @@ class CallTrace:
                     span.update_name(f"{provider.genai_operation(call.endpoint)} "
                                      f"{call.model}".strip())
                 if self._error:
-                    from opentelemetry.trace import Status, StatusCode
-
-                    span.set_status(Status(StatusCode.ERROR, self._error))
+                    span.set_status(self._tracing.error(self._error))
         finally:
             span.end()
 
