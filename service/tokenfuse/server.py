@@ -57,6 +57,7 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     setup_logging(settings.log_level)
     secret = load_secret(settings)
     prices = PriceTable.load(settings.estimate.prices_file)
+    tracing = start_tracing(settings.tracing, index)  # each worker exports its own spans
     # The encoding of the current models; another one (cl100k: older OpenAI models, the
     # bound of Claude's) loads on its first use.
     count_text("warm up the tokenizer before the first request")
@@ -97,7 +98,6 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     probes = asyncio.create_task(probe_forever(pools, pool_secrets, settings.envoy.upstreams,
                                                settings.pools.probe_interval_ms / 1000))
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    tracing = start_tracing(settings.tracing, index)  # each worker exports its own spans
     runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets,
                       tracing)
     pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcService(runtime), server)
