@@ -248,8 +248,12 @@ def _exchange_attributes(ex: Exchange) -> dict[str, Any]:
             out["gen_ai.request.max_tokens"] = call.max_output_tokens
         if call.choices != 1:
             out["gen_ai.request.choice.count"] = call.choices
-        if ex.output_cap is not None and ex.output_cap != call.max_output_tokens:
-            out["tokenfuse.output_cap"] = ex.output_cap  # the cap tokenfuse wrote in
+        asked = (None if call.max_output_tokens is None
+                 else call.max_output_tokens * call.choices)
+        if ex.output_cap is not None and ex.output_cap != asked:
+            # The output bound the call ran under (all choices): the model's when the
+            # request gave none, the clamp tokenfuse wrote in when it lowered it.
+            out["tokenfuse.output_cap"] = ex.output_cap
     if ex.meter is not None:
         out["tokenfuse.output_tokens_counted"] = ex.counted_output
     if usage is not None:
