@@ -130,6 +130,7 @@ def test_non_streamed_call_is_a_child_of_the_clients_span(
     assert a["gen_ai.operation.name"] == "chat"
     assert a["gen_ai.request.model"] == "gpt-4o-mini"
     assert a["gen_ai.request.max_tokens"] == 20
+    assert "tokenfuse.output_cap" not in a  # the request's own cap was within the grant
     assert a["gen_ai.response.model"] == answer.model
     assert a["gen_ai.response.finish_reasons"] == [answer.choices[0].finish_reason]
     assert a["gen_ai.usage.input_tokens"] == record.usage.input_tokens
@@ -277,6 +278,8 @@ def test_stream_cut_is_an_event(traced: Stack, receiver: OtlpReceiver) -> None:
     assert span.status_code == STATUS_ERROR
     assert span.attributes["gen_ai.response.finish_reasons"] == ["error"]
     assert span.attributes["tokenfuse.settlement"] == "counted"
+    assert "gen_ai.request.max_tokens" not in span.attributes  # the client set none ...
+    assert span.attributes["tokenfuse.output_cap"] > 150  # ... so the model's bound held
     assert 0 < span.attributes["tokenfuse.spend_nano_usd"] <= 150 * 600
 
 
