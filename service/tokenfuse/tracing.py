@@ -108,8 +108,8 @@ class Tracing:
 class CallTrace:
     """One request's span. Attributes gather in a dict and are set once, at the end (the
     SDK cleans and locks per call); the reservation and the settlement are events with
-    their duration, not child spans (a span costs the request path and the exporter
-    several times an event: bench/tracing.py)."""
+    their duration, not child spans (a child span cost the request path and the exporter
+    1.2-2x an event in paired runs: bench/tracing.py, docs/design.md "Traces")."""
 
     __slots__ = ("_attributes", "_error", "_forwarded_ns", "_span", "_tracing")
 
