@@ -29,5 +29,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+# xds-protos ships an old copy of opentelemetry/proto/ (Envoy's OTel protos) over the files
+# of opentelemetry-proto, which the OTLP trace exporter needs: whichever pip installed last
+# wins. Put opentelemetry-proto's back when they lost (tokenfuse.tracing checks too).
+if ! "$VENV/bin/python" -c "from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope" 2>/dev/null; then
+  OTEL_PROTO=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps \
+    "opentelemetry-proto==$OTEL_PROTO"
+fi
 "$VENV/bin/envoy" --version >/dev/null
 touch "$VENV/.installed"

@@ -215,6 +215,7 @@ class Settings:
     pools: PoolSettings = field(default_factory=PoolSettings)
     envoy: EnvoySettings = field(default_factory=EnvoySettings)
     drain: DrainSettings = field(default_factory=DrainSettings)
+    tracing: TracingSettings = field(default_factory=lambda: TracingSettings())
     secret_value: str = field(default="", repr=False)  # TOKENFUSE_SECRET
     secret_file: Path = Path(".tokenfuse/secret")
     log_level: str = "INFO"
@@ -338,10 +339,55 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         drain=DrainSettings(
             timeout_seconds=env.int("TOKENFUSE_DRAIN_TIMEOUT_SECONDS", 30, minimum=0)),
+        tracing=_tracing(env),
         secret_value=env.raw("TOKENFUSE_SECRET"),
         secret_file=Path(env.text("TOKENFUSE_SECRET_FILE", str(state_dir / "secret"))),
         log_level=env.text("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
     )
+
+
+# ------------------------------------------------------------ OpenTelemetry traces
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """Traces (tokenfuse/tracing.py) are on when an OTLP endpoint is set. Only whether,
+    and where to, are decided here; the SDK reads the other standard variables itself
+    (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP[_TRACES]_HEADERS /
+    _TIMEOUT / _COMPRESSION / _CERTIFICATE, OTEL_BSP_*, OTEL_TRACES_SAMPLER[_ARG])."""
+
+    endpoint: str = ""  # the OTLP/HTTP traces URL; "" = tracing off (no SDK loaded)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint)
+
+
+#: The only OTLP protocol tokenfuse ships an exporter for.
+OTLP_PROTOCOL = "http/protobuf"
+
+
+def _tracing(env: _Env) -> TracingSettings:
+    """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (used as is), else OTEL_EXPORTER_OTLP_ENDPOINT +
+    `/v1/traces` (the OTLP exporter specification's rule); OTEL_SDK_DISABLED=true or an
+    OTEL_TRACES_EXPORTER without `otlp` (e.g. `none`) turn it off."""
+    traces = env.text("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
+    base = env.text("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    exporters = env.text("OTEL_TRACES_EXPORTER", "otlp").lower()
+    if (not traces and not base) or env.text("OTEL_SDK_DISABLED", "").lower() == "true" \
+            or "otlp" not in (e.strip() for e in exporters.split(",")):
+        return TracingSettings()
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = env.text(name, OTLP_PROTOCOL)
+        if protocol != OTLP_PROTOCOL:
+            raise ConfigError(f"{name}={protocol}: tokenfuse exports traces over OTLP "
+                              f"{OTLP_PROTOCOL} only (point it at the collector's HTTP "
+                              "port, 4318 by default)")
+    endpoint = traces or base.rstrip("/") + "/v1/traces"
+    name = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" if traces else "OTEL_EXPORTER_OTLP_ENDPOINT"
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http(s):// URL, got {endpoint!r}")
+    return TracingSettings(endpoint=endpoint)
 
 
 def _name_map(env: _Env, name: str, example: str, lower: bool = True) -> dict[str, str]:

@@ -42,6 +42,7 @@ from tokenfuse.state.connection import REDIS_FAILURES
 from tokenfuse.state.control import ControlWatcher
 from tokenfuse.state.pools import PoolStore
 from tokenfuse.supervisor import supervise
+from tokenfuse.tracing import start_tracing
 
 log = logging.getLogger("tokenfuse")
 
@@ -58,6 +59,7 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     setup_logging(settings.log_level)
     secret = load_secret(settings)
     prices = PriceTable.load(settings.estimate.prices_file)
+    tracing = start_tracing(settings.tracing, index)  # each worker exports its own spans
     # The encoding of the current models; another one (cl100k: older OpenAI models, the
     # bound of Claude's) loads on its first use.
     count_text("warm up the tokenizer before the first request")
@@ -96,7 +98,8 @@ async def serve(settings: Settings, index: int | None = None) -> None:
                                                settings.pools.probe_interval_ms / 1000))
     server = grpc.aio.server(options=tcp_options(processor) if processor.address
                              else GRPC_OPTIONS)
-    runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets)
+    runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets,
+                      tracing=tracing)
     service = ExtProcService(runtime)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
     socket_path = worker_socket(processor.socket, index or 0)
@@ -156,6 +159,8 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     deliveries.cancel()
     probes.cancel()
     await store.close()
+    if tracing is not None:
+        await asyncio.to_thread(tracing.shutdown)
 
 
 def tcp_options(processor: ProcessorSettings) -> list[tuple[str, int]]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tokenfuse.metering.response_coding import Transcoder
 from tokenfuse.metering.stream import StreamMeter
 from tokenfuse.pricing import ModelPrice, TokenUsage
 from tokenfuse.providers import Call, Provider
+
+if TYPE_CHECKING:
+    from tokenfuse.tracing import CallTrace
 
 
 @dataclass
@@ -47,3 +51,4 @@ class Exchange:
     transcoder: Transcoder | None = None  # decodes/re-encodes such a stream
     near_fingerprint: str | None = None  # the near-duplicate loop tier's, when it is on
     answer: str = ""  # fingerprint of a whole (non-streamed) answer, for that tier
+    trace: CallTrace | None = None  # this request's span (None: tracing is off)

@@ -68,6 +68,8 @@ class RequestPhase:
     async def on_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         values = header_values(msg)
         headers = {name: sent[-1] for name, sent in values.items()}
+        if self._rt.tracing is not None:
+            ex.trace = self._rt.tracing.begin(headers)
         path = headers.get(":path", "")
         routed = provider_for_path(path)
         if _ambiguous_path(path, routed is not None and PROVIDERS[routed[0]].for_path(
@@ -112,6 +114,8 @@ class RequestPhase:
         # A key in the query (Google's `?key=`) goes on in its header, never in the path.
         moved = moved_query_credentials(provider, path)
         path_set = ((":path", moved[0]),) if moved else ()
+        if ex.trace is not None:  # the upstream's parent span is tokenfuse's
+            path_set += ex.trace.outgoing()
         if ex.pool:
             # Route to the pooled cluster; its upstream filter puts a provider key on
             # every attempt. The gateway key itself never leaves Envoy.
@@ -123,7 +127,7 @@ class RequestPhase:
                  (GRANT_HEADER, grant(self._rt.secret, route, ex.client_request_id)),
                  *path_set),
                 (*credentials, *forged), clear_route_cache=True)
-        if forged or moved:  # only tokenfuse sets these: drop them and re-pick the route
+        if forged or moved or path_set:  # only tokenfuse sets these: drop them, re-route
             return header_mutation_response("request_headers",
                                             (*path_set, *(moved[1] if moved else ())),
                                             forged, clear_route_cache=bool(forged))
@@ -160,7 +164,10 @@ class RequestPhase:
             return tool_loop
         ex.input_nano, ex.output_cap = plan.input_nano, plan.output_cap
         ex.bound_price = plan.price
+        traced = time.time_ns() if ex.trace is not None else 0
         result = await self._reserver.reserve(ex, plan, fp)
+        if ex.trace is not None:
+            ex.trace.decided(traced, result)
         if isinstance(result, pb.ProcessingResponse):
             return result
         if isinstance(result, LoopRefusal):
@@ -206,6 +213,8 @@ class RequestPhase:
     def _forward(ex: Exchange, new_body: dict | None) -> pb.ProcessingResponse:
         """Continue with the body as received, rewritten, or decoded: a compressed body is
         forwarded as the identity bytes that were priced (no second decoder can differ)."""
+        if ex.trace is not None:
+            ex.trace.forwarded()
         encoded = ("content-encoding",) if ex.content_codings else ()
         if new_body is not None:
             return continue_request(json.dumps(new_body).encode(), encoded)

@@ -58,6 +58,8 @@ class ResponsePhase:
         """First response message: its status (an attribute, as response headers are not
         sent)."""
         ex.response_started = True
+        if ex.trace is not None:
+            ex.trace.first_byte()
         if not ex.status:
             ex.status = _response_code(message)
             if ex.pool:  # the gateway-key route match in the Envoy config missed this key
@@ -83,7 +85,8 @@ class ResponsePhase:
                 return
         ex.meter = StreamMeter(ex.provider, ex.call.hide_usage_chunk,
                                ex.provider.tokenizer(ex.call.model),
-                               hash_answer=ex.near_fingerprint is not None)
+                               hash_answer=ex.near_fingerprint is not None,
+                               facts=ex.trace is not None)
 
     async def on_body(self, ex: Exchange, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if ex.ended:
@@ -124,6 +127,8 @@ class ResponsePhase:
             return
         if isinstance(payload, dict):
             ex.usage = ex.provider.usage(payload)
+            if ex.trace is not None:
+                ex.trace.answered(*ex.provider.response_facts(payload))
             if ex.near_fingerprint is not None:
                 ex.answer = answer_fingerprint(ex.provider.response_output(payload))
 
@@ -150,6 +155,8 @@ class ResponsePhase:
                 ex.counted_output += sum(e.output_tokens for e in events)
                 return await self._end_stream(ex, out, refusal)
         for event in meter.feed(body, end):
+            if event.facts is not None and ex.trace is not None:
+                ex.trace.streamed(*event.facts)
             if event.usage is not None:
                 ex.usage = ex.provider.merge_usage(ex.usage, event.usage)
                 _input_reported(ex)
@@ -187,6 +194,8 @@ class ResponsePhase:
                  refusal.reason, ex.counted_output)
         out += refusals.cut_event(ex.provider, refusal, ex.counted_output)
         ex.ended = True
+        if ex.trace is not None:
+            ex.trace.cut(refusal.reason, refusal.window, ex.counted_output)
         await self._settlement.settle_unfinished(ex)
         return [stream_chunk(_wire(ex, bytes(out), True), True)]
 

@@ -20,6 +20,7 @@ from tokenfuse.pricing import PriceTable
 from tokenfuse.state.budgets import BudgetStore
 from tokenfuse.state.control import ControlWatcher
 from tokenfuse.state.pools import PoolStore
+from tokenfuse.tracing import Tracing
 
 #: One logger for the decisions of every phase (operators grep for it).
 log = logging.getLogger("tokenfuse.processor")
@@ -39,6 +40,7 @@ class Runtime:
     draining: bool = False
     #: The client streams in flight, by id: what a drain waits for.
     open_streams: dict[int, Exchange] = field(default_factory=dict)
+    tracing: Tracing | None = None  # OpenTelemetry traces (None: off)
 
     @property
     def redis_timeout(self) -> float:
@@ -48,6 +50,8 @@ class Runtime:
         """Answer the client now (counted in the decisions metric); nothing is forwarded."""
         outcome = "error" if reply.status >= 500 else "refused"
         metrics.DECISIONS.labels(outcome, reply.code, ex.provider_name or "none").inc()
+        if ex.trace is not None:
+            ex.trace.refused(reply.status, reply.code)
         return immediate(reply.status, reply.body, f"tokenfuse_{reply.code}", reply.headers)
 
     def store_unavailable(self, ex: Exchange, operation: str,

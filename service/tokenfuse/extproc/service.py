@@ -80,17 +80,24 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
                     self.endings.add(ending)
                     ending.add_done_callback(self.endings.discard)
                     await asyncio.shield(ending)
+                elif ex.trace is not None:
+                    ex.trace.end(ex)
             finally:
                 del streams[id(ex)]
 
     async def end_unfinished(self, ex: Exchange) -> None:
-        """A stream that ended without a settlement (also: one a drain ended at its bound)."""
-        if ex.open_reservation and not ex.forwarded:
-            # Envoy gave up before it had the decision: nothing went to the provider.
-            await self._request.release(ex, "abandoned")
-        elif ex.open_reservation:
-            # Ended without a settlement (client gone, Envoy reset, upstream cut).
-            await self._settlement.settle_unfinished(ex)
+        """A stream that ended without a settlement (also: one a drain ended at its bound);
+        its span ends after the settlement."""
+        try:
+            if ex.open_reservation and not ex.forwarded:
+                # Envoy gave up before it had the decision: nothing went to the provider.
+                await self._request.release(ex, "abandoned")
+            elif ex.open_reservation:
+                # Ended without a settlement (client gone, Envoy reset, upstream cut).
+                await self._settlement.settle_unfinished(ex)
+        finally:
+            if ex.trace is not None:
+                ex.trace.end(ex)
 
 
 def _is_upstream_stage(context: Any) -> bool:

@@ -6,6 +6,7 @@ did not; the whole reservation when nothing is known; zero for a provider error.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from tokenfuse import metrics
 from tokenfuse.extproc.exchange import Exchange
@@ -73,6 +74,7 @@ class Settlement:
                       answer: str = "") -> bool:
         rt = self._rt
         ex.open_reservation = False
+        traced = time.time_ns() if ex.trace is not None else 0
         if ex.pool_key and 200 <= ex.status < 300:
             await self._credit_pool_key(ex, actual_nano)
         try:
@@ -83,7 +85,11 @@ class Settlement:
             # The reservation stays counted against the budget: the wallet is protected.
             metrics.REDIS_ERRORS.labels("settle").inc()
             log.warning("settlement failed (rid=%s): %s", ex.request_id, type(exc).__name__)
+            if ex.trace is not None:
+                ex.trace.settled(traced, basis, actual_nano, False)
             return False
+        if ex.trace is not None:
+            ex.trace.settled(traced, basis, actual_nano, True)
         metrics.SETTLEMENTS.labels(basis).inc()
         log.debug("settled rid=%s basis=%s nano=%d of %d reserved", ex.request_id, basis,
                   actual_nano, ex.reserved_nano)

@@ -30,16 +30,20 @@ class MeteredEvent:
     usage: TokenUsage | None
     hidden: bool  # not for the client (the usage chunk tokenfuse asked for)
     final: bool = False  # the provider's last event ([DONE], message_stop, ...)
+    #: (model, finish reasons) the event names (`Provider.response_facts`), when asked
+    facts: tuple[str, tuple[str, ...]] | None = None
 
 
 class StreamMeter:
     """`tokenizer`: how the model's tokens are counted (`Provider.tokenizer`). A scaled
     tokenizer scales the running total, not each delta, so rounding up does not add a
     token per delta. `hash_answer`: keep the fingerprint of the generated text (only the
-    near-duplicate loop tier reads it)."""
+    near-duplicate loop tier reads it). `facts`: read each event's model and finish
+    reasons (for traces)."""
 
     def __init__(self, provider: str | Provider, hide_usage_chunk: bool,
-                 tokenizer: Tokenizer = DEFAULT_TOKENIZER, hash_answer: bool = True) -> None:
+                 tokenizer: Tokenizer = DEFAULT_TOKENIZER, hash_answer: bool = True,
+                 facts: bool = False) -> None:
         # a name, or the wire format of the request's path (`Provider.for_path`)
         self._provider = PROVIDERS[provider] if isinstance(provider, str) else provider
         self._usage_marker = self._provider.usage_marker
@@ -55,6 +59,7 @@ class StreamMeter:
         # the generated text so far (the loop guard's), when it is wanted
         self._answer = answer_digest() if hash_answer else None
         self._answered = False
+        self._facts = facts
 
     @property
     def answer_fingerprint(self) -> str:
@@ -115,7 +120,8 @@ class StreamMeter:
         tokens = self._scaled(sum(max(1, count_text(t, encoding)) for t in texts))
         usage = self._provider.usage(payload) if self._usage_marker in data else None
         hidden = self._hide_usage_chunk and self._provider.is_usage_only_chunk(payload)
-        return MeteredEvent(start, event.end, tokens, usage, hidden, final)
+        facts = self._provider.response_facts(payload) if self._facts else None
+        return MeteredEvent(start, event.end, tokens, usage, hidden, final, facts)
 
     def _scaled(self, raw: int) -> int:
         """The scaled count of `raw` more tokens: the growth of the scaled running total."""

@@ -67,6 +67,7 @@ TOKENIZER = Tokenizer("cl100k_base", 205)
 
 class Anthropic(ProviderBase):
     name = "anthropic"
+    genai_provider = "anthropic"
     default_upstream = "https://api.anthropic.com"
     error_types: ClassVar[dict[str, str]] = {
         **ProviderBase.error_types, "budget": "billing_error", "stream_cut": "budget_exceeded"}
@@ -218,6 +219,16 @@ class Anthropic(ProviderBase):
                 out += [str(block.get("name")),
                         json.dumps(block.get("input"), separators=(",", ":"))]
         return out
+
+    def response_facts(self, payload: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        """A stream names its model in `message_start`'s message, its stop reason in
+        `message_delta`'s delta; a whole message says both at its top level."""
+        kind = payload.get("type")
+        if kind == "message_start" and isinstance(payload.get("message"), dict):
+            return super().response_facts(payload["message"])
+        if kind == "message_delta" and isinstance(payload.get("delta"), dict):
+            return super().response_facts(payload["delta"])
+        return super().response_facts(payload) if kind == "message" else ("", ())
 
     def is_final_event(self, event: str, data: str) -> bool:
         return event == "message_stop"

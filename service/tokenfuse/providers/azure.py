@@ -26,6 +26,7 @@ UNMAPPED_PREFIX = "deployment:"
 
 class Azure(OpenAI):
     name = "azure"
+    genai_provider = "azure.ai.openai"
     default_upstream = ""  # https://{resource}.openai.azure.com: the operator's own
     sdk_base_path = ""  # openai.AzureOpenAI(azure_endpoint=<gateway>/azure) adds /openai/…
     credentials = (Credential("api-key"), Credential("authorization", "bearer"))

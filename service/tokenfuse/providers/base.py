@@ -138,6 +138,9 @@ class Provider(Protocol):
     #: Models run on the operator's own hardware (Ollama): a price of 0 may be true. For
     #: every other provider a 0 price in the public dataset is a gap, left unpriced.
     self_hosted: bool
+    #: Its `gen_ai.provider.name` in OpenTelemetry's GenAI semantic conventions (a
+    #: well-known value where the conventions list one, else its route name).
+    genai_provider: str
 
     def for_path(self, path: str) -> Provider:
         """The wire format a path of this route speaks (itself, but for a route that
@@ -203,6 +206,15 @@ class Provider(Protocol):
         ...
 
     def is_usage_only_chunk(self, payload: dict[str, Any]) -> bool: ...
+
+    def genai_operation(self, endpoint: str) -> str:
+        """The GenAI `gen_ai.operation.name` of a `Call.endpoint` (chat, embeddings, ...)."""
+        ...
+
+    def response_facts(self, payload: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        """(model that answered, finish reason of each choice) of a whole JSON answer, for
+        traces; ("", ()) where it says neither."""
+        ...
 
     def is_final_event(self, event: str, data: str) -> bool: ...
 
@@ -297,6 +309,7 @@ class ProviderBase:
     price_namespace: str | None = None
     usage_marker = "usage"
     self_hosted = False
+    genai_provider = ""  # "" = its route name
 
     def for_path(self, path: str) -> Provider:
         return self
@@ -348,6 +361,23 @@ class ProviderBase:
 
     def response_output(self, payload: dict[str, Any]) -> list[str]:
         return []
+
+    def genai_operation(self, endpoint: str) -> str:
+        return GENAI_OPERATIONS.get(endpoint, endpoint)
+
+    def response_facts(self, payload: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        """Every wire format's fields in one reading: `model` / `modelVersion`; the
+        choices' `finish_reason`, the candidates' `finishReason`, or one `stop_reason` /
+        `stopReason` / `finish_reason` for the whole answer."""
+        model = payload.get("model") or payload.get("modelVersion") or ""
+        parts = payload.get("choices") or payload.get("candidates") or ()
+        reasons = tuple(str(r) for c in parts if isinstance(c, dict)
+                        and (r := c.get("finish_reason") or c.get("finishReason")))
+        if not reasons:
+            one = (payload.get("stop_reason") or payload.get("stopReason")
+                   or payload.get("finish_reason"))
+            reasons = (str(one),) if one else ()
+        return (model if isinstance(model, str) else ""), reasons
 
     def error_type(self, kind: ErrorKind) -> str:
         return self.error_types[kind]
@@ -404,6 +434,16 @@ class ProviderBase:
     def retry_after_ms(self, headers: dict[str, str]) -> int:
         value = headers.get("retry-after", "").strip()
         return int(value) * 1000 if value.isdigit() else -1
+
+
+#: `Call.endpoint` → GenAI `gen_ai.operation.name` (the conventions' well-known values).
+GENAI_OPERATIONS = {
+    "chat.completions": "chat", "responses": "chat", "messages": "chat", "chat": "chat",
+    "converse": "chat", "converseStream": "chat", "completions": "text_completion",
+    "generate": "text_completion", "embeddings": "embeddings", "embed": "embeddings",
+    "embedContent": "embeddings", "batchEmbedContents": "embeddings",
+    "generateContent": "generate_content", "streamGenerateContent": "generate_content",
+}
 
 
 def int_field(body: dict[str, Any], *names: str) -> int | None:

@@ -139,6 +139,7 @@ class Bedrock(ProviderBase):
     """The route, and Converse's wire format; `for_path` names Invoke's."""
 
     name = "bedrock"
+    genai_provider = "aws.bedrock"
     default_upstream = "https://bedrock-runtime.us-east-1.amazonaws.com"
     credentials = (Credential("authorization", "bearer"),)  # Bedrock API keys
     error_types: ClassVar[dict[str, str]] = ERROR_TYPES

@@ -61,6 +61,7 @@ _ROUTED_MODES = frozenset({"chat", "embedding"})
 
 class Cohere(ProviderBase):
     name = "cohere"
+    genai_provider = "cohere"
     default_upstream = "https://api.cohere.com"
     sdk_base_path = ""  # ClientV2(base_url=<gateway>/cohere) adds /v2/chat itself
     credentials = (Credential("authorization", "bearer"),)

@@ -56,6 +56,12 @@ class Dialect:
     unlimited_cap: int | None = None
 
 
+#: The vendors OpenTelemetry's GenAI conventions name (`gen_ai.provider.name`); the others
+#: are traced under their route name.
+GENAI_PROVIDERS = {"mistral": "mistral_ai", "xai": "x_ai", "groq": "groq",
+                   "deepseek": "deepseek", "perplexity": "perplexity"}
+
+
 class OpenAICompatible(OpenAI):
     """An OpenAI-compatible vendor or server, routed at `/<name>/<its own path>`."""
 
@@ -76,6 +82,7 @@ class OpenAICompatible(OpenAI):
         #: another vendor).
         self.price_namespace = name
         self._dataset_model_id = dataset_model_id
+        self.genai_provider = GENAI_PROVIDERS.get(name, name)
 
     def price_model_id(self, model: str, mode: str, prefixed: bool) -> str | None:
         return (self._dataset_model_id(model, mode, prefixed) if self._dataset_model_id

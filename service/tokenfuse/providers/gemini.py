@@ -226,6 +226,7 @@ class Gemini(ProviderBase):
     """The Gemini API (generativelanguage.googleapis.com)."""
 
     name = "gemini"
+    genai_provider = "gcp.gemini"
     default_upstream = "https://generativelanguage.googleapis.com"
     credentials = (Credential("x-goog-api-key"), Credential("authorization", "bearer"))
     query_credentials = QUERY_CREDENTIALS
@@ -470,6 +471,7 @@ class Vertex(Gemini):
     (https://{region}-aiplatform.googleapis.com); the default is the global endpoint."""
 
     name = "vertex"
+    genai_provider = "gcp.vertex_ai"
     default_upstream = "https://aiplatform.googleapis.com"
     # OAuth access tokens (what google-genai and AnthropicVertex send); express mode keys.
     credentials = (Credential("authorization", "bearer"), Credential("x-goog-api-key"))

@@ -27,6 +27,7 @@ from tokenfuse.providers.base import (
 
 class OpenAI(ProviderBase):
     name = "openai"
+    genai_provider = "openai"
     default_upstream = "https://api.openai.com"
     sdk_base_path = "/v1"
     error_types: ClassVar[dict[str, str]] = {

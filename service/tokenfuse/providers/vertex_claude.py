@@ -45,6 +45,7 @@ _DATASET_PREFIX = "vertex_ai"
 
 class VertexClaude(Anthropic):
     name = "vertex"
+    genai_provider = "gcp.vertex_ai"
     default_upstream = "https://aiplatform.googleapis.com"  # the global endpoint
     sdk_base_path = "/v1"  # AnthropicVertex(base_url=<gateway>/vertex/v1)
     credentials = (Credential("authorization", "bearer"),)
