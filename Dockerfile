@@ -22,7 +22,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TOKENFUSE_STATE_DIR=/var/lib/tokenfuse \
     TOKENFUSE_POOLS_DIR=/etc/tokenfuse/pools
 COPY --from=build /wheels /wheels
+# xds-protos (Envoy's protos) overwrites opentelemetry-proto's files with an older copy
+# the OTLP exporter cannot load; put them back (as scripts/setup.sh does).
 RUN pip install --no-cache-dir /wheels/*.whl \
+    && pip install --no-cache-dir --force-reinstall --no-deps "opentelemetry-proto==$(python -c \
+       'from importlib.metadata import version; print(version("opentelemetry-proto"))')" \
+    && python -c "from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope" \
     && rm -rf /wheels \
     && useradd --system --uid 10001 --user-group --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin tokenfuse \
