@@ -15,6 +15,10 @@ run on this machine. Prints one table with ratios and targets; writes bench/resu
    1,000-request flood against a $0.01 budget through tokenfuse and through LiteLLM, with
    the fake provider billing what it answers (leakage = billed beyond the budget).
 5. memory: RSS idle (after start) and peak under load, per process tree.
+6. scaling (bench/scaling.py): TOKENFUSE_PROCESSES 1 and 2 and two whole stacks on one
+   Redis, req/s and p99 side by side, CPU per request of each part (what to provision).
+7. tracing (bench/tracing.py): the per-request cost of the OpenTelemetry hooks, off and on,
+   and req/s through Envoy with tracing off vs on (every request sampled).
 
 BENCH_LITELLM=0 skips the peer (and its one-time ~1 min install).
 """
@@ -37,7 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import scaling  # noqa: E402
 import streaming  # noqa: E402
+import tracing  # noqa: E402
 from flood import flood  # noqa: E402
 from load import UpstreamEnvoy, wrk  # noqa: E402
 from memory import PeakRss, tree_rss  # noqa: E402
@@ -258,7 +264,21 @@ def report(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         li, lp = lite["rss_idle_mb"], lite["rss_peak_mb"]
         rows.append(("RSS MB idle | peak: LiteLLM (+engine), postgres",
                      ", ".join(f"{li[n]:.0f} | {lp[n]:.0f}" for n in li), "", ""))
+    rows += scaling.rows(res["scaling"])
+    rows += tracing_rows(res["tracing"])
     return rows
+
+
+def tracing_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    hooks, off, on = res["hooks"], res["envoy"]["off"], res["envoy"]["on"]
+    return [
+        ("tracing hooks per request, us (off | on, + OTLP encoding)",
+         f"{hooks['off_us_per_request']:.2f} | {hooks['on_hooks_us_per_request']:.0f} + "
+         f"{hooks['on_export_encode_us_per_request']:.0f}", "", ""),
+        ("tracing req/s, p99 ms (off | on, every request sampled)",
+         f"{off['rps']:,.0f}, {off['p99_ms']:.0f} | {on['rps']:,.0f}, {on['p99_ms']:.0f}",
+         f"{on['rps'] / off['rps']:.2f}" if off["rps"] else "", ""),
+    ]
 
 
 def main() -> int:
@@ -278,6 +298,9 @@ def main() -> int:
         if WITH_LITELLM:
             results["litellm"] = bench_litellm(upstream, workdir)
         results["floods"] = bench_floods(workdir)
+        results["scaling"] = scaling.scaling(upstream, workdir, DURATION_S, ROUNDS,
+                                             CONNECTIONS)
+        results["tracing"] = tracing.bench_tracing(workdir, DURATION_S, ROUNDS, CONNECTIONS)
     finally:
         upstream.stop()
         shutil.rmtree(workdir, ignore_errors=True)
