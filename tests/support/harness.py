@@ -212,13 +212,16 @@ class Envoy(Service):
 class Stack:
     """redis + processor + envoy in front of a fake provider, torn down together."""
 
-    def __init__(self, upstream_url: str, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, upstream_url: str, extra_env: dict[str, str] | None = None,
+                 redis_url: str | None = None) -> None:
+        """`redis_url`: use that Redis (started and stopped by the caller) instead of a
+        redis-server of the stack's own (then `self.redis` is None)."""
         self.workdir = Path(tempfile.mkdtemp(prefix="tf-"))
-        self.redis = RedisServer(self.workdir)
+        self.redis = RedisServer(self.workdir) if redis_url is None else None
         self.secret = "test-secret-" + os.urandom(8).hex()
         env = dict(os.environ)
         env.update({
-            "REDIS_URL": self.redis.url,
+            "REDIS_URL": redis_url or self.redis.url,
             "TOKENFUSE_SECRET": self.secret,
             "TOKENFUSE_STATE_DIR": str(self.workdir),
             "TOKENFUSE_PROCESSOR_SOCKET": str(self.workdir / "p.sock"),
@@ -241,7 +244,8 @@ class Stack:
         self.envoy = Envoy(self.workdir, env)
 
     def start(self) -> Stack:
-        self.redis.start()
+        if self.redis is not None:
+            self.redis.start()
         for attempt in range(3):
             try:
                 self.processor.start()
@@ -260,7 +264,8 @@ class Stack:
 
     def stop(self) -> None:
         for service in (self.envoy, self.processor, self.redis):
-            service.stop()
+            if service is not None:
+                service.stop()
 
     def cleanup(self) -> None:
         self.stop()
@@ -272,4 +277,5 @@ class Stack:
                               capture_output=True, text=True, timeout=30)
 
     def logs(self) -> str:
-        return "\n".join(s.log_text() for s in (self.redis, self.processor, self.envoy))
+        return "\n".join(s.log_text() for s in (self.redis, self.processor, self.envoy)
+                         if s is not None)

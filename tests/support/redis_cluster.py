@@ -1,0 +1,165 @@
+"""A real local Redis Cluster for the tests: 3 masters + 3 replicas on free ports.
+
+Six `redis-server --cluster-enabled yes` in a private temp directory, joined by
+`redis-cli --cluster create --cluster-replicas 1`; `start()` returns once every node says
+`cluster_state:ok` and agrees on the slot map. `kill_master_of(key)` SIGKILLs the master
+serving a key and waits for its replica's promotion; `restart(node)` brings a killed node
+back (it rejoins as a replica of its promoted replica).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import redis
+from redis.crc import key_slot
+
+from tests.support.harness import Service, free_port, wait_until
+
+#: Small enough that a failover takes ~2-3 s, large enough not to flap on a busy machine.
+NODE_TIMEOUT_MS = 1500
+
+
+class ClusterNode(Service):
+    def __init__(self, workdir: Path, port: int) -> None:
+        super().__init__(f"redis-{port}", workdir)
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.bus_port = free_port()  # not port + 10000: that may be past 65535
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self._spawn([binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                     "--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
+                     "--cluster-config-file", str(self.workdir / f"nodes-{self.port}.conf"),
+                     "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                     "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                     "--dbfilename", f"dump-{self.port}.rdb",
+                     "--enable-debug-command", "local"])
+        wait_until(self._answers, what=f"redis-server :{self.port}")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=1)
+
+
+class RedisCluster:
+    """Six nodes (3 masters, 3 replicas), torn down together."""
+
+    def __init__(self, size: int = 6) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="tf-cluster-"))
+        self.nodes = [ClusterNode(self.workdir, free_port()) for _ in range(size)]
+
+    @property
+    def seed(self) -> ClusterNode:
+        return self.nodes[0]
+
+    @property
+    def url(self) -> str:
+        """REDIS_URL naming one seed node."""
+        return f"redis://{self.seed.address}/0"
+
+    def start(self) -> RedisCluster:
+        try:
+            self._start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(n.address for n in self.nodes), "--cluster-replicas", "1",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        self.wait_ok()
+
+    def running(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if n.running()]
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Every running node reports cluster_state:ok and the same masters for all
+        16384 slots."""
+        def converged() -> bool:
+            try:
+                maps = {tuple(sorted(self.slot_owners(n).items())) for n in self.running()}
+                states = {n.client().cluster("info")["cluster_state"] for n in self.running()}
+            except (redis.RedisError, KeyError):
+                return False
+            return states == {"ok"} and len(maps) == 1
+        wait_until(converged, timeout=timeout, what="cluster_state:ok on every node")
+
+    @staticmethod
+    def slot_owners(node: ClusterNode) -> dict[int, int]:
+        """slot range start -> port of its master, as `node` sees it."""
+        owners = {}
+        for start, _end, master, *_replicas in node.client().execute_command("CLUSTER SLOTS"):
+            owners[int(start)] = int(master[1])
+        return owners
+
+    def masters(self) -> list[ClusterNode]:
+        ports = set(self.slot_owners(self.running()[0]).values())
+        return [n for n in self.nodes if n.port in ports and n.running()]
+
+    def master_of(self, key: str) -> ClusterNode:
+        slot = key_slot(key.encode())
+        for start, end, master, *_ in self.running()[0].client().execute_command(
+                "CLUSTER SLOTS"):
+            if int(start) <= slot <= int(end):
+                return next(n for n in self.nodes if n.port == int(master[1]))
+        raise LookupError(f"no master serves slot {slot}")
+
+    def node_id(self, node: ClusterNode) -> str:
+        return node.client().execute_command("CLUSTER MYID").decode()
+
+    def kill(self, node: ClusterNode) -> None:
+        node.kill()
+
+    def kill_master_of(self, key: str, wait: bool = True) -> ClusterNode:
+        """SIGKILL the master serving `key`; with `wait`, until its replica serves it."""
+        victim = self.master_of(key)
+        victim.kill()
+        if wait:
+            self.wait_promoted(key, victim)
+        return victim
+
+    def wait_promoted(self, key: str, victim: ClusterNode, timeout: float = 30) -> None:
+        def promoted() -> bool:
+            try:
+                return self.master_of(key) is not victim
+            except (redis.RedisError, LookupError):
+                return False
+        wait_until(promoted, timeout=timeout, what="the replica's promotion")
+        self.wait_ok(timeout)
+
+    def restart(self, node: ClusterNode) -> None:
+        """A killed node comes back with its nodes.conf and rejoins as a replica."""
+        node.start()
+        self.wait_ok()
+
+    def clients(self) -> list[redis.Redis]:
+        return [n.client() for n in self.running()]
+
+    def flushall(self) -> None:
+        for node in self.masters():
+            node.client().flushall()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def logs(self) -> str:
+        return "\n".join(n.log_text() for n in self.nodes)
