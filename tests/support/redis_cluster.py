@@ -106,6 +106,13 @@ class RedisCluster:
             owners[int(start)] = int(master[1])
         return owners
 
+    def owner_of_slot(self, slot: int, node: ClusterNode) -> int | None:
+        """The port of the master serving `slot`, as `node` sees it."""
+        for start, end, master, *_ in node.client().execute_command("CLUSTER SLOTS"):
+            if int(start) <= slot <= int(end):
+                return int(master[1])
+        return None
+
     def masters(self) -> list[ClusterNode]:
         ports = set(self.slot_owners(self.running()[0]).values())
         return [n for n in self.nodes if n.port in ports and n.running()]
