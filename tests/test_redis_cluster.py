@@ -54,10 +54,11 @@ def cluster() -> Iterator[RedisCluster]:
 
 @pytest.fixture(scope="module")
 def cstack(cluster: RedisCluster, fake: FakeProvider) -> Iterator[Stack]:
-    # A generous Redis bound: floods on this shared 2-core machine must not time out (a
-    # dead node fails at once: connection refused).
+    # Generous bounds: a flood on a busy 2-core machine must not time out (a dead node
+    # still fails at once: connection refused).
     s = Stack(fake.base_url, {"TOKENFUSE_REDIS_MODE": "cluster",
                               "TOKENFUSE_REDIS_TIMEOUT_MS": "2000",
+                              "TOKENFUSE_PROCESSOR_TIMEOUT_MS": "10000",
                               "TOKENFUSE_POOL_COOLDOWN_MS": "1000"}, redis_url=cluster.url)
     pools = s.workdir / "pools"
     pools.mkdir()
@@ -108,17 +109,17 @@ def non_seed_masters(cluster: RedisCluster) -> list[ClusterNode]:
 
 def test_flood_is_held_to_the_budget_on_every_master(cstack: Stack, cluster: RedisCluster,
                                                      fake: FakeProvider) -> None:
-    """1,000 requests at once, a third for each of three callers whose keys are on three
-    masters: each held to its $0.005 to the nano-dollar."""
-    budget = 5_000_000
+    """600 requests at once, a third for each of three callers whose keys are on three
+    masters: each held to its $0.003 to the nano-dollar."""
+    budget = 3_000_000
     keys = [key_on(cstack, cluster, m) for m in cluster.masters()]
     assert len(keys) == 3
     for key in keys:
-        assert cstack.cli("budget", "set", "--key", key, "--daily", "0.005").returncode == 0
+        assert cstack.cli("budget", "set", "--key", key, "--daily", "0.003").returncode == 0
 
     async def floods() -> list[list[str]]:
         return await asyncio.gather(*(flood_outcomes(cstack.envoy.base_url + "/openai/v1",
-                                                     key, 333) for key in keys))
+                                                     key, 200) for key in keys))
 
     for key, outcomes in zip(keys, asyncio.run(floods()), strict=True):
         allowed = outcomes.count("allowed")
@@ -126,7 +127,7 @@ def test_flood_is_held_to_the_budget_on_every_master(cstack: Stack, cluster: Red
         assert requests_for(fake, key) == allowed
         billed = billed_for(fake, key)
         day = status(cstack, key)["windows"]["day"]
-        print(f"\ncluster flood: {allowed} allowed of 333, billed {billed} of {budget}", end="")
+        print(f"\ncluster flood: {allowed} allowed of 200, billed {billed} of {budget}", end="")
         assert budget * 9 // 10 <= billed <= budget
         assert day["spent_nano_usd"] == billed
         assert day["reserved_nano_usd"] == 0
