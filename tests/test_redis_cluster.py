@@ -328,7 +328,7 @@ def _end_migration(cluster: RedisCluster, slot: int, target: ClusterNode) -> Non
 
 
 def test_router_follows_moved(cluster: RedisCluster) -> None:
-    source, target = non_seed_masters(cluster)[0], cluster.seed
+    source, target = non_seed_masters(cluster)[:2]
     key = _free_key(cluster, source, "moved")
     slot = source.client().cluster("keyslot", key)
 
@@ -353,7 +353,7 @@ def test_router_follows_ask_during_a_migration(cluster: RedisCluster) -> None:
     """Slot migrating from A to B, the key already moved: A answers ASK, the router sends
     ASKING + the script to B (which lacks the script: NOSCRIPT, then EVAL), and keeps its
     map. Keys still on A are served by A."""
-    a, b = non_seed_masters(cluster)
+    a, b = non_seed_masters(cluster)[:2]
     moved = _free_key(cluster, a, "ask")
     slot = a.client().cluster("keyslot", moved)
     stay = f"{moved}:stay"  # same tag, same slot
@@ -469,6 +469,48 @@ def test_eviction_check_reads_every_master(cluster: RedisCluster) -> None:
         assert "TOKENFUSE_ALLOW_EVICTION=1" in str(asyncio.run(check(True)))
     finally:
         victim.client().config_set("maxmemory-policy", "noeviction")
+
+
+def test_router_through_a_failover(cluster: RedisCluster) -> None:
+    """A master dies: its slots' calls raise ConnectionError at once (never hang), the
+    other masters' calls go on, and once its replica is promoted the same router serves
+    the dead master's slots again."""
+    victim = non_seed_masters(cluster)[0]
+    live = next(m for m in cluster.masters() if m is not victim)
+    on_victim = _free_key(cluster, victim, "victim")
+    on_live = _free_key(cluster, live, "live")
+
+    async def scenario() -> None:
+        pipe = ClusterPipelinedRedis(cluster.url, 1.0)
+        try:
+            assert await pipe.evalsha(ECHO_KEY, [on_victim], ["1"]) == b"1"
+            assert await pipe.evalsha(ECHO_KEY, [on_live], ["1"]) == b"1"
+            cluster.kill(victim)
+            started = time.monotonic()
+            with pytest.raises(redis.ConnectionError):
+                await pipe.evalsha(ECHO_KEY, [on_victim], ["2"])
+            assert time.monotonic() - started < 0.5
+            for _ in range(20):  # the live master is not held up by the dead one
+                started = time.monotonic()
+                assert await pipe.evalsha(ECHO_KEY, [on_live], ["2"]) == b"2"
+                assert time.monotonic() - started < 0.5
+            await asyncio.to_thread(cluster.wait_promoted, on_victim, victim)
+            deadline = time.monotonic() + 10
+            while True:  # the map is re-read: the promoted replica serves the slot
+                try:
+                    assert await pipe.evalsha(ECHO_KEY, [on_victim], ["3"]) == b"3"
+                    break
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline, "the router never recovered"
+                    await asyncio.sleep(0.05)
+            assert ("127.0.0.1", victim.port) not in pipe.masters()
+        finally:
+            await pipe.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.restart(victim)  # back, as a replica of its promoted replica
 
 
 # -- a master dies mid-flood ------------------------------------------------------------

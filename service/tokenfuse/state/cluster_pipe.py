@@ -17,14 +17,17 @@ learnt before when the seed does not answer. Redirects:
 At most `MAX_REDIRECTS` per command, then the last error is raised. `NOSCRIPT` → `EVAL`
 on the node that said it. A node that cannot be reached or whose connection is lost
 raises `redis.ConnectionError` to the callers it was serving (the processor answers 503:
-fail closed), and the map is re-read before the next command (at most every
-`REFRESH_INTERVAL_S`), so traffic follows a failover to the promoted replica without a
-restart. `CLUSTERDOWN` is raised as is, and also re-reads the map.
+fail closed), and the map is re-read (at most every `REFRESH_INTERVAL_S`), so traffic
+follows a failover to the promoted replica without a restart. Once a map is known it is
+re-read in the background, beside the traffic: asking a dead seed first must not delay
+the decisions of callers on the live masters. `CLUSTERDOWN` is raised as is, and also
+re-reads the map.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from typing import Any
@@ -70,6 +73,8 @@ class ClusterPipelinedRedis:
         self._stale = True
         self._refreshed_at = 0.0
         self._refreshing: asyncio.Lock | None = None
+        self._refresh_task: asyncio.Future[None] | None = None
+        self._mapped = False  # a slot map was read at least once
 
     # -- the decision path ------------------------------------------------------------
 
@@ -90,7 +95,10 @@ class ClusterPipelinedRedis:
 
     async def _routed(self, slot: int | None, command: tuple[Any, ...]) -> Any:
         if self._stale:
-            await self._refresh()
+            if self._mapped:  # refresh beside the traffic: a dead node must not stall
+                self._refresh_soon()  # the callers of the live ones
+            else:
+                await self._refresh()
         node = self._node_for(slot)
         asking = False
         for _ in range(MAX_REDIRECTS):
@@ -139,6 +147,14 @@ class ClusterPipelinedRedis:
 
     # -- the slot map -----------------------------------------------------------------
 
+    def _refresh_soon(self) -> None:
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = asyncio.ensure_future(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):  # none answered: next call
+            await self._refresh()
+
     async def _refresh(self) -> None:
         """Re-read the slot map from the seed, else from any node known to us. If none
         answers, raise the seed's error (callers fail closed)."""
@@ -171,6 +187,7 @@ class ClusterPipelinedRedis:
             for replica in replicas:  # not used for commands: places to ask for the map
                 self._node_at(self._address_of(replica))
         self._slots = slots
+        self._mapped = True
 
     def _address_of(self, entry: list[Any]) -> Address:
         host = entry[0].decode() if isinstance(entry[0], bytes) else str(entry[0])
@@ -181,5 +198,7 @@ class ClusterPipelinedRedis:
         return {address for address, node in self._nodes.items() if node in self._slots}
 
     async def close(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
         for node in self._nodes.values():
             await node.close()
