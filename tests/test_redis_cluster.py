@@ -579,6 +579,11 @@ def test_master_killed_mid_flood(cstack: Stack, cluster: RedisCluster,
         print(f", billed {billed}, spent {day['spent_nano_usd']} reserved "
               f"{day['reserved_nano_usd']} of {budget}", end="")
 
+        # The CLI needs a seed that answers: the dead one is a clean error, not a trace.
+        dead_seed = cstack.cli("budget", "status", "--key", key)
+        assert dead_seed.returncode == 2
+        assert "Redis refused or unreachable" in dead_seed.stderr, dead_seed.stderr
+
         # The control channel was on the seed: it moved, so a kill switch still lands.
         other = key_on(cstack, cluster, survivor)
         consumer = Consumer(cstack, other)

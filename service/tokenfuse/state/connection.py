@@ -13,12 +13,14 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from tokenfuse.state.cluster_pipe import ClusterPipelinedRedis
 from tokenfuse.state.redis_pipe import PipelinedRedis
 
-#: What a Redis call can fail with (errors, connection loss, our own time bound).
-REDIS_FAILURES = (redis.RedisError, OSError, asyncio.TimeoutError)
+#: What a Redis call can fail with (errors, connection loss, our own time bound; redis-py's
+#: cluster errors that are not RedisErrors: no reachable node, a slot no node serves).
+REDIS_FAILURES = (redis.RedisError, OSError, asyncio.TimeoutError, RedisClusterException)
 
 
 def async_client(url: str, timeout_s: float, cluster: bool = False) -> aioredis.Redis:
