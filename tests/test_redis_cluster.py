@@ -21,6 +21,7 @@ from typing import Any
 import openai
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from tests.conftest import anthropic_client, openai_client
 from tests.support.billing import billed_for, key_of, requests_for, usage_cost
@@ -36,6 +37,7 @@ from tokenfuse.state.admin import BudgetAdmin
 from tokenfuse.state.budgets import BudgetStore, GuardPolicy, LoopRefusal, Refusal, Reservation
 from tokenfuse.state.cluster_pipe import ClusterPipelinedRedis
 from tokenfuse.state.connection import async_client, sync_client
+from tokenfuse.state.control import ControlWatcher
 from tokenfuse.state.keys import limits_key, pool_key, reservations_key
 from tokenfuse.state.pools import PoolAdmin, PoolStore
 from tokenfuse.state.redis_pipe import Script
@@ -511,6 +513,47 @@ def test_router_through_a_failover(cluster: RedisCluster) -> None:
         asyncio.run(scenario())
     finally:
         cluster.restart(victim)  # back, as a replica of its promoted replica
+
+
+def test_a_password_protected_cluster() -> None:
+    """AUTH on every node: the routed decisions reach every master, the cold client, the
+    CLI's client and the control channel's node URLs carry the seed's credentials; the
+    password appears in no error."""
+    password = "pw-" + os.urandom(8).hex()
+    protected = RedisCluster(password=password).start()
+    try:
+        keys = [_free_key(protected, m, "auth") for m in protected.masters()]
+
+        async def scenario() -> None:
+            pipe = ClusterPipelinedRedis(protected.url, 1.0)
+            cold = async_client(protected.url, 1.0, cluster=True)
+            try:
+                for key in keys:
+                    assert await pipe.evalsha(ECHO_KEY, [key], ["ok"]) == b"ok"
+                assert len(pipe.masters()) == 3
+                assert await eviction.check(cold, False) is None
+                assert len([k async for k in cold.scan_iter(match="test:*")]) == 3
+                watcher = ControlWatcher(protected.url, cluster=True)
+                watcher._learn(await pipe.execute("CLUSTER", "SLOTS"))
+                assert len(watcher._nodes) == 6
+                for url in watcher._nodes:
+                    assert f":{password}@" in url
+                    node = aioredis.Redis.from_url(url)
+                    assert await node.ping()
+                    await node.aclose()
+            finally:
+                await pipe.close()
+                await cold.aclose()
+            wrong = ClusterPipelinedRedis(protected.url.replace(password, "wrong"), 1.0)
+            with pytest.raises(redis.RedisError) as refused:
+                await wrong.execute("GET", keys[0])
+            assert password not in str(refused.value)
+            await wrong.close()
+
+        asyncio.run(scenario())
+        assert sync_client(protected.url, True).get(keys[0]) == b"ok"
+    finally:
+        protected.cleanup()
 
 
 # -- a master dies mid-flood ------------------------------------------------------------

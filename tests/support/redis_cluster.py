@@ -9,6 +9,7 @@ back (it rejoins as a replica of its promoted replica).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -24,20 +25,30 @@ NODE_TIMEOUT_MS = 1500
 
 
 class ClusterNode(Service):
-    def __init__(self, workdir: Path, port: int) -> None:
+    def __init__(self, workdir: Path, port: int, password: str | None = None) -> None:
         super().__init__(f"redis-{port}", workdir)
         self.port = port
         self.address = f"127.0.0.1:{port}"
         self.bus_port = free_port()  # not port + 10000: that may be past 65535
+        self.password = password
 
     def start(self) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self._spawn([binary, "--port", str(self.port), "--bind", "127.0.0.1",
+        config = []
+        if self.password:  # in a config file of the private temp dir, not on argv
+            path = self.workdir / "auth.conf"
+            path.write_text(f'requirepass "{self.password}"\nmasterauth "{self.password}"\n')
+            path.chmod(0o600)
+            config = [str(path)]
+        self._spawn([binary, *config, "--port", str(self.port), "--bind", "127.0.0.1",
                      "--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
                      "--cluster-config-file", str(self.workdir / f"nodes-{self.port}.conf"),
                      "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                      "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
                      "--dbfilename", f"dump-{self.port}.rdb",
+                     "--repl-diskless-sync-delay", "0",  # replicas in sync at once ...
+                     # ... and listed by CLUSTER SLOTS soon (once their offset is not 0)
+                     "--repl-ping-replica-period", "1",
                      "--enable-debug-command", "local"])
         wait_until(self._answers, what=f"redis-server :{self.port}")
 
@@ -48,15 +59,17 @@ class ClusterNode(Service):
             return False
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=1)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=1)
 
 
 class RedisCluster:
-    """Six nodes (3 masters, 3 replicas), torn down together."""
+    """Six nodes (3 masters, 3 replicas), torn down together; with `password`, every node
+    requires it (requirepass, masterauth)."""
 
-    def __init__(self, size: int = 6) -> None:
+    def __init__(self, size: int = 6, password: str | None = None) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="tf-cluster-"))
-        self.nodes = [ClusterNode(self.workdir, free_port()) for _ in range(size)]
+        self.password = password
+        self.nodes = [ClusterNode(self.workdir, free_port(), password) for _ in range(size)]
 
     @property
     def seed(self) -> ClusterNode:
@@ -65,7 +78,8 @@ class RedisCluster:
     @property
     def url(self) -> str:
         """REDIS_URL naming one seed node."""
-        return f"redis://{self.seed.address}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.seed.address}/0"
 
     def start(self) -> RedisCluster:
         try:
@@ -80,7 +94,9 @@ class RedisCluster:
             node.start()
         subprocess.run(["redis-cli", "--cluster", "create",
                         *(n.address for n in self.nodes), "--cluster-replicas", "1",
-                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60,
+                       env={**os.environ,
+                            **({"REDISCLI_AUTH": self.password} if self.password else {})})
         self.wait_ok()
 
     def running(self) -> list[ClusterNode]:
@@ -88,14 +104,17 @@ class RedisCluster:
 
     def wait_ok(self, timeout: float = 30) -> None:
         """Every running node reports cluster_state:ok and the same masters for all
-        16384 slots."""
+        16384 slots, and every running node is listed (a replica is, once in sync)."""
         def converged() -> bool:
+            running = self.running()
             try:
-                maps = {tuple(sorted(self.slot_owners(n).items())) for n in self.running()}
-                states = {n.client().cluster("info")["cluster_state"] for n in self.running()}
+                maps = {tuple(sorted(self.slot_owners(n).items())) for n in running}
+                states = {n.client().cluster("info")["cluster_state"] for n in running}
+                listed = {int(node[1]) for _s, _e, *nodes in running[0].client()
+                          .execute_command("CLUSTER SLOTS") for node in nodes}
             except (redis.RedisError, KeyError):
                 return False
-            return states == {"ok"} and len(maps) == 1
+            return states == {"ok"} and len(maps) == 1 and listed == {n.port for n in running}
         wait_until(converged, timeout=timeout, what="cluster_state:ok on every node")
 
     @staticmethod
