@@ -515,6 +515,46 @@ def test_router_through_a_failover(cluster: RedisCluster) -> None:
         cluster.restart(victim)  # back, as a replica of its promoted replica
 
 
+def test_router_through_a_frozen_master(cluster: RedisCluster) -> None:
+    """A master stops answering without closing its connections (SIGSTOP): calls time
+    out (the caller's bound), and the router, told by those timeouts, re-reads the map
+    and reaches the promoted replica while the old master is still frozen."""
+    victim = non_seed_masters(cluster)[0]
+    key = _free_key(cluster, victim, "frozen")
+
+    async def scenario() -> None:
+        pipe = ClusterPipelinedRedis(cluster.url, 1.0)
+        try:
+            await frozen_then_promoted(pipe)
+        finally:
+            await pipe.close()
+
+    async def frozen_then_promoted(pipe: ClusterPipelinedRedis) -> None:
+        async def call(value: str) -> bytes:
+            async with asyncio.timeout(0.25):
+                return await pipe.evalsha(ECHO_KEY, [key], [value])
+
+        assert await call("1") == b"1"
+        cluster.freeze(victim)
+        with pytest.raises(TimeoutError):
+            await call("2")
+        # The replica's promotion, seen from a live node (the victim is frozen).
+        await asyncio.to_thread(cluster.wait_promoted, key, victim)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert await call("3") == b"3"
+                break
+            except (TimeoutError, redis.ConnectionError):
+                assert time.monotonic() < deadline, "the router stayed on the frozen master"
+                await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.thaw(victim)
+
+
 def test_a_password_protected_cluster() -> None:
     """AUTH on every node: the routed decisions reach every master, the cold client, the
     CLI's client and the control channel's node URLs carry the seed's credentials; the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -70,6 +71,7 @@ class RedisCluster:
         self.workdir = Path(tempfile.mkdtemp(prefix="tf-cluster-"))
         self.password = password
         self.nodes = [ClusterNode(self.workdir, free_port(), password) for _ in range(size)]
+        self.frozen: set[int] = set()  # ports of SIGSTOPped nodes
 
     @property
     def seed(self) -> ClusterNode:
@@ -100,7 +102,8 @@ class RedisCluster:
         self.wait_ok()
 
     def running(self) -> list[ClusterNode]:
-        return [n for n in self.nodes if n.running()]
+        """Nodes alive and answering (not killed, not frozen)."""
+        return [n for n in self.nodes if n.running() and n.port not in self.frozen]
 
     def wait_ok(self, timeout: float = 30) -> None:
         """Every running node reports cluster_state:ok and the same masters for all
@@ -167,6 +170,21 @@ class RedisCluster:
         wait_until(promoted, timeout=timeout, what="the replica's promotion")
         self.wait_ok(timeout)
 
+    def freeze(self, node: ClusterNode) -> None:
+        """SIGSTOP: the node's connections stay open and nothing answers (a host that
+        died without closing them)."""
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGSTOP)
+        self.frozen.add(node.port)
+
+    def thaw(self, node: ClusterNode) -> None:
+        """SIGCONT, then wait until the node rejoined (as a replica if it was failed
+        over meanwhile)."""
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGCONT)
+        self.frozen.discard(node.port)
+        self.wait_ok()
+
     def restart(self, node: ClusterNode) -> None:
         """A killed node comes back with its nodes.conf and rejoins as a replica."""
         node.start()
@@ -181,6 +199,8 @@ class RedisCluster:
 
     def stop(self) -> None:
         for node in self.nodes:
+            if node.proc is not None and node.port in self.frozen:
+                node.proc.send_signal(signal.SIGCONT)  # or SIGTERM would wait forever
             node.stop()
 
     def cleanup(self) -> None:

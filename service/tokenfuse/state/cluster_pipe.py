@@ -13,6 +13,8 @@ learnt before when the seed does not answer. Redirects:
 - `ASK <slot> <host:port>`: the slot is being migrated and this key already left: the
   command is sent once to that node after `ASKING`; the map does not change.
 - `TRYAGAIN` (a multi-key script during a migration): retried after a short pause.
+- A call its caller gave up on (the caller's timeout cancels it) also re-reads the map:
+  a master whose host died without closing the connection never answers.
 
 At most `MAX_REDIRECTS` per command, then the last error is raised. `NOSCRIPT` → `EVAL`
 on the node that said it. A node that cannot be reached or whose connection is lost
@@ -109,11 +111,16 @@ class ClusterPipelinedRedis:
             except redis.ConnectionError:
                 self._stale = True  # a node died: learn the new owner before the next call
                 raise
+            except asyncio.CancelledError:
+                # The caller's time bound: a host that died without closing the connection
+                # never answers, so re-read the map (its replica may own the slot by now).
+                self._stale = True
+                raise
             except redis.ResponseError as exc:
                 message = str(exc)
                 if message.startswith("TRYAGAIN"):
                     await asyncio.sleep(TRYAGAIN_PAUSE_S)
-                    asking = False
+                    node, asking = self._node_for(slot), False
                     continue
                 if message.startswith("CLUSTERDOWN"):
                     self._stale = True
