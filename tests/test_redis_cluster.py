@@ -4,7 +4,8 @@ One cluster and one stack for the module (TOKENFUSE_REDIS_MODE=cluster, REDIS_UR
 seed node). Callers are picked so that their keys live on a chosen master. The router
 (state/cluster_pipe.py) is tested on its own against the same cluster: MOVED, ASK
 (with NOSCRIPT on the importing node) and a script reaching into another slot. The
-failover test kills the seed's master mid-flood and restarts it at the end.
+failover test kills the seed's master mid-flood and restarts it at the end. (Longer than
+most test modules: one cluster started once serves every scenario, hence its length.)
 """
 
 from __future__ import annotations
