@@ -30,7 +30,7 @@ from tests.support.fake_provider import FakeProvider
 from tests.support.flood import flood_outcomes, spell
 from tests.support.harness import Stack, wait_until
 from tests.support.redis_cluster import ClusterNode, RedisCluster
-from tokenfuse.config import WINDOWS
+from tokenfuse.config import WINDOWS, ConfigError, load_settings
 from tokenfuse.identity import key_id
 from tokenfuse.pools.secrets import PoolKey
 from tokenfuse.state import eviction
@@ -105,6 +105,20 @@ def _cli(stack: Stack, env: dict[str, str], *args: str):
 
 def non_seed_masters(cluster: RedisCluster) -> list[ClusterNode]:
     return [m for m in cluster.masters() if m is not cluster.seed]
+
+
+def test_cluster_mode_settings() -> None:
+    base = {"TOKENFUSE_SECRET": "x"}
+    assert load_settings(base).redis.mode == "single"
+    on = load_settings({**base, "TOKENFUSE_REDIS_MODE": "cluster",
+                        "REDIS_URL": "redis://10.0.0.7:7000"})
+    assert on.redis.cluster and not on.redis.allow_eviction
+    assert load_settings({**base, "TOKENFUSE_ALLOW_EVICTION": "1"}).redis.allow_eviction
+    for env in ({"TOKENFUSE_REDIS_MODE": "cluster"},  # make run's own Redis: one node
+                {"TOKENFUSE_REDIS_MODE": "cluster", "REDIS_URL": "unix:///tmp/r.sock"},
+                {"TOKENFUSE_REDIS_MODE": "sentinel"}):
+        with pytest.raises(ConfigError, match="TOKENFUSE_REDIS_MODE"):
+            load_settings({**base, **env})
 
 
 # -- through Envoy, on the cluster ------------------------------------------------------
