@@ -186,7 +186,8 @@ def _main(argv: list[str] | None) -> int:
         except (PoolError, OSError) as exc:
             print(f"tokenfuse: {exc}", file=sys.stderr)
             return 2
-    admin = BudgetAdmin.from_url(settings.redis.url, settings.budgets.default_limit_args())
+    admin = BudgetAdmin.from_url(settings.redis.url, settings.budgets.default_limit_args(),
+                                 settings.redis.cluster)
     caller = key_id(secret, args.key)
     prefix = caller[:PREFIX_CHARS]
     if args.group == "kill":
@@ -216,7 +217,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _pools_command(args: argparse.Namespace, settings: Settings, secret: bytes) -> int:
-    admin = PoolAdmin(sync_client(settings.redis.url), secret)
+    admin = PoolAdmin(sync_client(settings.redis.url, settings.redis.cluster), secret)
     if args.group == "vkey":
         vkey = admin.create_virtual_key(args.name, args.pool)
         print(vkey)

@@ -95,10 +95,18 @@ class RedisSettings:
     timeout_ms: int = 250
     local_port: int = 6379  # the redis-server `make run` starts
     local_password_file: Path = Path(".tokenfuse/redis.password")  # ... and its password
+    # Redis Cluster (TOKENFUSE_REDIS_MODE=cluster: REDIS_URL names one seed node) and the
+    # start-up check of maxmemory-policy (TOKENFUSE_ALLOW_EVICTION=1: warn, do not refuse).
+    mode: str = "single"
+    allow_eviction: bool = False
 
     @property
     def timeout_s(self) -> float:
         return self.timeout_ms / 1000
+
+    @property
+    def cluster(self) -> bool:
+        return self.mode == "cluster"
 
 
 @dataclass(frozen=True)
@@ -260,6 +268,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             timeout_ms=env.int("TOKENFUSE_REDIS_TIMEOUT_MS", 250, minimum=1),
             local_port=env.int("TOKENFUSE_LOCAL_REDIS_PORT", 6379, minimum=1),
             local_password_file=state_dir / "redis.password",
+            mode=_redis_mode(env),
+            allow_eviction=env.flag("TOKENFUSE_ALLOW_EVICTION", False),
         ),
         processor=ProcessorSettings(
             socket=Path(env.text("TOKENFUSE_PROCESSOR_SOCKET",
@@ -404,6 +414,17 @@ def _name_map(env: _Env, name: str, example: str, lower: bool = True) -> dict[st
                               "or names something twice")
         out[key] = value
     return out
+
+
+def _redis_mode(env: _Env) -> str:
+    """TOKENFUSE_REDIS_MODE: single (default) or cluster, which needs REDIS_URL naming a
+    seed node over TCP (`make run`'s own Redis is a single node)."""
+    mode = env.choice("TOKENFUSE_REDIS_MODE", "single", ("single", "cluster"))
+    url = env.raw("REDIS_URL").strip()
+    if mode == "cluster" and not urlsplit(url).hostname:
+        raise ConfigError("TOKENFUSE_REDIS_MODE=cluster needs REDIS_URL naming one node of "
+                          "the cluster over TCP (redis://host:port or rediss://host:port)")
+    return mode
 
 
 def upstream_variable(provider: str) -> str:

@@ -37,6 +37,7 @@ from tokenfuse.metrics import REAPED, REAPED_NANO, REAPER_RUNS, REDIS_ERRORS, RE
 from tokenfuse.pools.probes import probe_forever
 from tokenfuse.pools.secrets import PoolSecrets
 from tokenfuse.pricing import PriceTable
+from tokenfuse.state import eviction
 from tokenfuse.state.budgets import BudgetStore, GuardPolicy
 from tokenfuse.state.connection import REDIS_FAILURES
 from tokenfuse.state.control import ControlWatcher
@@ -76,9 +77,12 @@ async def serve(settings: Settings, index: int | None = None) -> None:
             velocity_max_per_minute=loop_guard.velocity_max_per_minute,
             threshold_percent=settings.budgets.threshold_percent,
         ),
+        cluster=settings.redis.cluster,
     )
+    refused: list[ConfigError] = []  # the eviction check's verdict if it comes late
+    eviction_check = await start_eviction_check(store, settings.redis.allow_eviction, refused)
     processor = settings.processor
-    control = ControlWatcher(settings.redis.url)
+    control = ControlWatcher(settings.redis.url, settings.redis.cluster)
     watcher = asyncio.create_task(control.run())
     hooks = settings.webhooks
     try:
@@ -148,6 +152,8 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     loop.add_signal_handler(signal.SIGTERM, on_stop_signal)
     loop.add_signal_handler(signal.SIGINT, on_stop_signal if index is None else _ignore)
     loop.add_signal_handler(signal.SIGHUP, pool_secrets.load)  # reload pool files
+    if eviction_check is not None:
+        eviction_check.add_done_callback(lambda _: refused and stop.set())
     await stop.wait()
     await drain(runtime, service, server, settings.drain.timeout_seconds, hurry)
     log.info("shutting down")
@@ -161,6 +167,8 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     await store.close()
     if tracing is not None:
         await asyncio.to_thread(tracing.shutdown)
+    if refused:
+        raise refused[0]
 
 
 def tcp_options(processor: ProcessorSettings) -> list[tuple[str, int]]:
@@ -174,6 +182,36 @@ def tcp_options(processor: ProcessorSettings) -> list[tuple[str, int]]:
 
 def _ignore() -> None:
     """A signal this process leaves to another."""
+
+
+async def start_eviction_check(store: BudgetStore, allow: bool,
+                               refused: list[ConfigError]) -> asyncio.Task[None] | None:
+    """Refuse to start when Redis may evict our keys (state/eviction.py). If Redis does
+    not answer yet, the processor starts (failing closed meanwhile) and checks when it
+    answers: a bad policy then stops it with the same error (put in `refused`)."""
+    async def attempt() -> bool:
+        try:
+            warning = await eviction.check(store.client, allow)
+        except eviction.EvictionRefused as exc:
+            raise ConfigError(str(exc)) from None
+        except REDIS_FAILURES:
+            return False
+        if warning:
+            log.warning("%s", warning)
+        return True
+
+    if await attempt():
+        return None
+    log.warning("Redis does not answer: its maxmemory-policy is checked when it does")
+
+    async def later() -> None:
+        try:
+            while not await attempt():
+                await asyncio.sleep(1)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            refused.append(exc)
+    return asyncio.create_task(later())
 
 
 async def reap_forever(store: BudgetStore, ttl_ms: int, interval_s: float) -> None:

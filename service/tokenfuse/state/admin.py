@@ -46,8 +46,9 @@ class BudgetAdmin:
         self._status_call = client.register_script(self._status.source)
 
     @classmethod
-    def from_url(cls, url: str, default_limits: list[int]) -> BudgetAdmin:
-        return cls(sync_client(url), default_limits)
+    def from_url(cls, url: str, default_limits: list[int],
+                 cluster: bool = False) -> BudgetAdmin:
+        return cls(sync_client(url, cluster), default_limits)
 
     def set_limits(self, caller: str, limits_nano: dict[str, int]) -> None:
         unknown = set(limits_nano) - set(WINDOWS)

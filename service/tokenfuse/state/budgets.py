@@ -9,6 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from tokenfuse.state import scripts
+from tokenfuse.state.cluster_pipe import ClusterPipelinedRedis
 from tokenfuse.state.connection import async_client, decisions_client, text
 from tokenfuse.state.keys import (
     NO_FINGERPRINT,
@@ -53,7 +54,7 @@ class BudgetStore:
     """Async access for the processor: reserve, extend and settle, one round trip each, on
     one pipelined connection (redis_pipe); the reaper uses redis-py."""
 
-    def __init__(self, client: aioredis.Redis, decisions: PipelinedRedis,
+    def __init__(self, client: aioredis.Redis, decisions: PipelinedRedis | ClusterPipelinedRedis,
                  default_limits: list[int], policy: GuardPolicy | None = None) -> None:
         self._redis = client
         self._decisions = decisions
@@ -73,17 +74,17 @@ class BudgetStore:
 
     @classmethod
     def from_url(cls, url: str, timeout_ms: int, default_limits: list[int],
-                 policy: GuardPolicy | None = None) -> BudgetStore:
+                 policy: GuardPolicy | None = None, cluster: bool = False) -> BudgetStore:
         timeout = timeout_ms / 1000
-        return cls(async_client(url, timeout), decisions_client(url, timeout), default_limits,
-                   policy)
+        return cls(async_client(url, timeout, cluster), decisions_client(url, timeout, cluster),
+                   default_limits, policy)
 
     @property
     def client(self) -> aioredis.Redis:
         return self._redis
 
     @property
-    def decisions(self) -> PipelinedRedis:
+    def decisions(self) -> PipelinedRedis | ClusterPipelinedRedis:
         return self._decisions
 
     async def reserve(self, caller: str, rid: str, desired_nano: int,

@@ -14,6 +14,7 @@ from tokenfuse.identity import VIRTUAL_KEY_PREFIX, key_id
 from tokenfuse.pools.secrets import PoolError, PoolKey, check_pool_name
 from tokenfuse.providers import PROVIDERS
 from tokenfuse.state import scripts
+from tokenfuse.state.cluster_pipe import ClusterPipelinedRedis
 from tokenfuse.state.connection import text
 from tokenfuse.state.keys import POOLS_PATTERN, pool_key, pool_of_keys_key, pool_prefix, vkey_key
 from tokenfuse.state.redis_pipe import PipelinedRedis
@@ -23,7 +24,7 @@ class PoolStore:
     """Processor side: pick a key, report an outcome. One Lua call each, on the decisions'
     pipelined connection; probes and gateway-key lookups use redis-py."""
 
-    def __init__(self, client: aioredis.Redis, decisions: PipelinedRedis,
+    def __init__(self, client: aioredis.Redis, decisions: PipelinedRedis | ClusterPipelinedRedis,
                  base_cooldown_ms: int, max_cooldown_ms: int) -> None:
         self._redis = client
         self._decisions = decisions

@@ -108,6 +108,25 @@ class PipelinedRedis:
             protocol = await self._connect()
         return await protocol.send(hiredis.pack_command(command))
 
+    async def execute_asking(self, *command: Any) -> Any:
+        """ASKING then `command`, adjacent on the connection (Redis Cluster's ASK
+        redirect: the next command may use a slot this node is importing)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connect()
+        asking = protocol.send(b"*1\r\n$6\r\nASKING\r\n")
+        reply = protocol.send(hiredis.pack_command(command))
+        await asking
+        return await reply
+
+    def with_address(self, host: str, port: int) -> PipelinedRedis:
+        """The same options (credentials, TLS) for another node of a cluster."""
+        other = PipelinedRedis.__new__(PipelinedRedis)
+        other._kind, other._connect_timeout = self._kind, self._connect_timeout
+        other._options = {**self._options, "host": host, "port": port}
+        other._protocol, other._connecting = None, None
+        return other
+
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
