@@ -3,9 +3,8 @@ host share one Redis and one secret. A flood split across both is held to the bu
 the nano-dollar, the kill switch ends streams on both, and a budget set through one
 stack's CLI is enforced by the other.
 
-The shared Redis is the `shared_redis` fixture (a single node here): a Redis Cluster
-fixture yielding the same `SharedRedis` (its seed URL and the env that selects cluster
-mode) runs these tests unchanged.
+Every test runs twice: on one Redis node and on a real Redis Cluster of 3 masters + 3
+replicas (`shared_redis`: its seed URL and the env that selects cluster mode).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from tests.support.billing import billed_for, day_window, requests_for, set_dail
 from tests.support.fake_provider import FakeProvider
 from tests.support.flood import flood_outcomes
 from tests.support.harness import RedisServer, Stack
+from tests.support.redis_cluster import RedisCluster
 
 BUDGET_NANO = 10_000_000  # $0.01
 REQUESTS = 1000  # half through each gateway, at the same time
@@ -38,8 +38,16 @@ class SharedRedis:
     env: dict[str, str] = field(default_factory=dict)
 
 
-@pytest.fixture(scope="module")
-def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRedis]:
+@pytest.fixture(scope="module", params=["single", "cluster"])
+def shared_redis(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRedis]:
+    if request.param == "cluster":
+        cluster = RedisCluster().start()
+        try:
+            yield SharedRedis(cluster.url, {"TOKENFUSE_REDIS_MODE": "cluster"})
+        finally:
+            cluster.cleanup()
+        return
     server = RedisServer(Path(tmp_path_factory.mktemp("shared-redis")))
     server.start()
     try:
