@@ -17,7 +17,9 @@ run on this machine. Prints one table with ratios and targets; writes bench/resu
 5. memory: RSS idle (after start) and peak under load, per process tree.
 6. scaling (bench/scaling.py): TOKENFUSE_PROCESSES 1 and 2 and two whole stacks on one
    Redis, req/s and p99 side by side, CPU per request of each part (what to provision).
-7. tracing (bench/tracing.py): the per-request cost of the OpenTelemetry hooks, off and on,
+7. Redis Cluster (bench/redis_cluster.py): a 3+3 cluster vs one node, end to end (wrk)
+   and the decision path alone, side by side.
+8. tracing (bench/tracing.py): the per-request cost of the OpenTelemetry hooks, off and on,
    and req/s through Envoy with tracing off vs on (every request sampled).
 
 BENCH_LITELLM=0 skips the peer (and its one-time ~1 min install).
@@ -47,6 +49,8 @@ import tracing  # noqa: E402
 from flood import flood  # noqa: E402
 from load import UpstreamEnvoy, wrk  # noqa: E402
 from memory import PeakRss, tree_rss  # noqa: E402
+from redis_cluster import bench_redis_cluster  # noqa: E402
+from redis_cluster import report_rows as redis_cluster_rows  # noqa: E402
 
 from tests.support.fake_provider import FakeProvider  # noqa: E402
 from tests.support.harness import Stack, free_port  # noqa: E402
@@ -265,6 +269,7 @@ def report(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(("RSS MB idle | peak: LiteLLM (+engine), postgres",
                      ", ".join(f"{li[n]:.0f} | {lp[n]:.0f}" for n in li), "", ""))
     rows += scaling.rows(res["scaling"])
+    rows += redis_cluster_rows(res["redis_cluster"])
     rows += tracing_rows(res["tracing"])
     return rows
 
@@ -300,6 +305,8 @@ def main() -> int:
         results["floods"] = bench_floods(workdir)
         results["scaling"] = scaling.scaling(upstream, workdir, DURATION_S, ROUNDS,
                                              CONNECTIONS)
+        results["redis_cluster"] = bench_redis_cluster(upstream, workdir, DURATION_S, ROUNDS,
+                                                       CONNECTIONS)
         results["tracing"] = tracing.bench_tracing(workdir, DURATION_S, ROUNDS, CONNECTIONS)
     finally:
         upstream.stop()
