@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Two workers, a file each at a time (one fake + one stack per worker): ~40 % off the
 # suite on a 2-core runner. PYTEST_ARGS= (empty) runs it in one process.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
 
 .PHONY: setup run test lint bench envoy-config envoy-configs prices clean
 
