@@ -169,6 +169,31 @@ def test_odd_trace_context_never_fails_or_forges_the_upstream_parent(
     assert record.usage is not None and day(traced, key)["spent_nano_usd"] > 0
 
 
+def test_collector_credentials_never_reach_the_logs(fake: FakeProvider) -> None:
+    """The OTLP endpoint's userinfo and OTEL_EXPORTER_OTLP_HEADERS (a collector's token),
+    with no collector listening: the start-up line and the exporter's failures."""
+    password, token = "pw-" + uuid.uuid4().hex, "tok-" + uuid.uuid4().hex
+    stack = Stack(fake.base_url, {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://user:{password}@127.0.0.1:{free_port()}",
+        "OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer {token}",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "1", "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "TOKENFUSE_LOG_LEVEL": "DEBUG"})
+    try:
+        stack.start()
+        key = openai_key()
+        response = post(stack, "/openai/v1/chat/completions", chat("gpt-4o-mini"),
+                        {**JSON, "authorization": f"Bearer {key}", "x-fake-output-tokens": "2"})
+        assert response.status_code == 200
+        wait_until(lambda: "Failed to export" in stack.processor.log_text(), timeout=20,
+                   what="the exporter's failure in the log")
+        stack.processor.stop()  # the shutdown's flush logs too
+        logs = stack.logs()
+        assert "traces exported over OTLP/HTTP to http://127.0.0.1:" in logs
+        assert password not in logs and token not in logs
+    finally:
+        stack.cleanup()
+
+
 # ------------------------------------------------------------------ health
 
 
