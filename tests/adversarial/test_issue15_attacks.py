@@ -452,8 +452,10 @@ def test_kubernetes_never_exposes_ext_proc_outside_the_cluster() -> None:
 
 
 def test_committed_deploy_files_hold_no_real_looking_secret() -> None:
-    looks_real = re.compile(r"(sk-(ant-|proj-)?[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{30,}"
-                            r"|tfk-[A-Za-z0-9_-]{20,}|redis://[^@\s\"']*:[^@\s\"'$]{6,}@)")
+    looks_real = re.compile(
+        r"(sk-(ant-|proj-)?[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{30,}"
+        r"|tfk-[A-Za-z0-9_-]{20,}|[0-9a-f]{64}"
+        r"|rediss?://[^@\s\"']*:(?!REPLACE-|PASSWORD@)[^@\s\"'$]{6,}@)")
     files = [ROOT / "Dockerfile", ROOT / "docker-compose.yml", ROOT / ".env.example",
              *sorted((ROOT / "envoy").glob("*.json")),
              *sorted((ROOT / "deploy" / "kubernetes").rglob("*.yaml"))]
