@@ -27,7 +27,7 @@ import yaml
 from redis.crc import key_slot
 
 from tests.adversarial.helpers import day, post, set_daily
-from tests.support.billing import billed_total_for
+from tests.support.billing import billed_total_for, usage_cost
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import RedisServer, Stack, free_port, wait_until
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -281,6 +281,60 @@ def test_sigterm_while_redis_hangs_exits_in_bound_and_forgets_no_spend(
         assert billed > 0
         assert window["spent_nano_usd"] + window["reserved_nano_usd"] >= billed, window
         assert key not in stack.logs()
+    finally:
+        stack.cleanup()
+
+
+def test_a_pooled_request_admitted_before_sigterm_is_forwarded_and_settled(
+        fake: FakeProvider) -> None:
+    """The request's headers reach the processor, then SIGTERM, then its body: it was
+    admitted, so its decision and its pool attempt (a stream of its own, opened during
+    the drain) are served, and it settles to the provider's bill; nothing stays reserved."""
+    import socket as sockets
+
+    pool_key = "sk-ant-adv15-pool-" + uuid.uuid4().hex
+    stack = Stack(fake.base_url, {"TOKENFUSE_DRAIN_TIMEOUT_SECONDS": "20"})
+    pools = stack.workdir / "pools"
+    pools.mkdir()
+    (pools / "drain.csv").write_text(f"key,label,weight\n{pool_key},d-0,1\n")
+    (pools / "drain.csv").chmod(0o600)
+    stack.env["TOKENFUSE_POOLS_DIR"] = str(pools)
+    try:
+        stack.start()
+        assert stack.cli("keys", "import", "--pool", "drain", "--provider", "anthropic",
+                         str(pools / "drain.csv")).returncode == 0
+        created = stack.cli("vkey", "create", "--name", "drainer", "--pool", "drain")
+        vkey = created.stdout.strip()
+        assert vkey.startswith("tfk-"), created.stderr
+        body = json.dumps({"model": "claude-haiku-4-5", "max_tokens": 20,
+                           "messages": [{"role": "user", "content": "just in time"}]}).encode()
+        head = ("POST /anthropic/v1/messages HTTP/1.1\r\nhost: gw\r\n"
+                f"x-api-key: {vkey}\r\nanthropic-version: 2023-06-01\r\n"
+                "content-type: application/json\r\nx-fake-output-tokens: 7\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        started = stack.envoy.stat("http.tokenfuse.ext_proc.streams_started")
+        with sockets.create_connection(("127.0.0.1", stack.envoy.port), timeout=30) as conn:
+            conn.sendall(head)
+            wait_until(lambda: stack.envoy.stat("http.tokenfuse.ext_proc.streams_started")
+                       > started, what="the request's headers at the processor")
+            signalled = time.monotonic()
+            assert stack.processor.proc is not None
+            stack.processor.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: "draining:" in stack.processor.log_text(), timeout=10,
+                       what="the drain to begin")
+            conn.sendall(body)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        status = answer.split(b"\r\n", 1)[0]
+        assert status.endswith(b"200 OK"), answer[:300]
+        stack.processor.proc.wait(timeout=20)
+        print(f"answered and exited {time.monotonic() - signalled:.2f} s after SIGTERM")
+        assert fake.wait_idle(pool_key, 30)
+        billed = sum(usage_cost(r.usage) for r in list(fake.records)
+                     if r.api_key == pool_key and r.usage is not None)
+        window = day(stack, vkey)
+        assert window["spent_nano_usd"] == billed > 0 and window["reserved_nano_usd"] == 0
     finally:
         stack.cleanup()
 
