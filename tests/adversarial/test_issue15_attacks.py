@@ -169,6 +169,37 @@ def test_odd_trace_context_never_fails_or_forges_the_upstream_parent(
     assert record.usage is not None and day(traced, key)["spent_nano_usd"] > 0
 
 
+@pytest.mark.parametrize(("sampler", "forced"), [("parentbased_traceidratio", True),
+                                                ("traceidratio", False)])
+def test_a_clients_sampled_flag_against_the_operators_ratio(
+        fake: FakeProvider, sampler: str, forced: bool) -> None:
+    """With a ratio of 0, a client's `traceparent` flag 01 still gets its request traced
+    under the parent-based sampler (the README's suggestion: any client can make every
+    request pay for a span); the plain ratio sampler holds against it."""
+    receiver = OtlpReceiver()
+    receiver.start()
+    stack = Stack(fake.base_url, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                  "OTEL_BSP_SCHEDULE_DELAY": "50",
+                                  "OTEL_TRACES_SAMPLER": sampler,
+                                  "OTEL_TRACES_SAMPLER_ARG": "0"})
+    try:
+        stack.start()
+        plain, flagged = openai_key(), openai_key()
+        for key, extra in ((plain, {}), (flagged, {
+                "traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"})):
+            response = post(stack, "/openai/v1/chat/completions", chat("gpt-4o-mini"),
+                            {**JSON, "authorization": f"Bearer {key}",
+                             "x-fake-output-tokens": "2", **extra})
+            assert response.status_code == 200
+        stack.processor.stop()  # its shutdown exports every span it recorded
+        prefixes = {span.attributes.get("tokenfuse.key_id_prefix") for span in receiver.spans}
+        assert key_id(stack.secret.encode(), plain)[:PREFIX_CHARS] not in prefixes
+        assert (key_id(stack.secret.encode(), flagged)[:PREFIX_CHARS] in prefixes) is forced
+    finally:
+        stack.cleanup()
+        receiver.stop()
+
+
 def test_collector_credentials_never_reach_the_logs(fake: FakeProvider) -> None:
     """The OTLP endpoint's userinfo and OTEL_EXPORTER_OTLP_HEADERS (a collector's token),
     with no collector listening: the start-up line and the exporter's failures."""
