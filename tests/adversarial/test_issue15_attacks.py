@@ -4,8 +4,9 @@ and by a careless operator. A real finding that is not fixed here is an xfail(st
 (the measured hole in its reason); an attack that is refused or harmless is a passing
 test that documents the defence.
 
-One traced stack of this module's own (OTLP to a local receiver); the Redis-sharing probe
-starts two processors on one Redis of its own.
+One traced stack of this module's own (OTLP to a local receiver); the drain, sampler,
+collector and Redis-sharing probes start stacks of their own (each attack with its own
+setup: hence its length).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def test_a_huge_model_name_is_bounded_in_the_span(traced: Stack, receiver: OtlpR
     assert len(span.name) <= SPAN_TEXT_BOUND, len(span.name)
     for name, value in span.attributes.items():
         assert len(str(value)) <= SPAN_TEXT_BOUND, (name, len(str(value)))
+    assert "m" * 2000 not in traced.processor.log_text()  # nor a megabyte log line
 
 
 @pytest.mark.parametrize("where", ["query", "header"])
