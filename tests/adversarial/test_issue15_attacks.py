@@ -386,6 +386,16 @@ def test_braces_in_a_key_never_reach_a_hash_tag(api_key: str) -> None:
     assert {key_slot(name.encode()) for name in names} == {key_slot(caller.encode())}
 
 
+@pytest.mark.parametrize("name", ["a{b}", "{x", "y}", "pool:other", "p/../q", ""])
+def test_a_pool_name_that_could_shape_a_key_is_refused(name: str) -> None:
+    """Pool names go into Redis key names as the hash tag `tfp:{<pool>}`: braces (another
+    slot's tag), separators and paths are refused before anything is written."""
+    from tokenfuse.pools.secrets import PoolError, check_pool_name
+
+    with pytest.raises(PoolError):
+        check_pool_name(name)
+
+
 # ------------------------------------------------------------------ several gateways
 
 
