@@ -35,6 +35,14 @@ log = logging.getLogger("tokenfuse.tracing")
 #: The W3C Trace Context headers tokenfuse reads from the client and sets upstream.
 TRACE_HEADERS = ("traceparent", "tracestate")
 SERVICE_NAME = "tokenfuse"
+#: Model names and finish reasons are the client's (or the upstream's) text: cut to this
+#: in a span, so a megabyte model name cannot make every export batch it sits in too large
+#: for the collector (the other callers' spans would be dropped with it).
+TEXT_CHARS = 256
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS - 3] + "..."
 
 
 class Tracing:
@@ -167,19 +175,21 @@ class CallTrace:
 
     def answered(self, model: str, finish_reasons: tuple[str, ...]) -> None:
         if model:
-            self._attributes["gen_ai.response.model"] = model
+            self._attributes["gen_ai.response.model"] = _bounded(model)
         if finish_reasons:
-            self._attributes["gen_ai.response.finish_reasons"] = finish_reasons
+            self._attributes["gen_ai.response.finish_reasons"] = tuple(
+                _bounded(reason) for reason in finish_reasons)
 
     def streamed(self, model: str, finish_reasons: tuple[str, ...]) -> None:
         """One stream event's facts: the first model named; every finish reason, in the
         order the choices finished."""
         attributes = self._attributes
         if model and "gen_ai.response.model" not in attributes:
-            attributes["gen_ai.response.model"] = model
+            attributes["gen_ai.response.model"] = _bounded(model)
         if finish_reasons:
             attributes["gen_ai.response.finish_reasons"] = (
-                attributes.get("gen_ai.response.finish_reasons", ()) + finish_reasons)
+                attributes.get("gen_ai.response.finish_reasons", ())
+                + tuple(_bounded(reason) for reason in finish_reasons))
 
     def cut(self, reason: str, window: str, counted_output: int) -> None:
         """tokenfuse ended a stream (budget, kill switch, state store gone)."""
@@ -214,7 +224,7 @@ class CallTrace:
                 call, provider = ex.call, ex.provider
                 if call is not None and provider is not None:
                     span.update_name(f"{provider.genai_operation(call.endpoint)} "
-                                     f"{call.model}".strip())
+                                     f"{_bounded(call.model)}".strip())
                 if self._error:
                     span.set_status(self._tracing.error(self._error))
         finally:
@@ -241,7 +251,7 @@ def _exchange_attributes(ex: Exchange) -> dict[str, Any]:
     if call is not None and provider is not None:
         out["gen_ai.operation.name"] = provider.genai_operation(call.endpoint)
         if call.model:
-            out["gen_ai.request.model"] = call.model
+            out["gen_ai.request.model"] = _bounded(call.model)
         if call.stream:
             out["gen_ai.request.stream"] = True
         if call.max_output_tokens is not None:
