@@ -17,11 +17,12 @@ from pathlib import Path
 
 from tokenfuse import price_refresh
 from tokenfuse.config import WINDOWS, ConfigError, Settings, load_secret, load_settings
-from tokenfuse.identity import PREFIX_CHARS, key_id
+from tokenfuse.identity import PREFIX_CHARS, key_id, secret_fingerprint
 from tokenfuse.money import nano_to_usd, usd_to_nano
 from tokenfuse.pools.secrets import PoolError, PoolSecrets, parse_pool_csv
 from tokenfuse.pricing import BUILTIN_PRICES
 from tokenfuse.providers import DEFAULT_PROVIDER, PROVIDERS
+from tokenfuse.state import secret_check
 from tokenfuse.state.admin import BudgetAdmin, BudgetStatus
 from tokenfuse.state.connection import REDIS_FAILURES, sync_client
 from tokenfuse.state.pools import PoolAdmin
@@ -178,6 +179,12 @@ def _main(argv: list[str] | None) -> int:
         settings = load_settings()
         secret = load_secret(settings)
     except ConfigError as exc:
+        print(f"tokenfuse: {exc}", file=sys.stderr)
+        return 2
+    try:  # a budget set under another secret than the gateways' would bind no one
+        secret_check.claim_sync(sync_client(settings.redis.url, settings.redis.cluster),
+                                secret_fingerprint(secret))
+    except secret_check.SecretMismatch as exc:
         print(f"tokenfuse: {exc}", file=sys.stderr)
         return 2
     if args.group in ("keys", "vkey"):

@@ -32,12 +32,13 @@ from tokenfuse.events.webhooks import WebhookConfigError, WebhookSink
 from tokenfuse.extproc.runtime import Runtime
 from tokenfuse.extproc.service import ExtProcService
 from tokenfuse.health import Probes, ProcessorHealth, health_socket, start_http_server
+from tokenfuse.identity import secret_fingerprint
 from tokenfuse.metering.tokens import count_text
 from tokenfuse.metrics import REAPED, REAPED_NANO, REAPER_RUNS, REDIS_ERRORS, REGISTRY
 from tokenfuse.pools.probes import probe_forever
 from tokenfuse.pools.secrets import PoolSecrets
 from tokenfuse.pricing import PriceTable
-from tokenfuse.state import eviction
+from tokenfuse.state import eviction, secret_check
 from tokenfuse.state.budgets import BudgetStore, GuardPolicy
 from tokenfuse.state.connection import REDIS_FAILURES
 from tokenfuse.state.control import ControlWatcher
@@ -80,7 +81,8 @@ async def serve(settings: Settings, index: int | None = None) -> None:
         cluster=settings.redis.cluster,
     )
     refused: list[ConfigError] = []  # the eviction check's verdict if it comes late
-    eviction_check = await start_eviction_check(store, settings.redis.allow_eviction, refused)
+    redis_checks = await start_redis_checks(store, settings.redis.allow_eviction,
+                                            secret_fingerprint(secret), refused)
     processor = settings.processor
     control = ControlWatcher(settings.redis.url, settings.redis.cluster)
     watcher = asyncio.create_task(control.run())
@@ -152,8 +154,8 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     loop.add_signal_handler(signal.SIGTERM, on_stop_signal)
     loop.add_signal_handler(signal.SIGINT, on_stop_signal if index is None else _ignore)
     loop.add_signal_handler(signal.SIGHUP, pool_secrets.load)  # reload pool files
-    if eviction_check is not None:
-        eviction_check.add_done_callback(lambda _: refused and stop.set())
+    if redis_checks is not None:
+        redis_checks.add_done_callback(lambda _: refused and stop.set())
     await stop.wait()
     await drain(runtime, service, server, settings.drain.timeout_seconds, hurry)
     log.info("shutting down")
@@ -184,15 +186,17 @@ def _ignore() -> None:
     """A signal this process leaves to another."""
 
 
-async def start_eviction_check(store: BudgetStore, allow: bool,
-                               refused: list[ConfigError]) -> asyncio.Task[None] | None:
-    """Refuse to start when Redis may evict our keys (state/eviction.py). If Redis does
-    not answer yet, the processor starts (failing closed meanwhile) and checks when it
-    answers: a bad policy then stops it with the same error (put in `refused`)."""
+async def start_redis_checks(store: BudgetStore, allow: bool, fingerprint: str,
+                             refused: list[ConfigError]) -> asyncio.Task[None] | None:
+    """Refuse to start when Redis may evict our keys (state/eviction.py) or holds budgets
+    keyed with another secret (state/secret_check.py). If Redis does not answer yet, the
+    processor starts (failing closed meanwhile) and checks when it answers: a failed check
+    then stops it with the same error (put in `refused`)."""
     async def attempt() -> bool:
         try:
             warning = await eviction.check(store.client, allow)
-        except eviction.EvictionRefused as exc:
+            await secret_check.claim(store.client, fingerprint)
+        except (eviction.EvictionRefused, secret_check.SecretMismatch) as exc:
             raise ConfigError(str(exc)) from None
         except REDIS_FAILURES:
             return False

@@ -30,7 +30,7 @@ from redis.crc import key_slot
 from tests.adversarial.helpers import day, post, set_daily
 from tests.support.billing import billed_total_for, usage_cost
 from tests.support.fake_provider import FakeProvider
-from tests.support.harness import RedisServer, Stack, free_port, wait_until
+from tests.support.harness import RedisServer, ServiceFailed, Stack, free_port, wait_until
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tokenfuse.config import load_settings
 from tokenfuse.identity import PREFIX_CHARS, key_id
@@ -399,14 +399,11 @@ def test_a_pool_name_that_could_shape_a_key_is_refused(name: str) -> None:
 # ------------------------------------------------------------------ several gateways
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "two processors on one Redis with different TOKENFUSE_SECRETs both start and keep two "
-    "budgets per key: a daily limit set through A's CLI (every call above it) does not "
-    "bind B, which forwards the call and the provider bills it (README asks for one "
-    "secret but nothing checks it; each `make run` state dir creates its own random "
-    "secret file)"))
 def test_a_second_secret_on_the_same_redis_is_refused(fake: FakeProvider,
                                                       tmp_path: Path) -> None:
+    """Two processors on one Redis with different TOKENFUSE_SECRETs would keep two budgets
+    per key (a limit set through A's CLI would not bind B, which would forward and be
+    billed): the second one refuses to start, and so does its CLI; A keeps refusing."""
     server = RedisServer(tmp_path)
     server.start()
     a = Stack(fake.base_url, redis_url=server.url)
@@ -417,14 +414,18 @@ def test_a_second_secret_on_the_same_redis_is_refused(fake: FakeProvider,
         set_daily(a, key, 1)  # 1 nano-USD: no call fits
         assert post(a, "/openai/v1/chat/completions", chat("gpt-4o-mini"),
                     {**JSON, "authorization": f"Bearer {key}"}).status_code == 402
-        try:
+        since = len(fake.records)
+        with pytest.raises(ServiceFailed):
             b.start()
-        except Exception:
-            return  # refused to start on a Redis another secret uses: the defence
-        response = post(b, "/openai/v1/chat/completions", chat("gpt-4o-mini"),
-                        {**JSON, "authorization": f"Bearer {key}",
-                         "x-fake-output-tokens": "3"})
-        assert response.status_code != 200, "billed past the limit set through stack A"
+        assert "already holds budgets keyed with another TOKENFUSE_SECRET" in b.logs()
+        assert b.secret not in b.logs() and a.secret not in b.logs()
+        cli = b.cli("budget", "set", "--key", key, "--daily", "100")
+        assert cli.returncode == 2 and "another TOKENFUSE_SECRET" in cli.stderr, cli.stderr
+        assert len(fake.records) == since  # nothing billed through B
+        assert post(a, "/openai/v1/chat/completions", chat("gpt-4o-mini"),
+                    {**JSON, "authorization": f"Bearer {key}"}).status_code == 402
+        assert server.client().get("tf:secret-check") not in (a.secret.encode(),
+                                                               b.secret.encode())
     finally:
         b.cleanup()
         a.cleanup()

@@ -17,6 +17,7 @@ Lua scripts get the prefix as an argument and the suffixes below through the pre
     tf:{<id>}:wt:<w>     threshold alert sent for window w (expires with it)
     tf:{<id>}:wx:<w>     budget.exceeded alert sent for window w (expires with it)
     tf:vk:<vkey id>      gateway key: name, pool
+    tf:secret-check      fingerprint of the secret the gateways on this Redis key callers with
     tfp:{<pool>}:keys    pool members: key id -> "weight|enabled|label"
     tfp:{<pool>}:rr      round-robin counter
     tfp:{<pool>}:meta    provider
@@ -48,6 +49,7 @@ POOL = {
     "probe_lock": ":probe:",
 }
 CONTROL_CHANNEL = "tf:control"
+SECRET_CHECK_KEY = "tf:secret-check"  # state/secret_check.py
 RESERVATIONS_PATTERN = "tf:*" + CALLER["reservations"]  # SCAN: callers with reservations
 POOLS_PATTERN = "tfp:{*}" + POOL["keys"]  # SCAN: every pool
 
