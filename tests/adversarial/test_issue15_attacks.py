@@ -345,11 +345,13 @@ def test_a_pooled_request_admitted_before_sigterm_is_forwarded_and_settled(
                 f"x-api-key: {vkey}\r\nanthropic-version: 2023-06-01\r\n"
                 "content-type: application/json\r\nx-fake-output-tokens: 7\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
-        started = stack.envoy.stat("http.tokenfuse.ext_proc.streams_started")
+        answered = stack.envoy.stat("http.tokenfuse.ext_proc.stream_msgs_received")
         with sockets.create_connection(("127.0.0.1", stack.envoy.port), timeout=30) as conn:
             conn.sendall(head)
-            wait_until(lambda: stack.envoy.stat("http.tokenfuse.ext_proc.streams_started")
-                       > started, what="the request's headers at the processor")
+            # Admitted = the processor answered the headers (a stream Envoy opened but the
+            # processor had not read yet is not admitted: the drain may refuse it).
+            wait_until(lambda: stack.envoy.stat("http.tokenfuse.ext_proc.stream_msgs_received")
+                       > answered, what="the processor's answer to the request's headers")
             signalled = time.monotonic()
             assert stack.processor.proc is not None
             stack.processor.proc.send_signal(signal.SIGTERM)
