@@ -53,6 +53,20 @@ def _exchange() -> Exchange:
     return ex
 
 
+def _one_request(tracing: Tracing, headers: dict[str, str], provider: Any,
+                 payload: dict[str, Any], granted: Reservation) -> None:
+    """Every tracing hook one request's exchange runs, in order."""
+    ex = _exchange()
+    trace = ex.trace = tracing.begin(headers)
+    trace.outgoing()
+    trace.decided(time.time_ns(), granted)
+    trace.forwarded()
+    trace.first_byte()
+    trace.answered(*provider.response_facts(payload))
+    trace.settled(time.time_ns(), "usage", 7_800, True)
+    trace.end(ex)
+
+
 def hooks_us(requests: int = 2_000, repeats: int = 5) -> dict[str, float]:
     """µs per request, best of `repeats` batches (this machine is shared: the best batch
     is the least disturbed): the span lifecycle on the request path (spans kept in
@@ -74,15 +88,7 @@ def hooks_us(requests: int = 2_000, repeats: int = 5) -> dict[str, float]:
         memory.clear()
         started = time.perf_counter()
         for _ in range(requests):
-            ex = _exchange()
-            trace = ex.trace = tracing.begin(headers)
-            trace.outgoing()
-            trace.decided(time.time_ns(), granted)
-            trace.forwarded()
-            trace.first_byte()
-            trace.answered(*provider.response_facts(payload))
-            trace.settled(time.time_ns(), "usage", 7_800, True)
-            trace.end(ex)
+            _one_request(tracing, headers, provider, payload, granted)
         on.append((time.perf_counter() - started) / requests * 1e6)
         spans = memory.get_finished_spans()
         started = time.perf_counter()
@@ -93,15 +99,7 @@ def hooks_us(requests: int = 2_000, repeats: int = 5) -> dict[str, float]:
     for _ in range(repeats):
         started = time.perf_counter()
         for _ in range(requests):
-            ex = _exchange()
-            trace = ex.trace = tracing.begin(quiet)
-            trace.outgoing()
-            trace.decided(time.time_ns(), granted)
-            trace.forwarded()
-            trace.first_byte()
-            trace.answered(*provider.response_facts(payload))
-            trace.settled(time.time_ns(), "usage", 7_800, True)
-            trace.end(ex)
+            _one_request(tracing, quiet, provider, payload, granted)
         unsampled.append((time.perf_counter() - started) / requests * 1e6)
     tracing.shutdown()
     ex, off = _exchange(), []

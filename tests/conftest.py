@@ -13,6 +13,7 @@ import pytest
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import RedisServer, Stack
 from tests.support.leaks import assert_no_key_leaked, keys_sent
+from tests.support.otlp_receiver import OtlpReceiver
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,15 @@ def stack(fake: FakeProvider) -> Iterator[Stack]:
             assert_no_key_leaked(s, keys_sent(fake), after_traffic=False)
     finally:
         s.cleanup()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    """A local OTLP/HTTP collector (tests/support/otlp_receiver.py) for a module's stacks."""
+    r = OtlpReceiver()
+    r.start()
+    yield r
+    r.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from tests.support.billing import billed_for, day_window, requests_for, set_dail
 from tests.support.fake_provider import FakeProvider
 from tests.support.flood import flood_outcomes
 from tests.support.harness import RedisServer, Stack
+from tests.support.paced_stream import PacedStream
 from tests.support.redis_cluster import RedisCluster
 
 BUDGET_NANO = 10_000_000  # $0.01
@@ -133,36 +133,12 @@ def test_a_budget_set_through_one_gateway_binds_the_other(
     assert window["spent_nano_usd"] == billed_for(fake, api_key) > 0
 
 
-class _PacedStream:
-    """A slow stream (the fake paces its chunks) consumed in a thread."""
-
-    def __init__(self, stack: Stack, key: str) -> None:
-        self.stack, self.key = stack, key
-        self.chunks = 0
-        self.error: openai.APIError | None = None
-        self.started = threading.Event()
-        self.thread = threading.Thread(target=self._run)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for chunk in openai_client(self.stack, self.key).chat.completions.create(
-                    model="gpt-4o-mini", stream=True, max_tokens=3000,
-                    extra_headers={"x-fake-chunk-delay-ms": "20"},
-                    messages=[{"role": "user", "content": "slow and long"}]):
-                if chunk.choices and chunk.choices[0].delta.content:
-                    self.chunks += 1
-                    if self.chunks == 5:
-                        self.started.set()
-        except openai.APIError as exc:
-            self.error = exc
-        self.started.set()
 
 
 def test_kill_switch_through_one_gateway_ends_streams_on_both(
         gateways: tuple[Stack, Stack], fake: FakeProvider, api_key: str) -> None:
     one, two = gateways
-    streams = [_PacedStream(one, api_key), _PacedStream(two, api_key)]
+    streams = [PacedStream(one, api_key), PacedStream(two, api_key)]
     for stream in streams:
         assert stream.started.wait(20)
         assert stream.error is None

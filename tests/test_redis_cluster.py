@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +28,7 @@ from tests.support.billing import billed_for, key_of, requests_for, usage_cost
 from tests.support.fake_provider import FakeProvider
 from tests.support.flood import flood_outcomes, spell
 from tests.support.harness import Stack, wait_until
+from tests.support.paced_stream import PacedStream
 from tests.support.redis_cluster import ClusterNode, RedisCluster
 from tokenfuse.config import WINDOWS, ConfigError, load_settings
 from tokenfuse.identity import key_id
@@ -63,15 +63,9 @@ def cstack(cluster: RedisCluster, fake: FakeProvider) -> Iterator[Stack]:
                               "TOKENFUSE_REDIS_TIMEOUT_MS": "2000",
                               "TOKENFUSE_PROCESSOR_TIMEOUT_MS": "10000",
                               "TOKENFUSE_POOL_COOLDOWN_MS": "1000"}, redis_url=cluster.url)
-    pools = s.workdir / "pools"
-    pools.mkdir()
-    (pools / "claude-main.csv").write_text(
-        "key,label\n" + "".join(f"{k},claude-{i}\n" for i, k in enumerate(CLAUDE_KEYS)))
-    s.env["TOKENFUSE_POOLS_DIR"] = str(pools)
+    s.add_pool("claude-main", "anthropic", "key,label\n" + "".join(
+        f"{k},claude-{i}\n" for i, k in enumerate(CLAUDE_KEYS)))
     s.start()
-    done = s.cli("keys", "import", "--pool", "claude-main", "--provider", "anthropic",
-                 str(pools / "claude-main.csv"))
-    assert done.returncode == 0, done.stderr
     yield s
     s.cleanup()
 
@@ -268,7 +262,7 @@ def test_reaper_scans_every_master(cstack: Stack, cluster: RedisCluster) -> None
 
 def test_kill_switch_and_cli_on_the_cluster(cstack: Stack, cluster: RedisCluster) -> None:
     key = key_on(cstack, cluster, non_seed_masters(cluster)[0])
-    consumer = Consumer(cstack, key)
+    consumer = PacedStream(cstack, key)
     assert consumer.started.wait(20)
     assert cstack.cli("kill", "--key", key).returncode == 0
     at_kill = consumer.chunks
@@ -283,29 +277,6 @@ def test_kill_switch_and_cli_on_the_cluster(cstack: Stack, cluster: RedisCluster
     assert doc["windows"]["hour"]["limit_nano_usd"] == 2_500_000_000
 
 
-class Consumer:
-    """A long stream in a thread; `started` once 5 chunks arrived."""
-
-    def __init__(self, stack: Stack, key: str) -> None:
-        self.stack, self.key, self.chunks = stack, key, 0
-        self.error: openai.APIError | None = None
-        self.started = threading.Event()
-        self.thread = threading.Thread(target=self._run)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for chunk in openai_client(self.stack, self.key).chat.completions.create(
-                    model="gpt-4o-mini", stream=True, max_tokens=3000,
-                    extra_headers={"x-fake-chunk-delay-ms": "20"},
-                    messages=[{"role": "user", "content": "slow and long"}]):
-                if chunk.choices and chunk.choices[0].delta.content:
-                    self.chunks += 1
-                    if self.chunks == 5:
-                        self.started.set()
-        except openai.APIError as exc:
-            self.error = exc
-        self.started.set()
 
 
 # -- the router on its own --------------------------------------------------------------
@@ -684,7 +655,7 @@ def test_master_killed_mid_flood(cstack: Stack, cluster: RedisCluster,
 
         # The control channel was on the seed: it moved, so a kill switch still lands.
         other = key_on(cstack, cluster, survivor)
-        consumer = Consumer(cstack, other)
+        consumer = PacedStream(cstack, other)
         assert consumer.started.wait(20)
         assert _cli(cstack, live_env, "kill", "--key", other).returncode == 0
         at_kill = consumer.chunks

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import anthropic
 import httpx
@@ -16,6 +15,7 @@ from tests.conftest import anthropic_client, openai_client
 from tests.support.billing import billed_for, key_of, usage_cost
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack, wait_until
+from tests.support.paced_stream import PacedStream
 from tokenfuse.providers import PROVIDERS
 
 HAIKU = "claude-haiku-4-5"
@@ -179,35 +179,11 @@ def test_concurrent_streams_share_one_budget(stack: Stack, fake: FakeProvider,
     assert provider_cost(fake, api_key) <= day["spent_nano_usd"] <= budget_nano
 
 
-class _Consumer:
-    """Streams in a thread; records when each content chunk arrived."""
-
-    def __init__(self, stack: Stack, key: str) -> None:
-        self.stack, self.key = stack, key
-        self.chunks = 0
-        self.error: openai.APIError | None = None
-        self.started = threading.Event()
-        self.thread = threading.Thread(target=self._run)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for chunk in openai_client(self.stack, self.key).chat.completions.create(
-                    model="gpt-4o-mini", stream=True, max_tokens=3000,
-                    extra_headers={"x-fake-chunk-delay-ms": "20"},
-                    messages=[{"role": "user", "content": "slow and long"}]):
-                if chunk.choices and chunk.choices[0].delta.content:
-                    self.chunks += 1
-                    if self.chunks == 5:
-                        self.started.set()
-        except openai.APIError as exc:
-            self.error = exc
-        self.started.set()
 
 
 def test_kill_switch_ends_streams_within_a_chunk(stack: Stack, fake: FakeProvider,
                                                  api_key: str) -> None:
-    consumer = _Consumer(stack, api_key)
+    consumer = PacedStream(stack, api_key)
     assert consumer.started.wait(20)
     assert stack.cli("kill", "--key", api_key).returncode == 0
     at_kill = consumer.chunks
@@ -229,7 +205,7 @@ def test_kill_switch_ends_streams_within_a_chunk(stack: Stack, fake: FakeProvide
 
 def test_lowering_the_budget_below_spend_ends_the_stream(stack: Stack,
                                                          api_key: str) -> None:
-    consumer = _Consumer(stack, api_key)
+    consumer = PacedStream(stack, api_key)
     assert consumer.started.wait(20)
     assert stack.cli("budget", "set", "--key", api_key, "--hourly", "0.000001").returncode == 0
     at_change = consumer.chunks

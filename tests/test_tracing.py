@@ -44,24 +44,10 @@ OTEL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_SERVICE_NAME": "tokenfuse-und
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    r = OtlpReceiver()
-    r.start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
 def traced(fake: FakeProvider, receiver: OtlpReceiver) -> Iterator[Stack]:
     s = Stack(fake.base_url, {**OTEL_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint})
-    pools = s.workdir / "pools"
-    pools.mkdir()
-    (pools / "traced.csv").write_text(f"key,label\n{POOL_SECRET},traced-0\n")
-    s.env["TOKENFUSE_POOLS_DIR"] = str(pools)
+    s.add_pool("traced", "openai", f"key,label\n{POOL_SECRET},traced-0\n")
     s.start()
-    done = s.cli("keys", "import", "--pool", "traced", "--provider", "openai",
-                 str(pools / "traced.csv"))
-    assert done.returncode == 0, done.stderr
     yield s
     s.cleanup()
 

@@ -7,8 +7,9 @@ SERVER span per request, a child of the client's span when its `traceparent` is 
 (W3C Trace Context; a malformed one is ignored: a new root), named `{operation} {model}`
 (the GenAI conventions' inference span), with the GenAI attributes and tokenfuse's own
 (`tokenfuse.*`); events for the reservation and the settlement (with their durations),
-the first response byte and a stream cut. Spans are batched
-(BatchSpanProcessor) and exported over OTLP/HTTP protobuf by each worker process.
+the first response byte and a stream cut. Spans are batched (BatchSpanProcessor) and
+exported over OTLP/HTTP protobuf by each worker process (the attribute list is long,
+hence its length).
 
 What is never recorded: keys (only the keyed hash's prefix, `identity.PREFIX_CHARS`), the
 prompt, the answer, headers, paths (a path may hold a model id or, before tokenfuse moves
@@ -119,7 +120,7 @@ class CallTrace:
     their duration, not child spans (a child span cost the request path and the exporter
     1.2-2x an event in paired runs: bench/tracing.py, docs/design.md "Traces")."""
 
-    __slots__ = ("_attributes", "_error", "_forwarded_ns", "_span", "_tracing")
+    __slots__ = ("_attributes", "_ended", "_error", "_forwarded_ns", "_span", "_tracing")
 
     def __init__(self, tracing: Tracing, span: Any) -> None:
         self._tracing = tracing
@@ -127,6 +128,7 @@ class CallTrace:
         self._attributes: dict[str, Any] = {}
         self._error = ""  # the span's status description when it ends in error
         self._forwarded_ns = 0
+        self._ended = False  # a stream a drain cut may be ended by its handler and the drain
 
     def outgoing(self) -> tuple[tuple[str, str], ...]:
         """`traceparent` (and `tracestate`) for the upstream request: this span as its
@@ -212,7 +214,10 @@ class CallTrace:
         self._attributes["tokenfuse.spend_nano_usd"] = actual_nano
 
     def end(self, ex: Exchange) -> None:
-        """The request is over: what the exchange learnt, then the span ends."""
+        """The request is over: what the exchange learnt, then the span ends (once)."""
+        if self._ended:
+            return
+        self._ended = True
         span = self._span
         try:
             if span.is_recording():

@@ -357,18 +357,11 @@ AWS_TOKEN = "IQoJadvsession" + uuid.uuid4().hex
 def aws_stack(fake: FakeProvider) -> Iterator[Stack]:
     """A stack whose pool holds AWS credentials (the processor reads pools at start)."""
     s = Stack(fake.base_url)
-    pools = s.workdir / "pools"
-    pools.mkdir()
-    (pools / "adv14-aws.csv").write_text(
-        "aws_access_key_id,aws_secret_access_key,region,session_token,label\n"
-        f"{AWS_ACCESS},{AWS_SECRET},us-east-1,{AWS_TOKEN},adv14-aws\n")
-    (pools / "adv14-aws.csv").chmod(0o600)
-    s.env["TOKENFUSE_POOLS_DIR"] = str(pools)
+    s.add_pool("adv14-aws", "bedrock",
+               "aws_access_key_id,aws_secret_access_key,region,session_token,label\n"
+               f"{AWS_ACCESS},{AWS_SECRET},us-east-1,{AWS_TOKEN},adv14-aws\n")
     fake.aws_credentials[AWS_ACCESS] = (AWS_SECRET, AWS_TOKEN)
     s.start()
-    done = s.cli("keys", "import", "--pool", "adv14-aws", "--provider", "bedrock",
-                 str(pools / "adv14-aws.csv"))
-    assert done.returncode == 0, done.stderr
     yield s
     s.cleanup()
 

@@ -44,14 +44,6 @@ SPAN_TEXT_BOUND = 1024
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    r = OtlpReceiver()
-    r.start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
 def traced(fake: FakeProvider, receiver: OtlpReceiver) -> Iterator[Stack]:
     s = Stack(fake.base_url, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                               "OTEL_BSP_SCHEDULE_DELAY": "50",
@@ -327,15 +319,9 @@ def test_a_pooled_request_admitted_before_sigterm_is_forwarded_and_settled(
 
     pool_key = "sk-ant-adv15-pool-" + uuid.uuid4().hex
     stack = Stack(fake.base_url, {"TOKENFUSE_DRAIN_TIMEOUT_SECONDS": "20"})
-    pools = stack.workdir / "pools"
-    pools.mkdir()
-    (pools / "drain.csv").write_text(f"key,label,weight\n{pool_key},d-0,1\n")
-    (pools / "drain.csv").chmod(0o600)
-    stack.env["TOKENFUSE_POOLS_DIR"] = str(pools)
+    stack.add_pool("drain", "anthropic", f"key,label,weight\n{pool_key},d-0,1\n")
     try:
         stack.start()
-        assert stack.cli("keys", "import", "--pool", "drain", "--provider", "anthropic",
-                         str(pools / "drain.csv")).returncode == 0
         created = stack.cli("vkey", "create", "--name", "drainer", "--pool", "drain")
         vkey = created.stdout.strip()
         assert vkey.startswith("tfk-"), created.stderr

@@ -245,6 +245,26 @@ class Stack:
         self._own_ports = [name for name in STACK_PORTS if name not in (extra_env or {})]
         self.processor = Processor(self.workdir, env)
         self.envoy = Envoy(self.workdir, env)
+        self._pools_to_import: list[tuple[str, str]] = []
+
+    def add_pool(self, pool: str, provider: str, csv_text: str) -> Path:
+        """A pool file (mode 0600) in the stack's pools directory, imported with
+        `tokenfuse keys import` when the stack starts; call before `start`."""
+        directory = self.workdir / "pools"
+        directory.mkdir(exist_ok=True)
+        self.env["TOKENFUSE_POOLS_DIR"] = str(directory)
+        path = directory / f"{pool}.csv"
+        path.write_text(csv_text)
+        path.chmod(0o600)
+        self._pools_to_import.append((pool, provider))
+        return path
+
+    def _import_pools(self) -> None:
+        while self._pools_to_import:
+            pool, provider = self._pools_to_import.pop(0)
+            done = self.cli("keys", "import", "--pool", pool, "--provider", provider,
+                            str(self.workdir / "pools" / f"{pool}.csv"))
+            assert done.returncode == 0, done.stderr
 
     def start(self) -> Stack:
         if self.redis is not None:
@@ -253,6 +273,7 @@ class Stack:
             try:
                 self.processor.start()
                 self.envoy.start()
+                self._import_pools()
                 return self
             except ServiceFailed as failed:
                 self.envoy.stop()

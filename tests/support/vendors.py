@@ -86,18 +86,11 @@ def vendor_stack(fake: FakeProvider) -> Iterator[Stack]:
     prices = s.workdir / "vendor_prices.json"
     prices.write_text(json.dumps(_price_file()))
     s.env["TOKENFUSE_PRICES_FILE"] = str(prices)
-    pools = s.workdir / "pools"
-    pools.mkdir()
     for name, secrets in POOLS.items():
-        (pools / f"{name}-main.csv").write_text("key,label\n" + "".join(
+        s.add_pool(f"{name}-main", name, "key,label\n" + "".join(
             f"{k},{name}-main-{i}\n" for i, k in enumerate(secrets)))
-    s.env["TOKENFUSE_POOLS_DIR"] = str(pools)
     fake.azure_deployments["prod-4o"] = "gpt-4o"
     s.start()
-    for name in POOLS:
-        done = s.cli("keys", "import", "--pool", f"{name}-main", "--provider", name,
-                     str(pools / f"{name}-main.csv"))
-        assert done.returncode == 0, done.stderr
     yield s
     s.cleanup()
 

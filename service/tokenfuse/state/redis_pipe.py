@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import hashlib
 import ssl
 from typing import Any
@@ -121,10 +122,9 @@ class PipelinedRedis:
 
     def with_address(self, host: str, port: int) -> PipelinedRedis:
         """The same options (credentials, TLS) for another node of a cluster."""
-        other = PipelinedRedis.__new__(PipelinedRedis)
-        other._kind, other._connect_timeout = self._kind, self._connect_timeout
+        other = copy.copy(self)
         other._options = {**self._options, "host": host, "port": port}
-        other._protocol, other._connecting = None, None
+        other._protocol, other._connecting = None, None  # a connection of its own
         return other
 
     async def _connect(self) -> _Protocol:
