@@ -107,3 +107,27 @@ local function release(prefix, ids, amount, actual)
     end
   end
 end
+
+-- Usage analytics (tokenfuse.state.analytics): the caller's minute, hour and day bucket
+-- hashes at `now` (ms), each with the epoch second it expires at (the end of its period
+-- plus its retention, seconds: `ttl_minute`, `ttl_hour`, `ttl_day`).
+local function analytics_buckets(prefix, now, ttl_minute, ttl_hour, ttl_day)
+  local sec = math.floor(now / 1000)
+  local m, h, d = math.floor(sec / 60), math.floor(sec / 3600), math.floor(sec / 86400)
+  return {
+    {prefix .. LAYOUT.analytics_minute .. m, (m + 1) * 60 + tonumber(ttl_minute)},
+    {prefix .. LAYOUT.analytics_hour .. h, (h + 1) * 3600 + tonumber(ttl_hour)},
+    {prefix .. LAYOUT.analytics_day .. d, (d + 1) * 86400 + tonumber(ttl_day)},
+  }
+end
+
+-- Add to every bucket: `fields` is a flat list metric, n, metric, n (n ~= 0); a field is
+-- "<metric>|<group>" (group: "<provider>|<pool>|<model>").
+local function analytics_add(buckets, group, fields)
+  for _, b in ipairs(buckets) do
+    for i = 1, #fields, 2 do
+      redis.call('HINCRBY', b[1], fields[i] .. '|' .. group, fields[i + 1])
+    end
+    redis.call('EXPIREAT', b[1], b[2])
+  end
+end
