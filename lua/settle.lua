@@ -53,11 +53,11 @@ if A.analytics == '1' then
   if tonumber(A.status) >= 400 then add('e:' .. A.status, 1) end
   add('ti', A.t_in); add('to', A.t_out); add('tr', A.t_cache_read)
   add('tw', A.t_cache_write); add('tx', A.t_reasoning)
-  if tonumber(A.latency_ms) >= 0 then
-    add('ln', 1); add('ls', A.latency_ms); add('l:' .. A.latency_bin, 1)
+  if tonumber(A.latency_ms) >= 0 then  -- a histogram's count is the sum of its bins
+    add('l:' .. A.latency_bin, 1); add('ls', A.latency_ms)
   end
   if tonumber(A.ttft_ms) >= 0 then
-    add('fn', 1); add('fs', A.ttft_ms); add('f:' .. A.ttft_bin, 1)
+    add('f:' .. A.ttft_bin, 1); add('fs', A.ttft_ms)
   end
   if A.cut ~= '' then add('r:stream_cut_' .. A.cut, 1) end
   analytics_add(analytics_buckets(A.prefix, now_ms(), A.ttl_minute, A.ttl_hour, A.ttl_day),

@@ -121,13 +121,17 @@ local function analytics_buckets(prefix, now, ttl_minute, ttl_hour, ttl_day)
   }
 end
 
--- Add to every bucket: `fields` is a flat list metric, n, metric, n (n ~= 0); a field is
--- "<metric>|<group>" (group: "<provider>|<pool>|<model>").
+-- Add to every bucket: `fields` is a flat list metric, n, metric, n (every n > 0); a field
+-- is "<metric>|<group>" (group: "<provider>|<pool>|<model>"). The expiry is set when the
+-- first field is new in a bucket (its value is then n): a bucket's first write is always
+-- one, and later calls skip the command (the time is the same absolute one anyway).
 local function analytics_add(buckets, group, fields)
+  local names = {}
+  for i = 1, #fields, 2 do names[i] = fields[i] .. '|' .. group end
   for _, b in ipairs(buckets) do
-    for i = 1, #fields, 2 do
-      redis.call('HINCRBY', b[1], fields[i] .. '|' .. group, fields[i + 1])
-    end
-    redis.call('EXPIREAT', b[1], b[2])
+    local key = b[1]
+    local first = redis.call('HINCRBY', key, names[1], fields[2])
+    for i = 3, #fields, 2 do redis.call('HINCRBY', key, names[i], fields[i + 1]) end
+    if first == fields[2] then redis.call('EXPIREAT', key, b[2]) end
   end
 end

@@ -18,8 +18,8 @@ A bucket is the hash `tf:{<key id>}:am|ah|ad:<n>` (state/keys.py); a field is
     tx       reasoning tokens billed apart from output (TokenUsage.reasoning)
     e:<s>    calls answered with HTTP status s >= 400
     r:<code> refusals by the code the client got (stream_cut_<reason>: a cut stream)
-    ln ls l:<i>   latency: count, sum (ms), histogram bin i (BOUNDS_MS)
-    fn fs f:<i>   time to first byte: the same
+    l:<i> ls      latency: observations in histogram bin i (BOUNDS_MS), sum (ms)
+    f:<i> fs      time to first byte: the same (a histogram's count: its bins' sum)
 
 Reading (cold path, admin only) is one SCAN per query over the bucket keys of the asked
 resolution (`tf:{*}:a<r>:*`: it walks the whole keyspace once, O(keys), returning only
@@ -174,13 +174,12 @@ class Totals:
                                                    + value)
         elif metric[0] in "lf" and len(metric) > 1:
             histogram = self.latency if metric[0] == "l" else self.ttft
-            if metric[1:] == "n":
-                histogram.count += value
-            elif metric[1:] == "s":
+            if metric[1:] == "s":
                 histogram.sum_ms += value
             elif metric[1] == ":" and metric[2:].isdigit() and int(metric[2:]) < len(
                     histogram.counts):
                 histogram.counts[int(metric[2:])] += value
+                histogram.count += value
 
 
 def _group_name(group_by: str, caller: str, provider: str, pool: str, model: str) -> str:
