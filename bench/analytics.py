@@ -44,7 +44,7 @@ from tokenfuse.state.analytics import (  # noqa: E402
     group_of,
 )
 from tokenfuse.state.budgets import BudgetStore, Reservation  # noqa: E402
-from tokenfuse.state.keys import analytics_key  # noqa: E402
+from tokenfuse.state.keys import CALLER, analytics_key, caller_prefix  # noqa: E402
 
 BENCH_KEY = "sk-bench-analytics"
 PATH = "/openai/v1/chat/completions"
@@ -134,7 +134,8 @@ def memory_per_key_day(workdir: Path) -> dict[str, Any]:
         for _ in range(3):  # a minute that did not roll over while being written
             caller = f"bench-memory-{random.getrandbits(32):08x}"
             asyncio.run(_one_minute(node.url, caller))
-            minute_keys = list(client.scan_iter(match=f"tf:{{{caller}}}:am:*"))
+            minute_keys = list(client.scan_iter(
+                match=caller_prefix(caller) + CALLER["analytics_minute"] + "*"))
             if len(minute_keys) == 1:
                 break
         minute = int(minute_keys[0].decode().rpartition(":")[2])

@@ -7,6 +7,7 @@ minute, hour and day buckets agree; retention set on every bucket. One stack of 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterator
@@ -20,16 +21,23 @@ import pytest
 from tests.conftest import anthropic_client, openai_client
 from tests.support.billing import billed_for, key_of, usage_cost
 from tests.support.fake_provider import FakeProvider
-from tests.support.harness import Stack, wait_until
+from tests.support.harness import RedisServer, Stack, wait_until
+from tokenfuse.config import load_settings
 from tokenfuse.identity import key_id
+from tokenfuse.state.admin import BudgetAdmin
 from tokenfuse.state.analytics import (
     BOUNDS_MS,
+    AnalyticsPolicy,
     AnalyticsReader,
+    CallFacts,
+    RefusalRecorder,
     Totals,
     bin_of,
     calendar_window,
+    group_of,
     tiling_resolution,
 )
+from tokenfuse.state.budgets import BudgetStore, Refusal, Reservation
 from tokenfuse.state.keys import analytics_pattern
 
 POOL_KEYS = [f"sk-ant-analytics-pool-{i}-{'q' * 20}" for i in range(2)]
@@ -279,3 +287,37 @@ def test_live_streams_and_the_calendar(astack: Stack, workload: Workload) -> Non
     assert bin_of(50) == 0 and bin_of(51) == 1 and bin_of(60_001) == len(BOUNDS_MS)
     with pytest.raises(ValueError):
         reader(astack).usage(0, 60_000, "colour")
+
+
+def test_the_switch_turns_every_write_off(redis_server: RedisServer) -> None:
+    """TOKENFUSE_ANALYTICS=0: settle, a refusal in reserve and the background recorder
+    write no bucket; the money is settled as before."""
+    settings = load_settings({"TOKENFUSE_ANALYTICS": "0",
+                              "TOKENFUSE_ANALYTICS_MINUTE_RETENTION_HOURS": "2"})
+    assert not settings.analytics.enabled
+    assert settings.analytics.minute_retention_s == 7200
+    assert load_settings({}).analytics.enabled
+    facts = CallFacts(group_of("openai", "", MINI), 200, 10, 5, (1, 2, 0, 0, 0))
+
+    async def scenario(enabled: bool, caller: str) -> None:
+        store = BudgetStore.from_url(redis_server.url, 1000, [-1, -1, 5_000, -1, -1, -1],
+                                     analytics=AnalyticsPolicy(enabled=enabled))
+        recorder = RefusalRecorder(store.decisions, store.analytics, 10, 1.0)
+        try:
+            assert isinstance(await store.reserve(caller, "a", 4_000, group=facts.group),
+                              Reservation)
+            assert await store.settle(caller, "a", 3_000, facts=facts)
+            assert isinstance(await store.reserve(caller, "b", 4_000), Refusal)
+            recorder.record(caller, facts.group, "unknown_model")
+            await recorder.flush()
+        finally:
+            await store.close()
+
+    client = redis_server.client()
+    asyncio.run(scenario(False, "off"))
+    assert BudgetAdmin(client, [-1] * 6).status("off").windows[2].spent_nano == 3_000
+    asyncio.run(scenario(True, "on"))
+    _, by_key = AnalyticsReader(client).usage(0, 4_000_000_000_000, "key")
+    assert set(by_key) == {"on"}  # nothing of "off" in any bucket
+    assert by_key["on"].spend_nano == 3_000
+    assert by_key["on"].refusals_by_reason == {"budget_exceeded": 1, "unknown_model": 1}

@@ -177,6 +177,9 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     watcher.cancel()
     deliveries.cancel()
     probes.cancel()
+    for writer in (runtime.analytics, runtime.events):  # background writes still queued
+        if writer is not None:
+            await writer.close()
     await store.close()
     if tracing is not None:
         await asyncio.to_thread(tracing.shutdown)
