@@ -216,6 +216,14 @@
     }
   }
 
+  function safeDecode(text) {
+    try {
+      return decodeURIComponent(text);
+    } catch (_) {
+      return text;
+    }
+  }
+
   /** One call; JSON answers parsed, `raw` for HttpBody ones (CSV, JSON exports). */
   async function api(method, path, body, raw = false) {
     const headers = {Authorization: `Bearer ${state.token}`};
@@ -233,8 +241,11 @@
     }
     const text = await resp.text();
     if (!resp.ok) {
-      let code = null;
-      let message = text.trim() || resp.statusText || 'error';
+      // The transcoder's JSON {code, message}; else the gRPC status headers; else the text.
+      const header = resp.headers.get('grpc-message');
+      const status = resp.headers.get('grpc-status');
+      let code = status === null ? null : Number(status);
+      let message = text.trim() || (header && safeDecode(header)) || resp.statusText || 'error';
       try {
         const doc = JSON.parse(text);
         if (doc && typeof doc === 'object') {
