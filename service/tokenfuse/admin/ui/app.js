@@ -542,8 +542,9 @@
   }
 
   function drawChart(container, buckets, starts, resolution, metric, format, groupsInfo) {
-    const W = 900;
-    const H = 260;
+    // Drawn at the container's own width, so that text stays legible on a phone.
+    const W = Math.max(300, Math.round(container.clientWidth || 900));
+    const H = W < 600 ? 200 : 260;
     const m = {l: 78, r: 10, t: 10, b: 30};
     const pw = W - m.l - m.r;
     const ph = H - m.t - m.b;
@@ -583,7 +584,7 @@
     }
     const slot = starts.length ? pw / starts.length : pw;
     const barW = Math.max(1, slot * 0.8);
-    const labelEvery = Math.max(1, Math.ceil(starts.length / 8));
+    const labelEvery = Math.max(1, Math.ceil(starts.length / Math.max(2, Math.floor(pw / 70))));
     starts.forEach((start, i) => {
       const x = m.l + i * slot + (slot - barW) / 2;
       let y = m.t + ph;
@@ -611,6 +612,7 @@
   }
 
   function renderSeries(series, resolution) {
+    state.seriesResolution = resolution;
     const buckets = series.buckets || [];
     const starts = bucketStarts(buckets, resolution);
     const spend = (t) => big((t || {}).spend_nano_usd);
@@ -984,6 +986,14 @@
       () => 'Own limits cleared: the defaults apply again (spend is kept).'));
     $('kill-button').addEventListener('click', () => killOrLift(null, 'kill'));
     $('lift-button').addEventListener('click', () => killOrLift(null, 'lift'));
+    let resizing = null;
+    window.addEventListener('resize', () => {
+      clearTimeout(resizing);
+      resizing = setTimeout(() => {
+        const cached = state.cache.get('series');
+        if (cached && state.view === 'usage') renderSeries(JSON.parse(cached), state.seriesResolution);
+      }, 150);
+    });
     document.addEventListener('visibilitychange', () => { if (!document.hidden) refresh(); });
     const saved = sessionStorage.getItem(TOKEN_KEY);
     if (saved) login(saved, true);
