@@ -388,7 +388,7 @@ def test_exports_match_the_api(page: Browser, dash: Stack, fake: FakeProvider,
     rows = list(csv.DictReader(io.StringIO(got_csv)))
     assert rows, got_csv
     spend_col = next(c for c in rows[0] if "spend" in c)
-    time_col = next(c for c in rows[0] if c.startswith("start"))
+    time_col = "bucket_start_ms"
     group_col = next(c for c in rows[0] if c in ("group", "key", "model"))
     from_csv = {(int(r[time_col]), r[group_col]): int(r[spend_col] or 0) for r in rows}
     assert {k: v for k, v in from_csv.items() if v} == {k: v for k, v in from_json.items() if v}
@@ -468,10 +468,14 @@ def test_readable_on_a_laptop_and_a_phone(page: Browser, dash: Stack, admin_url:
     sign_in(page, operator_token, "operator")
     page.resize(*size)
     name = "laptop" if size == LAPTOP else "phone"
+    loaded = {"overview": "#ov-spend-today[data-nano]", "usage": "#chart-spend[data-buckets]",
+              "pools": '#pools [data-testid="pool-table"]',
+              **{v: f"#{v}-table tbody tr, #{v}-empty:not([hidden])"
+                 for v in ("budgets", "events", "audit")}}
     for view in VIEWS:
         show(page, view)
-        if view == "usage":
-            page.wait_for(lambda: page.attr("#chart-spend", "data-buckets"), what="the chart")
+        page.wait_for(lambda selector=loaded[view]: page.css(selector),
+                      what=f"the {view} view's data")
         overflow = page.js("return document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{view} is {overflow}px wider than a {name} screen"
         shot = page.full_shot(f"{name}-{view}")

@@ -132,8 +132,20 @@ class Browser:
 
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         path = ARTIFACTS / f"{name}.png"
-        data = self.driver.execute_cdp_cmd("Page.captureScreenshot", {
-            "format": "png", "captureBeyondViewport": True})["data"]
+        # A sticky bar would be drawn where the viewport ends: pin it for the capture.
+        pinned = self.js("const out = [];"
+                         "for (const e of document.querySelectorAll('body *')) {"
+                         "  const p = getComputedStyle(e).position;"
+                         "  if (p === 'sticky' || p === 'fixed') {"
+                         "    out.push(e); e.dataset.shotPosition = e.style.position;"
+                         "    e.style.position = 'static'; } }"
+                         "return out;")
+        try:
+            data = self.driver.execute_cdp_cmd("Page.captureScreenshot", {
+                "format": "png", "captureBeyondViewport": True})["data"]
+        finally:
+            self.js("for (const e of arguments[0]) e.style.position = e.dataset.shotPosition;",
+                    pinned)
         path.write_bytes(base64.b64decode(data))
         return path
 

@@ -533,7 +533,7 @@
   function seriesGroups(buckets, metric) {
     const totals = new Map();
     for (const b of buckets) {
-      const groups = b.groups && b.groups.length ? b.groups : [{key: 'all', totals: b.totals}];
+      const groups = b.groups || [];
       for (const g of groups) totals.set(g.key || '(none)', (totals.get(g.key || '(none)') || 0n) + metric(g.totals));
     }
     const ordered = [...totals.entries()].sort((a, b) => (b[1] > a[1] ? 1 : b[1] < a[1] ? -1 : a[0].localeCompare(b[0])));
@@ -556,7 +556,7 @@
       const row = new Map();
       const b = byStart.get(s);
       if (!b) return row;
-      const groups = b.groups && b.groups.length ? b.groups : [{key: 'all', totals: b.totals}];
+      const groups = b.groups || [];
       for (const g of groups) {
         const key = g.key || '(none)';
         const name = groupsInfo.shown.includes(key) ? key : 'other';
@@ -935,7 +935,7 @@
     }
     fillBody($('events-table'), events.map((e) => {
       const kind = e.kind || '';
-      const tone = /pool_key|state/.test(kind) ? 'warn' : 'bad';
+      const tone = /lifted|enabled/.test(kind) ? 'ok' : /pool_key|state|threshold/.test(kind) ? 'warn' : 'bad';
       return el('tr', {'data-kind': kind, 'data-event-id': e.id || ''},
         el('td', {class: 'mono'}, fmtTime(e.at_ms)),
         el('td', {}, badge(kind, tone)),
