@@ -420,10 +420,14 @@ def test_operator_imports_and_disables_pool_keys(page: Browser, dash: Stack, adm
     sign_in(page, operator_token, "operator")
     show(page, "pools")
     pool = "dash-import-" + uuid.uuid4().hex[:6]
-    secrets = [f"sk-proj-imported-{i}-{uuid.uuid4().hex}" for i in range(2)]
+    secrets = [f"sk-proj-imported-{i}-{uuid.uuid4().hex}" for i in range(3)]
+    # The third label is markup: the page must show it as text, not run it.
+    labels = ["imp-0", "imp-1", '<img src=x id=xss onerror="window.pwned=1">']
+    text = io.StringIO()
+    csv.writer(text).writerows([["key", "label", "weight"],
+                                *([s, label, 1] for s, label in zip(secrets, labels, strict=True))])
     good = tmp_path / "keys.csv"
-    good.write_text("key,label,weight\n"
-                    + "".join(f"{s},imp-{i},1\n" for i, s in enumerate(secrets)))
+    good.write_text(text.getvalue())
     page.type_into("import-pool", pool)
     page.type_into("import-provider", "openai")
     page.by_id("import-file").send_keys(str(good))
@@ -431,9 +435,12 @@ def test_operator_imports_and_disables_pool_keys(page: Browser, dash: Stack, adm
     page.wait_for(lambda: page.attr("#import-result", "data-state") is not None,
                   what="the import answered")
     assert page.attr("#import-result", "data-state") == "ok", page.text("#import-result")
-    page.wait_for(lambda: len(page.css(f'tr[data-pool="{pool}"]')) == 2,
+    page.wait_for(lambda: len(page.css(f'tr[data-pool="{pool}"]')) == 3,
                   what="the imported keys listed")
     assert not any(s in page.js("return document.body.innerHTML") for s in secrets)
+    assert page.css("#xss") == [] and page.js("return window.pwned") is None
+    assert page.js("return [...document.querySelectorAll('tr[data-pool]')]"
+                   ".some(r => r.cells[0].textContent === arguments[0])", labels[2])
 
     # Malformed CSV: a clear 4xx shown, the pool unchanged.
     bad = tmp_path / "bad.csv"
@@ -445,7 +452,7 @@ def test_operator_imports_and_disables_pool_keys(page: Browser, dash: Stack, adm
     assert page.attr("#api-error", "data-status").startswith("4")
     listed = next(p for p in admin_get(admin_url, operator_token, "/api/v1/pools")["pools"]
                   if p["name"] == pool)
-    assert sorted(k["label"] for k in listed["keys"]) == ["imp-0", "imp-1"]
+    assert sorted(k["label"] for k in listed["keys"]) == sorted(labels)
 
     # Disable one key from its row, then enable it again.
     row = f'tr[data-pool="{pool}"][data-label="imp-0"]'

@@ -799,6 +799,7 @@
 
   function renderBudgets(doc) {
     const budgets = doc.budgets || [];
+    $('known-keys').replaceChildren(...budgets.map((b) => el('option', {value: b.key_id || ''})));
     fillBody($('budgets-table'), budgets.map((b) => el('tr', {'data-key-id': b.key_id || ''},
       keyCell(b),
       el('td', {}, b.limits === 'own' ? 'own' : 'defaults'),
