@@ -6,6 +6,8 @@ isolation (no provider route, no other gRPC service of the processor's)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import stat
@@ -469,3 +471,15 @@ def test_redis_down_is_503_not_a_crash(fake: FakeProvider) -> None:
         assert s.processor.running()
     finally:
         s.cleanup()
+
+
+def test_exported_csv_cells_never_start_a_formula(admin_stack: Stack, operator: str) -> None:
+    """A label (or a model name: client text) that a spreadsheet would run as a formula
+    is exported with a leading apostrophe."""
+    admin = Admin(admin_stack, operator)
+    admin.ok("POST", "/api/v1/pools/formula-pool/import", {
+        "provider": "openai", "csv": "key,label\nsk-formula-" + os.urandom(8).hex()
+        + ",=HYPERLINK(\"http://x\")\n"})
+    exported = admin.call("GET", "/api/v1/pools/formula-pool/export").text
+    (row,) = list(csv.DictReader(io.StringIO(exported)))
+    assert row["label"] == "'=HYPERLINK(\"http://x\")"

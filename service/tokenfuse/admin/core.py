@@ -247,7 +247,7 @@ class AdminCore:
         writer = csv.writer(out)
         writer.writerow(POOL_EXPORT_HEADER)
         for row in self.pool_rows(pool):
-            writer.writerow([row[h] for h in POOL_EXPORT_HEADER])
+            writer.writerow([csv_cell(row[h]) for h in POOL_EXPORT_HEADER])
         return out.getvalue()
 
     def set_pool_key_enabled(self, actor: Actor, pool: str, key: str,
@@ -318,7 +318,7 @@ class AdminCore:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=usage_view.ROW_FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
         return "text/csv; charset=utf-8", out.getvalue().encode()
 
     def overview(self) -> pb.Overview:
@@ -330,6 +330,14 @@ class AdminCore:
         return pb.Overview(now_ms=now_ms, today=today.totals, month=month.totals,
                            requests_last_minute=usage_view.requests_last_minute(self.redis),
                            live_streams=usage_view.live_streams(self.redis), budgets=budgets)
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting like a formula (a model name or
+    label is client or operator text) gets a leading apostrophe (OWASP's advice)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _limit(limit: int) -> int:
