@@ -462,7 +462,7 @@
 
   function reasonsText(map) {
     const entries = Object.entries(map || {}).filter(([, v]) => big(v) > 0n)
-      .sort((a, b) => (big(b[1]) > big(a[1]) ? 1 : -1));
+      .sort((a, b) => (big(b[1]) > big(a[1]) ? 1 : big(b[1]) < big(a[1]) ? -1 : a[0].localeCompare(b[0])));
     return entries.map(([k, v]) => `${k} ${formatInt(v)}`).join(' · ');
   }
 
