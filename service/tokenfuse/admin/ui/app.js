@@ -11,6 +11,9 @@
 (() => {
   const TOKEN_KEY = 'tokenfuse.admin.token';
   const REFRESH_MS = 5000;
+  /** How often each view reloads by itself (the usage queries scan Redis: less often). */
+  const VIEW_REFRESH_MS = {overview: 5000, usage: 30000, pools: 10000, budgets: 10000,
+    events: 10000, audit: 15000};
   const NANO = 1000000000n;
   const WINDOWS = ['minute', 'hour', 'day', 'week', 'month', 'total'];
   const STEP_MS = {minute: 60000, hour: 3600000, day: 86400000};
@@ -24,7 +27,7 @@
 
   const state = {
     token: null, name: '', role: '', view: 'overview', timer: null, busy: new Set(),
-    cache: new Map(), kinds: new Set(), loadedKey: null, pools: [],
+    cache: new Map(), kinds: new Set(), loadedKey: null, pools: [], refreshed: {}, again: new Map(),
   };
 
   // ------------------------------------------------------------------ money and numbers
@@ -338,6 +341,9 @@
     state.token = null;
     state.role = '';
     state.cache.clear();
+    state.again.clear();
+    state.refreshed = {};
+    state.loadedKey = null;
     sessionStorage.removeItem(TOKEN_KEY);
     $('app').hidden = true;
     $('tabs').hidden = true;
@@ -367,7 +373,11 @@
 
   /** Fetch a JSON document; render it only when it changed (or `force`). */
   async function load(name, path, render, force) {
-    if (state.busy.has(name)) return;
+    if (state.busy.has(name)) {
+      // One in flight may predate an action: load again once it is back.
+      if (force) state.again.set(name, [path, render]);
+      return;
+    }
     state.busy.add(name);
     try {
       const doc = await api('GET', path);
@@ -381,12 +391,20 @@
       report(err, 'refresh');
     } finally {
       state.busy.delete(name);
+      const next = state.again.get(name);
+      if (next) {
+        state.again.delete(name);
+        load(name, next[0], next[1], true);
+      }
     }
   }
 
   function refresh(force) {
     if (!state.token) return;
     const view = state.view;
+    const now = Date.now();
+    if (!force && now - (state.refreshed[view] || 0) < VIEW_REFRESH_MS[view] - 500) return;
+    state.refreshed[view] = now;
     if (view === 'overview') {
       load('overview', '/api/v1/overview', renderOverview, force);
     } else if (view === 'usage') {
