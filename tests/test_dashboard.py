@@ -508,3 +508,17 @@ def test_money_in_the_page_is_exact(page: Browser) -> None:
                       " return 'accepted' } catch (e) { return 'refused' } })",
                       ["-1", "1.0000000001", "1e3", "abc", "", ".", "0x10", "1.2.3"])
     assert set(refused) == {"refused"}
+
+
+def test_a_revoked_token_ends_the_session(page: Browser, dash: Stack) -> None:
+    """Signed in, then the token is revoked (CLI): the next refresh's 401 sends the page
+    back to the sign-in form with the reason; the token is gone from session storage."""
+    token = create_token(dash, "dash-short-lived", "viewer")
+    sign_in(page, token, "viewer")
+    assert page.js("return sessionStorage.length") == 1
+    done = dash.cli("admin", "token", "revoke", "dash-short-lived")
+    assert done.returncode == 0, done.stderr
+    page.wait_for(lambda: page.visible("login-view"), what="back at the sign-in form")
+    assert "no longer accepted" in page.text("#login-error")
+    assert not page.visible("app")
+    assert page.js("return sessionStorage.length") == 0
