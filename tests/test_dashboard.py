@@ -466,6 +466,39 @@ def test_operator_imports_and_disables_pool_keys(page: Browser, dash: Stack, adm
     page.wait_for(lambda: page.attr(row, "data-enabled") == "true", what="the key enabled")
 
 
+def test_gateway_key_names_label_their_spend(page: Browser, dash: Stack, fake: FakeProvider,
+                                             admin_url: str, operator_token: str) -> None:
+    """A gateway key's spend is shown under its name (its id is the key id budgets and
+    usage use), and by pool: both equal what the provider billed the pool's keys."""
+    status, created = admin_call(admin_url, operator_token, "POST", "/api/v1/gateway-keys",
+                                 {"name": "dash-app", "pool": POOL})
+    assert status == 200, created
+    secret, vid = created["secret"], created["key"]["id"]
+    before = sum(billed_for(fake, k) for k in POOL_KEYS)
+    ask(dash, secret, "through the team pool")
+    billed = sum(billed_for(fake, k) for k in POOL_KEYS) - before
+    assert billed > 0
+    settled(admin_url, operator_token, vid, billed)
+
+    sign_in(page, operator_token, "operator")
+    row = f'#ov-budgets tr[data-key-id="{vid}"]'
+    page.wait_for(lambda: page.text(row + " .key-name") == "dash-app",
+                  what="the gateway key's name on the overview")
+    assert page.attr(row + ' td[data-window="day"]', "data-spent-nano") == str(billed)
+    show(page, "usage")
+    choose(page, "usage-group", "pool")
+    pool_row = f'#usage-table tbody tr[data-group="{POOL}"] [data-field="spend"] .money'
+    page.wait_for(lambda: page.attr(pool_row, "data-nano") is not None, what="usage by pool")
+    assert int(page.attr(pool_row, "data-nano")) == before + billed
+    choose(page, "usage-group", "key")
+    page.wait_for(lambda: page.js(
+        "return [...document.querySelectorAll('#usage-table tbody tr')].some(r =>"
+        " arguments[0].startsWith(r.dataset.group) && r.dataset.group.length >= 8 &&"
+        " r.querySelector('.key-name')?.textContent === 'dash-app')", vid),
+        what="the gateway key's name in the usage table by key")
+    page.shot("operator-gateway-key-names")
+
+
 @pytest.mark.parametrize("size", [LAPTOP, PHONE], ids=["laptop", "phone"])
 def test_readable_on_a_laptop_and_a_phone(page: Browser, dash: Stack, admin_url: str,
                                           operator_token: str, size: tuple[int, int]) -> None:

@@ -28,6 +28,7 @@
   const state = {
     token: null, name: '', role: '', view: 'overview', timer: null, busy: new Set(),
     cache: new Map(), kinds: new Set(), loadedKey: null, pools: [], refreshed: {}, again: new Map(),
+    keyNames: new Map(), keyNamesAt: 0,
   };
 
   // ------------------------------------------------------------------ money and numbers
@@ -330,6 +331,7 @@
     $('tabs').hidden = false;
     $('session').hidden = false;
     applyRole();
+    await loadKeyNames();
     route();
     clearInterval(state.timer);
     state.timer = setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
@@ -344,6 +346,8 @@
     state.again.clear();
     state.refreshed = {};
     state.loadedKey = null;
+    state.keyNames = new Map();
+    state.keyNamesAt = 0;
     sessionStorage.removeItem(TOKEN_KEY);
     $('app').hidden = true;
     $('tabs').hidden = true;
@@ -405,6 +409,7 @@
     const now = Date.now();
     if (!force && now - (state.refreshed[view] || 0) < VIEW_REFRESH_MS[view] - 500) return;
     state.refreshed[view] = now;
+    loadKeyNames();
     if (view === 'overview') {
       load('overview', '/api/v1/overview', renderOverview, force);
     } else if (view === 'usage') {
@@ -457,8 +462,40 @@
     return cell;
   }
 
+  /** A key id as people know it: the gateway key's name when it is one, and its prefix. */
+  function keyName(id) {
+    const s = String(id || '');
+    if (!s) return '';
+    for (const [gid, name] of state.keyNames) if (gid === s || (s.length >= 8 && gid.startsWith(s))) return name;
+    return '';
+  }
+
+  function keyLabel(id, prefix) {
+    const name = keyName(id || prefix);
+    const short = prefix || shortId(id);
+    return name ? [el('span', {class: 'key-name', text: name}), ' ', el('span', {class: 'mono muted', text: short})]
+      : [el('span', {class: 'mono', text: short})];
+  }
+
   function keyCell(b) {
-    return el('td', {class: 'mono', title: b.key_id || ''}, b.key_id_prefix || shortId(b.key_id));
+    return el('td', {title: b.key_id || ''}, ...keyLabel(b.key_id, b.key_id_prefix));
+  }
+
+  /** Names of the gateway keys (their ids are the key ids budgets and usage show). */
+  async function loadKeyNames() {
+    if (Date.now() - state.keyNamesAt < 60000) return;
+    state.keyNamesAt = Date.now();
+    try {
+      const doc = await api('GET', '/api/v1/gateway-keys');
+      const names = new Map((doc.keys || []).filter((k) => k.id && k.name).map((k) => [k.id, k.name]));
+      if (JSON.stringify([...names]) !== JSON.stringify([...state.keyNames])) {
+        state.keyNames = names;
+        state.cache.clear();  // re-render with the names on the next load
+      }
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) report(err, 'refresh');
+      // Otherwise names are a nicety: ids are shown instead.
+    }
   }
 
   function killedBadge(b) {
@@ -669,13 +706,13 @@
     return '–';
   }
 
-  function usageRow(name, totals, cellTag) {
+  function usageRow(name, totals, cellTag, isKey) {
     const t = totals || {};
     const k = t.tokens || {};
     const td = (text, attrs) => el(cellTag, {class: 'num', ...(attrs || {})}, text);
     const errors = sumValues(t.errors_by_status);
     return [
-      el(cellTag, {class: 'mono', title: name}, shortId(name)),
+      el(cellTag, {title: name}, ...(isKey ? keyLabel(name) : [el('span', {class: 'mono', text: shortId(name)})])),
       el(cellTag, {class: 'num', 'data-field': 'spend'}, moneyEl(t.spend_nano_usd)),
       td(formatInt(k.input), {'data-field': 'input'}),
       td(formatInt(k.output), {'data-field': 'output'}),
@@ -697,7 +734,7 @@
     table.dataset.startMs = big(report_.start_ms).toString();
     table.dataset.endMs = big(report_.end_ms).toString();
     fillBody(table, (report_.groups || []).map((g) =>
-      el('tr', {'data-group': g.key || ''}, ...usageRow(g.key || '(none)', g.totals, 'td'))));
+      el('tr', {'data-group': g.key || ''}, ...usageRow(g.key || '(none)', g.totals, 'td', by === 'key'))));
     table.tFoot.replaceChildren(el('tr', {'data-group': '*total*'}, ...usageRow('total', report_.totals, 'td')));
   }
 
@@ -958,7 +995,7 @@
       return el('tr', {'data-kind': kind, 'data-event-id': e.id || ''},
         el('td', {class: 'mono'}, fmtTime(e.at_ms)),
         el('td', {}, badge(kind, tone)),
-        el('td', {class: 'mono'}, e.key_id_prefix || '–'),
+        el('td', {}, ...(e.key_id_prefix ? keyLabel('', e.key_id_prefix) : ['–'])),
         el('td', {}, e.provider || '–'),
         el('td', {}, e.model || '–'),
         el('td', {}, e.pool || '–'),
