@@ -28,11 +28,14 @@ from tests.support.billing import billed_for, requests_for, usage_cost
 from tests.support.browser import LAPTOP, PHONE, Browser
 from tests.support.fake_provider import FakeProvider
 from tests.support.harness import Stack, free_port, wait_until
+from tests.support.leaks import assert_no_key_leaked, keys_sent
 from tests.support.paced_stream import PacedStream
 
 POOL = "team"
 POOL_KEYS = [f"sk-proj-dash-pool-{i}-{'z' * 24}" for i in range(2)]
 VIEWS = ("overview", "usage", "pools", "budgets", "events", "audit")
+#: Admin tokens and gateway keys the tests made: checked to be nowhere at the end.
+SECRETS: set[str] = set()
 
 
 def usd(nano: int) -> str:
@@ -83,6 +86,7 @@ def create_token(stack: Stack, name: str, role: str) -> str:
     assert done.returncode == 0, done.stderr
     lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
     assert lines, done.stdout
+    SECRETS.add(lines[-1])
     return lines[-1]
 
 
@@ -474,6 +478,7 @@ def test_gateway_key_names_label_their_spend(page: Browser, dash: Stack, fake: F
                                  {"name": "dash-app", "pool": POOL})
     assert status == 200, created
     secret, vid = created["secret"], created["key"]["id"]
+    SECRETS.add(secret)
     before = sum(billed_for(fake, k) for k in POOL_KEYS)
     ask(dash, secret, "through the team pool")
     billed = sum(billed_for(fake, k) for k in POOL_KEYS) - before
@@ -555,3 +560,10 @@ def test_a_revoked_token_ends_the_session(page: Browser, dash: Stack) -> None:
     assert "no longer accepted" in page.text("#login-error")
     assert not page.visible("app")
     assert page.js("return sessionStorage.length") == 0
+
+
+def test_zz_no_key_or_token_left_behind(dash: Stack, fake: FakeProvider) -> None:
+    """Last in this module: no caller key, pool key, gateway key or admin token the tests
+    used is in Redis, the logs or the metrics."""
+    assert len(SECRETS) >= 3
+    assert_no_key_leaked(dash, keys_sent(fake) | set(POOL_KEYS) | SECRETS)
