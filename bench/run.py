@@ -21,6 +21,9 @@ run on this machine. Prints one table with ratios and targets; writes bench/resu
    and the decision path alone, side by side.
 8. tracing (bench/tracing.py): the per-request cost of the OpenTelemetry hooks, off and on,
    and req/s through Envoy with tracing off vs on (every request sampled).
+9. usage analytics (bench/analytics.py): the analytics writes in the settlement script,
+   TOKENFUSE_ANALYTICS=1 vs 0, end to end and on the decision path alone; the memory of
+   one busy key's buckets per day.
 
 BENCH_LITELLM=0 skips the peer (and its one-time ~1 min install).
 """
@@ -43,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import analytics  # noqa: E402
 import scaling  # noqa: E402
 import streaming  # noqa: E402
 import tracing  # noqa: E402
@@ -271,6 +275,7 @@ def report(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows += scaling.rows(res["scaling"])
     rows += redis_cluster_rows(res["redis_cluster"])
     rows += tracing_rows(res["tracing"])
+    rows += analytics.report_rows(res["analytics"])
     return rows
 
 
@@ -308,6 +313,8 @@ def main() -> int:
         results["redis_cluster"] = bench_redis_cluster(upstream, workdir, DURATION_S, ROUNDS,
                                                        CONNECTIONS)
         results["tracing"] = tracing.bench_tracing(workdir, DURATION_S, ROUNDS, CONNECTIONS)
+        results["analytics"] = analytics.bench_analytics(upstream, workdir, DURATION_S, ROUNDS,
+                                                         CONNECTIONS)
     finally:
         upstream.stop()
         shutil.rmtree(workdir, ignore_errors=True)

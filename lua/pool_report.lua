@@ -8,11 +8,12 @@
 --- KEYS: health
 --- ARGV: status retry_after_ms base_cooldown_ms max_cooldown_ms tokens spend error
 -- health: the key's health hash; retry_after_ms -1 = none; spend in nano-USD.
--- Returns {state, until_ms}.
+-- Returns {state, until_ms, state before}.
 local hkey = K.health
 local status, retry_after = tonumber(A.status), tonumber(A.retry_after_ms)
 local base, cap = tonumber(A.base_cooldown_ms), tonumber(A.max_cooldown_ms)
 local now = now_ms()
+local before = redis.call('HGET', hkey, 'state') or 'closed'
 redis.call('HINCRBY', hkey, 'status_' .. status, 1)
 if tonumber(A.tokens) > 0 then redis.call('HINCRBY', hkey, 'tokens', A.tokens) end
 if tonumber(A.spend) > 0 then redis.call('HINCRBY', hkey, 'spend', A.spend) end
@@ -31,10 +32,10 @@ elseif status >= 500 then
   if retry_after >= 0 then wait = math.max(wait, retry_after) end
   state, until_ms = 'open', now + wait
 else
-  return {redis.call('HGET', hkey, 'state') or 'closed', 0}  -- caller errors say nothing
+  return {before, 0, before}  -- caller errors say nothing
 end
 redis.call('HSET', hkey, 'state', state, 'until', until_ms)
 if state ~= 'closed' then
   redis.call('HSET', hkey, 'last_error', A.error, 'last_error_at', now)
 end
-return {state, until_ms}
+return {state, until_ms, before}

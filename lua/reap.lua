@@ -3,8 +3,9 @@
 -- idempotent, so any number of processor replicas may run it on the same caller.
 --
 --- KEYS: reservations
---- ARGV: prefix ttl
--- ttl in ms. Returns {reaped_count, charged_nano}.
+--- ARGV: prefix ttl analytics ttl_minute ttl_hour ttl_day
+-- ttl in ms. Returns {reaped_count, charged_nano}. analytics = 1: the charge is also
+-- written to the usage analytics (as spend of an unknown model, provider and pool).
 local ttl = tonumber(A.ttl)
 local now = now_ms()
 local count, charged = 0, 0
@@ -18,5 +19,9 @@ for i = 1, #all, 2 do
     count = count + 1
     charged = charged + amount
   end
+end
+if A.analytics == '1' and charged > 0 then
+  analytics_add(analytics_buckets(A.prefix, now, A.ttl_minute, A.ttl_hour, A.ttl_day),
+                '||', {'$', charged})
 end
 return {count, charged}

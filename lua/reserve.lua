@@ -8,7 +8,7 @@
 -- the minimum (streams start with what fits and extend).
 --
 --- KEYS: limits reservations loop_hits loop_cooldown near_hits near_cooldown velocity
---- ARGV: prefix rid desired minimum default_minute default_hour default_day default_week default_month default_total loop_max_hits loop_window_ms loop_cooldown_ms near_max_hits near_window_ms near_cooldown_ms velocity_max threshold_percent
+--- ARGV: prefix rid desired minimum default_minute default_hour default_day default_week default_month default_total loop_max_hits loop_window_ms loop_cooldown_ms near_max_hits near_window_ms near_cooldown_ms velocity_max threshold_percent analytics group ttl_minute ttl_hour ttl_day
 -- limits        limits hash (minute..total nano-USD, 'killed')
 -- reservations  open reservations: rid -> "amount|touched_ms|window ids"
 -- loop_hits     ZSET of this fingerprint's forwarded requests (score = ms)
@@ -21,6 +21,9 @@
 -- (-1 = none); loop_max_hits 0 = exact tier off; near_max_hits 0 = near-duplicate tier
 -- off; velocity_max 0 = off;
 -- threshold_percent 0 = no threshold alerts.
+-- analytics 1: every refusal is counted in the caller's usage analytics (by the code the
+-- client gets, under group "<provider>|<pool>|<model>"; ttl_*: retention, s), so the
+-- processor does not count these again.
 --
 -- Returns one of
 --   {1, granted, now_ms, crossed}        crossed = "day,month" windows that just crossed
@@ -38,32 +41,45 @@ local near_max = tonumber(A.near_max_hits)
 local velocity_max, threshold = tonumber(A.velocity_max), tonumber(A.threshold_percent)
 local now = now_ms()
 
+-- The code the client gets for each refusal (tokenfuse.policy.refusals).
+local CODES = {budget_exceeded = 'budget_exceeded', killed = 'killed',
+               duplicate_reservation = 'state_store_unavailable',
+               loop = 'recursive_loop_detected', near_loop = 'near_duplicate_loop_detected',
+               velocity = 'velocity_limit_exceeded'}
+local function refused(answer)
+  if A.analytics == '1' then
+    analytics_add(analytics_buckets(prefix, now, A.ttl_minute, A.ttl_hour, A.ttl_day),
+                  A.group, {'r:' .. CODES[answer[2]], 1})
+  end
+  return answer
+end
+
 if redis.call('HEXISTS', K.reservations, rid) == 1 then
-  return {0, 'duplicate_reservation', 'total', 0, 0, 0, 0}
+  return refused({0, 'duplicate_reservation', 'total', 0, 0, 0, 0})
 end
 local limits, killed = read_limits(K.limits, A)
 if killed then
-  return {0, 'killed', 'total', 0, 0, 0, 0}
+  return refused({0, 'killed', 'total', 0, 0, 0, 0})
 end
 
 if max_hits > 0 then
   local cooling = redis.call('PTTL', K.loop_cooldown)
   if cooling > 0 then
-    return {0, 'loop', redis.call('INCR', K.loop_cooldown), cooling}
+    return refused({0, 'loop', redis.call('INCR', K.loop_cooldown), cooling})
   end
   redis.call('ZREMRANGEBYSCORE', K.loop_hits, '-inf', now - window_ms)
   local hits = redis.call('ZCARD', K.loop_hits) + 1
   if hits > max_hits then
     redis.call('SET', K.loop_cooldown, hits, 'PX', cooldown_ms)
     redis.call('DEL', K.loop_hits, K.near_hits)
-    return {0, 'loop', hits, cooldown_ms}
+    return refused({0, 'loop', hits, cooldown_ms})
   end
 end
 
 if near_max > 0 then
   local cooling = redis.call('PTTL', K.near_cooldown)
   if cooling > 0 then
-    return {0, 'near_loop', redis.call('INCR', K.near_cooldown), cooling}
+    return refused({0, 'near_loop', redis.call('INCR', K.near_cooldown), cooling})
   end
   -- settle.lua trims the streak when it grows; here only the calls in the window count
   local hits = redis.call('ZCOUNT', K.near_hits, now - tonumber(A.near_window_ms), '+inf') + 1
@@ -71,7 +87,7 @@ if near_max > 0 then
     local near_cooldown_ms = tonumber(A.near_cooldown_ms)
     redis.call('SET', K.near_cooldown, hits, 'PX', near_cooldown_ms)
     redis.call('DEL', K.near_hits, K.loop_hits)
-    return {0, 'near_loop', hits, near_cooldown_ms}
+    return refused({0, 'near_loop', hits, near_cooldown_ms})
   end
 end
 
@@ -80,7 +96,7 @@ if velocity_max > 0 then
   local count = redis.call('ZCARD', K.velocity)
   if count >= velocity_max then
     local oldest = redis.call('ZRANGE', K.velocity, 0, 0, 'WITHSCORES')
-    return {0, 'velocity', count + 1, math.max(1, tonumber(oldest[2]) + 60000 - now)}
+    return refused({0, 'velocity', count + 1, math.max(1, tonumber(oldest[2]) + 60000 - now)})
   end
 end
 
@@ -97,7 +113,7 @@ for i, w in ipairs(wins) do
       local marker = prefix .. LAYOUT.exceeded_mark .. w.id
       local first = redis.call('SET', marker, 1, 'NX', 'EXAT',
         w.ends > 0 and w.ends or math.floor(now / 1000) + 86400 * 3650) and 1 or 0
-      return {0, 'budget_exceeded', w.name, limit, used[i], w.ends, first}
+      return refused({0, 'budget_exceeded', w.name, limit, used[i], w.ends, first})
     end
     grant = math.min(grant, limit - used[i])
   end

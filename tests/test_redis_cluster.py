@@ -35,6 +35,14 @@ from tokenfuse.identity import key_id
 from tokenfuse.pools.secrets import PoolKey
 from tokenfuse.state import eviction
 from tokenfuse.state.admin import BudgetAdmin
+from tokenfuse.state.analytics import (
+    AnalyticsPolicy,
+    AnalyticsReader,
+    CallFacts,
+    RefusalRecorder,
+    calendar_window,
+    group_of,
+)
 from tokenfuse.state.budgets import BudgetStore, GuardPolicy, LoopRefusal, Refusal, Reservation
 from tokenfuse.state.cluster_pipe import ClusterPipelinedRedis
 from tokenfuse.state.connection import async_client, sync_client
@@ -174,6 +182,24 @@ def test_stream_is_cut_at_its_budget(cstack: Stack, cluster: RedisCluster,
                  if r.usage is not None and key_of(r.headers) == key)
     assert day["reserved_nano_usd"] == 0
     assert billed <= day["spent_nano_usd"] <= budget
+
+
+def test_analytics_are_read_across_every_master(cstack: Stack, cluster: RedisCluster,
+                                               fake: FakeProvider) -> None:
+    """Callers on each master; the reader (one SCAN over every master) sees each one's
+    spend as `budget status` does."""
+    keys = [key_on(cstack, cluster, master) for master in cluster.masters()]
+    for key in keys:
+        openai_client(cstack, key).chat.completions.create(
+            model="gpt-4o-mini", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    start, end = calendar_window("day", int(time.time() * 1000))
+    reader = AnalyticsReader(sync_client(cluster.url, True))
+    _, by_key = reader.usage(start - 86_400_000, end, "key")
+    for key in keys:
+        mine = by_key[key_id(cstack.secret.encode(), key)]
+        assert mine.spend_nano == status(cstack, key)["windows"]["total"]["spent_nano_usd"]
+        assert mine.spend_nano == billed_for(fake, key) > 0 and mine.requests == 1
+    assert reader.live_streams() == 0
 
 
 def test_loop_guard_refuses_the_sixth_identical_request(cstack: Stack, cluster: RedisCluster,
@@ -406,8 +432,9 @@ def test_every_script_stays_in_its_slot(cluster: RedisCluster) -> None:
     async def scenario() -> None:
         store = BudgetStore.from_url(cluster.url, 1000, limits, policy, cluster=True)
         pools = PoolStore(store.client, store.decisions, 1000, 10_000)
+        recorder = RefusalRecorder(store.decisions, AnalyticsPolicy(), 10, 1.0)
         for obj, names in ((store, ("_reserve", "_settle", "_extend", "_reap")),
-                           (pools, ("_pick", "_report"))):
+                           (pools, ("_pick", "_report")), (recorder, ("_script",))):
             for name in names:
                 setattr(obj, name, _strict(getattr(obj, name)))
         store._reap_call = store.client.register_script(store._reap.source)
@@ -417,12 +444,26 @@ def test_every_script_stays_in_its_slot(cluster: RedisCluster) -> None:
                 assert isinstance(await store.reserve(caller, f"r{i}", 4_000, 1, "fp", "nfp"),
                                   Reservation)
                 assert await store.extend(caller, f"r{i}", 6_000, 1) == 6_000
-                assert await store.settle(caller, f"r{i}", 5_000, "nfp", "answer")
-            assert isinstance(await store.reserve(caller, "r2", 10, 1, "fp", "nfp"),
+                assert await store.settle(caller, f"r{i}", 5_000, "nfp", "answer", CallFacts(
+                    group_of("openai", "", "m"), 200, 120, 40, (1, 2, 3, 4, 5)))
+            assert isinstance(await store.reserve(caller, "r2", 10, 1, "fp", "nfp",
+                                                  group_of("openai", "", "m")),
                               LoopRefusal)  # the third identical: the loop tier
             assert isinstance(await store.reserve(caller, "over", 50_000), Refusal)
             assert isinstance(await store.reserve(caller, "orphan", 1), Reservation)
             assert (await store.reap(-1000))[0] >= 1
+            recorder.record(caller, group_of("openai", "", "m"), "unknown_model")
+            await recorder.flush()
+            # The analytics the scripts wrote, read across every master.
+            start, end = calendar_window("day", int(time.time() * 1000))
+            _, by_key = AnalyticsReader(sync_client(cluster.url, True)).usage(
+                start - 86_400_000, end, "key")
+            mine = by_key[caller]
+            assert (mine.spend_nano, mine.requests) == (10_000 + 1, 2)  # + the reaped 1
+            assert mine.refusals_by_reason == {"recursive_loop_detected": 1,
+                                               "budget_exceeded": 1, "unknown_model": 1}
+            assert mine.tokens == {"input": 2, "output": 4, "cache_read": 6,
+                                   "cache_write": 8, "reasoning": 10}
             admin = BudgetAdmin(sync_client(cluster.url, True), limits)
             admin._status_call = admin._redis.register_script(_strict(admin._status).source)
             assert admin.status(caller).windows[2].spent_nano == 10_000 + 1

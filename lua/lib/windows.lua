@@ -107,3 +107,31 @@ local function release(prefix, ids, amount, actual)
     end
   end
 end
+
+-- Usage analytics (tokenfuse.state.analytics): the caller's minute, hour and day bucket
+-- hashes at `now` (ms), each with the epoch second it expires at (the end of its period
+-- plus its retention, seconds: `ttl_minute`, `ttl_hour`, `ttl_day`).
+local function analytics_buckets(prefix, now, ttl_minute, ttl_hour, ttl_day)
+  local sec = math.floor(now / 1000)
+  local m, h, d = math.floor(sec / 60), math.floor(sec / 3600), math.floor(sec / 86400)
+  return {
+    {prefix .. LAYOUT.analytics_minute .. m, (m + 1) * 60 + tonumber(ttl_minute)},
+    {prefix .. LAYOUT.analytics_hour .. h, (h + 1) * 3600 + tonumber(ttl_hour)},
+    {prefix .. LAYOUT.analytics_day .. d, (d + 1) * 86400 + tonumber(ttl_day)},
+  }
+end
+
+-- Add to every bucket: `fields` is a flat list metric, n, metric, n (every n > 0); a field
+-- is "<metric>|<group>" (group: "<provider>|<pool>|<model>"). The expiry is set when the
+-- first field is new in a bucket (its value is then n): a bucket's first write is always
+-- one, and later calls skip the command (the time is the same absolute one anyway).
+local function analytics_add(buckets, group, fields)
+  local names = {}
+  for i = 1, #fields, 2 do names[i] = fields[i] .. '|' .. group end
+  for _, b in ipairs(buckets) do
+    local key = b[1]
+    local first = redis.call('HINCRBY', key, names[1], fields[2])
+    for i = 3, #fields, 2 do redis.call('HINCRBY', key, names[i], fields[i + 1]) end
+    if first == fields[2] then redis.call('EXPIREAT', key, b[2]) end
+  end
+end

@@ -228,6 +228,7 @@ class Settings:
     secret_value: str = field(default="", repr=False)  # TOKENFUSE_SECRET
     secret_file: Path = Path(".tokenfuse/secret")
     log_level: str = "INFO"
+    analytics: AnalyticsSettings = field(default_factory=lambda: AnalyticsSettings())
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -361,6 +362,37 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         secret_value=env.raw("TOKENFUSE_SECRET"),
         secret_file=Path(env.text("TOKENFUSE_SECRET_FILE", str(state_dir / "secret"))),
         log_level=env.text("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
+        analytics=_analytics(env),
+    )
+
+
+# ------------------------------------------------------------ usage analytics, events feed
+
+@dataclass(frozen=True)
+class AnalyticsSettings:
+    """Usage analytics written by the settlement script (tokenfuse.state.analytics) and
+    the events feed (tokenfuse.state.event_log). Retention: how long a bucket lives after
+    its period ended."""
+
+    enabled: bool = True  # TOKENFUSE_ANALYTICS; 0 = no analytics writes (events stay)
+    minute_retention_s: int = 48 * 3600  # TOKENFUSE_ANALYTICS_MINUTE_RETENTION_HOURS
+    hour_retention_s: int = 35 * 86400  # TOKENFUSE_ANALYTICS_HOUR_RETENTION_DAYS
+    day_retention_s: int = 400 * 86400  # TOKENFUSE_ANALYTICS_DAY_RETENTION_DAYS
+    events_max: int = 10000  # TOKENFUSE_EVENTS_MAX: the events stream's (approximate) cap
+    queue_size: int = 1000  # TOKENFUSE_ANALYTICS_QUEUE_SIZE: background writes waiting
+
+
+def _analytics(env: _Env) -> AnalyticsSettings:
+    return AnalyticsSettings(
+        enabled=env.flag("TOKENFUSE_ANALYTICS", True),
+        minute_retention_s=env.int("TOKENFUSE_ANALYTICS_MINUTE_RETENTION_HOURS", 48,
+                                   minimum=1) * 3600,
+        hour_retention_s=env.int("TOKENFUSE_ANALYTICS_HOUR_RETENTION_DAYS", 35,
+                                 minimum=1) * 86400,
+        day_retention_s=env.int("TOKENFUSE_ANALYTICS_DAY_RETENTION_DAYS", 400,
+                                minimum=1) * 86400,
+        events_max=env.int("TOKENFUSE_EVENTS_MAX", 10000, minimum=1),
+        queue_size=env.int("TOKENFUSE_ANALYTICS_QUEUE_SIZE", 1000, minimum=1),
     )
 
 

@@ -33,6 +33,13 @@ TOKENS = Counter(
     ["provider", "model", "kind"],
     registry=REGISTRY,
 )
+BACKGROUND_WRITES = Counter(
+    "tokenfuse_background_writes_total",
+    "Writes made off the request path (kind: refusal analytics, events feed) by outcome "
+    "(written, dropped_queue_full, failed).",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
 CLAMPS = Counter(
     "tokenfuse_output_clamps_total",
     "Requests whose output cap tokenfuse rewrote down to what the budget covers.",

@@ -40,9 +40,11 @@ from tokenfuse.pools.probes import probe_forever
 from tokenfuse.pools.secrets import PoolSecrets
 from tokenfuse.pricing import PriceTable
 from tokenfuse.state import eviction, secret_check
+from tokenfuse.state.analytics import AnalyticsPolicy, RefusalRecorder
 from tokenfuse.state.budgets import BudgetStore, GuardPolicy
 from tokenfuse.state.connection import REDIS_FAILURES
 from tokenfuse.state.control import ControlWatcher
+from tokenfuse.state.event_log import EventLog
 from tokenfuse.state.pools import PoolStore
 from tokenfuse.supervisor import supervise
 from tokenfuse.tracing import start_tracing
@@ -80,6 +82,10 @@ async def serve(settings: Settings, index: int | None = None) -> None:
             threshold_percent=settings.budgets.threshold_percent,
         ),
         cluster=settings.redis.cluster,
+        analytics=AnalyticsPolicy(settings.analytics.enabled,
+                                  settings.analytics.minute_retention_s,
+                                  settings.analytics.hour_retention_s,
+                                  settings.analytics.day_retention_s),
     )
     refused: list[ConfigError] = []  # the eviction check's verdict if it comes late
     redis_checks = await start_redis_checks(store, settings.redis.allow_eviction,
@@ -106,8 +112,13 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     admin_threads = admin_thread_pool() if settings.admin.port else None
     server = grpc.aio.server(options=tcp_options(processor) if processor.address
                              else GRPC_OPTIONS, migration_thread_pool=admin_threads)
+    background = (settings.analytics.queue_size, settings.redis.timeout_s * 4)
     runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets,
-                      tracing=tracing)
+                      tracing=tracing,
+                      analytics=RefusalRecorder(store.decisions, store.analytics, *background)
+                      if store.analytics.enabled else None,
+                      events=EventLog(store.decisions, settings.analytics.events_max,
+                                      *background))
     service = ExtProcService(runtime)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
     if admin_threads is not None:  # the admin API (Envoy's admin listener reaches it here)
@@ -172,6 +183,9 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     watcher.cancel()
     deliveries.cancel()
     probes.cancel()
+    for writer in (runtime.analytics, runtime.events):  # background writes still queued
+        if writer is not None:
+            await writer.close()
     await store.close()
     if admin_threads is not None:
         admin_threads.shutdown(wait=False, cancel_futures=True)

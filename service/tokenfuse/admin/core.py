@@ -190,7 +190,8 @@ class AdminCore:
         self._audit(actor, "key.kill" if killed else "key.lift", key, before,
                     self._limits_of(key))
         event_log.record_sync(self.redis, "key.killed" if killed else "key.lifted",
-                              key[:PREFIX_CHARS], {"by": actor.name})
+                              key[:PREFIX_CHARS], {"by": actor.name},
+                              max_events=self._settings.analytics.events_max)
         return self.budget(key, False)
 
     def _limits_of(self, key: str) -> dict[str, Any]:
@@ -261,7 +262,8 @@ class AdminCore:
                     f"{pool}/{before['id']}", _health_of(before), _health_of(after))
         event_log.record_sync(self.redis, "pool_key.state", "", {
             "key": before["id"][:PREFIX_CHARS], "label": before["label"],
-            "state": after["state"] if enabled else "disabled", "by": actor.name}, pool=pool)
+            "state": after["state"] if enabled else "disabled", "by": actor.name}, pool=pool,
+            max_events=self._settings.analytics.events_max)
         return _pool_key(after)
 
     def import_pool(self, actor: Actor, pool: str, provider: str, text: str) -> pb.Pool:

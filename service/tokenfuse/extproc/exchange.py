@@ -9,6 +9,7 @@ from tokenfuse.metering.response_coding import Transcoder
 from tokenfuse.metering.stream import StreamMeter
 from tokenfuse.pricing import ModelPrice, TokenUsage
 from tokenfuse.providers import Call, Provider
+from tokenfuse.state.analytics import group_of
 
 if TYPE_CHECKING:
     from tokenfuse.tracing import CallTrace
@@ -52,3 +53,12 @@ class Exchange:
     near_fingerprint: str | None = None  # the near-duplicate loop tier's, when it is on
     answer: str = ""  # fingerprint of a whole (non-streamed) answer, for that tier
     trace: CallTrace | None = None  # this request's span (None: tracing is off)
+    started_ns: int = 0  # time.monotonic_ns() at the request headers (analytics latency)
+    first_byte_ns: int = 0  # ... at the first response message (time to first byte)
+    refusal_counted: bool = False  # reserve.lua counted this request's refusal itself
+    cut: str = ""  # the reason tokenfuse cut this stream ("" = not cut)
+
+    def group(self) -> str:
+        """The analytics group of this call: provider, pool, model."""
+        return group_of(self.provider_name, self.pool,
+                        self.call.model if self.call is not None else "")

@@ -66,6 +66,7 @@ class RequestPhase:
         self._vkey_cache: dict[str, tuple[tuple[str, str] | None, float]] = {}
 
     async def on_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        ex.started_ns = time.monotonic_ns()
         values = header_values(msg)
         headers = {name: sent[-1] for name, sent in values.items()}
         if self._rt.tracing is not None:

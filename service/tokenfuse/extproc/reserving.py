@@ -28,16 +28,19 @@ class Reserver:
         rt = self._rt
         task = asyncio.ensure_future(rt.store.reserve(
             ex.caller, ex.request_id, plan.desired_nano, plan.minimum_nano, fp,
-            ex.near_fingerprint))
+            ex.near_fingerprint, ex.group()))
         try:
             async with asyncio.timeout(rt.redis_timeout):
-                return await asyncio.shield(task)
+                result = await asyncio.shield(task)
         except REDIS_FAILURES as exc:
             self._release_when_done(ex, task)
             return rt.store_unavailable(ex, "reserve", exc)
         except asyncio.CancelledError:
             self._release_when_done(ex, task)
             raise
+        # reserve.lua counted its refusal in the analytics: Runtime.send must not again.
+        ex.refusal_counted = not isinstance(result, Reservation)
+        return result
 
     def _release_when_done(self, ex: Exchange, task: asyncio.Future) -> None:
         def done(finished: asyncio.Future) -> None:

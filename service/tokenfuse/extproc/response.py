@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import replace
 from decimal import Decimal
 
@@ -58,6 +59,7 @@ class ResponsePhase:
         """First response message: its status (an attribute, as response headers are not
         sent)."""
         ex.response_started = True
+        ex.first_byte_ns = time.monotonic_ns()
         if ex.trace is not None:
             ex.trace.first_byte()
         if not ex.status:
@@ -194,6 +196,10 @@ class ResponsePhase:
                  refusal.reason, ex.counted_output)
         out += refusals.cut_event(ex.provider, refusal, ex.counted_output)
         ex.ended = True
+        ex.cut = refusal.reason
+        self._rt.log_event(ex, "stream.cut", {
+            "reason": refusal.reason, "window": refusal.window,
+            "output_tokens_delivered": ex.counted_output})
         if ex.trace is not None:
             ex.trace.cut(refusal.reason, refusal.window, ex.counted_output)
         await self._settlement.settle_unfinished(ex)

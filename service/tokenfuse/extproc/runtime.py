@@ -17,8 +17,10 @@ from tokenfuse.identity import PREFIX_CHARS
 from tokenfuse.policy.refusals import Reply, store_unavailable
 from tokenfuse.pools.secrets import PoolSecrets
 from tokenfuse.pricing import PriceTable
+from tokenfuse.state.analytics import RefusalRecorder
 from tokenfuse.state.budgets import BudgetStore
 from tokenfuse.state.control import ControlWatcher
+from tokenfuse.state.event_log import EventLog
 from tokenfuse.state.pools import PoolStore
 from tokenfuse.tracing import Tracing
 
@@ -41,6 +43,9 @@ class Runtime:
     #: The client streams in flight, by id: what a drain waits for.
     open_streams: dict[int, Exchange] = field(default_factory=dict)
     tracing: Tracing | None = None  # OpenTelemetry traces (None: off)
+    #: Counts the refusals no script counted, after the answer (None: analytics off).
+    analytics: RefusalRecorder | None = None
+    events: EventLog | None = None  # the events feed (None: not written)
 
     @property
     def redis_timeout(self) -> float:
@@ -52,6 +57,9 @@ class Runtime:
         metrics.DECISIONS.labels(outcome, reply.code, ex.provider_name or "none").inc()
         if ex.trace is not None:
             ex.trace.refused(reply.status, reply.code)
+        if self.analytics is not None and ex.caller and not ex.refusal_counted:
+            ex.refusal_counted = True  # queued: written after this answer went out
+            self.analytics.record(ex.caller, ex.group(), reply.code)
         return immediate(reply.status, reply.body, f"tokenfuse_{reply.code}", reply.headers)
 
     def store_unavailable(self, ex: Exchange, operation: str,
@@ -62,6 +70,14 @@ class Runtime:
         return self.send(ex, store_unavailable(ex.provider))
 
     def emit(self, ex: Exchange, event: str, data: dict[str, Any]) -> None:
+        """A webhook, and the same event in the events feed."""
         if self.webhooks is not None:
             self.webhooks.emit(event, ex.request_id, ex.caller[:PREFIX_CHARS], data,
                                ex.provider_name)
+        self.log_event(ex, event, {k: v for k, v in data.items() if k != "model"})
+
+    def log_event(self, ex: Exchange, kind: str, detail: dict[str, Any]) -> None:
+        """An entry in the events feed about this request (never blocks)."""
+        if self.events is not None:
+            self.events.record(kind, ex.caller[:PREFIX_CHARS], detail, ex.provider_name,
+                               ex.call.model if ex.call is not None else "", ex.pool)

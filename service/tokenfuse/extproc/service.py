@@ -35,7 +35,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):
         self._response = ResponsePhase(runtime, self._settlement)
         self._attempts = (
             PoolAttempts(runtime.secret, runtime.pools, runtime.pool_secrets,
-                         runtime.redis_timeout)
+                         runtime.redis_timeout, events=runtime.events)
             if runtime.pools is not None and runtime.pool_secrets is not None else None)
 
     async def Process(  # gRPC method name

@@ -14,6 +14,7 @@ from tokenfuse.extproc.runtime import Runtime, log
 from tokenfuse.identity import PREFIX_CHARS
 from tokenfuse.policy import reservation
 from tokenfuse.pricing import TokenUsage, cost_nano
+from tokenfuse.state.analytics import CallFacts
 from tokenfuse.state.connection import REDIS_FAILURES
 
 
@@ -80,7 +81,7 @@ class Settlement:
         try:
             async with asyncio.timeout(rt.redis_timeout * 4):
                 await rt.store.settle(ex.caller, ex.request_id, actual_nano,
-                                      ex.near_fingerprint, answer)
+                                      ex.near_fingerprint, answer, facts_of(ex, basis))
         except REDIS_FAILURES as exc:
             # The reservation stays counted against the budget: the wallet is protected.
             metrics.REDIS_ERRORS.labels("settle").inc()
@@ -108,9 +109,27 @@ class Settlement:
         metrics.POOL_REQUESTS.labels(ex.pool, label, str(ex.status)).inc()
         try:
             async with asyncio.timeout(rt.redis_timeout * 4):
-                state = await rt.pools.report(ex.pool, ex.pool_key, ex.status, -1, tokens,
-                                              spend)
+                before, state = await rt.pools.report_change(ex.pool, ex.pool_key, ex.status,
+                                                             -1, tokens, spend)
         except REDIS_FAILURES:
             metrics.REDIS_ERRORS.labels("pool_report").inc()
             return
         metrics.set_pool_key_state(ex.pool, label, state)
+        if before != state:
+            rt.log_event(ex, "pool_key.state", {"pool_key": label, "state": state,
+                                                "before": before, "status": ex.status})
+
+
+def facts_of(ex: Exchange, basis: str) -> CallFacts:
+    """What the analytics record of a settled call: its status, latency, time to first
+    byte and tokens (the provider's usage; for a call settled without it, what was
+    counted)."""
+    now = time.monotonic_ns()
+    latency = (now - ex.started_ns) // 1_000_000 if ex.started_ns else -1
+    ttft = (ex.first_byte_ns - ex.started_ns) // 1_000_000 \
+        if ex.first_byte_ns and ex.started_ns else -1
+    usage = ex.usage or TokenUsage()
+    output = usage.output if basis == "usage" else max(usage.output, ex.counted_output)
+    return CallFacts(ex.group(), ex.status, latency, ttft,
+                     (usage.input, output, usage.cache_read,
+                      usage.cache_write + usage.cache_write_1h, usage.reasoning), ex.cut)

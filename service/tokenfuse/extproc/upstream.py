@@ -45,6 +45,7 @@ from tokenfuse.identity import PREFIX_CHARS, key_id
 from tokenfuse.pools.secrets import PoolSecrets
 from tokenfuse.providers import DEFAULT_PROVIDER, PROVIDERS
 from tokenfuse.state.connection import REDIS_FAILURES
+from tokenfuse.state.event_log import EventLog
 from tokenfuse.state.pools import PoolStore
 
 log = logging.getLogger("tokenfuse.failover")
@@ -57,8 +58,9 @@ class PoolAttempts:
     """One upstream attempt per ext_proc stream: choose its key, then judge the answer."""
 
     def __init__(self, secret: bytes, pools: PoolStore, pool_secrets: PoolSecrets,
-                 redis_timeout_s: float) -> None:
+                 redis_timeout_s: float, events: EventLog | None = None) -> None:
         self._secret = secret
+        self._events = events
         self._pools = pools
         self._pool_secrets = pool_secrets
         self._timeout = redis_timeout_s
@@ -207,7 +209,8 @@ class PoolAttempts:
             metrics.POOL_REQUESTS.labels(pool, key[:PREFIX_CHARS], str(status)).inc()
             # Before Envoy retries: the next attempt's pick must see this key's new health.
             retry_after = PROVIDERS[provider].retry_after_ms(headers)
-            await report_failure(self._pools, pool, key, status, retry_after, self._timeout)
+            await report_failure(self._pools, pool, key, status, retry_after, self._timeout,
+                                 self._events, provider)
             if status in RETRY_ON_ANOTHER_KEY:
                 marks.append((RETRY_HEADER, str(status)))
                 metrics.POOL_FAILOVERS.labels(pool, str(status)).inc()
@@ -215,12 +218,18 @@ class PoolAttempts:
 
 
 async def report_failure(pools: PoolStore, pool: str, key: str, status: int,
-                         retry_after_ms: int, timeout_s: float) -> None:
+                         retry_after_ms: int, timeout_s: float,
+                         events: EventLog | None = None, provider: str = "") -> None:
+    """A failed attempt to the key's health; a state change also to the events feed."""
     try:
         async with asyncio.timeout(timeout_s * 4):
-            state = await pools.report(pool, key, status, retry_after_ms,
-                                       error=f"HTTP {status}")
+            before, state = await pools.report_change(pool, key, status, retry_after_ms,
+                                                      error=f"HTTP {status}")
     except REDIS_FAILURES:
         metrics.REDIS_ERRORS.labels("pool_report").inc()
         return
     metrics.set_pool_key_state(pool, key[:PREFIX_CHARS], state)
+    if events is not None and before != state:
+        events.record("pool_key.state", "", {"pool_key": key[:PREFIX_CHARS], "state": state,
+                                             "before": before, "status": status},
+                      provider, "", pool)

@@ -9,6 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from tokenfuse.state import scripts
+from tokenfuse.state.analytics import NO_FACTS, AnalyticsPolicy, CallFacts
 from tokenfuse.state.cluster_pipe import ClusterPipelinedRedis
 from tokenfuse.state.connection import async_client, decisions_client, text
 from tokenfuse.state.keys import (
@@ -55,12 +56,15 @@ class BudgetStore:
     one pipelined connection (redis_pipe); the reaper uses redis-py."""
 
     def __init__(self, client: aioredis.Redis, decisions: PipelinedRedis | ClusterPipelinedRedis,
-                 default_limits: list[int], policy: GuardPolicy | None = None) -> None:
+                 default_limits: list[int], policy: GuardPolicy | None = None,
+                 analytics: AnalyticsPolicy | None = None) -> None:
         self._redis = client
         self._decisions = decisions
         self._defaults = scripts.default_limits(default_limits)
         self._policy = policy or GuardPolicy()
-        guarded = {**self._defaults, **self._policy.args()}
+        self._analytics = analytics or AnalyticsPolicy()
+        self._analytics_args = self._analytics.args()
+        guarded = {**self._defaults, **self._policy.args(), **self._analytics_args}
         # By which tiers apply to a call: (exact fingerprint given, near fingerprint given).
         self._tiers = {(exact, near): {**guarded,
                                        **({} if exact else {"loop_max_hits": 0}),
@@ -74,14 +78,19 @@ class BudgetStore:
 
     @classmethod
     def from_url(cls, url: str, timeout_ms: int, default_limits: list[int],
-                 policy: GuardPolicy | None = None, cluster: bool = False) -> BudgetStore:
+                 policy: GuardPolicy | None = None, cluster: bool = False,
+                 analytics: AnalyticsPolicy | None = None) -> BudgetStore:
         timeout = timeout_ms / 1000
         return cls(async_client(url, timeout, cluster), decisions_client(url, timeout, cluster),
-                   default_limits, policy)
+                   default_limits, policy, analytics)
 
     @property
     def client(self) -> aioredis.Redis:
         return self._redis
+
+    @property
+    def analytics(self) -> AnalyticsPolicy:
+        return self._analytics
 
     @property
     def decisions(self) -> PipelinedRedis | ClusterPipelinedRedis:
@@ -89,18 +98,19 @@ class BudgetStore:
 
     async def reserve(self, caller: str, rid: str, desired_nano: int,
                       minimum_nano: int | None = None,
-                      fingerprint: str | None = None, near_fingerprint: str | None = None
-                      ) -> Reservation | Refusal | LoopRefusal:
+                      fingerprint: str | None = None, near_fingerprint: str | None = None,
+                      group: str = "||") -> Reservation | Refusal | LoopRefusal:
         """Loop guard tiers, velocity and budget in one call; reserve between `minimum`
         (default: all) and `desired` in every window, or say why not. A tier whose
-        fingerprint is None is not checked."""
+        fingerprint is None is not checked. A refusal is counted in the analytics under
+        `group` (analytics.group_of)."""
         minimum = desired_nano if minimum_nano is None else minimum_nano
         fixed = self._tiers[bool(fingerprint), bool(near_fingerprint)]
         keys, args = self._reserve.bind(
             caller_keys(caller, fingerprint or NO_FINGERPRINT,
                         near_fingerprint or NO_FINGERPRINT),
             {**fixed, "prefix": caller_prefix(caller), "rid": rid, "desired": desired_nano,
-             "minimum": minimum})
+             "minimum": minimum, "group": group})
         result: list[Any] = await self._decisions.evalsha(self._reserve, keys, args)
         if int(result[0]) == 1:
             crossed = text(result[3])
@@ -122,16 +132,20 @@ class BudgetStore:
         return refusal_of(result)
 
     async def settle(self, caller: str, rid: str, actual_nano: int,
-                     near_fingerprint: str | None = None, answer: str = "") -> bool:
+                     near_fingerprint: str | None = None, answer: str = "",
+                     facts: CallFacts | None = None) -> bool:
         """Replace a reservation by the actual cost. False when it was already settled.
         With a near-duplicate fingerprint and the answer's fingerprint, the same call
-        records the answer for the near-duplicate loop tier."""
+        records the answer for the near-duplicate loop tier; with `facts` (a call that was
+        forwarded) it writes the usage analytics too."""
         if not (near_fingerprint and answer and self._policy.near_max_hits):
             near_fingerprint, answer = NO_FINGERPRINT, ""
         keys, args = self._settle.bind(
             settle_keys(caller, near_fingerprint),
             {"prefix": caller_prefix(caller), "rid": rid, "actual": actual_nano,
-             "answer": answer, "near_window_ms": self._policy.near_window_ms})
+             "answer": answer, "near_window_ms": self._policy.near_window_ms,
+             **(NO_FACTS if facts is None or not self._analytics.enabled
+                else {**facts.args(), **self._analytics_args})})
         result = await self._decisions.evalsha(self._settle, keys, args)
         return int(result[0]) == 1
 
@@ -144,7 +158,8 @@ class BudgetStore:
         async for key in self._redis.scan_iter(match=RESERVATIONS_PATTERN, count=500):
             name = text(key)
             keys, args = self._reap.bind({"reservations": name},
-                                         {"prefix": prefix_of_reservations(name), "ttl": ttl_ms})
+                                         {"prefix": prefix_of_reservations(name), "ttl": ttl_ms,
+                                          **self._analytics_args})
             count, nano = await self._reap_call(keys=keys, args=args)
             reaped += int(count)
             charged += int(nano)

@@ -16,6 +16,11 @@ Lua scripts get the prefix as an argument and the suffixes below through the pre
     tf:{<id>}:vel        velocity breaker: ZSET of forwarded requests, last minute
     tf:{<id>}:wt:<w>     threshold alert sent for window w (expires with it)
     tf:{<id>}:wx:<w>     budget.exceeded alert sent for window w (expires with it)
+    tf:{<id>}:am:<n>     usage analytics of minute n since the epoch (hash: metric|group ->
+    tf:{<id>}:ah:<n>     count; state/analytics.py), hour n, day n; written by settle.lua,
+    tf:{<id>}:ad:<n>     reserve.lua (refusals), refusal.lua and reap.lua; EXPIREAT = end
+                         of the period + retention (TOKENFUSE_ANALYTICS_*_RETENTION_*)
+    tf:events            the events feed: a capped stream (state/event_log.py)
     tf:vk:<vkey id>      gateway key: name, pool
     tf:secret-check      fingerprint of the secret the gateways on this Redis key callers with
     tf:at:<token id>     admin token: name, role, digest (keyed hash of the token), created_ms
@@ -41,6 +46,9 @@ CALLER = {
     "velocity": ":vel",
     "threshold_mark": ":wt:",
     "exceeded_mark": ":wx:",
+    "analytics_minute": ":am:",
+    "analytics_hour": ":ah:",
+    "analytics_day": ":ad:",
 }
 #: Suffixes after a pool's prefix `tfp:{<pool>}`.
 POOL = {
@@ -54,11 +62,14 @@ CONTROL_CHANNEL = "tf:control"
 SECRET_CHECK_KEY = "tf:secret-check"  # state/secret_check.py
 ADMIN_TOKEN_PATTERN = "tf:at:*"  # SCAN: every admin token (state/admin_tokens.py)
 AUDIT_STREAM = "tf:audit"  # state/audit.py
-EVENTS_STREAM = "tf:events"  # state/event_log.py
 LIMITS_PATTERN = "tf:{*}" + CALLER["limits"]  # SCAN: callers with own limits or a kill
 TOTAL_WINDOW_PATTERN = "tf:{*}" + CALLER["window"] + "t"  # SCAN: callers that spent
 RESERVATIONS_PATTERN = "tf:*" + CALLER["reservations"]  # SCAN: callers with reservations
 POOLS_PATTERN = "tfp:{*}" + POOL["keys"]  # SCAN: every pool
+EVENTS_KEY = "tf:events"  # state/event_log.py
+#: Analytics bucket resolutions: the CALLER part naming their keys, and their length (s).
+ANALYTICS_RESOLUTIONS = {"minute": ("analytics_minute", 60), "hour": ("analytics_hour", 3600),
+                         "day": ("analytics_day", 86400)}
 
 
 def caller_prefix(caller: str) -> str:
@@ -71,6 +82,25 @@ def limits_key(caller: str) -> str:
 
 def reservations_key(caller: str) -> str:
     return caller_prefix(caller) + CALLER["reservations"]
+
+
+def analytics_key(caller: str, resolution: str, bucket: int) -> str:
+    """The bucket hash of one caller for period `bucket` (minutes/hours/days since the
+    epoch) at `resolution` (minute, hour, day)."""
+    return caller_prefix(caller) + CALLER[ANALYTICS_RESOLUTIONS[resolution][0]] + str(bucket)
+
+
+def analytics_pattern(resolution: str) -> str:
+    """SCAN MATCH for every caller's buckets at one resolution."""
+    return "tf:{*}" + CALLER[ANALYTICS_RESOLUTIONS[resolution][0]] + "*"
+
+
+def parse_analytics_key(key: str) -> tuple[str, int] | None:
+    """(caller key id, bucket number) of a bucket key found by SCAN; None for a key that
+    only looks like one."""
+    caller = key[key.find("{") + 1 : key.find("}")]
+    bucket = key.rpartition(":")[2]
+    return (caller, int(bucket)) if caller and bucket.isdigit() else None
 
 
 def prefix_of_reservations(key: str) -> str:

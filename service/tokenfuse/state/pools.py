@@ -54,14 +54,20 @@ class PoolStore:
     async def report(self, pool: str, key: str, status: int, retry_after_ms: int = -1,
                      tokens: int = 0, spend_nano: int = 0, error: str = "") -> str:
         """Record an outcome; returns the key's state after it."""
+        return (await self.report_change(pool, key, status, retry_after_ms, tokens,
+                                         spend_nano, error))[1]
+
+    async def report_change(self, pool: str, key: str, status: int, retry_after_ms: int = -1,
+                            tokens: int = 0, spend_nano: int = 0,
+                            error: str = "") -> tuple[str, str]:
+        """Record an outcome; returns the key's state (before, after)."""
         keys, args = self._report.bind(
             {"health": pool_key(pool, "health", key)},
             {"status": status, "retry_after_ms": retry_after_ms, "base_cooldown_ms": self._base,
              "max_cooldown_ms": self._cap, "tokens": tokens, "spend": spend_nano,
              "error": error[:200]})
         result = await self._decisions.evalsha(self._report, keys, args)
-        state = result[0]
-        return state.decode() if isinstance(state, bytes) else str(state)
+        return text(result[2]), text(result[0])
 
     async def probe_candidates(self, pool: str, held_ids: list[str],
                                lock_ms: int) -> tuple[str | None, list[str]]:
