@@ -69,7 +69,7 @@ def test_wheel_compiles_the_admin_api_and_ships_the_dashboard(installed: Path) -
 def test_wheel_ships_scripts_and_prices(installed: Path) -> None:
     lua = sorted(p.name for p in (installed / "tokenfuse" / "lua").glob("*.lua"))
     assert lua == ["extend.lua", "pool_pick.lua", "pool_report.lua", "reap.lua",
-                   "reserve.lua", "settle.lua", "status.lua"]
+                   "refusal.lua", "reserve.lua", "settle.lua", "status.lua"]
     assert (installed / "tokenfuse" / "lua" / "lib" / "windows.lua").is_file()
     assert (installed / "tokenfuse" / "data" / "prices.json").is_file()
 

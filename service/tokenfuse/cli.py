@@ -241,11 +241,13 @@ def _tokens_command(args: argparse.Namespace, core: AdminCore, secret: bytes) ->
     store = AdminTokenStore(core.redis)
     if args.action == "create":
         token = tokens.create(store, secret, args.name, args.role)
+        core.audit_token_change("admin_token.create", args.name, args.role)
         print(token)
         print(f"(admin token '{args.name}', role {args.role}: shown once, only its keyed "
               "hash is stored)", file=sys.stderr)
     elif args.action == "revoke":
         record = tokens.revoke(store, args.name)
+        core.audit_token_change("admin_token.revoke", record.name, record.role)
         print(f"admin token '{record.name}' ({record.role}) revoked")
     else:
         for record in store.all():

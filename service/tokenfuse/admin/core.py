@@ -35,7 +35,10 @@ from tokenfuse.state.pools import PoolAdmin
 
 _KEY_ID = re.compile(rf"^[0-9a-f]{{{ID_HEX_CHARS}}}$")
 _VKEY_ID = _KEY_ID
-MAX_LIMIT_NANO = 10**18  # one billion USD: anything above is a typo
+#: ~9 million USD per window: the Lua scripts read limits as doubles, exact up to 2^53.
+MAX_LIMIT_NANO = 2**53 - 1
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._@:/-]{0,63}")  # gateway-key names: printable
+_PRINTABLE_KEY = re.compile(r"[\x21-\x7e]+")  # a key goes into a header value as it is
 MAX_LIST = 1000
 POOL_EXPORT_HEADER = ["pool", "id", "label", "weight", "enabled", "state", "requests",
                       "tokens", "spend_nano_usd"]
@@ -116,6 +119,12 @@ class AdminCore:
         self._reload_pools = reload_pools
 
     # --------------------------------------------------------------- audit and events
+    def audit_token_change(self, action: str, name: str, role: str) -> None:
+        """Admin tokens are made and revoked by the CLI only: audited like any action."""
+        self._audit(CLI, action, f"admin-token:{name}", None if action.endswith("create")
+                    else {"name": name, "role": role},
+                    {"name": name, "role": role} if action.endswith("create") else None)
+
     def _audit(self, actor: Actor, action: str, target: str, before: Any, after: Any) -> None:
         audit.record(self.redis, self._settings.admin.audit_max_entries, actor=actor.name,
                      role=actor.role, action=action, target=target, before=before,
@@ -141,7 +150,7 @@ class AdminCore:
         return key_id(self._secret, api_key)
 
     def _known(self, key: str, must_exist: bool) -> str:
-        if not _KEY_ID.match(key or ""):
+        if not _KEY_ID.fullmatch(key or ""):
             raise AdminError("invalid", f"a key id is {ID_HEX_CHARS} lowercase hex characters "
                              "(`tokenfuse budget status --key … --json` prints it)")
         if must_exist and not self._budgets.known(key):
@@ -207,8 +216,9 @@ class AdminCore:
                                        for row in self._pools.virtual_keys()])
 
     def create_gateway_key(self, actor: Actor, name: str, pool: str) -> pb.CreatedGatewayKey:
-        if not name or len(name) > 64:
-            raise AdminError("invalid", "a gateway key needs a name (1-64 characters)")
+        if not _NAME.fullmatch(name or ""):
+            raise AdminError("invalid", "a gateway key's name is 1-64 printable characters: "
+                             "letters, digits, space . _ @ : / -")
         try:
             secret, vid = self._pools.create_virtual_key(name, pool)
         except PoolError as exc:
@@ -218,7 +228,7 @@ class AdminCore:
         return pb.CreatedGatewayKey(key=pb.GatewayKey(**row), secret=secret)
 
     def revoke_gateway_key(self, actor: Actor, vid: str) -> pb.GatewayKey:
-        if not _VKEY_ID.match(vid or ""):
+        if not _VKEY_ID.fullmatch(vid or ""):
             raise AdminError("invalid", f"a gateway key id is {ID_HEX_CHARS} hex characters")
         row = self._pools.revoke_virtual_key(vid)
         if row is None:
@@ -284,6 +294,14 @@ class AdminCore:
             raise AdminError("invalid", f"pool {pool!r}: {exc}") from None
         if not keys:
             raise AdminError("invalid", "the CSV holds no key")
+        secrets = {k.secret for k in keys}
+        for number, k in enumerate(keys, start=2):
+            if not _PRINTABLE_KEY.fullmatch(k.secret):
+                raise AdminError("invalid", f"line {number}: a key is printable ASCII "
+                                 "without spaces (it is sent as a header value)")
+            if any(secret in k.label for secret in secrets | {h.secret for h in held}):
+                raise AdminError("invalid", f"line {number}: the label holds a key (labels "
+                                 "are shown to viewers)")
         known = self._pools.provider(pool)
         if known and known != provider:
             raise AdminError("precondition", f"pool {pool!r} holds {known} keys, not {provider}")

@@ -16,6 +16,7 @@ from tokenfuse.config import Settings
 TRANSCODER = ("type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3."
               "GrpcJsonTranscoder")
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+BUFFER = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer"
 HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
        "HttpConnectionManager")
 SERVICE = "tokenfuse.admin.v1.Admin"
@@ -71,8 +72,13 @@ def admin_listener(settings: Settings, processor_cluster: str) -> dict[str, Any]
                     "status": 404, "body": {"inline_string":
                                             '{"code":5,"message":"no such admin path"}\n'}}},
             ]}]},
-        "http_filters": [transcoder, {"name": "envoy.filters.http.router",
-                                      "typed_config": {"@type": ROUTER}}],
+        # Every request whole before anything reads it, at most the upload bound (413
+        # beyond): native gRPC callers too, which the transcoder's own bound does not
+        # cover (the processor's gRPC server takes messages of any size, for ext_proc).
+        "http_filters": [
+            {"name": "envoy.filters.http.buffer", "typed_config": {
+                "@type": BUFFER, "max_request_bytes": admin.max_upload_bytes + 64 * 1024}},
+            transcoder, {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
     }
     return {
         "name": "admin",
