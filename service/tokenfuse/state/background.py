@@ -25,8 +25,21 @@ class BackgroundWrites:
         self._size = queue_size
         self._timeout = timeout_s
         self._task: asyncio.Task[None] | None = None
+        try:  # the processor's loop (a refusal decided in a worker thread hands over to it)
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
 
     def put(self, write: Write) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # off the loop (asyncio.to_thread): queue it from the loop
+            if self._loop is None:
+                metrics.BACKGROUND_WRITES.labels(self._kind, "failed").inc()
+                return
+            self._loop.call_soon_threadsafe(self.put, write)
+            return
+        self._loop = loop
         if self._queue is None:
             self._queue = asyncio.Queue(maxsize=self._size)
         try:
@@ -35,7 +48,7 @@ class BackgroundWrites:
             metrics.BACKGROUND_WRITES.labels(self._kind, "dropped_queue_full").inc()
             return
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())
 
     async def _run(self) -> None:
         assert self._queue is not None
