@@ -59,7 +59,7 @@ def _env(target: Path, workdir: Path, redis_url: str) -> dict[str, str]:
 
 def test_wheel_ships_scripts_and_prices(installed: Path) -> None:
     lua = sorted(p.name for p in (installed / "tokenfuse" / "lua").glob("*.lua"))
-    assert lua == ["extend.lua", "pool_pick.lua", "pool_report.lua", "reap.lua",
+    assert lua == ["extend.lua", "pool_pick.lua", "pool_report.lua", "reap.lua", "refusal.lua",
                    "reserve.lua", "settle.lua", "status.lua"]
     assert (installed / "tokenfuse" / "lua" / "lib" / "windows.lua").is_file()
     assert (installed / "tokenfuse" / "data" / "prices.json").is_file()
