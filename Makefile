@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 # suite on a 2-core runner. PYTEST_ARGS= (empty) runs it in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
 
-.PHONY: setup run test lint bench envoy-config envoy-configs prices clean
+.PHONY: setup run test lint bench envoy-config envoy-configs protos prices clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml scripts/setup.sh protos/tokenfuse/admin/v1/admin.proto
 	VENV=$(VENV) scripts/setup.sh
 
 run: setup
@@ -25,6 +25,10 @@ lint: setup
 bench: setup
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(PY) bench/run.py
+
+# The admin API's Python modules and descriptor set from protos/ (setup does it too).
+protos: setup
+	$(PY) protos/build.py service
 
 envoy-config: setup
 	$(PY) -m tokenfuse.deploy.envoy_config -
@@ -50,4 +54,4 @@ prices: setup
 	$(VENV)/bin/tokenfuse prices refresh --source "$$source" $(PRICES_ARGS)
 
 clean:
-	rm -rf $(VENV) .tokenfuse .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tokenfuse .pytest_cache .ruff_cache service/tokenfuse/admin/v1 test-artifacts

@@ -423,10 +423,10 @@ def test_dockerfile_is_multi_stage_non_root_and_holds_no_secret() -> None:
         names = [*stage.env(), *(a.split("=")[0] for a in stage.all("ARG"))]
         assert not [n for n in names if "SECRET" in n or "PASSWORD" in n or n == "REDIS_URL"]
     copied = [source for source, _ in dockerfile.build_context_copies(build)]
-    assert sorted(copied) == ["lua", "pyproject.toml", "service", "setup.py"]
+    assert sorted(copied) == ["lua", "protos", "pyproject.toml", "service", "setup.py"]
     ignore = (ROOT / ".dockerignore").read_text().split()
-    assert ignore[ignore.index("*") + 1:][:4] == ["!pyproject.toml", "!setup.py",
-                                                   "!service/", "!lua/"]
+    assert ignore[ignore.index("*") + 1:][:5] == ["!pyproject.toml", "!setup.py",
+                                                   "!service/", "!lua/", "!protos/"]
 
 
 # ---- deploy/kubernetes/ ---------------------------------------------------------------------

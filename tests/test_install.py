@@ -36,6 +36,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             target_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / source, target_dir / Path(source).name)
+    # .dockerignore keeps the checkout's generated admin API out: the build compiles it.
+    shutil.rmtree(context / "service" / "tokenfuse" / "admin" / "v1", ignore_errors=True)
     wheels = tmp_path_factory.mktemp("wheels")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--disable-pip-version-check", "--wheel-dir", str(wheels), str(context)],
@@ -55,6 +57,13 @@ def _env(target: Path, workdir: Path, redis_url: str) -> dict[str, str]:
             "PATH": "/usr/bin:/bin", "REDIS_URL": redis_url,
             "TOKENFUSE_SECRET": "install-test-secret", "TOKENFUSE_STATE_DIR": str(workdir),
             "TOKENFUSE_METRICS_PORT": str(free_port())}
+
+
+def test_wheel_compiles_the_admin_api_and_ships_the_dashboard(installed: Path) -> None:
+    generated = installed / "tokenfuse" / "admin" / "v1"
+    assert {"admin_pb2.py", "admin_pb2_grpc.py", "admin.pb"} <= {
+        p.name for p in generated.iterdir()}
+    assert (installed / "tokenfuse" / "admin" / "ui" / "index.html").is_file()
 
 
 def test_wheel_ships_scripts_and_prices(installed: Path) -> None:

@@ -86,6 +86,7 @@ class RunningStack:
             self.state, self.redis_port,
             TOKENFUSE_LISTEN_PORT=str(free_port()),
             TOKENFUSE_ENVOY_ADMIN_PORT=str(self.admin_port),
+            TOKENFUSE_ADMIN_PORT=str(free_port()),
             TOKENFUSE_METRICS_PORT=str(free_port()),
             TOKENFUSE_LOG_LEVEL="DEBUG",
         )

@@ -49,6 +49,7 @@ class MakeRun:
                     "TOKENFUSE_LOCAL_REDIS_PORT": str(self.redis_port),
                     "TOKENFUSE_LISTEN_PORT": str(self.listen_port),
                     "TOKENFUSE_ENVOY_ADMIN_PORT": str(self.admin_port),
+                    "TOKENFUSE_ADMIN_PORT": str(free_port()),
                     "TOKENFUSE_METRICS_PORT": str(free_port()),
                     "TOKENFUSE_UPSTREAM_OPENAI": upstream}
         self.env.update(extra)

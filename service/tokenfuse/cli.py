@@ -1,5 +1,11 @@
 """Operator CLI: `tokenfuse budget set|status|clear --key …`, `tokenfuse kill --key …`,
-`tokenfuse prices refresh --source …`.
+`tokenfuse keys …`, `tokenfuse vkey create|list|revoke`, `tokenfuse admin token
+create|list|revoke`, `tokenfuse audit`, `tokenfuse prices refresh --source …`.
+
+Budgets, kills, gateway keys and pools go through the admin service's logic
+(tokenfuse.admin.core), as the JSON API and the dashboard do; every change is audited
+with the actor "cli". (Longer than 300 lines: one parser and one handler per command
+group, hence its length.)
 
 `--key` takes the API key itself; only its keyed hash (HMAC with the server secret)
 reaches Redis, so the CLI needs the same TOKENFUSE_SECRET / secret file as the processor.
@@ -15,15 +21,19 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from google.protobuf import json_format
+
 from tokenfuse import price_refresh
+from tokenfuse.admin import tokens
+from tokenfuse.admin.core import CLI, POOL_EXPORT_HEADER, AdminCore, AdminError
 from tokenfuse.config import WINDOWS, ConfigError, Settings, load_secret, load_settings
-from tokenfuse.identity import PREFIX_CHARS, key_id, secret_fingerprint
+from tokenfuse.identity import PREFIX_CHARS, secret_fingerprint
 from tokenfuse.money import nano_to_usd, usd_to_nano
 from tokenfuse.pools.secrets import PoolError, PoolSecrets, parse_pool_csv
 from tokenfuse.pricing import BUILTIN_PRICES
 from tokenfuse.providers import DEFAULT_PROVIDER, PROVIDERS
 from tokenfuse.state import secret_check
-from tokenfuse.state.admin import BudgetAdmin, BudgetStatus
+from tokenfuse.state.admin_tokens import AdminTokenStore
 from tokenfuse.state.connection import REDIS_FAILURES, sync_client
 from tokenfuse.state.pools import PoolAdmin
 
@@ -86,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     create = vkey_actions.add_parser("create", help="create one; it is printed once")
     create.add_argument("--name", required=True)
     create.add_argument("--pool", required=True)
+    vkey_actions.add_parser("list", help="ids, names, pools (never the keys)")
+    revoke = vkey_actions.add_parser("revoke", help="delete one (by id)")
+    revoke.add_argument("id")
+
+    admin = groups.add_parser("admin", help="admin API tokens (viewer reads, operator acts)")
+    admin_groups = admin.add_subparsers(dest="object", required=True)
+    token = admin_groups.add_parser("token", help="admin tokens")
+    token_actions = token.add_subparsers(dest="action", required=True)
+    token_create = token_actions.add_parser("create", help="create one; it is printed once")
+    token_create.add_argument("--name", required=True)
+    token_create.add_argument("--role", required=True, choices=tokens.ROLES)
+    token_actions.add_parser("list", help="names, roles, creation times (never the tokens)")
+    token_revoke = token_actions.add_parser("revoke", help="revoke one (by name or id)")
+    token_revoke.add_argument("name")
+
+    audit = groups.add_parser("audit", help="the audit trail of operator actions")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--json", action="store_true")
 
     kill = groups.add_parser("kill", help="kill switch: refuse the key's requests and end "
                                           "its in-flight streams within one chunk")
@@ -120,27 +148,6 @@ def _prices_command(args: argparse.Namespace) -> int:
         if isinstance(note, dict) and str(note.get("reason", "")).startswith("not priced:"):
             print(f"tokenfuse: {name}: {note['reason']}", file=sys.stderr)
     return 0
-
-
-def status_document(key_prefix: str, status: BudgetStatus) -> dict[str, object]:
-    def iso(epoch: int) -> str | None:
-        return datetime.fromtimestamp(epoch, UTC).isoformat() if epoch else None
-
-    return {
-        "key_id_prefix": key_prefix,
-        "killed": status.killed,
-        "limits": "own" if status.own_limits else "defaults",
-        "windows": {
-            w.window: {
-                "limit_nano_usd": w.limit_nano,
-                "spent_nano_usd": w.spent_nano,
-                "reserved_nano_usd": w.reserved_nano,
-                "remaining_nano_usd": w.remaining_nano,
-                "resets_at": iso(w.resets_at),
-            }
-            for w in status.windows
-        },
-    }
 
 
 def _print_status(doc: dict[str, object]) -> None:
@@ -187,18 +194,25 @@ def _main(argv: list[str] | None) -> int:
     except secret_check.SecretMismatch as exc:
         print(f"tokenfuse: {exc}", file=sys.stderr)
         return 2
-    if args.group in ("keys", "vkey"):
-        try:
-            return _pools_command(args, settings, secret)
-        except (PoolError, OSError) as exc:
-            print(f"tokenfuse: {exc}", file=sys.stderr)
-            return 2
-    admin = BudgetAdmin.from_url(settings.redis.url, settings.budgets.default_limit_args(),
-                                 settings.redis.cluster)
-    caller = key_id(secret, args.key)
+    core = AdminCore(sync_client(settings.redis.url, settings.redis.cluster), settings, secret)
+    try:
+        if args.group == "admin":
+            return _tokens_command(args, core, secret)
+        if args.group == "audit":
+            return _audit_command(args, core)
+        if args.group in ("keys", "vkey"):
+            return _pools_command(args, settings, secret, core)
+        return _budget_command(args, core)
+    except (AdminError, tokens.TokenError, PoolError, OSError) as exc:
+        print(f"tokenfuse: {exc}", file=sys.stderr)
+        return 2
+
+
+def _budget_command(args: argparse.Namespace, core: AdminCore) -> int:
+    caller = core.caller_of(args.key)
     prefix = caller[:PREFIX_CHARS]
     if args.group == "kill":
-        admin.set_killed(caller, not args.lift)
+        core.set_killed(CLI, caller, not args.lift, must_exist=False)
         print(f"kill switch {'lifted' if args.lift else 'set'} for key {prefix}…")
         return 0
     if args.action == "set":
@@ -208,14 +222,14 @@ def _main(argv: list[str] | None) -> int:
             print("tokenfuse: give at least one of --" + " --".join(WINDOW_FLAGS),
                   file=sys.stderr)
             return 2
-        admin.set_limits(caller, limits)
+        core.set_budget(CLI, caller, limits, must_exist=False)
         print(f"budget set for key {prefix}…: "
               + ", ".join(f"{w} ${nano_to_usd(v)}" for w, v in limits.items()))
     elif args.action == "clear":
-        admin.clear_limits(caller)
+        core.clear_budget(CLI, caller, must_exist=False)
         print(f"budget cleared for key {prefix}… (defaults apply)")
     else:
-        doc = status_document(prefix, admin.status(caller))
+        doc = core.budget_doc(caller, must_exist=False)
         if args.json:
             print(json.dumps(doc, indent=2))
         else:
@@ -223,11 +237,50 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def _pools_command(args: argparse.Namespace, settings: Settings, secret: bytes) -> int:
-    admin = PoolAdmin(sync_client(settings.redis.url, settings.redis.cluster), secret)
+def _tokens_command(args: argparse.Namespace, core: AdminCore, secret: bytes) -> int:
+    store = AdminTokenStore(core.redis)
+    if args.action == "create":
+        token = tokens.create(store, secret, args.name, args.role)
+        print(token)
+        print(f"(admin token '{args.name}', role {args.role}: shown once, only its keyed "
+              "hash is stored)", file=sys.stderr)
+    elif args.action == "revoke":
+        record = tokens.revoke(store, args.name)
+        print(f"admin token '{record.name}' ({record.role}) revoked")
+    else:
+        for record in store.all():
+            created = datetime.fromtimestamp(record.created_ms // 1000, UTC).isoformat()
+            print(f"{record.name:<24} {record.role:<9} {record.token_id}  {created}")
+    return 0
+
+
+def _audit_command(args: argparse.Namespace, core: AdminCore) -> int:
+    entries = json_format.MessageToDict(core.audit_entries(args.limit),
+                                        preserving_proto_field_name=True).get("entries", [])
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for e in entries:
+        at = datetime.fromtimestamp(int(e["at_ms"]) // 1000, UTC).isoformat()
+        print(f"{at}  {e['actor']:<16} {e['action']:<20} {e['target']}  "
+              f"{json.dumps(e.get('before'))} -> {json.dumps(e.get('after'))}")
+    return 0
+
+
+def _pools_command(args: argparse.Namespace, settings: Settings, secret: bytes,
+                   core: AdminCore) -> int:
+    admin = PoolAdmin(core.redis, secret)
     if args.group == "vkey":
-        vkey = admin.create_virtual_key(args.name, args.pool)
-        print(vkey)
+        if args.action == "list":
+            for row in core.gateway_keys().keys:
+                print(f"{row.id}  {row.name:<24} pool {row.pool}")
+            return 0
+        if args.action == "revoke":
+            row = core.revoke_gateway_key(CLI, args.id)
+            print(f"gateway key '{row.name}' ({row.id[:PREFIX_CHARS]}…) revoked")
+            return 0
+        created = core.create_gateway_key(CLI, args.name, args.pool)
+        print(created.secret)
         print(f"(gateway key '{args.name}' for pool '{args.pool}': shown once, only its hash "
               "is stored)", file=sys.stderr)
         return 0
@@ -241,11 +294,10 @@ def _pools_command(args: argparse.Namespace, settings: Settings, secret: bytes) 
                   file=sys.stderr)
         return 0
     if args.action in ("enable", "disable"):
-        kid = admin.set_enabled(args.pool, args.key, args.action == "enable")
-        print(f"pool {args.pool}: key {kid[:PREFIX_CHARS]}… {args.action}d")
+        key = core.set_pool_key_enabled(CLI, args.pool, args.key, args.action == "enable")
+        print(f"pool {args.pool}: key {key.id[:PREFIX_CHARS]}… {args.action}d")
         return 0
-    pools = [args.pool] if args.pool else admin.pools()
-    rows = [row for pool in pools for row in admin.list_keys(pool)]
+    rows = core.pool_rows(args.pool or "")
     if args.action == "list":
         if args.json:
             print(json.dumps(rows, indent=2))
@@ -258,20 +310,16 @@ def _pools_command(args: argparse.Namespace, settings: Settings, secret: bytes) 
                       f"{state:<10}{r['requests']:>9}{r['tokens']:>10}"
                       f"{nano_to_usd(r['spend_nano_usd']):>12}  {r['last_error'] or ''}")
         return 0
-    secrets_by_pool: dict[str, dict[str, str]] = {}
-    if args.include_secrets:
-        loaded = PoolSecrets(secret, settings.pools.directory)
-        loaded.load()
-        secrets_by_pool = loaded.by_pool
+    if not args.include_secrets:
+        sys.stdout.write(core.export_pool_csv(args.pool or ""))
+        return 0
+    loaded = PoolSecrets(secret, settings.pools.directory)
+    loaded.load()
     out = csv.writer(sys.stdout)
-    header = ["pool", "id", "label", "weight", "enabled", "state", "requests", "tokens",
-              "spend_nano_usd"]
-    out.writerow([*header, "key"] if args.include_secrets else header)
+    out.writerow([*POOL_EXPORT_HEADER, "key"])
     for r in rows:
-        line = [r[h] for h in header]
-        if args.include_secrets:
-            line.append(secrets_by_pool.get(r["pool"], {}).get(r["id"], ""))
-        out.writerow(line)
+        out.writerow([*(r[h] for h in POOL_EXPORT_HEADER),
+                      loaded.by_pool.get(r["pool"], {}).get(r["id"], "")])
     return 0
 
 

@@ -224,6 +224,7 @@ class Settings:
     envoy: EnvoySettings = field(default_factory=EnvoySettings)
     drain: DrainSettings = field(default_factory=DrainSettings)
     tracing: TracingSettings = field(default_factory=lambda: TracingSettings())
+    admin: AdminSettings = field(default_factory=lambda: AdminSettings())
     secret_value: str = field(default="", repr=False)  # TOKENFUSE_SECRET
     secret_file: Path = Path(".tokenfuse/secret")
     log_level: str = "INFO"
@@ -351,6 +352,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         drain=DrainSettings(
             timeout_seconds=env.int("TOKENFUSE_DRAIN_TIMEOUT_SECONDS", 30, minimum=0)),
         tracing=_tracing(env),
+        admin=AdminSettings(
+            address=env.text("TOKENFUSE_ADMIN_ADDRESS", "127.0.0.1"),
+            port=env.int("TOKENFUSE_ADMIN_PORT", 10001, minimum=0),
+            max_upload_bytes=env.int("TOKENFUSE_ADMIN_MAX_UPLOAD_BYTES", 1024 * 1024,
+                                     minimum=1024),
+            audit_max_entries=env.int("TOKENFUSE_AUDIT_MAX_ENTRIES", 100000, minimum=100),
+        ),
         secret_value=env.raw("TOKENFUSE_SECRET"),
         secret_file=Path(env.text("TOKENFUSE_SECRET_FILE", str(state_dir / "secret"))),
         log_level=env.text("TOKENFUSE_LOG_LEVEL", "INFO").upper(),
@@ -386,6 +394,19 @@ def _analytics(env: _Env) -> AnalyticsSettings:
         events_max=env.int("TOKENFUSE_EVENTS_MAX", 10000, minimum=1),
         queue_size=env.int("TOKENFUSE_ANALYTICS_QUEUE_SIZE", 1000, minimum=1),
     )
+
+
+# ------------------------------------------------------------ the admin API
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The admin listener Envoy opens for the admin API and the dashboard (never the proxy
+    listener); `port` 0 leaves it out of Envoy's configuration."""
+
+    address: str = "127.0.0.1"
+    port: int = 10001
+    max_upload_bytes: int = 1024 * 1024  # a request body on the admin listener (CSV import)
+    audit_max_entries: int = 100000  # the audit trail keeps about this many (XADD MAXLEN ~)
 
 
 # ------------------------------------------------------------ OpenTelemetry traces

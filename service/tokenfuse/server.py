@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from tokenfuse.admin.serving import add_admin_service, admin_thread_pool
 from tokenfuse.config import (
     ConfigError,
     ProcessorSettings,
@@ -110,8 +111,9 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     events = EventLog(store.decisions, settings.analytics.events_max, *background)
     probes = asyncio.create_task(probe_forever(pools, pool_secrets, settings.envoy.upstreams,
                                                settings.pools.probe_interval_ms / 1000, events))
+    admin_threads = admin_thread_pool() if settings.admin.port else None
     server = grpc.aio.server(options=tcp_options(processor) if processor.address
-                             else GRPC_OPTIONS)
+                             else GRPC_OPTIONS, migration_thread_pool=admin_threads)
     runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets,
                       tracing=tracing,
                       analytics=RefusalRecorder(store.decisions, store.analytics, *background)
@@ -119,6 +121,10 @@ async def serve(settings: Settings, index: int | None = None) -> None:
                       events=events)
     service = ExtProcService(runtime)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
+    if admin_threads is not None:  # the admin API (Envoy's admin listener reaches it here)
+        add_admin_service(server, settings, secret,
+                          lambda: (len(runtime.open_streams), runtime.draining),
+                          pool_secrets.load)
     socket_path = worker_socket(processor.socket, index or 0)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
@@ -181,6 +187,8 @@ async def serve(settings: Settings, index: int | None = None) -> None:
         if writer is not None:
             await writer.close()
     await store.close()
+    if admin_threads is not None:
+        admin_threads.shutdown(wait=False, cancel_futures=True)
     if tracing is not None:
         await asyncio.to_thread(tracing.shutdown)
     if refused:

@@ -69,7 +69,8 @@ class ServiceFailed(RuntimeError):
 
 #: Ports a stack picks for itself (free_port can race with another process's ephemeral
 #: port between the pick and the bind: such a start is retried on fresh ports).
-STACK_PORTS = ("TOKENFUSE_METRICS_PORT", "TOKENFUSE_LISTEN_PORT", "TOKENFUSE_ENVOY_ADMIN_PORT")
+STACK_PORTS = ("TOKENFUSE_METRICS_PORT", "TOKENFUSE_LISTEN_PORT", "TOKENFUSE_ENVOY_ADMIN_PORT",
+               "TOKENFUSE_ADMIN_PORT")
 
 
 class Service:
@@ -197,6 +198,11 @@ class Envoy(Service):
         return envoy_ready(self.admin_port)
 
     @property
+    def admin_url(self) -> str:
+        """tokenfuse's admin listener (API and dashboard), not Envoy's own admin."""
+        return f"http://127.0.0.1:{self.env['TOKENFUSE_ADMIN_PORT']}"
+
+    @property
     def base_url(self) -> str:
         scheme = "https" if self.env.get("TOKENFUSE_TLS_CERT_FILE") else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
@@ -228,6 +234,7 @@ class Stack:
             "TOKENFUSE_METRICS_PORT": str(free_port()),
             "TOKENFUSE_LISTEN_PORT": str(free_port()),
             "TOKENFUSE_ENVOY_ADMIN_PORT": str(free_port()),
+            "TOKENFUSE_ADMIN_PORT": str(free_port()),  # tokenfuse's admin API + dashboard
             "TOKENFUSE_UPSTREAM_OPENAI": upstream_url,
             "TOKENFUSE_UPSTREAM_ANTHROPIC": upstream_url,
             # Every other vendor at the fake under its own prefix (the fake speaks each

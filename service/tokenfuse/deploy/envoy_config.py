@@ -31,6 +31,7 @@ from tokenfuse.contract import (
     UPSTREAM_SIGNING_PROCESSING_MODE,
     UPSTREAM_STAGE,
 )
+from tokenfuse.deploy.admin_listener import admin_listener
 from tokenfuse.identity import VIRTUAL_KEY_PREFIX
 from tokenfuse.providers import PROVIDERS, Provider
 
@@ -405,6 +406,8 @@ def render(settings: Settings, processor_address: str = "", ready_port: int = 0
     }
     max_connections = envoy.max_connections
     extra_listeners: list[dict[str, Any]] = []
+    if settings.admin.port:
+        extra_listeners.append(admin_listener(settings, clusters[0]["name"]))
     if ready_port:
         listener, admin = _ready_listener(ready_port, envoy.admin_port)
         extra_listeners.append(listener)

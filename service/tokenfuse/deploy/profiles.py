@@ -50,7 +50,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("local", "a host install: the processor on a Unix socket in /run/tokenfuse",
             {"TOKENFUSE_PROCESSOR_SOCKET": "/run/tokenfuse/processor.sock"}),
     Profile("compose", "docker-compose.yml: the processor is the `tokenfuse` service, over "
-            "TCP on the compose network", CONTAINER,
+            "TCP on the compose network; the admin listener on the container's addresses "
+            "(compose publishes it on the host's loopback only)",
+            {**CONTAINER, "TOKENFUSE_ADMIN_ADDRESS": "0.0.0.0"},
             processor=f"tokenfuse:{PROCESSOR_PORT}"),
     Profile("kubernetes-sidecar", "Kubernetes, the processor a sidecar of Envoy: its Unix "
             "socket on an emptyDir both containers mount",

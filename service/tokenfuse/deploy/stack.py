@@ -171,6 +171,8 @@ def check_free(settings: Settings) -> None:
              ("TOKENFUSE_ENVOY_ADMIN_PORT", "127.0.0.1", settings.envoy.admin_port),
              ("TOKENFUSE_METRICS_PORT", settings.processor.metrics_address,
               settings.processor.metrics_port)]
+    if settings.admin.port:
+        ports.append(("TOKENFUSE_ADMIN_PORT", settings.admin.address, settings.admin.port))
     if not settings.redis.url_given:
         ports.append(("TOKENFUSE_LOCAL_REDIS_PORT", "127.0.0.1", settings.redis.local_port))
     seen: dict[int, str] = {}
@@ -380,6 +382,10 @@ def main() -> int:
         for name, provider in PROVIDERS.items():
             upstream = settings.envoy.upstreams.get(name) or "not configured"
             print(f"  /{name}{provider.sdk_base_path or '/'}  →  {upstream}", flush=True)
+        if settings.admin.port:
+            print(f"tokenfuse: dashboard and admin API on http://{settings.admin.address}:"
+                  f"{settings.admin.port}/ (tokens: tokenfuse admin token create --name NAME "
+                  "--role viewer|operator)", flush=True)
         while True:
             for part in parts:
                 if part.exited() and not recover(part, policy):

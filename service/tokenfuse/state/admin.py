@@ -10,7 +10,14 @@ from tokenfuse.config import WINDOWS
 from tokenfuse.state import scripts
 from tokenfuse.state.connection import sync_client, text
 from tokenfuse.state.control import announce
-from tokenfuse.state.keys import caller_prefix, limits_key
+from tokenfuse.state.keys import (
+    LIMITS_PATTERN,
+    TOTAL_WINDOW_PATTERN,
+    caller_of_key,
+    caller_prefix,
+    limits_key,
+    total_window_key,
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,17 @@ class BudgetAdmin:
         else:
             self._redis.hdel(limits_key(caller), "killed")
         announce(self._redis, caller)
+
+    def known(self, caller: str) -> bool:
+        """Has Redis seen this caller: own limits, a kill, or any spend?"""
+        return bool(self._redis.exists(limits_key(caller), total_window_key(caller)))
+
+    def callers(self) -> list[str]:
+        """Every caller with own limits, a kill switch or spend (SCAN: the admin's cold
+        path, one pass per pattern)."""
+        found = {caller_of_key(text(key)) for pattern in (LIMITS_PATTERN, TOTAL_WINDOW_PATTERN)
+                 for key in self._redis.scan_iter(match=pattern, count=1000)}
+        return sorted(found)
 
     def status(self, caller: str) -> BudgetStatus:
         keys, args = self._status.bind({"limits": limits_key(caller)},

@@ -21,6 +21,9 @@ from tokenfuse.state.redis_pipe import PipelinedRedis
 #: What a Redis call can fail with (errors, connection loss, our own time bound; redis-py's
 #: cluster errors that are not RedisErrors: no reachable node, a slot no node serves).
 REDIS_FAILURES = (redis.RedisError, OSError, asyncio.TimeoutError, RedisClusterException)
+#: The operators' synchronous client (a RedisCluster on a cluster), for type hints outside
+#: state/ (which never imports redis itself).
+SyncRedis = redis.Redis
 
 
 def async_client(url: str, timeout_s: float, cluster: bool = False) -> aioredis.Redis:

@@ -23,6 +23,8 @@ Lua scripts get the prefix as an argument and the suffixes below through the pre
     tf:events            the events feed: a capped stream (state/event_log.py)
     tf:vk:<vkey id>      gateway key: name, pool
     tf:secret-check      fingerprint of the secret the gateways on this Redis key callers with
+    tf:at:<token id>     admin token: name, role, digest (keyed hash of the token), created_ms
+    tf:audit             audit trail: a stream of operator actions (capped, XADD MAXLEN ~)
     tfp:{<pool>}:keys    pool members: key id -> "weight|enabled|label"
     tfp:{<pool>}:rr      round-robin counter
     tfp:{<pool>}:meta    provider
@@ -58,6 +60,10 @@ POOL = {
 }
 CONTROL_CHANNEL = "tf:control"
 SECRET_CHECK_KEY = "tf:secret-check"  # state/secret_check.py
+ADMIN_TOKEN_PATTERN = "tf:at:*"  # SCAN: every admin token (state/admin_tokens.py)
+AUDIT_STREAM = "tf:audit"  # state/audit.py
+LIMITS_PATTERN = "tf:{*}" + CALLER["limits"]  # SCAN: callers with own limits or a kill
+TOTAL_WINDOW_PATTERN = "tf:{*}" + CALLER["window"] + "t"  # SCAN: callers that spent
 RESERVATIONS_PATTERN = "tf:*" + CALLER["reservations"]  # SCAN: callers with reservations
 POOLS_PATTERN = "tfp:{*}" + POOL["keys"]  # SCAN: every pool
 EVENTS_KEY = "tf:events"  # state/event_log.py
@@ -146,6 +152,28 @@ def pool_of_keys_key(key: str) -> str:
 
 def vkey_key(vkey_id: str) -> str:
     return f"tf:vk:{vkey_id}"
+
+
+VKEY_PATTERN = "tf:vk:*"  # SCAN: every gateway key
+
+
+def vkey_of_key(key: str) -> str:
+    """The gateway key id of a `tf:vk:<id>` key found by SCAN."""
+    return key.removeprefix("tf:vk:")
+
+
+def caller_of_key(key: str) -> str:
+    """The caller key id of any `tf:{<id>}…` key found by SCAN."""
+    return key[key.index("{") + 1 : key.index("}")]
+
+
+def total_window_key(caller: str) -> str:
+    """The counters of the caller's lifetime window (exists once it was charged)."""
+    return caller_prefix(caller) + CALLER["window"] + "t"
+
+
+def admin_token_key(token_id: str) -> str:
+    return f"tf:at:{token_id}"
 
 
 def lua_layout() -> str:

@@ -16,7 +16,15 @@ from tokenfuse.providers import PROVIDERS
 from tokenfuse.state import scripts
 from tokenfuse.state.cluster_pipe import ClusterPipelinedRedis
 from tokenfuse.state.connection import text
-from tokenfuse.state.keys import POOLS_PATTERN, pool_key, pool_of_keys_key, pool_prefix, vkey_key
+from tokenfuse.state.keys import (
+    POOLS_PATTERN,
+    VKEY_PATTERN,
+    pool_key,
+    pool_of_keys_key,
+    pool_prefix,
+    vkey_key,
+    vkey_of_key,
+)
 from tokenfuse.state.redis_pipe import PipelinedRedis
 
 
@@ -145,11 +153,34 @@ class PoolAdmin:
                 return kid.decode()
         raise PoolError(f"no key {id_or_label!r} in pool {pool!r}")
 
-    def create_virtual_key(self, name: str, pool: str) -> str:
+    def provider(self, pool: str) -> str:
+        return text(self._redis.hget(pool_key(pool, "meta"), "provider") or b"")
+
+    def create_virtual_key(self, name: str, pool: str) -> tuple[str, str]:
+        """(the gateway key, shown once; its id, under which its hash is stored)."""
         check_pool_name(pool)
         if not self._redis.exists(pool_key(pool, "keys")):
             raise PoolError(f"pool {pool!r} has no keys: import some first")
         vkey = VIRTUAL_KEY_PREFIX + secrets.token_urlsafe(32)
-        self._redis.hset(vkey_key(key_id(self._secret, vkey)),
-                         mapping={"name": name, "pool": pool})
-        return vkey
+        vid = key_id(self._secret, vkey)
+        self._redis.hset(vkey_key(vid), mapping={
+            "name": name, "pool": pool, "created_ms": int(time.time() * 1000)})
+        return vkey, vid
+
+    def virtual_keys(self) -> list[dict[str, Any]]:
+        rows = []
+        for key in self._redis.scan_iter(match=VKEY_PATTERN, count=1000):
+            fields = {text(k): text(v) for k, v in self._redis.hgetall(key).items()}
+            if fields.get("pool"):
+                rows.append({"id": vkey_of_key(text(key)), "name": fields.get("name", ""),
+                             "pool": fields["pool"],
+                             "created_ms": int(fields.get("created_ms") or 0)})
+        return sorted(rows, key=lambda r: (r["created_ms"], r["name"]))
+
+    def revoke_virtual_key(self, vid: str) -> dict[str, Any] | None:
+        """Delete a gateway key (its next request is the caller's own key again: refused
+        by the provider); the row it had, or None."""
+        row = next((r for r in self.virtual_keys() if r["id"] == vid), None)
+        if row is not None:
+            self._redis.delete(vkey_key(vid))
+        return row
