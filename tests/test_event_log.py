@@ -4,6 +4,7 @@ secret; the admin side's writer and reader; the stream stays capped."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ POOL_KEYS = [f"sk-ant-events-pool-{i}-{'e' * 20}" for i in range(2)]
 
 @pytest.fixture(scope="module")
 def estack(fake: FakeProvider) -> Iterator[Stack]:
-    s = Stack(fake.base_url, {"TOKENFUSE_POOL_COOLDOWN_MS": "60000"})
+    s = Stack(fake.base_url, {"TOKENFUSE_POOL_COOLDOWN_MS": "60000",
+                              "TOKENFUSE_POOL_PROBE_INTERVAL_MS": "300"})
     s.add_pool("ev-pool", "anthropic", "key,label\n" + "".join(
         f"{k},ev-{i}\n" for i, k in enumerate(POOL_KEYS)))
     s.start()
@@ -118,13 +120,41 @@ def test_a_pool_key_state_change_shows_up(estack: Stack, fake: FakeProvider) -> 
         fake.key_failures.pop(POOL_KEYS[0], None)
     failing = key_id(estack.secret.encode(), POOL_KEYS[0])[:8]
     wait_until(lambda: [e for e in events_of(estack, "", "pool_key.state")
-                        if e["detail"]["pool_key"] == failing], what="the state event")
+                        if e["detail"].get("pool_key") == failing], what="the state event")
     (change,) = [e for e in events_of(estack, "", "pool_key.state")
-                 if e["detail"]["pool_key"] == failing]
+                 if e["detail"].get("pool_key") == failing]
     assert (change["pool"], change["provider"]) == ("ev-pool", "anthropic")
     assert change["detail"] == {"pool_key": failing, "state": "open", "before": "closed",
                                 "status": 429}
     no_secret(estack, vkey, *POOL_KEYS)
+
+
+def test_a_revoked_key_and_its_probe_show_up(estack: Stack, fake: FakeProvider) -> None:
+    """401: the key is disabled (the attempt's report); the probe brings it back."""
+    vkey = estack.cli("vkey", "create", "--name", "ev2", "--pool", "ev-pool").stdout.strip()
+    revoked = key_id(estack.secret.encode(), POOL_KEYS[1])[:8]
+
+    def changes() -> list[dict[str, Any]]:
+        return [e["detail"] for e in events_of(estack, "", "pool_key.state")
+                if e["detail"].get("pool_key") == revoked]
+
+    # The other key may still cool down from the test before: back in rotation first.
+    assert estack.cli("keys", "enable", "--pool", "ev-pool", "ev-0").returncode == 0
+    fake.revoked_keys.add(POOL_KEYS[1])
+    try:
+        for i in range(4):
+            with contextlib.suppress(anthropic.AuthenticationError):
+                anthropic_client(estack, vkey).messages.create(
+                    model="claude-haiku-4-5", max_tokens=3,
+                    messages=[{"role": "user", "content": f"revoked {i}"}])
+        wait_until(lambda: len(changes()) == 1, what="the key disabled")
+    finally:
+        fake.revoked_keys.discard(POOL_KEYS[1])  # the provider accepts it again
+    wait_until(lambda: len(changes()) == 2, what="the probe to bring it back")
+    probed, disabled = changes()  # newest first
+    assert (disabled["before"], disabled["state"], disabled["status"]) == (
+        "closed", "disabled", 401)
+    assert (probed["before"], probed["state"], probed["probe"]) == ("disabled", "closed", True)
 
 
 def test_admin_writer_reader_and_cap(redis_server: RedisServer) -> None:

@@ -107,18 +107,18 @@ async def serve(settings: Settings, index: int | None = None) -> None:
     pool_secrets.load()
     pools = PoolStore(store.client, store.decisions, settings.pools.cooldown_ms,
                       settings.pools.max_cooldown_ms)
+    background = (settings.analytics.queue_size, settings.redis.timeout_s * 4)
+    events = EventLog(store.decisions, settings.analytics.events_max, *background)
     probes = asyncio.create_task(probe_forever(pools, pool_secrets, settings.envoy.upstreams,
-                                               settings.pools.probe_interval_ms / 1000))
+                                               settings.pools.probe_interval_ms / 1000, events))
     admin_threads = admin_thread_pool() if settings.admin.port else None
     server = grpc.aio.server(options=tcp_options(processor) if processor.address
                              else GRPC_OPTIONS, migration_thread_pool=admin_threads)
-    background = (settings.analytics.queue_size, settings.redis.timeout_s * 4)
     runtime = Runtime(settings, secret, store, prices, control, webhooks, pools, pool_secrets,
                       tracing=tracing,
                       analytics=RefusalRecorder(store.decisions, store.analytics, *background)
                       if store.analytics.enabled else None,
-                      events=EventLog(store.decisions, settings.analytics.events_max,
-                                      *background))
+                      events=events)
     service = ExtProcService(runtime)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
     if admin_threads is not None:  # the admin API (Envoy's admin listener reaches it here)

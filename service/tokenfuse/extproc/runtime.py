@@ -26,6 +26,9 @@ from tokenfuse.tracing import Tracing
 
 #: One logger for the decisions of every phase (operators grep for it).
 log = logging.getLogger("tokenfuse.processor")
+#: Refusals not counted in the analytics: their key id names no caller (a gateway key that
+#: does not exist), and counting them would keep buckets for every made-up key.
+UNCOUNTED_REFUSALS = frozenset({"invalid_virtual_key"})
 
 
 @dataclass
@@ -57,7 +60,8 @@ class Runtime:
         metrics.DECISIONS.labels(outcome, reply.code, ex.provider_name or "none").inc()
         if ex.trace is not None:
             ex.trace.refused(reply.status, reply.code)
-        if self.analytics is not None and ex.caller and not ex.refusal_counted:
+        if (self.analytics is not None and ex.caller and not ex.refusal_counted
+                and reply.code not in UNCOUNTED_REFUSALS):
             ex.refusal_counted = True  # queued: written after this answer went out
             self.analytics.record(ex.caller, ex.group(), reply.code)
         return immediate(reply.status, reply.body, f"tokenfuse_{reply.code}", reply.headers)

@@ -115,9 +115,10 @@ class Settlement:
             metrics.REDIS_ERRORS.labels("pool_report").inc()
             return
         metrics.set_pool_key_state(ex.pool, label, state)
-        if before != state:
-            rt.log_event(ex, "pool_key.state", {"pool_key": label, "state": state,
-                                                "before": before, "status": ex.status})
+        if before != state and rt.events is not None:  # about the pool key, not the caller
+            rt.events.record("pool_key.state", "", {"pool_key": label, "state": state,
+                                                    "before": before, "status": ex.status},
+                             ex.provider_name, "", ex.pool)
 
 
 def facts_of(ex: Exchange, basis: str) -> CallFacts:

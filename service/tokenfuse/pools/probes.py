@@ -12,6 +12,7 @@ from tokenfuse.identity import PREFIX_CHARS
 from tokenfuse.pools.secrets import PoolSecrets
 from tokenfuse.providers import PROVIDERS
 from tokenfuse.state.connection import REDIS_FAILURES
+from tokenfuse.state.event_log import EventLog
 from tokenfuse.state.pools import PoolStore
 
 if TYPE_CHECKING:
@@ -21,9 +22,11 @@ log = logging.getLogger("tokenfuse.pools")
 
 
 async def probe_forever(store: PoolStore, pool_secrets: PoolSecrets,
-                        upstreams: dict[str, str], interval_s: float) -> None:
+                        upstreams: dict[str, str], interval_s: float,
+                        events: EventLog | None = None) -> None:
     """Bring keys back: probe each open (cooled-down) or disabled key with a free request;
-    success closes it, failure keeps it out. One replica probes a key at a time."""
+    success closes it, failure keeps it out. One replica probes a key at a time. A state
+    change goes to the events feed."""
     session: aiohttp.ClientSession | None = None
     try:
         while True:
@@ -34,14 +37,15 @@ async def probe_forever(store: PoolStore, pool_secrets: PoolSecrets,
                 import aiohttp
 
                 session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-            await _probe_pools(store, pool_secrets, upstreams, interval_s, session)
+            await _probe_pools(store, pool_secrets, upstreams, interval_s, session, events)
     finally:
         if session is not None:
             await session.close()
 
 
 async def _probe_pools(store: PoolStore, pool_secrets: PoolSecrets, upstreams: dict[str, str],
-                       interval_s: float, session: aiohttp.ClientSession) -> None:
+                       interval_s: float, session: aiohttp.ClientSession,
+                       events: EventLog | None = None) -> None:
     import aiohttp
 
     for pool, held in list(pool_secrets.by_pool.items()):
@@ -70,9 +74,13 @@ async def _probe_pools(store: PoolStore, pool_secrets: PoolSecrets, upstreams: d
                 continue
             metrics.POOL_PROBES.labels(pool, str(status)).inc()
             try:
-                state = await store.report(pool, kid, status, -1, 0, 0,
-                                           f"probe HTTP {status}")
+                before, state = await store.report_change(pool, kid, status, -1, 0, 0,
+                                                          f"probe HTTP {status}")
             except REDIS_FAILURES:
                 break
             metrics.set_pool_key_state(pool, kid[:PREFIX_CHARS], state)
+            if events is not None and before != state:
+                events.record("pool_key.state", "", {
+                    "pool_key": kid[:PREFIX_CHARS], "state": state, "before": before,
+                    "status": status, "probe": True}, provider, "", pool)
             log.info("probe of %s/%s: HTTP %d", pool, kid[:8], status)
