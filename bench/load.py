@@ -138,3 +138,15 @@ def wrk(url: str, workdir: Path, duration_s: int, connections: int, api_key: str
     result: dict[str, float] = json.loads(line[5:])
     result["rps"] = result["requests"] / result["seconds"]
     return result
+
+
+def start_warmed(stacks: dict[str, Any], path: str, workdir: Path, connections: int,
+                 api_key: str, what: str) -> None:
+    """Start side-by-side stacks (tests.support.harness.Stack), give `api_key` a budget it
+    never reaches, and warm each up for a second; a failed warm-up stops the bench."""
+    for stack in stacks.values():
+        stack.start()
+        stack.cli("budget", "set", "--key", api_key, "--daily", "1000000")
+        warm = wrk(stack.envoy.base_url + path, workdir, 1, connections, api_key)
+        if warm["non2xx"] or warm["errors"]:
+            raise SystemExit(f"bench: {what} warm-up had failures: {warm}")

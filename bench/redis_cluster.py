@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from load import UpstreamEnvoy, wrk  # noqa: E402
+from load import UpstreamEnvoy, start_warmed, wrk  # noqa: E402
 
 from tests.support.harness import RedisServer, Stack  # noqa: E402
 from tests.support.redis_cluster import RedisCluster  # noqa: E402
@@ -105,12 +105,7 @@ def bench_redis_cluster(upstream: UpstreamEnvoy, workdir: Path, duration_s: int 
     wrk_runs: dict[str, list[dict[str, float]]] = {name: [] for name in stacks}
     decision_runs: dict[str, list[dict[str, float]]] = {name: [] for name in stacks}
     try:
-        for stack in stacks.values():
-            stack.start()
-            stack.cli("budget", "set", "--key", BENCH_KEY, "--daily", "1000000")
-            warm = wrk(stack.envoy.base_url + PATH, workdir, 1, connections, BENCH_KEY)
-            if warm["non2xx"] or warm["errors"]:
-                raise SystemExit(f"bench: Redis Cluster warm-up had failures: {warm}")
+        start_warmed(stacks, PATH, workdir, connections, BENCH_KEY, "Redis Cluster")
         for _ in range(rounds):
             for name, stack in stacks.items():
                 wrk_runs[name].append(wrk(stack.envoy.base_url + PATH, workdir, duration_s,

@@ -82,12 +82,9 @@ def admin_url(dash: Stack) -> str:
 
 
 def create_token(stack: Stack, name: str, role: str) -> str:
-    done = stack.cli("admin", "token", "create", "--name", name, "--role", role)
-    assert done.returncode == 0, done.stderr
-    lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
-    assert lines, done.stdout
-    SECRETS.add(lines[-1])
-    return lines[-1]
+    token = stack.admin_token(name, role)
+    SECRETS.add(token)
+    return token
 
 
 @pytest.fixture(scope="module")

@@ -62,9 +62,7 @@ def adm(fake: FakeProvider) -> Iterator[Stack]:
 
 
 def make_token(stack: Stack, name: str, role: str) -> str:
-    done = stack.cli("admin", "token", "create", "--name", name, "--role", role)
-    assert done.returncode == 0, done.stderr
-    token = done.stdout.strip()
+    token = stack.admin_token(name, role)
     SECRETS.append(token)
     return token
 

@@ -307,6 +307,12 @@ class Stack:
         return subprocess.run([sys.executable, "-m", "tokenfuse.cli", *args], env=self.env,
                               capture_output=True, text=True, timeout=30)
 
+    def admin_token(self, name: str, role: str) -> str:
+        """A new admin token (`tokenfuse admin token create`), as the CLI printed it."""
+        done = self.cli("admin", "token", "create", "--name", name, "--role", role)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1].strip()
+
     def logs(self) -> str:
         return "\n".join(s.log_text() for s in (self.redis, self.processor, self.envoy)
                          if s is not None)

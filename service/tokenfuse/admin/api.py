@@ -9,6 +9,7 @@ Synchronous handlers: the processor's grpc.aio server runs them on a small threa
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -183,6 +184,4 @@ class AdminApi(pb_grpc.AdminServicer):
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)

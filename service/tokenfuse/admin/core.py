@@ -244,14 +244,11 @@ class AdminCore:
         return [row for name in names for row in self._pools.list_keys(name)]
 
     def pools(self) -> pb.PoolList:
-        out = []
-        for name in self._pools.pools():
-            keys = [_pool_key(row) for row in self._pools.list_keys(name)]
-            out.append(pb.Pool(name=name, provider=self._pools.provider(name), keys=keys))
-        return pb.PoolList(pools=out)
+        return pb.PoolList(pools=[self.pool(name) for name in self._pools.pools()])
 
     def pool(self, name: str) -> pb.Pool:
-        return next(p for p in self.pools().pools if p.name == name)
+        return pb.Pool(name=name, provider=self._pools.provider(name),
+                       keys=[_pool_key(row) for row in self._pools.list_keys(name)])
 
     def export_pool_csv(self, pool: str = "") -> str:
         out = io.StringIO()
